@@ -1,0 +1,107 @@
+"""The one layer through which dist_ortho talks to torch.distributed.
+
+Every collective the library issues passes through here, so that it can be counted (calls and
+bytes sent per rank, see :func:`count_collectives`) and, later, coalesced. Bytes are those a rank
+sends under the usual ring algorithms: all-reduce ``2 (t-1)/t * nbytes``, all-gather
+``(t-1) * nbytes`` of the local input, all-to-all the chunks sent to other ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+ProcessGroup = dist.ProcessGroup
+# all_gather_single is the newer name (torch >= 2.10) of all_gather_into_tensor.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+@dataclass
+class CommStats:
+    """Collectives seen while a :func:`count_collectives` block was open, on this rank."""
+
+    calls: Counter = field(default_factory=Counter)
+    bytes_sent: int = 0
+
+    @property
+    def total_calls(self) -> int:
+        return sum(self.calls.values())
+
+
+_active_stats: list[CommStats] = []
+
+
+@contextlib.contextmanager
+def count_collectives() -> Iterator[CommStats]:
+    """Count the collectives issued on this rank inside the block (nesting allowed)."""
+    stats = CommStats()
+    _active_stats.append(stats)
+    try:
+        yield stats
+    finally:
+        _active_stats.remove(stats)
+
+
+def _record(op: str, nbytes: float) -> None:
+    for stats in _active_stats:
+        stats.calls[op] += 1
+        stats.bytes_sent += int(nbytes)
+
+
+def group_size(group: ProcessGroup | None) -> int:
+    """Size of ``group``; 1 when there is no group or torch.distributed is not initialized."""
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def group_rank(group: ProcessGroup | None) -> int:
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 0
+    return dist.get_rank(group)
+
+
+def all_reduce(tensor: torch.Tensor, group: ProcessGroup | None, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (``op`` is "sum" or "max"); a no-op on a group of one."""
+    size = group_size(group)
+    if size == 1:
+        return tensor
+    _record("all_reduce", 2 * (size - 1) / size * tensor.numel() * tensor.element_size())
+    reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+    dist.all_reduce(tensor, op=reduce_op, group=group)
+    return tensor
+
+
+def all_gather(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """Stack of every rank's ``tensor`` (same shape on all ranks): shape ``(size, *tensor.shape)``."""
+    size = group_size(group)
+    tensor = tensor.contiguous()
+    if size == 1:
+        return tensor.unsqueeze(0)
+    _record("all_gather", (size - 1) * tensor.numel() * tensor.element_size())
+    out = torch.empty(size * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+    _all_gather_single(out, tensor.reshape(-1), group=group)
+    return out.view(size, *tensor.shape)
+
+
+def all_to_all(
+    chunks: list[torch.Tensor], recv_numels: list[int], group: ProcessGroup | None
+) -> list[torch.Tensor]:
+    """Send ``chunks[j]`` to rank j; receive ``recv_numels[j]`` elements from rank j (flat tensors)."""
+    size = group_size(group)
+    if size == 1:
+        return [chunks[0].reshape(-1)]
+    rank = group_rank(group)
+    send = torch.cat([c.reshape(-1) for c in chunks])
+    recv = torch.empty(sum(recv_numels), dtype=send.dtype, device=send.device)
+    sent_to_others = sum(c.numel() for j, c in enumerate(chunks) if j != rank)
+    _record("all_to_all", sent_to_others * send.element_size())
+    dist.all_to_all_single(
+        recv, send, output_split_sizes=list(recv_numels), input_split_sizes=[c.numel() for c in chunks], group=group
+    )
+    return list(torch.split(recv, list(recv_numels)))

@@ -1,0 +1,31 @@
+"""Global scalars of a tensor-parallel matrix: the one place where shard-local sums become global.
+
+Each function takes this rank's shard and the TP group that holds the other shards (``None`` for an
+unsharded tensor) and returns the value for the whole matrix, on every rank. Sums run in float64 so
+that matrices of tiny or huge norm neither underflow nor overflow.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dist_ortho import comm
+
+MatrixDims = tuple[int, int]
+
+
+def sum_of_squares(x: torch.Tensor, tp_group: comm.ProcessGroup | None, dims: MatrixDims = (-2, -1)) -> torch.Tensor:
+    """sum(x**2) over ``dims`` of the global matrix, float64, kept dims squeezed."""
+    local = torch.linalg.vector_norm(x, dim=dims, dtype=torch.float64).square()
+    return comm.all_reduce(local, tp_group)
+
+
+def frobenius_norm(x: torch.Tensor, tp_group: comm.ProcessGroup | None, dims: MatrixDims = (-2, -1)) -> torch.Tensor:
+    """||x||_F of the global matrix (per slice of a batch), float64."""
+    return sum_of_squares(x, tp_group, dims).sqrt()
+
+
+def inner_product(a: torch.Tensor, b: torch.Tensor, tp_group: comm.ProcessGroup | None) -> torch.Tensor:
+    """<a, b>_F = sum(a * b) over the last two dims of the global matrices, float64."""
+    local = (a.double() * b.double()).sum(dim=(-2, -1))
+    return comm.all_reduce(local, tp_group)

@@ -1,0 +1,250 @@
+"""Newton-Schulz of a tensor-parallel matrix: each rank holds one contiguous block along ``partition_dim``.
+
+Modes (global matrix m x n over t ranks, k = the unsharded dim):
+
+- ``duplicated``: all-gather the shards, run the full iteration on every rank, keep this rank's block.
+  One collective; t-fold redundant compute.
+- ``distributed``: the sharded dim becomes the contraction dim of X X^T, so each rank forms its partial
+  k x k Gram matrix and all-reduces it every step; the norm is one scalar all-reduce. steps + 1
+  collectives.
+- ``gram``: every X_j = Q_j X_0 with Q_j a polynomial in R_0 = X_0 X_0^T, so the iteration runs on k x k
+  matrices only: R <- allreduce(X_l X_l^T) once, ||X||_F^2 = trace(R), per step Z = b R + c R^2,
+  Q <- a Q + Z Q, R <- (a I + Z)^2 R, finally X_l <- Q X_l. One collective, plus one per restart,
+  which re-forms X_l and R to shed accumulated rounding error (see :func:`default_gram_restarts`).
+- ``blockwise``: orthogonalize the local shard alone. NOT exact: the update changes with TP size.
+  Offered only as an explicit opt-in (Megatron's old behaviour).
+
+All exact modes equal :func:`~dist_ortho.newton_schulz.newton_schulz` on the gathered matrix up to
+rounding. Shards may be of unequal size along ``partition_dim`` (``validate=True`` finds the sizes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, get_args
+
+import torch
+
+from dist_ortho import comm
+from dist_ortho.coefficients import COEFFICIENT_TYPES, Triple, get_coefficients
+from dist_ortho.kernels import gram
+from dist_ortho.newton_schulz import (
+    DEFAULT_EPS,
+    check_matrix,
+    compute_dtype,
+    matmul_precision,
+    newton_schulz,
+    newton_schulz_step,
+    normalize,
+)
+
+TpMode = Literal["duplicated", "distributed", "gram", "blockwise"]
+TP_MODES: tuple[str, ...] = get_args(TpMode)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+# trace(R_0) outside this band means squares of entries under- or overflowed in the Gram matrix.
+_GRAM_TRACE_BAND = (1e-24, 1e30)
+
+
+def check_partition_dim(partition_dim: object) -> int | None:
+    """None for an unsharded matrix (partition_dim None or -1), else 0 (rows) or 1 (columns)."""
+    if partition_dim is None or (type(partition_dim) is int and partition_dim == -1):
+        return None
+    if type(partition_dim) is not int or partition_dim not in (0, 1):
+        raise ValueError(f"partition_dim must be None, -1, 0 (rows) or 1 (columns), got {partition_dim!r}")
+    return partition_dim
+
+
+def check_tp_mode(tp_mode: object) -> str:
+    if tp_mode not in TP_MODES:
+        raise ValueError(f"tp_mode must be one of {TP_MODES}, got {tp_mode!r}")
+    return tp_mode  # type: ignore[return-value]
+
+
+def tensor_dim(x: torch.Tensor, partition_dim: int) -> int:
+    """The tensor dim of matrix dim ``partition_dim`` (a 3D input is a batch of matrices)."""
+    return x.ndim - 2 + partition_dim
+
+
+def shard(x: torch.Tensor, partition_dim: int, rank: int, size: int) -> torch.Tensor:
+    """Rank ``rank``'s contiguous block of ``x`` along matrix dim ``partition_dim`` (torch.tensor_split sizes)."""
+    return torch.tensor_split(x, size, dim=tensor_dim(x, partition_dim))[rank].contiguous()
+
+
+def exchange_shard_sizes(
+    x: torch.Tensor, partition_dim: int, tp_group: comm.ProcessGroup, signature: Sequence[int] = ()
+) -> list[int]:
+    """All-gather every rank's shape and call ``signature``; return the shard sizes along partition_dim.
+
+    Raises the same ValueError on every rank when the ranks disagree on anything but the sharded size,
+    so that no rank goes on into a collective the others do not enter.
+    """
+    dim = tensor_dim(x, partition_dim)
+    header = torch.tensor([x.ndim, *x.shape, *([0] * (3 - x.ndim)), partition_dim, *signature], dtype=torch.int64)
+    table = comm.all_gather(header.to(x.device), tp_group).cpu()
+    sizes = table[:, 1 + dim].tolist()
+    unsharded = torch.cat([table[:, : 1 + dim], table[:, 2 + dim :]], dim=1)
+    if not bool((unsharded == unsharded[0]).all()):
+        raise ValueError(
+            "newton_schulz_tp: ranks of tp_group disagree on the call: every rank must pass a shard of the same "
+            "global matrix with the same partition_dim, tp_mode, steps, coefficient_type and dtype. "
+            f"Per rank [ndim, shape..., partition_dim, mode, steps, coefficients, dtype]: {table.tolist()}"
+        )
+    return sizes
+
+
+def gather_shards(x: torch.Tensor, partition_dim: int, tp_group: comm.ProcessGroup, sizes: Sequence[int]) -> torch.Tensor:
+    """Concatenate every rank's shard along partition_dim; shards may differ in size (padded to the largest)."""
+    dim = tensor_dim(x, partition_dim)
+    largest = max(sizes)
+    padded = x
+    if x.size(dim) < largest:
+        pad_shape = list(x.shape)
+        pad_shape[dim] = largest - x.size(dim)
+        padded = torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
+    stacked = comm.all_gather(padded, tp_group)
+    return torch.cat([stacked[r].narrow(dim, 0, sizes[r]) for r in range(len(sizes))], dim=dim)
+
+
+def own_block(full: torch.Tensor, partition_dim: int, rank: int, sizes: Sequence[int]) -> torch.Tensor:
+    dim = tensor_dim(full, partition_dim)
+    return full.narrow(dim, sum(sizes[:rank]), sizes[rank]).contiguous()
+
+
+def default_gram_restarts(dtype: torch.dtype, steps: int) -> tuple[int, ...]:
+    """Steps before which gram mode re-forms X_l and R (one more all-reduce each).
+
+    The Gram recursion amplifies the rounding error of R_0 along small singular values (by up to
+    prod(a_j), ~10^3 for polar_express). In float32 that reaches ~1e-4 max abs against float64 when k
+    is the larger side; a restart every 3 steps keeps it under ~5e-5. In 16-bit compute the k x k
+    recursion already runs in float32 and its error is far below bf16's own, so no restart is needed
+    (orthogonality measured equal to the distributed mode's); float64 needs none either.
+    """
+    return tuple(range(3, steps, 3)) if compute_dtype(dtype) == torch.float32 else ()
+
+
+def gram_newton_schulz(
+    x: torch.Tensor,
+    coefficients: Sequence[Triple],
+    eps: float,
+    tp_group: comm.ProcessGroup | None,
+    restarts: Sequence[int] = (),
+    use_syrk: bool = False,
+    global_cols: int | None = None,
+) -> torch.Tensor:
+    """Gram-space Newton-Schulz of x (k x n_l, its columns sharded over tp_group); see the module doc.
+
+    ``global_cols`` is n, the sum of the shards' columns (x's own when None). The products with X_l
+    (the final Q X_l, restarts) run in the compute dtype (bf16 under "medium"); R is formed with a
+    float32 result and the k x k recursion runs in float32 or wider at "highest" matmul precision:
+    bf16 there loses the orthogonality (max |sigma - 1| 0.1 to 60 where NS has 0.03). When k > n,
+    R is singular and the recursion amplifies rounding in its null space by up to prod(a_j), so the
+    products with X_l then also run at "highest" precision: that case costs float32 k^2 n products
+    and k^3 work on the larger side, and ``tp_mode="auto"`` does not pick gram for it.
+    """
+    dtype = compute_dtype(x.dtype)
+    small = torch.promote_types(dtype, torch.float32)
+    singular = x.size(-2) > (global_cols or x.size(-1))
+    gram_precision = "highest" if singular else torch.get_float32_matmul_precision()
+
+    def form_gram(X: torch.Tensor) -> torch.Tensor:
+        with matmul_precision(gram_precision):
+            return comm.all_reduce(gram(X.to(small), use_syrk), tp_group)
+
+    def apply(Q: torch.Tensor, X: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        with matmul_precision(gram_precision):
+            return (Q @ X.to(small)) * scale
+
+    # The iterate is Q X scale; R is always the Gram matrix of exactly the X held (in its dtype), since
+    # any mismatch between the two lands in R's null space and is amplified when k > n.
+    X = x.to(dtype)
+    R = form_gram(X)
+    trace = R.diagonal(dim1=-2, dim2=-1).double().sum(-1)
+    low, high = _GRAM_TRACE_BAND
+    if bool(((trace > 0) & (trace < low) | (trace > high)).any()):
+        # Entries too small or large for a Gram matrix in this dtype: normalize first, then re-form R.
+        # R is the same on every rank, so every rank takes this branch together.
+        X = normalize(x, eps, tp_group).to(dtype)
+        R = form_gram(X)
+        scale = torch.ones_like(trace, dtype=small)[..., None, None]
+    else:
+        scale = (1.0 / (trace.sqrt() + eps)).to(small)[..., None, None]
+        R = R * scale.square()
+    eye = torch.eye(R.size(-1), dtype=small, device=R.device).expand_as(R)
+    Q = eye.clone()
+    for step, (a, b, c) in enumerate(coefficients):
+        if step in restarts:
+            X = apply(Q, X, scale).to(dtype)
+            R = form_gram(X)
+            Q, scale = eye.clone(), torch.ones_like(scale)
+        with matmul_precision("highest"):
+            Z = b * R + c * (R @ R)
+            Q = a * Q + Z @ Q
+            P = a * eye + Z
+            R = P @ (P @ R)
+    return apply(Q, X, scale)
+
+
+def newton_schulz_tp(
+    x: torch.Tensor,
+    steps: int,
+    coefficient_type: str,
+    tp_group: comm.ProcessGroup | None,
+    partition_dim: int | None = None,
+    tp_mode: TpMode = "duplicated",
+    *,
+    custom_coefficient_sets: Sequence[Sequence[float]] | None = None,
+    eps: float = DEFAULT_EPS,
+    use_syrk: bool = False,
+    gram_restarts: Sequence[int] | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Orthogonalize a matrix of which this rank holds the block ``x`` along ``partition_dim``.
+
+    Args:
+        x: this rank's shard (2D, or 3D for a batch of matrices sharded alike).
+        steps, coefficient_type, custom_coefficient_sets, eps, use_syrk: as in ``newton_schulz``.
+        tp_group: the group whose ranks hold the other shards; required when partition_dim is set.
+        partition_dim: 0 (rows sharded), 1 (columns sharded), or None / -1 (not sharded: one-device path).
+        tp_mode: one of :data:`TP_MODES` (see the module doc).
+        gram_restarts: steps before which gram mode re-forms X_l and R; None picks by dtype.
+        validate: all-gather the shard shapes and call arguments first (one small collective), so that
+            ranks that disagree all raise the same ValueError and unequal shards are handled. Pass False
+            only when every rank is known to hold an equal shard of the same call.
+
+    Returns:
+        This rank's block of the orthogonalized global matrix, contiguous, in x's dtype.
+    """
+    check_matrix(x, "x")
+    coefficients = get_coefficients(coefficient_type, steps, custom_coefficient_sets)
+    partition_dim = check_partition_dim(partition_dim)
+    check_tp_mode(tp_mode)
+    if partition_dim is not None and tp_group is None:
+        raise ValueError(f"tp_group is required when partition_dim={partition_dim} (the matrix is sharded)")
+    if gram_restarts is None:
+        gram_restarts = default_gram_restarts(x.dtype, steps)
+    size = comm.group_size(tp_group)
+    if partition_dim is None or size == 1 or tp_mode == "blockwise":
+        return newton_schulz(x, steps, coefficient_type, custom_coefficient_sets, eps, use_syrk=use_syrk)
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"x must have dtype in {_DTYPES}, got {x.dtype}")
+
+    rank = comm.group_rank(tp_group)
+    if validate:
+        signature = (TP_MODES.index(tp_mode), steps, COEFFICIENT_TYPES.index(coefficient_type), _DTYPES.index(x.dtype))
+        sizes = exchange_shard_sizes(x, partition_dim, tp_group, signature)
+    else:
+        sizes = [x.size(tensor_dim(x, partition_dim))] * size
+
+    if tp_mode == "duplicated":
+        full = gather_shards(x, partition_dim, tp_group, sizes)
+        out = newton_schulz(full, steps, coefficient_type, custom_coefficient_sets, eps, use_syrk=use_syrk)
+        return own_block(out, partition_dim, rank, sizes)
+
+    # distributed / gram: make the sharded dim the last (contraction) dim.
+    X = x.mT if partition_dim == 0 else x
+    if tp_mode == "distributed":
+        out = newton_schulz(X, steps, coefficient_type, custom_coefficient_sets, eps, False, tp_group, use_syrk)
+    else:
+        out = gram_newton_schulz(X, coefficients, eps, tp_group, gram_restarts, use_syrk, sum(sizes)).to(x.dtype)
+    return (out.mT if partition_dim == 0 else out).contiguous()

@@ -1,0 +1,149 @@
+"""Multi-process test harness: N worker processes started once, test bodies run in all of them.
+
+A test module asks for the ``world`` fixture (see conftest.py); the fixture starts ``size`` workers,
+each of which joins a process group (gloo on CPU by default, NCCL with one GPU per rank when
+DIST_ORTHO_TEST_BACKEND=nccl) and then waits for work. ``world.run(fn, *args)`` sends the
+module-level function ``fn`` to every rank, runs ``fn(ctx, *args)`` there and returns the per-rank
+results, re-raising the first rank's failure with its traceback. A body that does not finish within
+the timeout (a hang) fails the test and the workers are restarted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import os
+import queue
+import socket
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+BACKEND_ENV = "DIST_ORTHO_TEST_BACKEND"
+
+
+def backend() -> str:
+    return os.environ.get(BACKEND_ENV, "gloo")
+
+
+def unavailable_reason(size: int) -> str | None:
+    """Why a world of ``size`` ranks cannot run on the chosen backend, or None."""
+    if backend() == "nccl":
+        if not torch.cuda.is_available():
+            return "NCCL tests need CUDA, and torch.cuda.is_available() is False"
+        if torch.cuda.device_count() < size:
+            return f"NCCL world of {size} needs {size} GPUs, found {torch.cuda.device_count()}"
+    return None
+
+
+@dataclasses.dataclass
+class RankContext:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def group(self) -> dist.ProcessGroup:
+        return dist.group.WORLD
+
+    def new_groups(self, group_size: int) -> tuple[dist.ProcessGroup, int]:
+        """Split the world into consecutive groups of ``group_size`` ranks; this rank's group and index."""
+        groups = [
+            dist.new_group(list(range(start, start + group_size)))
+            for start in range(0, self.world_size, group_size)
+        ]
+        return groups[self.rank // group_size], self.rank // group_size
+
+
+class RemoteError(AssertionError):
+    pass
+
+
+class WorkerHang(AssertionError):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, size: int, port: int, backend_name: str, tasks: mp.Queue, results: mp.Queue) -> None:
+    torch.set_num_threads(1)
+    device = torch.device("cpu")
+    if backend_name == "nccl":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    dist.init_process_group(backend_name, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    ctx = RankContext(rank, size, device)
+    while True:
+        item = tasks.get()
+        if item is None:
+            break
+        fn, args, kwargs = item
+        try:
+            torch.set_float32_matmul_precision("highest")
+            results.put((rank, True, fn(ctx, *args, **kwargs)))
+        except BaseException:  # noqa: BLE001 - every failure goes back to the test process
+            results.put((rank, False, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class World:
+    """``size`` worker processes in one process group."""
+
+    def __init__(self, size: int, timeout: float = 120.0) -> None:
+        self.size = size
+        self.timeout = timeout
+        self._procs: list[mp.Process] = []
+        self._start()
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")
+        port = _free_port()
+        self._results = ctx.Queue()
+        self._tasks = [ctx.Queue() for _ in range(self.size)]
+        self._procs = [
+            ctx.Process(
+                target=_worker, args=(r, self.size, port, backend(), self._tasks[r], self._results), daemon=True
+            )
+            for r in range(self.size)
+        ]
+        for p in self._procs:
+            p.start()
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        """Run ``fn(ctx, *args, **kwargs)`` on every rank; the results by rank."""
+        if not self._procs:
+            self._start()
+        for q in self._tasks:
+            q.put((fn, args, kwargs))
+        outcomes: dict[int, tuple[bool, Any]] = {}
+        try:
+            while len(outcomes) < self.size:
+                rank, ok, value = self._results.get(timeout=self.timeout)
+                outcomes[rank] = (ok, value)
+        except queue.Empty:
+            missing = sorted(set(range(self.size)) - set(outcomes))
+            failures = "".join(f"\n--- rank {r} ---\n{v}" for r, (ok, v) in sorted(outcomes.items()) if not ok)
+            self.close(kill=True)
+            raise WorkerHang(f"ranks {missing} did not finish {fn.__name__} in {self.timeout}s (hang?){failures}")
+        failures = [(r, v) for r, (ok, v) in sorted(outcomes.items()) if not ok]
+        if failures:
+            raise RemoteError("".join(f"\n--- rank {r} ---\n{v}" for r, v in failures))
+        return [outcomes[r][1] for r in range(self.size)]
+
+    def close(self, kill: bool = False) -> None:
+        for q, p in zip(self._tasks, self._procs):
+            if not kill and p.is_alive():
+                q.put(None)
+        for p in self._procs:
+            p.join(timeout=0 if kill else 20)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        self._procs = []
