@@ -12,13 +12,12 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 	$(if $(TORCH_SPEC),$(BIN)/python -m pip install -q "$(TORCH_SPEC)")
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 
 demo: setup
-	PATH="$(abspath $(BIN)):$$PATH" bash launch/train_cpu.sh
+	PATH="$(abspath $(BIN)):$$PATH" bash launch/demo_cpu.sh
 
 test: setup
 	$(BIN)/python -m pytest

@@ -151,9 +151,9 @@ def gram_newton_schulz(
         with matmul_precision(gram_precision):
             return comm.all_reduce(gram(X.to(small), use_syrk), tp_group)
 
-    def apply(Q: torch.Tensor, X: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def apply(Q: torch.Tensor | None, X: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         with matmul_precision(gram_precision):
-            return (Q @ X.to(small)) * scale
+            return (X.to(small) if Q is None else Q @ X.to(small)) * scale
 
     # The iterate is Q X scale; R is always the Gram matrix of exactly the X held (in its dtype), since
     # any mismatch between the two lands in R's null space and is amplified when k > n.
@@ -171,17 +171,18 @@ def gram_newton_schulz(
         scale = (1.0 / (trace.sqrt() + eps)).to(small)[..., None, None]
         R = R * scale.square()
     eye = torch.eye(R.size(-1), dtype=small, device=R.device).expand_as(R)
-    Q = eye.clone()
+    Q = None  # None stands for the identity, which saves a k x k product after every (re)start
     for step, (a, b, c) in enumerate(coefficients):
         if step in restarts:
             X = apply(Q, X, scale).to(dtype)
             R = form_gram(X)
-            Q, scale = eye.clone(), torch.ones_like(scale)
+            Q, scale = None, torch.ones_like(scale)
         with matmul_precision("highest"):
-            Z = b * R + c * (R @ R)
-            Q = a * Q + Z @ Q
-            P = a * eye + Z
-            R = P @ (P @ R)
+            Z = b * R + (c * (R @ R) if c != 0 else 0)
+            Q = a * eye + Z if Q is None else a * Q + Z @ Q
+            if step + 1 < len(coefficients) and step + 1 not in restarts:  # R is read again
+                P = a * eye + Z
+                R = P @ (P @ R)
     return apply(Q, X, scale)
 
 
