@@ -3,9 +3,33 @@
 from dist_ortho.coefficients import COEFFICIENT_SETS, COEFFICIENT_TYPES, get_coefficients
 from dist_ortho.comm import count_collectives
 from dist_ortho.newton_schulz import newton_schulz, newton_schulz_step
+from dist_ortho.optim import (
+    MOP,
+    OPTIMIZERS,
+    AdaptiveMuon,
+    Muon,
+    MuonAdamW,
+    MuonHyperball,
+    OrthogonalizedOptimizer,
+    PolarGrad,
+    Scion,
+    get_optimizer,
+    register_optimizer,
+)
 from dist_ortho.tp import TP_MODES, newton_schulz_tp
 
 __all__ = [
+    "MOP",
+    "OPTIMIZERS",
+    "AdaptiveMuon",
+    "Muon",
+    "MuonAdamW",
+    "MuonHyperball",
+    "OrthogonalizedOptimizer",
+    "PolarGrad",
+    "Scion",
+    "get_optimizer",
+    "register_optimizer",
     "COEFFICIENT_SETS",
     "COEFFICIENT_TYPES",
     "TP_MODES",

@@ -11,7 +11,7 @@ import torch
 
 from dist_ortho import comm
 
-MatrixDims = tuple[int, int]
+MatrixDims = tuple[int, ...]
 
 
 def sum_of_squares(x: torch.Tensor, tp_group: comm.ProcessGroup | None, dims: MatrixDims = (-2, -1)) -> torch.Tensor:
@@ -29,3 +29,9 @@ def inner_product(a: torch.Tensor, b: torch.Tensor, tp_group: comm.ProcessGroup 
     """<a, b>_F = sum(a * b) over the last two dims of the global matrices, float64."""
     local = (a.double() * b.double()).sum(dim=(-2, -1))
     return comm.all_reduce(local, tp_group)
+
+
+def mean_over(x: torch.Tensor, dim: int, tp_group: comm.ProcessGroup | None, global_len: int) -> torch.Tensor:
+    """Mean of x over ``dim`` (kept), where ``tp_group`` holds the rest of that dim (None: x has all of it)."""
+    total = x.sum(dim=dim, keepdim=True, dtype=torch.float32 if x.dtype != torch.float64 else torch.float64)
+    return comm.all_reduce(total, tp_group) / global_len

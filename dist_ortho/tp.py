@@ -72,24 +72,40 @@ def shard(x: torch.Tensor, partition_dim: int, rank: int, size: int) -> torch.Te
 
 
 def exchange_shard_sizes(
-    x: torch.Tensor, partition_dim: int, tp_group: comm.ProcessGroup, signature: Sequence[int] = ()
-) -> list[int]:
-    """All-gather every rank's shape and call ``signature``; return the shard sizes along partition_dim.
+    xs: Sequence[torch.Tensor],
+    partition_dims: Sequence[int],
+    tp_group: comm.ProcessGroup,
+    signature: Sequence[int] = (),
+) -> list[list[int]]:
+    """All-gather every rank's shapes of ``xs`` and call ``signature`` in one collective; for each x, the
+    shard sizes along its partition_dim by rank.
 
-    Raises the same ValueError on every rank when the ranks disagree on anything but the sharded size,
-    so that no rank goes on into a collective the others do not enter.
+    Raises the same ValueError on every rank when the ranks disagree on anything but the sharded sizes
+    (or on how many matrices there are), so that no rank goes on into a collective the others skip.
     """
-    dim = tensor_dim(x, partition_dim)
-    header = torch.tensor([x.ndim, *x.shape, *([0] * (3 - x.ndim)), partition_dim, *signature], dtype=torch.int64)
-    table = comm.all_gather(header.to(x.device), tp_group).cpu()
-    sizes = table[:, 1 + dim].tolist()
-    unsharded = torch.cat([table[:, : 1 + dim], table[:, 2 + dim :]], dim=1)
-    if not bool((unsharded == unsharded[0]).all()):
-        raise ValueError(
-            "newton_schulz_tp: ranks of tp_group disagree on the call: every rank must pass a shard of the same "
-            "global matrix with the same partition_dim, tp_mode, steps, coefficient_type and dtype. "
-            f"Per rank [ndim, shape..., partition_dim, mode, steps, coefficients, dtype]: {table.tolist()}"
-        )
+    rows = [[x.ndim, *x.shape, *([0] * (3 - x.ndim)), pd, *signature] for x, pd in zip(xs, partition_dims)]
+    header = torch.tensor([len(rows), *(v for row in rows for v in row)], dtype=torch.int64)
+    device = xs[0].device if xs else torch.device("cpu")
+    if len(xs) != 1:  # the header's length varies: agree on it first (one call with a single matrix)
+        counts = comm.all_gather(torch.tensor([header.numel()], device=device), tp_group).flatten().tolist()
+        if len(set(counts)) != 1:
+            raise ValueError(
+                f"ranks of tp_group disagree on the number of sharded matrices (header sizes by rank: {counts})"
+            )
+    table = comm.all_gather(header.to(device), tp_group).cpu()
+    sizes: list[list[int]] = []
+    width = (table.size(1) - 1) // max(len(rows), 1)
+    for i, (x, pd) in enumerate(zip(xs, partition_dims)):
+        part = table[:, 1 + i * width : 1 + (i + 1) * width]
+        dim = tensor_dim(x, pd)
+        unsharded = torch.cat([part[:, : 1 + dim], part[:, 2 + dim :]], dim=1)
+        if not bool((unsharded == unsharded[0]).all()):
+            raise ValueError(
+                "ranks of tp_group disagree on a sharded matrix: every rank must pass a shard of the same "
+                "global matrix with the same partition_dim, tp_mode, steps, coefficient_type and dtype. "
+                f"Per rank [ndim, shape..., partition_dim, call signature...]: {part.tolist()}"
+            )
+        sizes.append(part[:, 1 + dim].tolist())
     return sizes
 
 
@@ -199,6 +215,7 @@ def newton_schulz_tp(
     use_syrk: bool = False,
     gram_restarts: Sequence[int] | None = None,
     validate: bool = True,
+    shard_sizes: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Orthogonalize a matrix of which this rank holds the block ``x`` along ``partition_dim``.
 
@@ -212,6 +229,8 @@ def newton_schulz_tp(
         validate: all-gather the shard shapes and call arguments first (one small collective), so that
             ranks that disagree all raise the same ValueError and unequal shards are handled. Pass False
             only when every rank is known to hold an equal shard of the same call.
+        shard_sizes: every rank's size along partition_dim, when the caller already knows them (as the
+            optimizers do after their one check at the first step); no check is made then.
 
     Returns:
         This rank's block of the orthogonalized global matrix, contiguous, in x's dtype.
@@ -231,9 +250,14 @@ def newton_schulz_tp(
         raise TypeError(f"x must have dtype in {_DTYPES}, got {x.dtype}")
 
     rank = comm.group_rank(tp_group)
-    if validate:
+    if shard_sizes is not None:
+        sizes = list(shard_sizes)
+        if len(sizes) != size or sizes[rank] != x.size(tensor_dim(x, partition_dim)):
+            raise ValueError(f"shard_sizes={sizes} does not fit a group of {size} ranks where rank {rank} holds "
+                             f"{x.size(tensor_dim(x, partition_dim))} along partition_dim")
+    elif validate:
         signature = (TP_MODES.index(tp_mode), steps, COEFFICIENT_TYPES.index(coefficient_type), _DTYPES.index(x.dtype))
-        sizes = exchange_shard_sizes(x, partition_dim, tp_group, signature)
+        sizes = exchange_shard_sizes([x], [partition_dim], tp_group, signature)[0]
     else:
         sizes = [x.size(tensor_dim(x, partition_dim))] * size
 

@@ -1,0 +1,18 @@
+"""The orthogonalized optimizer family, exact under tensor parallelism."""
+
+from dist_ortho.optim.adaptive import MOMENT2_METHODS, AdaptiveMuon
+from dist_ortho.optim.base import OrthogonalizedOptimizer, param_names
+from dist_ortho.optim.hybrid import MuonAdamW
+from dist_ortho.optim.mop import MOP
+from dist_ortho.optim.muon import Muon, MuonHyperball
+from dist_ortho.optim.polargrad import PolarGrad
+from dist_ortho.optim.registry import OPTIMIZERS, get_optimizer, register_optimizer
+from dist_ortho.optim.routing import route
+from dist_ortho.optim.scale import SCALE_MODES, muon_scale
+from dist_ortho.optim.scion import Scion
+
+__all__ = [
+    "MOMENT2_METHODS", "MOP", "OPTIMIZERS", "SCALE_MODES", "AdaptiveMuon", "Muon", "MuonAdamW", "MuonHyperball",
+    "OrthogonalizedOptimizer", "PolarGrad", "Scion", "get_optimizer", "muon_scale", "param_names",
+    "register_optimizer", "route",
+]

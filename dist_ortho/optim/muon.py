@@ -1,0 +1,104 @@
+"""Muon (Jordan et al., 2024) and MuonHyperball: Newton-Schulz of the momentum, scaled by the global shape.
+
+    U = scale(out, in) * extra_scale_factor * NS(D)
+
+MuonHyperball keeps every weight on the sphere ||W||_F = R (R = the weight's initial norm, or
+``hyperball_radius``): U <- R U / (||U||_F + eps) before the update, W <- R W / (||W||_F + eps) after.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.optim.optimizer import ParamsT
+
+from dist_ortho import comm
+from dist_ortho.coefficients import get_coefficients
+from dist_ortho.optim.base import MatmulPrecision, OrthogonalizedOptimizer, WeightDecayMethod, check_number
+from dist_ortho.optim.scale import ScaleMode, check_scale_mode
+
+
+class Muon(OrthogonalizedOptimizer):
+    """Muon: momentum, Newton-Schulz, shape scale. Arguments as emerging_optimizers' Muon, plus TP ones."""
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 3e-4,
+        momentum: float = 0.95,
+        weight_decay: float = 0.01,
+        *,
+        nesterov: bool = False,
+        weight_decay_method: WeightDecayMethod = "decoupled",
+        fp32_matmul_prec: MatmulPrecision = "medium",
+        coefficient_type: str = "quintic",
+        num_ns_steps: int = 5,
+        scale_mode: ScaleMode = "spectral",
+        extra_scale_factor: float = 1.0,
+        use_syrk: bool = False,
+        tp_group: comm.ProcessGroup | None = None,
+        tp_mode: str = "duplicated",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            momentum,
+            weight_decay,
+            nesterov=nesterov,
+            weight_decay_method=weight_decay_method,
+            fp32_matmul_prec=fp32_matmul_prec,
+            coefficient_type=coefficient_type,
+            num_ns_steps=num_ns_steps,
+            scale_mode=scale_mode,
+            extra_scale_factor=extra_scale_factor,
+            use_syrk=use_syrk,
+            tp_group=tp_group,
+            tp_mode=tp_mode,
+            **kwargs,
+        )
+
+    def check_group(self, group: dict[str, Any]) -> None:
+        super().check_group(group)
+        get_coefficients(group["coefficient_type"], group["num_ns_steps"], group.get("custom_coefficient_sets"))
+        check_scale_mode(group["scale_mode"])
+        check_number("extra_scale_factor", group["extra_scale_factor"])
+
+    def orthogonalize(self, p: torch.Tensor, grad: torch.Tensor, **group: Any) -> torch.Tensor:
+        return self.newton_schulz(p, grad, group) * self.shape_scale(p, group)
+
+
+class MuonHyperball(Muon):
+    """Muon on the Frobenius sphere of each weight. Arguments as Muon, plus hyperball_eps, hyperball_radius."""
+
+    def __init__(self, *args: Any, hyperball_eps: float = 1e-8, hyperball_radius: float | None = None, **kwargs: Any):
+        self.hyperball_eps = check_number("hyperball_eps", hyperball_eps)
+        if hyperball_radius is not None:
+            check_number("hyperball_radius", hyperball_radius)
+            if hyperball_radius == 0:
+                raise ValueError("hyperball_radius must be > 0 (or None for each weight's initial norm), got 0")
+        super().__init__(*args, **kwargs)
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    norm = self.global_norm(p, p).item()
+                    if norm == 0:
+                        raise ValueError(
+                            f"MuonHyperball: a parameter of shape {tuple(p.shape)} has zero norm; it has no sphere "
+                            "to stay on (initialize it, or optimize it with another optimizer)"
+                        )
+                    if hyperball_radius is not None:
+                        p.mul_(hyperball_radius / norm)
+                    radius = hyperball_radius if hyperball_radius is not None else norm
+                    self.state[p]["hyperball_radius"] = torch.tensor(radius, dtype=torch.float64)
+
+    def _to_sphere(self, p: torch.Tensor, x: torch.Tensor) -> None:
+        radius = self.state[p]["hyperball_radius"].item()
+        x.mul_((radius / (self.global_norm(p, x) + self.hyperball_eps)).to(x.dtype))
+
+    def pre_weight_update_fn_inplace(self, p: torch.Tensor, update: torch.Tensor) -> None:
+        self._to_sphere(p, update)
+
+    def post_weight_update_fn_inplace(self, p: torch.Tensor) -> None:
+        self._to_sphere(p, p)

@@ -1,0 +1,58 @@
+"""Scion (Pethick et al., 2025), the Frank-Wolfe form: with a spectral-norm ball of radius rho,
+
+    W <- (1 - lr) W - lr * rho * sqrt(out / in) * NS(M)
+
+i.e. decoupled weight decay fixed at 1 and no Nesterov.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.optim.optimizer import ParamsT
+
+from dist_ortho import comm
+from dist_ortho.coefficients import get_coefficients
+from dist_ortho.optim.base import MatmulPrecision, OrthogonalizedOptimizer, check_number
+
+
+class Scion(OrthogonalizedOptimizer):
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 3e-4,
+        momentum: float = 0.95,
+        *,
+        fp32_matmul_prec: MatmulPrecision = "medium",
+        coefficient_type: str = "quintic",
+        num_ns_steps: int = 5,
+        spectral_radius: float = 1.0,
+        tp_group: comm.ProcessGroup | None = None,
+        tp_mode: str = "duplicated",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            momentum,
+            1.0,
+            nesterov=False,
+            weight_decay_method="decoupled",
+            fp32_matmul_prec=fp32_matmul_prec,
+            coefficient_type=coefficient_type,
+            num_ns_steps=num_ns_steps,
+            spectral_radius=spectral_radius,
+            scale_mode="unit_rms_norm",
+            tp_group=tp_group,
+            tp_mode=tp_mode,
+            **kwargs,
+        )
+
+    def check_group(self, group: dict[str, Any]) -> None:
+        super().check_group(group)
+        get_coefficients(group["coefficient_type"], group["num_ns_steps"])
+        check_number("spectral_radius", group["spectral_radius"])
+
+    def orthogonalize(self, p: torch.Tensor, grad: torch.Tensor, **group: Any) -> torch.Tensor:
+        return self.newton_schulz(p, grad, group) * (group["spectral_radius"] * self.shape_scale(p, group))
