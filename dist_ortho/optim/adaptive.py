@@ -59,7 +59,7 @@ class AdaptiveMuon(Muon):
     def update_direction(
         self, p: torch.Tensor, grad: torch.Tensor, direction: torch.Tensor, group: dict[str, Any]
     ) -> torch.Tensor:
-        O = self.newton_schulz(p, direction, group).float()
+        O = self.newton_schulz(p, direction, group)
         state = self.state[p]
         method, beta2, eps = group["moment2_method"], group["beta2"], group["eps"]
         if method == "adamuon":
@@ -70,13 +70,13 @@ class AdaptiveMuon(Muon):
             layout = self.layout(p)
             dim, along = (-1, 1) if layout.rows >= layout.cols else (-2, 0)
             group_along = layout.group if layout.spec.partition_dim == along else None
-            mean = reductions.mean_over(O.square(), dim, group_along, layout.shape[dim])
+            mean = reductions.mean_over(O.square(), dim, group_along, layout.shape[dim]).to(O.dtype)
             v = state.setdefault("moment2", torch.zeros_like(mean))
             v.lerp_(mean, 1 - beta2)
             update = O * v.clamp_min(eps).rsqrt()
-            update = update * (self.global_norm(p, O) / self.global_norm(p, update).clamp_min(1e-30)).float()
+            update = update * (self.global_norm(p, O) / self.global_norm(p, update).clamp_min(1e-30)).to(O.dtype)
         else:
-            v = state.setdefault("moment2", torch.zeros((), dtype=torch.float64, device=p.device))
-            v.lerp_(reductions.sum_of_squares(grad, self.layout(p).group), 1 - beta2)
-            update = O * (self.global_norm(p, direction) / (v.sqrt() + eps)).float()
+            v = state.setdefault("moment2", torch.zeros((), dtype=p.dtype, device=p.device))
+            v.lerp_(reductions.sum_of_squares(grad, self.layout(p).group).to(v.dtype), 1 - beta2)
+            update = O * (self.global_norm(p, direction) / (v.double().sqrt() + eps)).to(O.dtype)
         return update * self.shape_scale(p, group)

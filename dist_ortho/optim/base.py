@@ -258,6 +258,11 @@ class OrthogonalizedOptimizer(Optimizer):
         """Matrix view of the update from the raw gradient and the momentum direction (both matrix views)."""
         return self.orthogonalize(p, direction, **group)
 
+    def init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        """Fill a parameter's state at its first step (not after load_state_dict). State tensors have the
+        parameter's dtype, as torch's load_state_dict casts them to it."""
+        state["momentum_buffer"] = torch.zeros_like(p)
+
     def pre_weight_update_fn_inplace(self, p: torch.Tensor, update: torch.Tensor) -> None:
         """Called with the update before W <- W - lr * update."""
 
@@ -289,8 +294,8 @@ class OrthogonalizedOptimizer(Optimizer):
                     raise TypeError(f"{type(self).__name__} does not support sparse gradients")
                 self.layout(p)  # the first step finds every layout in one collective, before any other
                 state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                if not state:
+                    self.init_state(p, state, group)
                 grad = self.apply_weight_decay(p, p.grad, group)
                 buf = state["momentum_buffer"]
                 buf.lerp_(grad, 1 - group["momentum"])

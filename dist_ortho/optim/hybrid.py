@@ -109,3 +109,5 @@ class MuonAdamW(Optimizer):
             raise ValueError(f"state_dict holds {sorted(state_dict)}, this MuonAdamW has {sorted(inner)}")
         for key, optimizer in inner.items():
             optimizer.load_state_dict(state_dict[key])
+        # torch's load_state_dict gives the inner optimizers new group dicts: share them again.
+        self.param_groups = [g for _, optimizer in self._inner() for g in optimizer.param_groups]

@@ -70,7 +70,11 @@ class Muon(OrthogonalizedOptimizer):
 
 
 class MuonHyperball(Muon):
-    """Muon on the Frobenius sphere of each weight. Arguments as Muon, plus hyperball_eps, hyperball_radius."""
+    """Muon on the Frobenius sphere of each weight. Arguments as Muon, plus hyperball_eps, hyperball_radius.
+
+    The radius is fixed at a parameter's first step (its norm then, or ``hyperball_radius``, to which the
+    parameter is rescaled) and kept in the optimizer state, so a restored optimizer keeps it.
+    """
 
     def __init__(self, *args: Any, hyperball_eps: float = 1e-8, hyperball_radius: float | None = None, **kwargs: Any):
         self.hyperball_eps = check_number("hyperball_eps", hyperball_eps)
@@ -78,23 +82,24 @@ class MuonHyperball(Muon):
             check_number("hyperball_radius", hyperball_radius)
             if hyperball_radius == 0:
                 raise ValueError("hyperball_radius must be > 0 (or None for each weight's initial norm), got 0")
+        self.hyperball_radius = hyperball_radius
         super().__init__(*args, **kwargs)
-        with torch.no_grad():
-            for group in self.param_groups:
-                for p in group["params"]:
-                    norm = self.global_norm(p, p).item()
-                    if norm == 0:
-                        raise ValueError(
-                            f"MuonHyperball: a parameter of shape {tuple(p.shape)} has zero norm; it has no sphere "
-                            "to stay on (initialize it, or optimize it with another optimizer)"
-                        )
-                    if hyperball_radius is not None:
-                        p.mul_(hyperball_radius / norm)
-                    radius = hyperball_radius if hyperball_radius is not None else norm
-                    self.state[p]["hyperball_radius"] = torch.tensor(radius, dtype=torch.float64)
+
+    def init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        super().init_state(p, state, group)
+        norm = self.global_norm(p, p).item()
+        if norm == 0:
+            raise ValueError(
+                f"MuonHyperball: a parameter of shape {tuple(p.shape)} has zero norm; it has no sphere "
+                "to stay on (initialize it, or optimize it with another optimizer)"
+            )
+        if self.hyperball_radius is not None:
+            p.mul_(self.hyperball_radius / norm)
+        radius = self.hyperball_radius if self.hyperball_radius is not None else norm
+        state["hyperball_radius"] = torch.tensor(radius, dtype=p.dtype, device=p.device)
 
     def _to_sphere(self, p: torch.Tensor, x: torch.Tensor) -> None:
-        radius = self.state[p]["hyperball_radius"].item()
+        radius = self.state[p]["hyperball_radius"].double()
         x.mul_((radius / (self.global_norm(p, x) + self.hyperball_eps)).to(x.dtype))
 
     def pre_weight_update_fn_inplace(self, p: torch.Tensor, update: torch.Tensor) -> None:

@@ -1,0 +1,109 @@
+"""Every optimizer of the family at TP = 1, 2, 4: the sharded run takes the steps of the TP = 1 run on
+the gathered weights, in every tp_mode, for partition_dim 0 and 1, over 3 steps (so state carries).
+
+Tolerance as in test_optim: max |W_tp - W_1| <= 1e-5 + 1e-4 * max |W_1 - W_0| (float32, "highest"):
+the modes' Newton-Schulz results differ from one device's by float32 rounding (<= ~6e-5 relative for
+gram, see test_tp), and the weights move by lr * scale * that.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from dist_ortho import get_optimizer
+from tests.test_optim import IDS, VARIANTS
+
+MODES = ("duplicated", "distributed", "gram")
+SHAPES = ((48, 20), (20, 36))  # one tall and one wide matrix, both sharded; a replicated one beside them
+
+
+def block(full: torch.Tensor, partition_dim: int, rank: int, size: int) -> torch.Tensor:
+    return torch.tensor_split(full, size, dim=partition_dim)[rank].clone()
+
+
+def sharded(t: torch.Tensor, partition_dim: int) -> torch.nn.Parameter:
+    p = torch.nn.Parameter(t)
+    p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, partition_dim, 1
+    return p
+
+
+def _run_pair(ctx, kind, hp, mode, partition_dim, steps=3, round_trip=False):
+    gen = torch.Generator().manual_seed(11)
+    fulls = [torch.randn(s, generator=gen) for s in SHAPES] + [torch.randn(16, 16, generator=gen)]
+    grads = [[torch.randn(f.shape, generator=gen) for f in fulls] for _ in range(steps)]
+    one = [torch.nn.Parameter(f.clone()) for f in fulls]
+    tp = [sharded(block(f, partition_dim, ctx.rank, ctx.world_size), partition_dim) for f in fulls[:2]]
+    tp.append(torch.nn.Parameter(fulls[2].clone()))  # replicated
+    opt_one = get_optimizer(kind)(one, **hp)
+    opt_tp = get_optimizer(kind)(tp, tp_group=ctx.group, tp_mode=mode, **hp)
+    for i, step_grads in enumerate(grads):
+        for p, q, g in zip(one, tp, step_grads):
+            p.grad = g.clone()
+            q.grad = block(g, partition_dim, ctx.rank, ctx.world_size) if q is not tp[2] else g.clone()
+        opt_one.step()
+        opt_tp.step()
+        if round_trip and i == 0:
+            state = copy.deepcopy(opt_tp.state_dict())
+            opt_tp = get_optimizer(kind)(tp, tp_group=ctx.group, tp_mode=mode, **hp)
+            opt_tp.load_state_dict(state)
+    errors = []
+    for p, q, f in zip(one, tp, fulls):
+        expected = block(p.detach(), partition_dim, ctx.rank, ctx.world_size) if q is not tp[2] else p.detach()
+        moved = (p.detach() - f).abs().max().item()
+        errors.append(((q.detach() - expected).abs().max().item(), moved))
+    return errors
+
+
+def _family_exact(ctx, kind, hp, round_trip=False):
+    hp = {"lr": 0.02, **hp, "fp32_matmul_prec": "highest"}
+    bad = {}
+    for mode in MODES:
+        for partition_dim in (0, 1):
+            for i, (err, moved) in enumerate(_run_pair(ctx, kind, hp, mode, partition_dim, round_trip=round_trip)):
+                if not (moved > 1e-3 and err <= 1e-5 + 1e-4 * moved):
+                    bad[mode, partition_dim, i] = (err, moved)
+    assert not bad, f"{kind} {hp}: (err, moved) beyond tolerance: {bad}"
+
+
+@pytest.mark.parametrize("kind,hp", VARIANTS, ids=IDS)
+def test_family_is_exact_across_tp(world, kind, hp):
+    world.run(_family_exact, kind, hp)
+
+
+@pytest.mark.parametrize("kind", ["muon", "normuon", "muon_hyperball", "adamuon"])
+def test_state_dict_round_trip_under_tp(world, kind):
+    """A TP optimizer rebuilt from its state dict after step 1 continues exactly like the TP=1 run."""
+    world.run(_family_exact, kind, {}, round_trip=True)
+
+
+def _error_on_every_rank(ctx, case):
+    W = sharded(torch.randn(8, 6), 0)
+    kwargs = {"tp_group": ctx.group}
+    if case == "expert_without_group":
+        W.expert_tp = True
+    elif case == "stride":
+        W.partition_stride = 2
+    elif case == "shapes_disagree":
+        W = sharded(torch.randn(8, 6 if ctx.rank == 0 else 5), 0)
+    elif case == "modes_disagree":
+        W = sharded(torch.randn(8, 6), 0 if ctx.rank == 0 else 1)
+    opt = get_optimizer("muon")([W], **kwargs)
+    W.grad = torch.randn_like(W)
+    try:
+        opt.step()
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+@pytest.mark.parametrize("case", ["expert_without_group", "stride", "shapes_disagree", "modes_disagree"])
+def test_bad_layouts_raise_the_same_error_on_every_rank(world, case):
+    if world.size == 1 and case.endswith("disagree"):
+        pytest.skip("needs two ranks to disagree")
+    messages = world.run(_error_on_every_rank, case)
+    assert len(set(messages)) == 1 and messages[0] != "no error", messages
+    needle = {"expert_without_group": "expert_tp_group", "stride": "partition_stride"}.get(case, "disagree")
+    assert needle in messages[0]
