@@ -60,7 +60,7 @@ class AdaptiveMuon(Muon):
         self, p: torch.Tensor, grad: torch.Tensor, direction: torch.Tensor, group: dict[str, Any]
     ) -> torch.Tensor:
         O = self.newton_schulz(p, direction, group)
-        state = self.state[p]
+        state = self.matrix_state(p)
         method, beta2, eps = group["moment2_method"], group["beta2"], group["eps"]
         if method == "adamuon":
             v = state.setdefault("moment2", torch.zeros_like(O))

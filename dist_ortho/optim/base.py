@@ -19,8 +19,9 @@ on the gathered matrix. Momentum and other elementwise state stay local to the s
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -31,6 +32,7 @@ from dist_ortho import comm, reductions
 from dist_ortho.newton_schulz import matmul_precision
 from dist_ortho.optim.scale import muon_scale
 from dist_ortho.params import REPLICATED, ShardSpec, global_shape, shard_spec
+from dist_ortho.qkv import qkv_parts
 from dist_ortho.tp import TP_MODES, exchange_shard_sizes, gather_shards, newton_schulz_tp, own_block
 
 WeightDecayMethod = Literal["decoupled", "independent", "l2", "palm"]
@@ -115,6 +117,10 @@ class OrthogonalizedOptimizer(Optimizer):
         expert_tp_group: the group of expert weights (``expert_tp=True``).
         conv_mode: None (matrices only), "flatten" (out, in*k*k) or "batched" (one (out, in) matrix per
             spatial position, update scaled by spatial_size^-0.5) for 3D+ weights.
+        split_qkv: orthogonalize the Q, K, V (and gate) rows of a fused QKV weight as separate matrices
+            (see dist_ortho.qkv). A weight is fused QKV when ``is_qkv_fn(p)`` is true, or without
+            is_qkv_fn when it carries ``is_qkv=True``; its split comes from its ``qkv_split_shapes``
+            attribute, else from ``qkv_split_shapes`` here.
         **kwargs: further per-group defaults of a member (coefficient_type, num_ns_steps, ...).
     """
 
@@ -133,6 +139,9 @@ class OrthogonalizedOptimizer(Optimizer):
         tp_mode: str = "duplicated",
         expert_tp_group: comm.ProcessGroup | None = None,
         conv_mode: ConvMode | None = None,
+        split_qkv: bool = True,
+        qkv_split_shapes: Sequence[int] | None = None,
+        is_qkv_fn: Callable[[torch.Tensor], bool] | None = None,
         **kwargs: Any,
     ) -> None:
         defaults = dict(
@@ -144,6 +153,8 @@ class OrthogonalizedOptimizer(Optimizer):
             fp32_matmul_prec=fp32_matmul_prec,
             tp_mode=tp_mode,
             conv_mode=conv_mode,
+            split_qkv=split_qkv,
+            qkv_split_shapes=tuple(qkv_split_shapes) if qkv_split_shapes is not None else None,
             **kwargs,
         )
         if scaled_orthogonalize_fn is None and type(self).orthogonalize is OrthogonalizedOptimizer.orthogonalize:
@@ -151,7 +162,10 @@ class OrthogonalizedOptimizer(Optimizer):
         self.scaled_orthogonalize_fn = scaled_orthogonalize_fn
         self.tp_group = tp_group
         self.expert_tp_group = expert_tp_group
+        self.is_qkv_fn = is_qkv_fn
         self._layouts: dict[torch.Tensor, MatrixLayout] = {}
+        self._parts: dict[torch.Tensor, list[tuple[torch.Tensor, MatrixLayout]]] = {}
+        self._active: tuple[torch.Tensor, MatrixLayout, int] | None = None  # (param, layout, part) in a split
         super().__init__(params, defaults)
 
     # -- construction-time checks, per group (so that per-group overrides are checked too) --
@@ -184,9 +198,40 @@ class OrthogonalizedOptimizer(Optimizer):
 
     # -- tensor-parallel layout of each parameter, found once for all of them --
     def layout(self, p: torch.Tensor) -> MatrixLayout:
+        """p's matrix layout (while a fused weight is split: the current component's)."""
+        if self._active is not None and self._active[0] is p:
+            return self._active[1]
         if p not in self._layouts:
             self._find_layouts()
         return self._layouts[p]
+
+    def matrix_state(self, p: torch.Tensor) -> dict[str, Any]:
+        """The optimizer state of the matrix being updated (a component's own, within a split fused weight)."""
+        if self._active is not None and self._active[0] is p:
+            return self.state[p].setdefault(f"part{self._active[2]}", {})
+        return self.state[p]
+
+    def is_qkv(self, p: torch.Tensor) -> bool:
+        return bool(self.is_qkv_fn(p)) if self.is_qkv_fn is not None else getattr(p, "is_qkv", False) is True
+
+    def _split_fused(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        """The components of a fused QKV weight, each with its own global layout (after _find_layouts)."""
+        shapes = getattr(p, "qkv_split_shapes", None) or group["qkv_split_shapes"]
+        name = getattr(p, "_dist_ortho_name", None) or f"fused QKV weight of shape {tuple(p.shape)}"
+        if shapes is None:
+            raise ValueError(f"{name} is marked as fused QKV but has no qkv_split_shapes (set it on the parameter or pass qkv_split_shapes=)")
+        if p.ndim != 2:
+            raise ValueError(f"{name}: a fused QKV weight must be 2D, got shape {tuple(p.shape)}")
+        layout = self._layouts[p]
+        if layout.spec.partition_dim == 0:
+            rank_rows, rank = layout.sizes, comm.group_rank(layout.spec.group)
+        else:
+            rank_rows, rank = [p.size(0)], 0
+        self._parts[p] = [
+            (part.index, MatrixLayout(layout.spec, part.sizes if layout.spec.partition_dim == 0 else layout.sizes,
+                                      (part.rows, layout.cols)))
+            for part in qkv_parts(rank_rows, rank, shapes, name)
+        ]
 
     def _find_layouts(self) -> None:
         """Read every parameter's shard spec and check the shapes across ranks: one collective per group."""
@@ -203,6 +248,10 @@ class OrthogonalizedOptimizer(Optimizer):
             sizes = exchange_shard_sizes([v for _, v, _ in entries], [s.partition_dim for _, _, s in entries], tp_group)
             for (p, view, spec), shard_sizes in zip(entries, sizes):
                 self._layouts[p] = MatrixLayout(spec, shard_sizes, global_shape(view.shape, spec, shard_sizes))
+        for group in self.param_groups:  # every rank has the same layouts now, so errors here are alike
+            for p in group["params"]:
+                if group["split_qkv"] and self.is_qkv(p):
+                    self._split_fused(p, group)
 
     # -- helpers members use for anything global --
     def newton_schulz(self, p: torch.Tensor, x: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
@@ -263,6 +312,29 @@ class OrthogonalizedOptimizer(Optimizer):
         parameter's dtype, as torch's load_state_dict casts them to it."""
         state["momentum_buffer"] = torch.zeros_like(p)
 
+    @contextlib.contextmanager
+    def _part(self, p: torch.Tensor, layout: MatrixLayout, part: int) -> Iterator[None]:
+        self._active = (p, layout, part)
+        try:
+            yield
+        finally:
+            self._active = None
+
+    def _update_by_parts(
+        self, p: torch.Tensor, grad: torch.Tensor, direction: torch.Tensor, group: dict[str, Any]
+    ) -> torch.Tensor:
+        """update_direction of the whole matrix, or of each component of a split fused weight, put back in place."""
+        if p not in self._parts:
+            return self.update_direction(p, grad, direction, group)
+        pieces = []
+        for part, (index, layout) in enumerate(self._parts[p]):
+            with self._part(p, layout, part):
+                pieces.append(self.update_direction(p, grad[index], direction[index], group))
+        update = torch.empty(direction.shape, dtype=pieces[0].dtype, device=direction.device)
+        for (index, _), piece in zip(self._parts[p], pieces):
+            update[index] = piece
+        return update
+
     def pre_weight_update_fn_inplace(self, p: torch.Tensor, update: torch.Tensor) -> None:
         """Called with the update before W <- W - lr * update."""
 
@@ -302,7 +374,7 @@ class OrthogonalizedOptimizer(Optimizer):
                 direction = grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
                 conv_mode = group["conv_mode"]
                 with matmul_precision(group["fp32_matmul_prec"]):
-                    update = self.update_direction(
+                    update = self._update_by_parts(
                         p, matrix_view(grad, conv_mode), matrix_view(direction, conv_mode), group
                     )
                 if p.ndim > 2 and conv_mode == "batched":

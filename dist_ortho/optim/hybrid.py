@@ -80,12 +80,25 @@ class MuonAdamW(Optimizer):
                 adamw = {"lr": adamw_lr, "betas": adamw_betas, "eps": adamw_eps, "weight_decay": adamw_weight_decay}
                 adamw.update({_ADAMW_KEYS[k]: v for k, v in group.items() if k in _ADAMW_KEYS})
                 fallback_groups.append({"params": others, "use_muon": False, **adamw})
-        self.matrix_optimizer = matrix_cls(matrix_groups, conv_mode=conv_mode, **kwargs) if matrix_groups else None
-        self.fallback_optimizer = torch.optim.AdamW(fallback_groups) if fallback_groups else None
-        shared = (self.matrix_optimizer.param_groups if self.matrix_optimizer else []) + (
-            self.fallback_optimizer.param_groups if self.fallback_optimizer else []
+        self._assemble(
+            matrix_cls(matrix_groups, conv_mode=conv_mode, **kwargs) if matrix_groups else None,
+            torch.optim.AdamW(fallback_groups) if fallback_groups else None,
         )
-        super().__init__(shared, {})
+
+    @classmethod
+    def combine(cls, matrix_optimizer: Optimizer | None, fallback_optimizer: Optimizer | None) -> MuonAdamW:
+        """One MuonAdamW over two optimizers built elsewhere (their groups are shared, not copied)."""
+        self = cls.__new__(cls)
+        self._assemble(matrix_optimizer, fallback_optimizer)
+        return self
+
+    def _assemble(self, matrix_optimizer: Optimizer | None, fallback_optimizer: Optimizer | None) -> None:
+        self.matrix_optimizer, self.fallback_optimizer = matrix_optimizer, fallback_optimizer
+        for group in matrix_optimizer.param_groups if matrix_optimizer else []:
+            group.setdefault("use_muon", True)
+        for group in fallback_optimizer.param_groups if fallback_optimizer else []:
+            group.setdefault("use_muon", False)
+        Optimizer.__init__(self, [g for _, o in self._inner() for g in o.param_groups], {})
 
     def _inner(self) -> list[tuple[str, Optimizer]]:
         return [(k, o) for k, o in (("matrix", self.matrix_optimizer), ("fallback", self.fallback_optimizer)) if o]

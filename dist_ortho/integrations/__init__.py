@@ -1,0 +1,1 @@
+"""Framework integrations: Megatron-LM (megatron.py) and TransformerEngine (transformer_engine.py)."""
