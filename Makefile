@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: setup
-	PATH="$(abspath $(BIN)):$$PATH" bash launch/demo_cpu.sh
+	PATH="$(abspath $(BIN)):$$PATH" bash launch/train_cpu.sh
 
 test: setup
 	$(BIN)/python -m pytest

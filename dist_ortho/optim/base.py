@@ -205,6 +205,11 @@ class OrthogonalizedOptimizer(Optimizer):
             self._find_layouts()
         return self._layouts[p]
 
+    def part_layouts(self, p: torch.Tensor) -> list[MatrixLayout]:
+        """Layouts of the components of a split fused weight, in state-key order part0, part1, ... (else [])."""
+        self.layout(p)
+        return [layout for _, layout in self._parts.get(p, [])]
+
     def matrix_state(self, p: torch.Tensor) -> dict[str, Any]:
         """The optimizer state of the matrix being updated (a component's own, within a split fused weight)."""
         if self._active is not None and self._active[0] is p:

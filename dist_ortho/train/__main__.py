@@ -1,0 +1,3 @@
+from dist_ortho.train.cli import main
+
+main()

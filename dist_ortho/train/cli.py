@@ -1,0 +1,243 @@
+"""Train a small tensor-parallel GPT with a Muon-family optimizer (and, with --compare, a baseline).
+
+    torchrun --standalone --nproc-per-node 2 -m dist_ortho.train --tp 2 --optimizer muon --compare adamw
+
+Backend: gloo on CPU, NCCL on CUDA (one GPU per local rank). Data: the Python standard library's
+source, byte-tokenized (or --data FILE); the last 10% is held out. Per run, rank 0 writes a JSON-lines
+log of every step to OUT/NAME/log.jsonl, checkpoints (torch.distributed.checkpoint) to OUT/NAME/ckpt,
+and OUT/loss.png plots train and eval loss of every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dist_ortho import MuonAdamW, comm
+from dist_ortho.integrations.megatron import add_muon_args
+from dist_ortho.optim.registry import OPTIMIZERS
+from dist_ortho.train import checkpoint
+from dist_ortho.train.data import ByteData, load_corpus
+from dist_ortho.train.model import GPT, GPTConfig
+
+logger = logging.getLogger("dist_ortho.train")
+
+# The --muon-* flags each family member takes (others have no such argument).
+_FLAG_OF = {
+    "momentum": "muon_momentum", "nesterov": "muon_use_nesterov", "fp32_matmul_prec": "muon_fp32_matmul_prec",
+    "coefficient_type": "muon_coefficient_type", "num_ns_steps": "muon_num_ns_steps",
+    "scale_mode": "muon_scale_mode", "extra_scale_factor": "muon_extra_scale_factor", "use_syrk": "muon_use_syrk",
+    "split_qkv": "muon_split_qkv",
+}
+_NOT_TAKEN = {
+    "scion": {"nesterov", "scale_mode", "extra_scale_factor", "use_syrk"},
+    "mop": {"coefficient_type", "num_ns_steps", "scale_mode", "use_syrk"},
+    "polargrad": {"scale_mode", "use_syrk"},
+}
+MATRIX_OPTIMIZERS = sorted(k for k in OPTIMIZERS if k not in ("adamw", "muon_adamw"))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: the world size)")
+    p.add_argument("--optimizer", default="muon", choices=MATRIX_OPTIMIZERS + ["adamw"])
+    p.add_argument("--compare", default=None, choices=MATRIX_OPTIMIZERS + ["adamw"], help="also train with this one")
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--groups", type=int, default=2, help="query groups (GQA)")
+    p.add_argument("--ffn", type=int, default=512)
+    p.add_argument("--lr", type=float, default=0.01, help="learning rate of the matrix optimizer")
+    p.add_argument("--adamw-lr", type=float, default=3e-3, help="AdamW's: the baseline's and for embeddings/norms")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--eval-interval", type=int, default=25)
+    p.add_argument("--eval-batches", type=int, default=4)
+    p.add_argument("--save-interval", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/NAME/ckpt/latest")
+    p.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after this step; "
+                   "the schedule still runs to --steps, so --resume continues exactly")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--data", default=None, help="a text file (default: the Python standard library's source)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    return add_muon_args(p)
+
+
+def tp_groups(tp: int) -> dist.ProcessGroup:
+    """Consecutive ranks form a TP group (DP x TP layout, DP = world / tp); this rank's group."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if tp < 1 or world % tp:
+        raise ValueError(f"--tp {tp} must divide the world size {world}")
+    if tp != world:
+        raise ValueError(f"--tp {tp} < world size {world} needs data parallelism, which is not implemented yet: use --tp {world}")
+    groups = [dist.new_group(list(range(start, start + tp))) for start in range(0, world, tp)]
+    return groups[rank // tp]
+
+
+def build_optimizer(name: str, model: GPT, args: argparse.Namespace, group: Any) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=args.adamw_lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    kwargs = {k: getattr(args, flag) for k, flag in _FLAG_OF.items() if k not in _NOT_TAKEN.get(name, ())}
+    if name != "scion":
+        kwargs["weight_decay"] = args.weight_decay
+    return MuonAdamW(
+        model.named_parameters(), optimizer=name, lr=args.lr, adamw_lr=args.adamw_lr, tp_group=group,
+        tp_mode=args.muon_tp_mode, **kwargs,
+    )
+
+
+def lr_factor(step: int, args: argparse.Namespace) -> float:
+    if step < args.warmup:
+        return (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def evaluate(model: GPT, data: ByteData, args: argparse.Namespace, device: torch.device) -> float:
+    losses = [model(*(t.to(device) for t in data.batch(i, args.batch_size, "eval"))).item() for i in range(args.eval_batches)]
+    return sum(losses) / len(losses)
+
+
+def train_one(name: str, args: argparse.Namespace, group: Any, data: ByteData, device: torch.device) -> dict:
+    """One training run; returns its final train and eval loss and timing."""
+    config = GPTConfig(256, args.seq_len, args.layers, args.hidden, args.heads, args.groups, args.ffn)
+    model = GPT(config, group, seed=args.seed).to(device)
+    optimizer = build_optimizer(name, model, args, group)
+    for g in optimizer.param_groups:
+        g["initial_lr"] = g["lr"]
+    run_dir, rank0 = Path(args.out) / name, comm.group_rank(group) == 0
+    ckpt_dir = run_dir / "ckpt"
+    meta_base = {"model": config.as_dict(), "optimizer": name, "seed": args.seed}
+    start = 0
+    if args.resume:
+        found = checkpoint.latest(ckpt_dir)
+        if found is None:
+            raise ValueError(f"--resume: no checkpoint under {ckpt_dir}")
+        meta = checkpoint.read_meta(found)
+        if {k: meta.get(k) for k in meta_base} != meta_base:
+            raise ValueError(f"--resume: {found} was written for {meta.get('model')} / {meta.get('optimizer')}, "
+                             f"this run is {meta_base['model']} / {name}")
+        checkpoint.load(found, model, optimizer, group)
+        start = meta["step"]
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    log = open(run_dir / "log.jsonl", "a" if args.resume else "w") if rank0 else None
+    progress = None
+    if rank0 and not args.no_progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=args.steps, initial=start, desc=name, dynamic_ncols=True, file=sys.stdout)
+    tokens_per_step = args.batch_size * args.seq_len
+    result: dict[str, Any] = {"optimizer": name, "losses": {}}
+    opt_time = total_time = 0.0
+    stop = min(args.steps, args.stop_after or args.steps)
+    for step in range(start, stop):
+        began = time.perf_counter()
+        for g in optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * lr_factor(step, args)
+        tokens, targets = (t.to(device) for t in data.batch(step, args.batch_size))
+        loss = model(tokens, targets)
+        loss.backward()
+        opt_began = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - began
+        opt_time += time.perf_counter() - opt_began
+        total_time += elapsed
+        record = {"step": step + 1, "loss": loss.item(), "lr_factor": lr_factor(step, args),
+                  "tokens_per_s": tokens_per_step / elapsed, "optimizer_share": opt_time / total_time}
+        if (step + 1) % args.eval_interval == 0 or step + 1 == args.steps:
+            record["eval_loss"] = evaluate(model, data, args, device)
+        if args.save_interval and (step + 1) % args.save_interval == 0 or step + 1 == stop:
+            checkpoint.save(ckpt_dir, model, optimizer, group, {**meta_base, "step": step + 1})
+        if log:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        if progress:
+            progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                 opt=f"{100 * record['optimizer_share']:.0f}%")
+            progress.update(1)
+        result["losses"][step + 1] = record["loss"]
+        result.update(train_loss=record["loss"], eval_loss=record.get("eval_loss", result.get("eval_loss")),
+                      optimizer_share=record["optimizer_share"], seconds=total_time)
+    if progress:
+        progress.close()
+    if log:
+        log.close()
+    return result
+
+
+def plot(out: Path, names: list[str]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in names:
+        rows = [json.loads(line) for line in (out / name / "log.jsonl").read_text().splitlines()]
+        steps = [r["step"] for r in rows]
+        smooth, ema = [], None
+        for r in rows:
+            ema = r["loss"] if ema is None else 0.9 * ema + 0.1 * r["loss"]
+            smooth.append(ema)
+        line, = ax.plot(steps, smooth, label=f"{name} train (EMA)")
+        evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+        ax.plot(*zip(*evals), "o--", color=line.get_color(), label=f"{name} eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / byte)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / "loss.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run(args: argparse.Namespace, group: Any, device: torch.device) -> list[dict]:
+    data = ByteData(load_corpus(args.data), args.seq_len, seed=args.seed)
+    names = [args.optimizer] + ([args.compare] if args.compare and args.compare != args.optimizer else [])
+    results = [train_one(name, args, group, data, device) for name in names]
+    if comm.group_rank(group) == 0:
+        path = plot(Path(args.out), names)
+        for r in results:
+            logger.info("%s: final train loss %.4f, eval loss %s, optimizer step %.0f%% of step time, %.0f s",
+                    r["optimizer"], r["train_loss"], f"{r['eval_loss']:.4f}" if r.get("eval_loss") else "n/a",
+                    100 * r["optimizer_share"], r["seconds"])
+        logger.info("plot: %s; logs: %s", path, ", ".join(str(Path(args.out) / n / "log.jsonl") for n in names))
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    code = 0
+    try:
+        group = tp_groups(args.tp or dist.get_world_size())
+        run(args, group, device)
+    except ValueError as e:  # the same on every rank: all exit, none hangs
+        logger.error("rank %d: %s", dist.get_rank(), e)
+        code = 2
+    dist.destroy_process_group()
+    sys.exit(code)

@@ -1,0 +1,161 @@
+"""A small tensor-parallel GPT whose weights carry the Megatron / TransformerEngine attributes.
+
+Column-parallel layers hold a block of output rows (partition_dim 0), row-parallel layers a block of
+input columns (partition_dim 1). Attention uses a fused QKV weight laid out per query group,
+[ng, (np/ng) hn q | hn k | hn v] as in Megatron's ``linear_qkv``, with grouped-query attention; each
+TP rank holds ng / tp whole query groups. Every rank builds the full weights from the same seed and
+keeps its block, so a model at any TP size starts from the same global weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from dist_ortho import comm
+from dist_ortho.qkv import qkv_split_shapes
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 256
+    seq_len: int = 128
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_attention_heads: int = 8
+    num_query_groups: int = 2
+    ffn_hidden_size: int = 512
+
+    @property
+    def kv_channels(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def check(self, tp_size: int) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} must be a multiple of num_attention_heads={self.num_attention_heads}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} must be a multiple of num_query_groups={self.num_query_groups}")
+        if self.num_query_groups % tp_size or self.ffn_hidden_size % tp_size:
+            raise ValueError(
+                f"the TP size {tp_size} must divide num_query_groups={self.num_query_groups} and "
+                f"ffn_hidden_size={self.ffn_hidden_size}"
+            )
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class _CopyToTP(torch.autograd.Function):
+    """Identity forward; all-reduce of the gradient backward (input of column-parallel layers)."""
+
+    @staticmethod
+    def forward(ctx, x, group):  # type: ignore[override]
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return comm.all_reduce(grad.contiguous(), ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """All-reduce forward; identity backward (output of row-parallel layers)."""
+
+    @staticmethod
+    def forward(ctx, x, group):  # type: ignore[override]
+        return comm.all_reduce(x.contiguous(), group)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad, None
+
+
+def _tp_parameter(full: torch.Tensor, partition_dim: int, group: dist.ProcessGroup | None) -> nn.Parameter:
+    size, rank = comm.group_size(group), comm.group_rank(group)
+    p = nn.Parameter(torch.tensor_split(full, size, dim=partition_dim)[rank].clone())
+    p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, partition_dim, 1
+    return p
+
+
+class ColumnParallelLinear(nn.Module):
+    def __init__(self, full_weight: torch.Tensor, group: dist.ProcessGroup | None):
+        super().__init__()
+        self.group = group
+        self.weight = _tp_parameter(full_weight, 0, group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(_CopyToTP.apply(x, self.group), self.weight)
+
+
+class RowParallelLinear(nn.Module):
+    def __init__(self, full_weight: torch.Tensor, group: dist.ProcessGroup | None):
+        super().__init__()
+        self.group = group
+        self.weight = _tp_parameter(full_weight, 1, group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ReduceFromTP.apply(F.linear(x, self.weight), self.group)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, group: dist.ProcessGroup | None, gen: torch.Generator):
+        super().__init__()
+        c = config
+        std, out_std = 0.02, 0.02 / (2 * c.num_layers) ** 0.5
+        self.config, self.tp = c, comm.group_size(group)
+        self.norm1, self.norm2 = nn.LayerNorm(c.hidden_size), nn.LayerNorm(c.hidden_size)
+        qkv_rows = c.num_query_groups * sum(qkv_split_shapes(c.num_attention_heads, c.num_query_groups, c.kv_channels))
+        self.linear_qkv = ColumnParallelLinear(torch.randn(qkv_rows, c.hidden_size, generator=gen) * std, group)
+        self.linear_proj = RowParallelLinear(torch.randn(c.hidden_size, c.hidden_size, generator=gen) * out_std, group)
+        self.fc1 = ColumnParallelLinear(torch.randn(c.ffn_hidden_size, c.hidden_size, generator=gen) * std, group)
+        self.fc2 = RowParallelLinear(torch.randn(c.hidden_size, c.ffn_hidden_size, generator=gen) * out_std, group)
+        self.linear_qkv.weight.is_qkv = True
+        self.linear_qkv.weight.qkv_split_shapes = qkv_split_shapes(c.num_attention_heads, c.num_query_groups, c.kv_channels)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        B, T, _ = x.shape
+        groups = c.num_query_groups // self.tp
+        per_group = c.num_attention_heads // c.num_query_groups
+        qkv = self.linear_qkv(x).view(B, T, groups, per_group + 2, c.kv_channels)
+        q, k, v = qkv.split([per_group, 1, 1], dim=3)
+        q = q.reshape(B, T, groups * per_group, c.kv_channels).transpose(1, 2)
+        k = k.expand(-1, -1, -1, per_group, -1).reshape(B, T, groups * per_group, c.kv_channels).transpose(1, 2)
+        v = v.expand(-1, -1, -1, per_group, -1).reshape(B, T, groups * per_group, c.kv_channels).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.linear_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.norm1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig, group: dist.ProcessGroup | None = None, seed: int = 0):
+        super().__init__()
+        config.check(comm.group_size(group))
+        gen = torch.Generator().manual_seed(seed)
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position = nn.Embedding(config.seq_len, config.hidden_size)
+        with torch.no_grad():
+            self.embedding.weight.copy_(torch.randn(config.vocab_size, config.hidden_size, generator=gen) * 0.02)
+            self.position.weight.copy_(torch.randn(config.seq_len, config.hidden_size, generator=gen) * 0.02)
+        self.blocks = nn.ModuleList(Block(config, group, gen) for _ in range(config.num_layers))
+        self.norm = nn.LayerNorm(config.hidden_size)
+        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        with torch.no_grad():
+            self.output.weight.copy_(torch.randn(config.vocab_size, config.hidden_size, generator=gen) * 0.02)
+        for p in (self.embedding.weight, self.position.weight, self.output.weight):
+            p.is_embedding_or_output_parameter = True
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        x = self.embedding(tokens) + self.position.weight[: tokens.size(1)]
+        for block in self.blocks:
+            x = block(x)
+        logits = self.output(self.norm(x))
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))

@@ -1,0 +1,137 @@
+"""The main job end to end on 2 gloo ranks (a small model, few steps): TP=1 and TP=2 give the same
+loss curve; a stopped and resumed run equals an unstopped one; a TP=2 checkpoint resumes at TP=1;
+bad input fails alike on every rank."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from tests.harness import World, unavailable_reason
+
+SMALL = ["--layers", "1", "--hidden", "32", "--heads", "4", "--groups", "2", "--ffn", "64", "--seq-len", "32",
+         "--batch-size", "4", "--steps", "12", "--eval-interval", "6", "--eval-batches", "1", "--no-progress",
+         "--muon-fp32-matmul-prec", "highest", "--warmup", "3"]
+
+
+@pytest.fixture(scope="module")
+def world():
+    reason = unavailable_reason(2)
+    if reason:
+        pytest.skip(reason)
+    w = World(2)
+    yield w
+    w.close()
+
+
+def _args(*extra: str):
+    from dist_ortho.train.cli import parser
+
+    return parser().parse_args(SMALL + list(extra))
+
+
+def _single_rank_group(ctx):
+    groups = [dist.new_group([r]) for r in range(ctx.world_size)]
+    return groups[ctx.rank]
+
+
+def _run(args, group):
+    import torch
+
+    from dist_ortho.train.cli import run
+
+    return run(args, group, torch.device("cpu"))[0]["losses"]
+
+
+def _tp_equivalence(ctx, out: str, optimizer: str, mode: str):
+    tp2 = _run(_args("--out", f"{out}/tp2", "--optimizer", optimizer, "--muon-tp-mode", mode), ctx.group)
+    tp1 = _run(_args("--out", f"{out}/tp1_{ctx.rank}", "--optimizer", optimizer), _single_rank_group(ctx))
+    return {step: abs(tp2[step] - tp1[step]) for step in tp2}
+
+
+@pytest.mark.parametrize("optimizer,mode", [("muon", "duplicated"), ("muon", "gram"), ("normuon", "distributed")])
+def test_tp1_and_tp2_give_the_same_loss_curve(world, tmp_path, optimizer, mode):
+    for diffs in world.run(_tp_equivalence, str(tmp_path), optimizer, mode):
+        assert len(diffs) == 12 and max(diffs.values()) <= 1e-4, diffs
+
+
+def _resume(ctx, out: str):
+    whole = _run(_args("--out", f"{out}/whole"), ctx.group)
+    first = _run(_args("--out", f"{out}/parts", "--stop-after", "6"), ctx.group)
+    second = _run(_args("--out", f"{out}/parts", "--resume"), ctx.group)
+    return whole, first, second
+
+
+def test_stop_and_resume_equals_an_unstopped_run(world, tmp_path):
+    whole, first, second = world.run(_resume, str(tmp_path))[0]
+    assert sorted(first) == list(range(1, 7)) and sorted(second) == list(range(7, 13))
+    assert {**first, **second} == whole  # bit for bit
+    log = (tmp_path / "parts" / "muon" / "log.jsonl").read_text().splitlines()
+    assert len(log) == 12
+
+
+def _reshard(ctx, out: str):
+    whole = _run(_args("--out", f"{out}/tp2"), ctx.group)
+    _run(_args("--out", f"{out}/tp2_stopped", "--stop-after", "6"), ctx.group)
+    dist.barrier()
+    mine = f"{out}/tp1_{ctx.rank}"
+    shutil.copytree(f"{out}/tp2_stopped", mine)
+    resumed = _run(_args("--out", mine, "--resume"), _single_rank_group(ctx))
+    return {step: abs(resumed[step] - whole[step]) for step in resumed}
+
+
+def test_tp2_checkpoint_resumes_at_tp1(world, tmp_path):
+    for diffs in world.run(_reshard, str(tmp_path)):
+        assert sorted(diffs) == list(range(7, 13)) and max(diffs.values()) <= 1e-4, diffs
+
+
+def _bad(ctx, out: str, extra: list[str]) -> str:
+    from dist_ortho.train.cli import run, tp_groups
+
+    args = _args("--out", out, *extra)
+    try:
+        group = tp_groups(args.tp or ctx.world_size)
+        _run(args, group) if run else None
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_bad_input_fails_alike_on_every_rank(world, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    cases = {
+        "--tp": (["--tp", "3"], "must divide the world size"),
+        "dp": (["--tp", "1"], "data parallelism"),
+        "groups": (["--groups", "3"], "multiple of num_query_groups"),
+        "tp_groups": (["--groups", "1", "--heads", "4"], "must divide num_query_groups"),
+        "missing": (["--data", str(tmp_path / "nope.txt")], "no such file"),
+        "empty": (["--data", str(empty)], "is empty"),
+        "no_ckpt": (["--resume"], "no checkpoint"),
+    }
+    for name, (extra, needle) in cases.items():
+        messages = world.run(_bad, str(tmp_path / name), extra)
+        assert len(set(messages)) == 1 and needle in messages[0], (name, messages)
+    world.run(_bad, str(tmp_path / "ckpt"), ["--stop-after", "2"])
+    messages = world.run(_bad, str(tmp_path / "ckpt"), ["--resume", "--hidden", "64"])
+    assert len(set(messages)) == 1 and "was written for" in messages[0], messages
+
+
+def test_cli_exits_non_zero_on_every_rank(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dist_ortho.train",
+         "--optimizer", "muon", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert proc.returncode != 0
+    assert (proc.stdout + proc.stderr).count("no such file") == 2  # one message per rank
+    bad = subprocess.run([sys.executable, "-m", "dist_ortho.train", "--optimizer", "lion"], capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
