@@ -20,7 +20,8 @@ from typing import Literal
 import torch
 
 from dist_ortho import comm, reductions
-from dist_ortho.coefficients import get_coefficients
+from dist_ortho.coalesce import AllReduce, Program, run
+from dist_ortho.coefficients import Triple, get_coefficients
 from dist_ortho.kernels import gram
 
 DEFAULT_EPS = 1e-30
@@ -66,9 +67,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def normalize(x: torch.Tensor, eps: float, tp_group: comm.ProcessGroup | None = None) -> torch.Tensor:
-    """x / (||x||_F + eps) per matrix, the norm global over ``tp_group``; float32 or wider."""
-    scale = 1.0 / (reductions.frobenius_norm(x, tp_group) + eps)
+def normalize(x: torch.Tensor, eps: float, tp_group: comm.ProcessGroup | None = None) -> Program[torch.Tensor]:
+    """Program: x / (||x||_F + eps) per matrix, the norm a float64 sum over ``tp_group``; float32 or wider."""
+    sum_sq = yield AllReduce(reductions.local_sum_of_squares(x), tp_group)
+    scale = 1.0 / (sum_sq.sqrt() + eps)
     work = x if x.dtype == torch.float64 else x.float()
     return work * scale.to(work.dtype)[..., None, None]
 
@@ -78,6 +80,13 @@ def _addmm(bias: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, beta: float, 
     if m1.ndim == 2:
         return torch.addmm(bias, m1, m2, beta=beta, alpha=alpha)
     return torch.baddbmm(bias, m1, m2, beta=beta, alpha=alpha)
+
+
+def _polynomial_step(X: torch.Tensor, A: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
+    """a X + (b A + c A^2) X for the Gram matrix A of X."""
+    # Cubic steps (c = 0) skip A @ A; this also avoids baddbmm(alpha=0), which is wrong for bf16 on CPU.
+    B = b * A if c == 0 else _addmm(A, A, A, beta=b, alpha=c)
+    return _addmm(X, B, X, beta=a, alpha=1.0)
 
 
 def newton_schulz_step(
@@ -94,10 +103,26 @@ def newton_schulz_step(
     With ``tp_group``, X is this rank's block of columns and A is all-reduced over the group (the
     columns are the contraction dim, so the partial Gram matrices add up to the global one).
     """
-    A = comm.all_reduce(gram(X, use_syrk), tp_group)
-    # Cubic steps (c = 0) skip A @ A; this also avoids baddbmm(alpha=0), which is wrong for bf16 on CPU.
-    B = b * A if c == 0 else _addmm(A, A, A, beta=b, alpha=c)
-    return _addmm(X, B, X, beta=a, alpha=1.0)
+    return _polynomial_step(X, comm.all_reduce(gram(X, use_syrk), tp_group), a, b, c)
+
+
+def newton_schulz_program(
+    x: torch.Tensor,
+    coefficients: Sequence[Triple],
+    eps: float,
+    transpose: bool,
+    tp_group: comm.ProcessGroup | None,
+    use_syrk: bool = False,
+) -> Program[torch.Tensor]:
+    """Program of :func:`newton_schulz` (arguments already checked): steps + 1 all-reduces over tp_group."""
+    X = x.mT if transpose else x
+    X = (yield from normalize(X, eps, tp_group)).to(compute_dtype(x.dtype))
+    for a, b, c in coefficients:
+        A = yield AllReduce(gram(X, use_syrk), tp_group)
+        X = _polynomial_step(X, A, a, b, c)
+    if transpose:
+        X = X.mT
+    return X.to(x.dtype).contiguous()
 
 
 def newton_schulz(
@@ -130,10 +155,4 @@ def newton_schulz(
         raise ValueError("transpose=True cannot be combined with tp_group: x must be sharded along its last dim")
     if transpose is None:
         transpose = tp_group is None and x.size(-2) > x.size(-1)
-    X = x.mT if transpose else x
-    X = normalize(X, eps, tp_group).to(compute_dtype(x.dtype))
-    for a, b, c in coefficients:
-        X = newton_schulz_step(X, a, b, c, tp_group, use_syrk=use_syrk)
-    if transpose:
-        X = X.mT
-    return X.to(x.dtype).contiguous()
+    return run(newton_schulz_program(x, coefficients, eps, transpose, tp_group, use_syrk))

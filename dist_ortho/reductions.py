@@ -14,10 +14,14 @@ from dist_ortho import comm
 MatrixDims = tuple[int, ...]
 
 
+def local_sum_of_squares(x: torch.Tensor, dims: MatrixDims = (-2, -1)) -> torch.Tensor:
+    """sum(x**2) over ``dims`` of this rank's block, float64 (to be summed over the group)."""
+    return torch.linalg.vector_norm(x, dim=dims, dtype=torch.float64).square()
+
+
 def sum_of_squares(x: torch.Tensor, tp_group: comm.ProcessGroup | None, dims: MatrixDims = (-2, -1)) -> torch.Tensor:
     """sum(x**2) over ``dims`` of the global matrix, float64, kept dims squeezed."""
-    local = torch.linalg.vector_norm(x, dim=dims, dtype=torch.float64).square()
-    return comm.all_reduce(local, tp_group)
+    return comm.all_reduce(local_sum_of_squares(x, dims), tp_group)
 
 
 def frobenius_norm(x: torch.Tensor, tp_group: comm.ProcessGroup | None, dims: MatrixDims = (-2, -1)) -> torch.Tensor:

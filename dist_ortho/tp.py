@@ -11,8 +11,14 @@ Modes (global matrix m x n over t ranks, k = the unsharded dim):
   matrices only: R <- allreduce(X_l X_l^T) once, ||X||_F^2 = trace(R), per step Z = b R + c R^2,
   Q <- a Q + Z Q, R <- (a I + Z)^2 R, finally X_l <- Q X_l. One collective, plus one per restart,
   which re-forms X_l and R to shed accumulated rounding error (see :func:`default_gram_restarts`).
+- ``home``: each matrix is orthogonalized once, by one home rank (longest-processing-time-first
+  balance); two all-to-alls for all matrices of a step; bit-identical to duplicated (see dist_ortho.home).
+- ``auto``: the cheapest of the above for each matrix under a cost model (see dist_ortho.plan).
 - ``blockwise``: orthogonalize the local shard alone. NOT exact: the update changes with TP size.
   Offered only as an explicit opt-in (Megatron's old behaviour).
+
+Every mode is written as a program of collectives (dist_ortho.coalesce), so that the matrices of an
+optimizer step share their calls: one flat buffer per round, group and dtype.
 
 All exact modes equal :func:`~dist_ortho.newton_schulz.newton_schulz` on the gathered matrix up to
 rounding. Shards may be of unequal size along ``partition_dim`` (``validate=True`` finds the sizes).
@@ -21,11 +27,13 @@ rounding. Shards may be of unequal size along ``partition_dim`` (``validate=True
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 import torch
 
 from dist_ortho import comm
+from dist_ortho.coalesce import DEFAULT_BUCKET_BYTES, AllGather, AllReduce, Program, run, run_many
 from dist_ortho.coefficients import COEFFICIENT_TYPES, Triple, get_coefficients
 from dist_ortho.kernels import gram
 from dist_ortho.newton_schulz import (
@@ -33,17 +41,46 @@ from dist_ortho.newton_schulz import (
     check_matrix,
     compute_dtype,
     matmul_precision,
-    newton_schulz,
-    newton_schulz_step,
+    newton_schulz_program,
     normalize,
 )
 
-TpMode = Literal["duplicated", "distributed", "gram", "blockwise"]
+TpMode = Literal["duplicated", "distributed", "gram", "home", "auto", "blockwise"]
 TP_MODES: tuple[str, ...] = get_args(TpMode)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 # trace(R_0) outside this band means squares of entries under- or overflowed in the Gram matrix.
 _GRAM_TRACE_BAND = (1e-24, 1e30)
+
+
+@dataclass(frozen=True)
+class NsSpec:
+    """How to orthogonalize: steps, coefficients and numerics of Newton-Schulz."""
+
+    steps: int = 5
+    coefficient_type: str = "quintic"
+    custom_coefficient_sets: tuple | None = None
+    eps: float = DEFAULT_EPS
+    use_syrk: bool = False
+    gram_restarts: tuple[int, ...] | None = None
+    coefficients: list[Triple] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "coefficients", get_coefficients(self.coefficient_type, self.steps, self.custom_coefficient_sets)
+        )
+
+
+@dataclass
+class MatrixJob:
+    """One sharded matrix to orthogonalize: this rank's block ``x`` and how the others are held."""
+
+    x: torch.Tensor
+    partition_dim: int | None
+    group: comm.ProcessGroup | None
+    sizes: list[int] | None
+    mode: str
+    ns: NsSpec
 
 
 def check_partition_dim(partition_dim: object) -> int | None:
@@ -109,8 +146,10 @@ def exchange_shard_sizes(
     return sizes
 
 
-def gather_shards(x: torch.Tensor, partition_dim: int, tp_group: comm.ProcessGroup, sizes: Sequence[int]) -> torch.Tensor:
-    """Concatenate every rank's shard along partition_dim; shards may differ in size (padded to the largest)."""
+def gather_program(
+    x: torch.Tensor, partition_dim: int, tp_group: comm.ProcessGroup | None, sizes: Sequence[int]
+) -> Program[torch.Tensor]:
+    """Program: every rank's shard concatenated along partition_dim (unequal shards padded to the largest)."""
     dim = tensor_dim(x, partition_dim)
     largest = max(sizes)
     padded = x
@@ -118,8 +157,13 @@ def gather_shards(x: torch.Tensor, partition_dim: int, tp_group: comm.ProcessGro
         pad_shape = list(x.shape)
         pad_shape[dim] = largest - x.size(dim)
         padded = torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
-    stacked = comm.all_gather(padded, tp_group)
+    stacked = yield AllGather(padded.contiguous(), tp_group)
     return torch.cat([stacked[r].narrow(dim, 0, sizes[r]) for r in range(len(sizes))], dim=dim)
+
+
+def gather_shards(x: torch.Tensor, partition_dim: int, tp_group: comm.ProcessGroup, sizes: Sequence[int]) -> torch.Tensor:
+    """The global matrix from every rank's shard (one all-gather)."""
+    return run(gather_program(x, partition_dim, tp_group, sizes))
 
 
 def own_block(full: torch.Tensor, partition_dim: int, rank: int, sizes: Sequence[int]) -> torch.Tensor:
@@ -139,6 +183,11 @@ def default_gram_restarts(dtype: torch.dtype, steps: int) -> tuple[int, ...]:
     return tuple(range(3, steps, 3)) if compute_dtype(dtype) == torch.float32 else ()
 
 
+def local_newton_schulz(x: torch.Tensor, ns: NsSpec) -> torch.Tensor:
+    """One-device Newton-Schulz of a whole matrix (smaller Gram side)."""
+    return run(newton_schulz_program(x, ns.coefficients, ns.eps, x.size(-2) > x.size(-1), None, ns.use_syrk))
+
+
 def gram_newton_schulz(
     x: torch.Tensor,
     coefficients: Sequence[Triple],
@@ -147,8 +196,8 @@ def gram_newton_schulz(
     restarts: Sequence[int] = (),
     use_syrk: bool = False,
     global_cols: int | None = None,
-) -> torch.Tensor:
-    """Gram-space Newton-Schulz of x (k x n_l, its columns sharded over tp_group); see the module doc.
+) -> Program[torch.Tensor]:
+    """Program: Gram-space Newton-Schulz of x (k x n_l, its columns sharded over tp_group).
 
     ``global_cols`` is n, the sum of the shards' columns (x's own when None). The products with X_l
     (the final Q X_l, restarts) run in the compute dtype (bf16 under "medium"); R is formed with a
@@ -163,9 +212,9 @@ def gram_newton_schulz(
     singular = x.size(-2) > (global_cols or x.size(-1))
     gram_precision = "highest" if singular else torch.get_float32_matmul_precision()
 
-    def form_gram(X: torch.Tensor) -> torch.Tensor:
+    def local_gram(X: torch.Tensor) -> torch.Tensor:
         with matmul_precision(gram_precision):
-            return comm.all_reduce(gram(X.to(small), use_syrk), tp_group)
+            return gram(X.to(small), use_syrk)
 
     def apply(Q: torch.Tensor | None, X: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         with matmul_precision(gram_precision):
@@ -174,14 +223,14 @@ def gram_newton_schulz(
     # The iterate is Q X scale; R is always the Gram matrix of exactly the X held (in its dtype), since
     # any mismatch between the two lands in R's null space and is amplified when k > n.
     X = x.to(dtype)
-    R = form_gram(X)
+    R = yield AllReduce(local_gram(X), tp_group)
     trace = R.diagonal(dim1=-2, dim2=-1).double().sum(-1)
     low, high = _GRAM_TRACE_BAND
     if bool(((trace > 0) & (trace < low) | (trace > high)).any()):
         # Entries too small or large for a Gram matrix in this dtype: normalize first, then re-form R.
         # R is the same on every rank, so every rank takes this branch together.
-        X = normalize(x, eps, tp_group).to(dtype)
-        R = form_gram(X)
+        X = (yield from normalize(x, eps, tp_group)).to(dtype)
+        R = yield AllReduce(local_gram(X), tp_group)
         scale = torch.ones_like(trace, dtype=small)[..., None, None]
     else:
         scale = (1.0 / (trace.sqrt() + eps)).to(small)[..., None, None]
@@ -191,7 +240,7 @@ def gram_newton_schulz(
     for step, (a, b, c) in enumerate(coefficients):
         if step in restarts:
             X = apply(Q, X, scale).to(dtype)
-            R = form_gram(X)
+            R = yield AllReduce(local_gram(X), tp_group)
             Q, scale = None, torch.ones_like(scale)
         with matmul_precision("highest"):
             Z = b * R + (c * (R @ R) if c != 0 else 0)
@@ -200,6 +249,60 @@ def gram_newton_schulz(
                 P = a * eye + Z
                 R = P @ (P @ R)
     return apply(Q, X, scale)
+
+
+def matrix_program(job: MatrixJob) -> Program[torch.Tensor]:
+    """Program orthogonalizing one job in its mode (not "home" or "auto", which span matrices)."""
+    x, pd, group, ns = job.x, job.partition_dim, job.group, job.ns
+    if pd is None or comm.group_size(group) == 1 or job.mode == "blockwise":
+        return (yield from newton_schulz_program(x, ns.coefficients, ns.eps, x.size(-2) > x.size(-1), None, ns.use_syrk))
+    sizes = job.sizes or [x.size(tensor_dim(x, pd))] * comm.group_size(group)
+    if job.mode == "duplicated":
+        full = yield from gather_program(x, pd, group, sizes)
+        return own_block(local_newton_schulz(full, ns), pd, comm.group_rank(group), sizes)
+    X = x.mT if pd == 0 else x  # the sharded dim becomes the contraction dim
+    if job.mode == "distributed":
+        out = yield from newton_schulz_program(X, ns.coefficients, ns.eps, False, group, ns.use_syrk)
+    elif job.mode == "gram":
+        restarts = ns.gram_restarts if ns.gram_restarts is not None else default_gram_restarts(x.dtype, ns.steps)
+        out = yield from gram_newton_schulz(X, ns.coefficients, ns.eps, group, restarts, ns.use_syrk, sum(sizes))
+        out = out.to(x.dtype)
+    else:
+        raise ValueError(f"matrix_program cannot run tp_mode={job.mode!r}")
+    return (out.mT if pd == 0 else out).contiguous()
+
+
+def orthogonalize_many(jobs: Sequence[MatrixJob], bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[torch.Tensor]:
+    """Orthogonalize every job with coalesced collectives (arguments already checked and shard sizes known).
+
+    "auto" jobs get their mode from :func:`dist_ortho.plan.choose_mode`; "home" jobs of the same group
+    and dtype share one home-rank program (two all-to-alls for all of them).
+    """
+    from dist_ortho.home import home_program
+    from dist_ortho.plan import choose_mode
+
+    jobs = [job if job.mode != "auto" else _with_mode(job, choose_mode(job)) for job in jobs]
+    programs: list[Program] = []
+    slots: list[tuple[int, int | None]] = []  # job -> (program, index in a home program's result)
+    homes: dict[tuple, list[int]] = {}
+    for i, job in enumerate(jobs):
+        sharded = job.partition_dim is not None and comm.group_size(job.group) > 1
+        if job.mode == "home" and sharded:
+            homes.setdefault((id(job.group), job.x.dtype), []).append(i)
+            slots.append((-1, None))
+        else:
+            slots.append((len(programs), None))
+            programs.append(matrix_program(job))
+    for members in homes.values():
+        for n, i in enumerate(members):
+            slots[i] = (len(programs), n)
+        programs.append(home_program([jobs[i] for i in members]))
+    results = run_many(programs, bucket_bytes)
+    return [results[p] if n is None else results[p][n] for p, n in slots]
+
+
+def _with_mode(job: MatrixJob, mode: str) -> MatrixJob:
+    return MatrixJob(job.x, job.partition_dim, job.group, job.sizes, mode, job.ns)
 
 
 def newton_schulz_tp(
@@ -236,19 +339,17 @@ def newton_schulz_tp(
         This rank's block of the orthogonalized global matrix, contiguous, in x's dtype.
     """
     check_matrix(x, "x")
-    coefficients = get_coefficients(coefficient_type, steps, custom_coefficient_sets)
+    custom = tuple(map(tuple, custom_coefficient_sets)) if custom_coefficient_sets is not None else None
+    ns = NsSpec(steps, coefficient_type, custom, eps, use_syrk, tuple(gram_restarts) if gram_restarts is not None else None)
     partition_dim = check_partition_dim(partition_dim)
     check_tp_mode(tp_mode)
     if partition_dim is not None and tp_group is None:
         raise ValueError(f"tp_group is required when partition_dim={partition_dim} (the matrix is sharded)")
-    if gram_restarts is None:
-        gram_restarts = default_gram_restarts(x.dtype, steps)
     size = comm.group_size(tp_group)
     if partition_dim is None or size == 1 or tp_mode == "blockwise":
-        return newton_schulz(x, steps, coefficient_type, custom_coefficient_sets, eps, use_syrk=use_syrk)
+        return local_newton_schulz(x, ns)
     if x.dtype not in _DTYPES:
         raise TypeError(f"x must have dtype in {_DTYPES}, got {x.dtype}")
-
     rank = comm.group_rank(tp_group)
     if shard_sizes is not None:
         sizes = list(shard_sizes)
@@ -260,16 +361,4 @@ def newton_schulz_tp(
         sizes = exchange_shard_sizes([x], [partition_dim], tp_group, signature)[0]
     else:
         sizes = [x.size(tensor_dim(x, partition_dim))] * size
-
-    if tp_mode == "duplicated":
-        full = gather_shards(x, partition_dim, tp_group, sizes)
-        out = newton_schulz(full, steps, coefficient_type, custom_coefficient_sets, eps, use_syrk=use_syrk)
-        return own_block(out, partition_dim, rank, sizes)
-
-    # distributed / gram: make the sharded dim the last (contraction) dim.
-    X = x.mT if partition_dim == 0 else x
-    if tp_mode == "distributed":
-        out = newton_schulz(X, steps, coefficient_type, custom_coefficient_sets, eps, False, tp_group, use_syrk)
-    else:
-        out = gram_newton_schulz(X, coefficients, eps, tp_group, gram_restarts, use_syrk, sum(sizes)).to(x.dtype)
-    return (out.mT if partition_dim == 0 else out).contiguous()
+    return orthogonalize_many([MatrixJob(x, partition_dim, tp_group, sizes, tp_mode, ns)])[0]

@@ -95,7 +95,7 @@ def _te_model(ctx, gated: bool, mode: str):
     assert not bad, f"(err, moved) beyond tolerance: {bad}"
 
 
-@pytest.mark.parametrize("mode", ["duplicated", "distributed", "gram"])
+@pytest.mark.parametrize("mode", ["duplicated", "distributed", "gram", "home", "auto"])
 @pytest.mark.parametrize("gated", [False, True], ids=["qkv", "gated_qkv"])
 def test_te_protocol_model_is_exact(world, gated, mode):
     world.run(_te_model, gated, mode)

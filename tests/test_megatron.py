@@ -108,7 +108,7 @@ def _exact(ctx, gated: bool, mode: str):
     assert not bad, f"(err, moved) beyond tolerance: {bad}"
 
 
-@pytest.mark.parametrize("mode", ["duplicated", "distributed", "gram"])
+@pytest.mark.parametrize("mode", ["duplicated", "distributed", "gram", "home"])
 @pytest.mark.parametrize("gated", [False, True], ids=["gqa", "gated_gqa"])
 def test_megatron_layers_are_exact(world, gated, mode):
     world.run(_exact, gated, mode)

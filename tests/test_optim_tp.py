@@ -16,7 +16,7 @@ import torch
 from dist_ortho import get_optimizer
 from tests.test_optim import IDS, VARIANTS
 
-MODES = ("duplicated", "distributed", "gram")
+MODES = ("duplicated", "distributed", "gram", "home", "auto")
 SHAPES = ((48, 20), (20, 36))  # one tall and one wide matrix, both sharded; a replicated one beside them
 
 
@@ -107,3 +107,33 @@ def test_bad_layouts_raise_the_same_error_on_every_rank(world, case):
     assert len(set(messages)) == 1 and messages[0] != "no error", messages
     needle = {"expert_without_group": "expert_tp_group", "stride": "partition_stride"}.get(case, "disagree")
     assert needle in messages[0]
+
+
+def _step_counts(ctx, mode: str, coalesce: bool) -> int:
+    from dist_ortho import count_collectives
+
+    gen = torch.Generator().manual_seed(0)
+    params = [sharded(block(torch.randn(s, generator=gen), pd, ctx.rank, ctx.world_size), pd)
+              for s, pd in (((48, 20), 0), ((20, 36), 1), ((32, 32), 0), ((64, 16), 1))]
+    opt = get_optimizer("muon")(params, tp_group=ctx.group, tp_mode=mode, coalesce=coalesce, fp32_matmul_prec="highest")
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()  # the first step also checks the layouts (one all-gather)
+    with count_collectives() as stats:
+        opt.step()
+    return stats.total_calls
+
+
+@pytest.mark.parametrize("mode,coalesced,per_matrix", [
+    ("duplicated", 1, 1), ("distributed", 6, 6), ("gram", 2, 2), ("home", 2, 2),
+])
+def test_collectives_per_step(world, mode, coalesced, per_matrix):
+    """4 sharded matrices, 5 steps (float32: gram restarts once): coalesced calls per step do not grow
+    with the number of matrices; uncoalesced ones are per matrix."""
+    together = world.run(_step_counts, mode, True)
+    alone = world.run(_step_counts, mode, False)
+    if world.size == 1:
+        assert together == alone == [0]
+        return
+    assert together == [coalesced] * world.size
+    assert alone == [4 * per_matrix] * world.size

@@ -18,7 +18,7 @@ from dist_ortho.tp import default_gram_restarts
 from tests.reference import CUSTOM, NAMED_TYPES, fp32_tolerance, newton_schulz_ref
 
 GRAM_FACTOR = 3.0
-EXACT_MODES = ("duplicated", "distributed", "gram")
+EXACT_MODES = ("duplicated", "distributed", "gram", "home", "auto")
 # 37 x 23 and 3 x 24 x 20 split into unequal shards on 2 and 4 ranks in at least one partition dim.
 SHAPES = ((96, 40), (40, 96), (64, 64), (37, 23), (3, 24, 20))
 
@@ -44,7 +44,7 @@ def _exact_fp32(ctx, mode: str, coefficient_type: str, steps: int) -> float:
                 (out.double() - block(expected, partition_dim, ctx.rank, ctx.world_size)).abs().max().item()
             )
     # Asserted after the loop: a rank that stopped early would leave the others waiting in a collective.
-    tol = fp32_tolerance(coefficient_type) * (GRAM_FACTOR if mode == "gram" else 1.0)
+    tol = fp32_tolerance(coefficient_type) * (GRAM_FACTOR if mode in ("gram", "auto") else 1.0)
     bad = {k: f"{v:.2e}" for k, v in errors.items() if not v <= tol}
     assert not bad, f"{mode} {coefficient_type} steps={steps}: max abs errors over {tol}: {bad}"
     return max(errors.values())
@@ -82,7 +82,7 @@ def _bf16_against_one_device(ctx) -> dict:
         one_device = newton_schulz(full, 5)  # the same bf16 compute on the gathered matrix
         for partition_dim in (0, 1):
             local = block(full, partition_dim, ctx.rank, ctx.world_size)
-            for mode in EXACT_MODES:
+            for mode in ("duplicated", "distributed", "gram", "home"):
                 out = _gathered(ctx, newton_schulz_tp(local, 5, "quintic", ctx.group, partition_dim, mode), partition_dim)
                 report[mode, shape, partition_dim] = (
                     torch.equal(out, one_device),
@@ -102,7 +102,7 @@ def test_bf16_medium_precision(world):
     report = world.run(_bf16_against_one_device)[0]
     for (mode, shape, partition_dim), (equal, rel_err, sigma_err) in report.items():
         where = f"{mode} {shape} partition_dim={partition_dim}"
-        if mode == "duplicated":
+        if mode in ("duplicated", "home"):
             assert equal, where
         assert rel_err <= 0.03, f"{where}: relative error {rel_err:.3f}"
         if mode == "gram" and shape != (64, 64):
@@ -125,10 +125,31 @@ def test_collective_counts(world, mode, validate):
         "duplicated": 1,
         "distributed": 5 + 1,
         "gram": 1 + len(default_gram_restarts(torch.float32, 5)),
+        "home": 2,
         "blockwise": 0,
     }
+    if mode == "auto":
+        assert len(set(counts)) == 1 and (world.size == 1 or counts[0] - int(validate) in per_mode.values())
+        return
     expected = 0 if world.size == 1 or mode == "blockwise" else per_mode[mode] + int(validate)
     assert counts == [expected] * world.size
+
+
+def _home_is_duplicated(ctx) -> bool:
+    gen = torch.Generator().manual_seed(3)
+    same = True
+    for shape in SHAPES:
+        full = torch.randn(shape, generator=gen)
+        for partition_dim in (0, 1):
+            local = block(full, partition_dim, ctx.rank, ctx.world_size)
+            home = newton_schulz_tp(local, 5, "polar_express", ctx.group, partition_dim, "home")
+            duplicated = newton_schulz_tp(local, 5, "polar_express", ctx.group, partition_dim, "duplicated")
+            same &= torch.equal(home, duplicated)
+    return same
+
+
+def test_home_is_bit_identical_to_duplicated(world):
+    assert all(world.run(_home_is_duplicated))
 
 
 def _error_message(ctx, kwargs_by_rank) -> str:

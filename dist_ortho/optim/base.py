@@ -33,7 +33,9 @@ from dist_ortho.newton_schulz import matmul_precision
 from dist_ortho.optim.scale import muon_scale
 from dist_ortho.params import REPLICATED, ShardSpec, global_shape, shard_spec
 from dist_ortho.qkv import qkv_parts
-from dist_ortho.tp import TP_MODES, exchange_shard_sizes, gather_shards, newton_schulz_tp, own_block
+from dist_ortho.coalesce import DEFAULT_BUCKET_BYTES
+from dist_ortho.plan import AUTO_CANDIDATES, format_plan, matrix_costs
+from dist_ortho.tp import TP_MODES, MatrixJob, NsSpec, exchange_shard_sizes, gather_shards, orthogonalize_many, own_block
 
 WeightDecayMethod = Literal["decoupled", "independent", "l2", "palm"]
 WEIGHT_DECAY_METHODS: tuple[str, ...] = get_args(WeightDecayMethod)
@@ -117,12 +119,19 @@ class OrthogonalizedOptimizer(Optimizer):
         expert_tp_group: the group of expert weights (``expert_tp=True``).
         conv_mode: None (matrices only), "flatten" (out, in*k*k) or "batched" (one (out, in) matrix per
             spatial position, update scaled by spatial_size^-0.5) for 3D+ weights.
+        coalesce: run the Newton-Schulz of all matrices of a step together, their collectives sharing
+            flat buffers (one call per round, group and dtype, buckets of at most ``bucket_bytes``).
+            False runs each matrix on its own (the anchors' way: one set of collectives per matrix).
         split_qkv: orthogonalize the Q, K, V (and gate) rows of a fused QKV weight as separate matrices
             (see dist_ortho.qkv). A weight is fused QKV when ``is_qkv_fn(p)`` is true, or without
             is_qkv_fn when it carries ``is_qkv=True``; its split comes from its ``qkv_split_shapes``
             attribute, else from ``qkv_split_shapes`` here.
         **kwargs: further per-group defaults of a member (coefficient_type, num_ns_steps, ...).
     """
+
+    # Members whose orthogonalize() runs self.newton_schulz on the momentum direction: the step then
+    # computes all those iterations up front, together, with coalesced collectives.
+    orthogonalizes_with_newton_schulz = False
 
     def __init__(
         self,
@@ -142,6 +151,8 @@ class OrthogonalizedOptimizer(Optimizer):
         split_qkv: bool = True,
         qkv_split_shapes: Sequence[int] | None = None,
         is_qkv_fn: Callable[[torch.Tensor], bool] | None = None,
+        coalesce: bool = True,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         **kwargs: Any,
     ) -> None:
         defaults = dict(
@@ -155,6 +166,7 @@ class OrthogonalizedOptimizer(Optimizer):
             conv_mode=conv_mode,
             split_qkv=split_qkv,
             qkv_split_shapes=tuple(qkv_split_shapes) if qkv_split_shapes is not None else None,
+            coalesce=coalesce,
             **kwargs,
         )
         if scaled_orthogonalize_fn is None and type(self).orthogonalize is OrthogonalizedOptimizer.orthogonalize:
@@ -163,6 +175,8 @@ class OrthogonalizedOptimizer(Optimizer):
         self.tp_group = tp_group
         self.expert_tp_group = expert_tp_group
         self.is_qkv_fn = is_qkv_fn
+        self.bucket_bytes = bucket_bytes
+        self._ns_cache: dict[tuple[torch.Tensor, int | None], torch.Tensor] = {}
         self._layouts: dict[torch.Tensor, MatrixLayout] = {}
         self._parts: dict[torch.Tensor, list[tuple[torch.Tensor, MatrixLayout]]] = {}
         self._active: tuple[torch.Tensor, MatrixLayout, int] | None = None  # (param, layout, part) in a split
@@ -259,20 +273,67 @@ class OrthogonalizedOptimizer(Optimizer):
                     self._split_fused(p, group)
 
     # -- helpers members use for anything global --
-    def newton_schulz(self, p: torch.Tensor, x: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-        """Newton-Schulz of the global matrix of which x is this rank's block (group's coefficients and mode)."""
-        layout = self.layout(p)
-        return newton_schulz_tp(
-            x,
-            group["num_ns_steps"],
-            group["coefficient_type"],
-            layout.spec.group,
-            layout.spec.partition_dim,
-            group["tp_mode"],
-            custom_coefficient_sets=group.get("custom_coefficient_sets"),
+    @staticmethod
+    def ns_spec(group: dict[str, Any]) -> NsSpec:
+        custom = group.get("custom_coefficient_sets")
+        return NsSpec(
+            group["num_ns_steps"], group["coefficient_type"], tuple(map(tuple, custom)) if custom else None,
             use_syrk=group.get("use_syrk", False),
-            shard_sizes=layout.sizes,
         )
+
+    def _job(self, x: torch.Tensor, layout: MatrixLayout, group: dict[str, Any]) -> MatrixJob:
+        return MatrixJob(x, layout.spec.partition_dim, layout.spec.group, layout.sizes, group["tp_mode"], self.ns_spec(group))
+
+    def _part_key(self, p: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+        return p, self._active[2] if self._active is not None and self._active[0] is p else None
+
+    def newton_schulz(self, p: torch.Tensor, x: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """Newton-Schulz of the global matrix of which x is this rank's block (group's coefficients and mode).
+
+        Within a step, the direction's iteration was already run together with every other matrix's."""
+        cached = self._ns_cache.pop(self._part_key(p), None)
+        if cached is not None and cached.shape == x.shape:
+            return cached
+        return orthogonalize_many([self._job(x, self.layout(p), group)], self.bucket_bytes)[0]
+
+    def _prefetch_newton_schulz(self, entries: list[tuple[torch.Tensor, dict[str, Any], torch.Tensor, torch.Tensor]]) -> None:
+        """Run the Newton-Schulz of every direction of the step together (per fp32 matmul precision)."""
+        by_precision: dict[str, tuple[list[MatrixJob], list[tuple[torch.Tensor, int | None]]]] = {}
+        for p, group, _, direction in entries:
+            if not group["coalesce"]:
+                continue
+            jobs, keys = by_precision.setdefault(group["fp32_matmul_prec"], ([], []))
+            if p in self._parts:
+                for part, (index, layout) in enumerate(self._parts[p]):
+                    jobs.append(self._job(direction[index], layout, group))
+                    keys.append((p, part))
+            else:
+                jobs.append(self._job(direction, self._layouts[p], group))
+                keys.append((p, None))
+        for precision, (jobs, keys) in by_precision.items():
+            with matmul_precision(precision):
+                self._ns_cache.update(zip(keys, orthogonalize_many(jobs, self.bucket_bytes)))
+
+    def tp_plan(self) -> str:
+        """Each matrix (and fused-QKV component) with its global shape, mode and predicted cost per mode."""
+        rows = []
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                name = getattr(p, "_dist_ortho_name", f"param{i} {tuple(p.shape)}")
+                layouts = self.part_layouts(p) or [self.layout(p)]
+                for n, layout in enumerate(layouts):
+                    pd = layout.spec.partition_dim
+                    if pd is None:
+                        rows.append({"name": name, "shape": layout.shape, "partition_dim": None, "mode": "local",
+                                     "costs": dict.fromkeys(AUTO_CANDIDATES, float("nan"))})
+                        continue
+                    costs = matrix_costs(layout.shape, pd, layout.spec.size, self.ns_spec(group), p.dtype, p.device)
+                    mode = group["tp_mode"]
+                    if mode == "auto":
+                        mode = min(AUTO_CANDIDATES, key=lambda m: (costs[m], AUTO_CANDIDATES.index(m)))
+                    label = f"{name} [{'qkvg'[n] if len(layouts) == 4 else 'qkv'[n]}]" if len(layouts) > 1 else name
+                    rows.append({"name": label, "shape": layout.shape, "partition_dim": pd, "mode": mode, "costs": costs})
+        return format_plan(rows)
 
     def gather(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The global matrix of which x is this rank's block."""
@@ -363,6 +424,7 @@ class OrthogonalizedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        entries = []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -378,16 +440,22 @@ class OrthogonalizedOptimizer(Optimizer):
                 buf.lerp_(grad, 1 - group["momentum"])
                 direction = grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
                 conv_mode = group["conv_mode"]
+                entries.append((p, group, matrix_view(grad, conv_mode), matrix_view(direction, conv_mode)))
+        if self.orthogonalizes_with_newton_schulz:
+            self._prefetch_newton_schulz(entries)
+        try:
+            for p, group, grad, direction in entries:
                 with matmul_precision(group["fp32_matmul_prec"]):
-                    update = self._update_by_parts(
-                        p, matrix_view(grad, conv_mode), matrix_view(direction, conv_mode), group
-                    )
+                    update = self._update_by_parts(p, grad, direction, group)
+                conv_mode = group["conv_mode"]
                 if p.ndim > 2 and conv_mode == "batched":
                     update = update * (update.size(0) ** -0.5)
                 update = from_matrix_view(update, p, conv_mode).to(p.dtype)
                 self.pre_weight_update_fn_inplace(p, update)
                 p.add_(update, alpha=-group["lr"])
                 self.post_weight_update_fn_inplace(p)
+        finally:
+            self._ns_cache.clear()
         return loss
 
 

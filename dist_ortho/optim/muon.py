@@ -22,6 +22,8 @@ from dist_ortho.optim.scale import ScaleMode, check_scale_mode
 class Muon(OrthogonalizedOptimizer):
     """Muon: momentum, Newton-Schulz, shape scale. Arguments as emerging_optimizers' Muon, plus TP ones."""
 
+    orthogonalizes_with_newton_schulz = True
+
     def __init__(
         self,
         params: ParamsT,

@@ -16,6 +16,8 @@ from dist_ortho.optim.base import MatmulPrecision, OrthogonalizedOptimizer, Weig
 
 
 class PolarGrad(OrthogonalizedOptimizer):
+    orthogonalizes_with_newton_schulz = True
+
     def __init__(
         self,
         params: ParamsT,

@@ -18,6 +18,8 @@ from dist_ortho.optim.base import MatmulPrecision, OrthogonalizedOptimizer, chec
 
 
 class Scion(OrthogonalizedOptimizer):
+    orthogonalizes_with_newton_schulz = True
+
     def __init__(
         self,
         params: ParamsT,

@@ -1,0 +1,61 @@
+"""Triton symmetric Gram product C = X X^T that computes the lower triangle of tiles and mirrors it.
+
+For X of shape (m, k) (or a batch (b, m, k)), program (i, j) with j <= i computes the tile
+C[i-block, j-block] = X[i-block] X[j-block]^T in float32 and also stores its transpose at
+C[j-block, i-block]; programs with j > i do nothing, so about half the tile products of a plain
+matmul are computed. Ragged edges are masked. Runs on CUDA, and on CPU tensors under
+``TRITON_INTERPRET=1`` (how the tests check it).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _syrk_kernel(
+    x_ptr, c_ptr, M, K,
+    stride_xb, stride_xm, stride_xk, stride_cb, stride_cm, stride_cn,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    batch = tl.program_id(2)
+    if pid_j <= pid_i:
+        rows_i = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows_j = pid_j * BLOCK_M + tl.arange(0, BLOCK_M)
+        x = x_ptr + batch * stride_xb
+        acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(x + rows_i[:, None] * stride_xm + ks[None, :] * stride_xk,
+                        mask=(rows_i[:, None] < M) & (ks[None, :] < K), other=0.0)
+            bt = tl.load(x + rows_j[None, :] * stride_xm + ks[:, None] * stride_xk,
+                         mask=(rows_j[None, :] < M) & (ks[:, None] < K), other=0.0)
+            if IEEE:
+                acc += tl.dot(a, bt, input_precision="ieee")
+            else:
+                acc += tl.dot(a, bt)
+        out = acc.to(c_ptr.dtype.element_ty)
+        c = c_ptr + batch * stride_cb
+        mask = (rows_i[:, None] < M) & (rows_j[None, :] < M)
+        tl.store(c + rows_i[:, None] * stride_cm + rows_j[None, :] * stride_cn, out, mask=mask)
+        if pid_j < pid_i:
+            tl.store(c + rows_j[None, :] * stride_cm + rows_i[:, None] * stride_cn, out, mask=mask)
+
+
+def syrk(x: torch.Tensor, block_m: int = 32, block_k: int = 32) -> torch.Tensor:
+    """x @ x.mT for a matrix or a batch of matrices, one triangle of tiles computed."""
+    batched = x.reshape(-1, x.size(-2), x.size(-1))
+    b, m, k = batched.shape
+    c = torch.empty((b, m, m), dtype=x.dtype, device=x.device)
+    tiles = triton.cdiv(m, block_m)
+    ieee = x.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    _syrk_kernel[(tiles, tiles, b)](
+        batched, c, m, k,
+        batched.stride(0), batched.stride(1), batched.stride(2), c.stride(0), c.stride(1), c.stride(2),
+        BLOCK_M=block_m, BLOCK_K=block_k, IEEE=ieee,
+    )
+    return c.reshape(*x.shape[:-1], m)

@@ -1,0 +1,160 @@
+"""Benchmark one Muon optimizer step on a GPT-like parameter set, per tp_mode, at TP = 1, 2, 4 on gloo.
+
+    python scripts/bench_optimizer_step.py [--worlds 1 2 4] [--repeats 5] [--json out.json]
+
+Parameter set: hidden 256, FFN 1024, 8 heads in 2 query groups (fused QKV, split into Q, K, V), 4
+layers of QKV (384 x 256, rows sharded), proj (256 x 256, columns), fc1 (1024 x 256, rows), fc2
+(256 x 1024, columns). Configurations: the anchors' ways, one set of collectives per matrix
+("duplicated/per-matrix", "distributed/per-matrix"), and dist_ortho's coalesced modes. Per rank:
+collectives in one step, bytes sent, FLOPs (torch.utils.flop_counter), median step time over
+--repeats steps with the configurations interleaved in every repeat; home mode's extra memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.flop_counter import FlopCounterMode
+
+from dist_ortho import Muon, count_collectives
+from dist_ortho.home import home_extra_bytes
+from dist_ortho.qkv import qkv_split_shapes
+
+CONFIGS = [
+    ("duplicated/per-matrix", "duplicated", False),
+    ("distributed/per-matrix", "distributed", False),
+    ("duplicated", "duplicated", True),
+    ("distributed", "distributed", True),
+    ("gram", "gram", True),
+    ("home", "home", True),
+    ("auto", "auto", True),
+]
+HIDDEN, FFN, HEADS, GROUPS, LAYERS = 256, 1024, 8, 2, 4
+
+
+def parameter_set() -> list[tuple[str, tuple[int, int], int]]:
+    split = qkv_split_shapes(HEADS, GROUPS, HIDDEN // HEADS)
+    out = []
+    for layer in range(LAYERS):
+        out += [
+            (f"layers.{layer}.linear_qkv.weight", (GROUPS * sum(split), HIDDEN), 0),
+            (f"layers.{layer}.linear_proj.weight", (HIDDEN, HIDDEN), 1),
+            (f"layers.{layer}.fc1.weight", (FFN, HIDDEN), 0),
+            (f"layers.{layer}.fc2.weight", (HIDDEN, FFN), 1),
+        ]
+    return out
+
+
+def _params(rank: int, world: int) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(0)
+    split = qkv_split_shapes(HEADS, GROUPS, HIDDEN // HEADS)
+    params = []
+    for name, shape, pd in parameter_set():
+        full, grad = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+        p = torch.nn.Parameter(torch.tensor_split(full, world, dim=pd)[rank].clone())
+        p.grad = torch.tensor_split(grad, world, dim=pd)[rank].clone()
+        p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, pd, 1
+        p._dist_ortho_name = name
+        if "qkv" in name:
+            p.is_qkv, p.qkv_split_shapes = True, split
+        params.append(p)
+    return params
+
+
+def _measure(rank: int, world: int, port: int, args: argparse.Namespace, out: dict) -> None:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    optimizers = {}
+    for label, mode, coalesce in CONFIGS:
+        params = _params(rank, world)
+        opt = Muon(params, lr=1e-3, tp_group=dist.group.WORLD, tp_mode=mode, coalesce=coalesce,
+                   fp32_matmul_prec=args.precision)
+        opt.step()  # finds the layouts (one all-gather of shapes) and warms up
+        optimizers[label] = opt
+    stats = {}
+    for label, opt in optimizers.items():
+        with count_collectives() as comm, FlopCounterMode(display=False) as flops:
+            opt.step()
+        stats[label] = {"collectives": comm.total_calls, "calls": dict(comm.calls), "bytes": comm.bytes_sent,
+                        "flops": flops.get_total_flops(), "times": []}
+    for _ in range(args.repeats):
+        for label, opt in optimizers.items():
+            dist.barrier()
+            start = time.perf_counter()
+            opt.step()
+            dist.barrier()
+            stats[label]["times"].append(time.perf_counter() - start)
+    flops_all = [None] * world
+    dist.all_gather_object(flops_all, {k: v["flops"] for k, v in stats.items()})
+    if rank == 0:
+        plan = optimizers["auto"].tp_plan() if world > 1 else ""
+        out["rows"] = [
+            {"world": world, "config": label, "collectives": s["collectives"], "calls": s["calls"],
+             "bytes_sent_per_rank": s["bytes"], "flops_per_rank_max": max(f[label] for f in flops_all),
+             "flops_total": sum(f[label] for f in flops_all), "median_ms": 1e3 * statistics.median(s["times"])}
+            for label, s in stats.items()
+        ]
+        out["plan"] = plan
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--precision", default="highest", choices=["highest", "high", "medium"])
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    rows, plans = [], {}
+    manager = mp.Manager()
+    for world in args.worlds:
+        out = manager.dict()
+        mp.spawn(_measure, args=(world, _free_port(), args, out), nprocs=world, join=True)
+        rows += out["rows"]
+        plans[world] = out["plan"]
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, gloo; "
+          f"fp32_matmul_prec={args.precision}; {len(parameter_set())} weights (QKV split into Q, K, V: "
+          f"{len(parameter_set()) + 2 * LAYERS} matrices); median of {args.repeats} steps")
+    print("| TP | configuration | collectives / step | bytes sent / rank | NS GFLOP / rank (max) | GFLOP all ranks "
+          "| median step ms | vs duplicated/per-matrix | vs distributed/per-matrix |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        base = {c["config"]: c["median_ms"] for c in rows if c["world"] == r["world"]}
+        print(f"| {r['world']} | {r['config']} | {r['collectives']} | {r['bytes_sent_per_rank']:,} | "
+              f"{r['flops_per_rank_max'] / 1e9:.2f} | {r['flops_total'] / 1e9:.2f} | {r['median_ms']:.0f} | "
+              f"{base['duplicated/per-matrix'] / r['median_ms']:.2f}x | {base['distributed/per-matrix'] / r['median_ms']:.2f}x |")
+    shapes = []
+    split = qkv_split_shapes(HEADS, GROUPS, HIDDEN // HEADS)
+    for name, shape, _ in parameter_set():
+        shapes += [(GROUPS * s, HIDDEN) for s in split] if "qkv" in name else [shape]
+    for world in args.worlds:
+        if world > 1:
+            extra = home_extra_bytes(shapes, world, 4)
+            print(f"\nhome mode at TP={world}: extra memory per rank (whole matrices held as home), "
+                  f"max {max(extra) / 2**20:.2f} MiB, min {min(extra) / 2**20:.2f} MiB")
+    for world, plan in plans.items():
+        if plan:
+            print(f"\nauto plan at TP={world} (predicted ms per mode):\n{plan}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": rows, "plans": plans}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
