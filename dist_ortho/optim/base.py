@@ -420,10 +420,7 @@ class OrthogonalizedOptimizer(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = call_closure(closure)
         entries = []
         for group in self.param_groups:
             for p in group["params"]:
@@ -457,6 +454,14 @@ class OrthogonalizedOptimizer(Optimizer):
         finally:
             self._ns_cache.clear()
         return loss
+
+
+def call_closure(closure: Callable[[], float] | None) -> float | None:
+    """Re-evaluate the loss as torch.optim does: the closure runs with gradients enabled."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def param_names(named: Iterable[tuple[str, torch.Tensor]]) -> None:

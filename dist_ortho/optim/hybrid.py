@@ -15,7 +15,7 @@ import torch
 from torch.optim.optimizer import Optimizer
 
 from dist_ortho import comm
-from dist_ortho.optim.base import OrthogonalizedOptimizer
+from dist_ortho.optim.base import OrthogonalizedOptimizer, call_closure
 from dist_ortho.optim.routing import log_routing, route
 
 _ROUTING_KEYS = ("use_muon", "use_fallback")
@@ -105,10 +105,7 @@ class MuonAdamW(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = call_closure(closure)
         for _, optimizer in self._inner():
             optimizer.step()
         return loss
