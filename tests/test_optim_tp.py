@@ -137,3 +137,45 @@ def test_collectives_per_step(world, mode, coalesced, per_matrix):
         return
     assert together == [coalesced] * world.size
     assert alone == [4 * per_matrix] * world.size
+
+
+def _bucketed_counts(ctx, bucket_bytes: int) -> int:
+    from dist_ortho import count_collectives
+
+    gen = torch.Generator().manual_seed(0)
+    params = [sharded(block(torch.randn(32, 16, generator=gen), 0, ctx.rank, ctx.world_size), 0) for _ in range(3)]
+    opt = get_optimizer("muon")(params, tp_group=ctx.group, bucket_bytes=bucket_bytes)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    with count_collectives() as stats:
+        opt.step()
+    return stats.total_calls
+
+
+def test_bucket_size_limit_splits_the_flat_buffers(world):
+    if world.size == 1:
+        pytest.skip("a group of one has no collectives")
+    assert world.run(_bucketed_counts, 256 * 2**20) == [1] * world.size
+    assert world.run(_bucketed_counts, 1) == [3] * world.size  # every shard alone over the limit
+
+
+def _plan(ctx) -> str:
+    from dist_ortho.qkv import qkv_split_shapes
+
+    qkv = sharded(block(torch.randn(2 * 192, 256), 0, ctx.rank, ctx.world_size), 0)
+    qkv.is_qkv, qkv.qkv_split_shapes, qkv._dist_ortho_name = True, qkv_split_shapes(8, 2, 32), "linear_qkv.weight"
+    fc1 = sharded(block(torch.randn(1024, 256), 0, ctx.rank, ctx.world_size), 0)
+    fc1._dist_ortho_name = "fc1.weight"
+    return get_optimizer("muon")([qkv, fc1], tp_group=ctx.group, tp_mode="auto").tp_plan()
+
+
+def test_auto_plan_is_printable_and_avoids_singular_gram(world):
+    if world.size == 1:
+        pytest.skip("nothing is sharded on one rank")
+    plan = world.run(_plan)[0]
+    lines = {line.split()[0] + (" " + line.split()[1] if line.split()[1].startswith("[") else ""): line
+             for line in plan.splitlines()[1:]}
+    assert set(lines) == {"linear_qkv.weight [q]", "linear_qkv.weight [k]", "linear_qkv.weight [v]", "fc1.weight"}
+    for name in ("linear_qkv.weight [k]", "linear_qkv.weight [v]"):  # 64 x 256, rows sharded: k = 256 > n = 64
+        assert " gram " not in lines[name] and lines[name].rstrip().endswith("ms") and " - " in lines[name]
