@@ -120,3 +120,31 @@ def _bad_qkv(ctx) -> str:
 def test_qkv_rows_not_divisible_is_an_error_naming_the_parameter(world):
     messages = world.run(_bad_qkv)
     assert len(set(messages)) == 1 and "linear_qkv.weight" in messages[0] and "not a multiple" in messages[0]
+
+
+def _per_head(ctx, mode: str):
+    from dist_ortho import Muon
+
+    gen = torch.Generator().manual_seed(9)
+    rows = GROUPS * sum(qkv_split_shapes(HEADS, GROUPS, KV))
+    full, grads = torch.randn(rows, HIDDEN, generator=gen), [torch.randn(rows, HIDDEN, generator=gen) for _ in range(3)]
+    p = te_standins._mark(nn.Parameter(torch.tensor_split(full, ctx.world_size)[ctx.rank].clone()), "column")
+    p.is_qkv, p.qkv_split_shapes = True, qkv_split_shapes(HEADS, GROUPS, KV)
+    hp = {"lr": 0.02, "momentum": 0.9, "weight_decay": 0.01}
+    opt = Muon([p], tp_group=ctx.group, tp_mode=mode, qkv_per_head=True, fp32_matmul_prec="highest", **hp)
+    for g in grads:
+        p.grad = torch.tensor_split(g, ctx.world_size)[ctx.rank].clone()
+        opt.step()
+    # reference: every KV-row head block is its own matrix
+    heads = [optim_reference.run("muon", full[i : i + KV], [g[i : i + KV] for g in grads], hp) for i in range(0, rows, KV)]
+    expected = torch.tensor_split(torch.cat(heads), ctx.world_size)[ctx.rank]
+    moved = (torch.cat(heads) - full.double()).abs().max().item()
+    err = (p.detach().double() - expected).abs().max().item()
+    assert moved > 1e-3 and err <= 1e-5 + 1e-4 * moved, (err, moved)
+    assert "[head 11]" in opt.tp_plan() or ctx.world_size == 1  # 2 groups x (4 q + 1 k + 1 v) heads
+
+
+@pytest.mark.parametrize("mode", ["duplicated", "distributed", "home"])
+def test_per_head_qkv_mode(world, mode):
+    """qkv_per_head: every head (KV = 4 rows here) its own matrix, exact under TP (TP = 4 > groups)."""
+    world.run(_per_head, mode)

@@ -126,6 +126,8 @@ class OrthogonalizedOptimizer(Optimizer):
             (see dist_ortho.qkv). A weight is fused QKV when ``is_qkv_fn(p)`` is true, or without
             is_qkv_fn when it carries ``is_qkv=True``; its split comes from its ``qkv_split_shapes``
             attribute, else from ``qkv_split_shapes`` here.
+        qkv_per_head: with split_qkv, orthogonalize every attention head of a fused QKV weight (each
+            query head, and each group's key and value head: kv_channels rows) as its own matrix.
         **kwargs: further per-group defaults of a member (coefficient_type, num_ns_steps, ...).
     """
 
@@ -151,6 +153,7 @@ class OrthogonalizedOptimizer(Optimizer):
         split_qkv: bool = True,
         qkv_split_shapes: Sequence[int] | None = None,
         is_qkv_fn: Callable[[torch.Tensor], bool] | None = None,
+        qkv_per_head: bool = False,
         coalesce: bool = True,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         **kwargs: Any,
@@ -166,6 +169,7 @@ class OrthogonalizedOptimizer(Optimizer):
             conv_mode=conv_mode,
             split_qkv=split_qkv,
             qkv_split_shapes=tuple(qkv_split_shapes) if qkv_split_shapes is not None else None,
+            qkv_per_head=qkv_per_head,
             coalesce=coalesce,
             **kwargs,
         )
@@ -246,6 +250,11 @@ class OrthogonalizedOptimizer(Optimizer):
             rank_rows, rank = layout.sizes, comm.group_rank(layout.spec.group)
         else:
             rank_rows, rank = [p.size(0)], 0
+        if group["qkv_per_head"]:  # every head its own matrix: one "group" of head-sized pieces
+            head, rows = shapes[-1], sum(rank_rows)
+            if rows % head:
+                raise ValueError(f"{name} has {rows} rows, not a multiple of the head size {head}")
+            shapes = [head] * (rows // head)
         self._parts[p] = [
             (part.index, MatrixLayout(layout.spec, part.sizes if layout.spec.partition_dim == 0 else layout.sizes,
                                       (part.rows, layout.cols)))
@@ -331,7 +340,8 @@ class OrthogonalizedOptimizer(Optimizer):
                     mode = group["tp_mode"]
                     if mode == "auto":
                         mode = min(AUTO_CANDIDATES, key=lambda m: (costs[m], AUTO_CANDIDATES.index(m)))
-                    label = f"{name} [{'qkvg'[n] if len(layouts) == 4 else 'qkv'[n]}]" if len(layouts) > 1 else name
+                    parts = {3: "qkv", 4: "qgkv"}.get(len(layouts)) if not group["qkv_per_head"] else None
+                    label = name if len(layouts) == 1 else f"{name} [{parts[n] if parts else f'head {n}'}]"
                     rows.append({"name": label, "shape": layout.shape, "partition_dim": pd, "mode": mode, "costs": costs})
         return format_plan(rows)
 
