@@ -34,6 +34,7 @@ from dist_ortho.optim.scale import muon_scale
 from dist_ortho.params import REPLICATED, ShardSpec, global_shape, shard_spec
 from dist_ortho.qkv import qkv_parts
 from dist_ortho.coalesce import DEFAULT_BUCKET_BYTES
+from dist_ortho.coefficients import get_coefficients
 from dist_ortho.plan import AUTO_CANDIDATES, format_plan, matrix_costs
 from dist_ortho.tp import TP_MODES, MatrixJob, NsSpec, exchange_shard_sizes, gather_shards, orthogonalize_many, own_block
 
@@ -201,6 +202,10 @@ class OrthogonalizedOptimizer(Optimizer):
         check_choice("tp_mode", group["tp_mode"], TP_MODES)
         if group["conv_mode"] is not None:
             check_choice("conv_mode", group["conv_mode"], CONV_MODES)
+        if "coefficient_type" in group:  # members that run Newton-Schulz
+            get_coefficients(group["coefficient_type"], group["num_ns_steps"], group.get("custom_coefficient_sets"))
+        if "extra_scale_factor" in group:
+            check_number("extra_scale_factor", group["extra_scale_factor"])
         for p in group["params"]:
             self.check_param(p, group)
 

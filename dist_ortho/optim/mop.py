@@ -11,7 +11,7 @@ import torch
 from torch.optim.optimizer import ParamsT
 
 from dist_ortho import comm
-from dist_ortho.optim.base import MatmulPrecision, OrthogonalizedOptimizer, WeightDecayMethod, check_number
+from dist_ortho.optim.base import MatmulPrecision, OrthogonalizedOptimizer, WeightDecayMethod
 from dist_ortho.optim.scale import SCALE_MODES, check_scale_mode, muon_scale
 
 MOP_SCALE_MODES = ("nuclear_norm", *SCALE_MODES)
@@ -52,7 +52,6 @@ class MOP(OrthogonalizedOptimizer):
     def check_group(self, group: dict[str, Any]) -> None:
         super().check_group(group)
         check_scale_mode(group["scale_mode"], MOP_SCALE_MODES)
-        check_number("extra_scale_factor", group["extra_scale_factor"])
 
     def orthogonalize(self, p: torch.Tensor, grad: torch.Tensor, **group: Any) -> torch.Tensor:
         full = self.gather(p, grad).float()

@@ -14,7 +14,6 @@ import torch
 from torch.optim.optimizer import ParamsT
 
 from dist_ortho import comm
-from dist_ortho.coefficients import get_coefficients
 from dist_ortho.optim.base import MatmulPrecision, OrthogonalizedOptimizer, WeightDecayMethod, check_number
 from dist_ortho.optim.scale import ScaleMode, check_scale_mode
 
@@ -63,9 +62,7 @@ class Muon(OrthogonalizedOptimizer):
 
     def check_group(self, group: dict[str, Any]) -> None:
         super().check_group(group)
-        get_coefficients(group["coefficient_type"], group["num_ns_steps"], group.get("custom_coefficient_sets"))
         check_scale_mode(group["scale_mode"])
-        check_number("extra_scale_factor", group["extra_scale_factor"])
 
     def orthogonalize(self, p: torch.Tensor, grad: torch.Tensor, **group: Any) -> torch.Tensor:
         return self.newton_schulz(p, grad, group) * self.shape_scale(p, group)

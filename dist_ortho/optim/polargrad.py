@@ -11,8 +11,7 @@ import torch
 from torch.optim.optimizer import ParamsT
 
 from dist_ortho import comm
-from dist_ortho.coefficients import get_coefficients
-from dist_ortho.optim.base import MatmulPrecision, OrthogonalizedOptimizer, WeightDecayMethod, check_number
+from dist_ortho.optim.base import MatmulPrecision, OrthogonalizedOptimizer, WeightDecayMethod
 
 
 class PolarGrad(OrthogonalizedOptimizer):
@@ -50,11 +49,6 @@ class PolarGrad(OrthogonalizedOptimizer):
             tp_mode=tp_mode,
             **kwargs,
         )
-
-    def check_group(self, group: dict[str, Any]) -> None:
-        super().check_group(group)
-        get_coefficients(group["coefficient_type"], group["num_ns_steps"])
-        check_number("extra_scale_factor", group["extra_scale_factor"])
 
     def orthogonalize(self, p: torch.Tensor, grad: torch.Tensor, **group: Any) -> torch.Tensor:
         O = self.newton_schulz(p, grad, group)

@@ -13,7 +13,6 @@ import torch
 from torch.optim.optimizer import ParamsT
 
 from dist_ortho import comm
-from dist_ortho.coefficients import get_coefficients
 from dist_ortho.optim.base import MatmulPrecision, OrthogonalizedOptimizer, check_number
 
 
@@ -53,7 +52,6 @@ class Scion(OrthogonalizedOptimizer):
 
     def check_group(self, group: dict[str, Any]) -> None:
         super().check_group(group)
-        get_coefficients(group["coefficient_type"], group["num_ns_steps"])
         check_number("spectral_radius", group["spectral_radius"])
 
     def orthogonalize(self, p: torch.Tensor, grad: torch.Tensor, **group: Any) -> torch.Tensor:
