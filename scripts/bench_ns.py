@@ -14,15 +14,14 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench_common import run_worlds
 from dist_ortho import TP_MODES, count_collectives, newton_schulz_tp
 from dist_ortho.tp import shard
 
@@ -69,12 +68,6 @@ def _measure(rank: int, world: int, port: int, args: argparse.Namespace, out: di
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
@@ -87,12 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
 
-    rows = []
-    manager = mp.Manager()
-    for world in args.worlds:
-        out = manager.dict()
-        mp.spawn(_measure, args=(world, _free_port(), args, out), nprocs=world, join=True)
-        rows.extend(out["rows"])
+    rows = [row for out in run_worlds(_measure, args.worlds, args).values() for row in out["rows"]]
 
     baseline = {
         (r["world"], tuple(r["shape"]), r["partition_dim"]): r["median_ms"] for r in rows if r["mode"] == "duplicated"

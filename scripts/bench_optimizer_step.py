@@ -16,15 +16,14 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench_common import run_worlds
 from dist_ortho import Muon, count_collectives
 from dist_ortho.home import home_extra_bytes
 from dist_ortho.qkv import qkv_split_shapes
@@ -107,12 +106,6 @@ def _measure(rank: int, world: int, port: int, args: argparse.Namespace, out: di
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
@@ -120,13 +113,9 @@ def main() -> None:
     parser.add_argument("--precision", default="highest", choices=["highest", "high", "medium"])
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    rows, plans = [], {}
-    manager = mp.Manager()
-    for world in args.worlds:
-        out = manager.dict()
-        mp.spawn(_measure, args=(world, _free_port(), args, out), nprocs=world, join=True)
-        rows += out["rows"]
-        plans[world] = out["plan"]
+    outs = run_worlds(_measure, args.worlds, args)
+    rows = [row for out in outs.values() for row in out["rows"]]
+    plans = {world: out["plan"] for world, out in outs.items()}
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, gloo; "
           f"fp32_matmul_prec={args.precision}; {len(parameter_set())} weights (QKV split into Q, K, V: "
