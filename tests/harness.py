@@ -10,15 +10,17 @@ the timeout (a hang) fails the test and the workers are restarted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing as mp
 import os
 import queue
 import socket
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -56,6 +58,19 @@ class RankContext:
             for start in range(0, self.world_size, group_size)
         ]
         return groups[self.rank // group_size], self.rank // group_size
+
+
+@contextlib.contextmanager
+def started_world(size: int) -> Iterator["World"]:
+    """A World of ``size`` ranks for the block (the test is skipped, with the reason, where it cannot run)."""
+    reason = unavailable_reason(size)
+    if reason:
+        pytest.skip(reason)
+    world = World(size)
+    try:
+        yield world
+    finally:
+        world.close()
 
 
 class RemoteError(AssertionError):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from tests.harness import World, unavailable_reason
+from tests.harness import started_world
 
 SMALL = ["--layers", "1", "--hidden", "32", "--heads", "4", "--groups", "2", "--ffn", "64", "--seq-len", "32",
          "--batch-size", "4", "--steps", "12", "--eval-interval", "6", "--eval-batches", "1", "--no-progress",
@@ -22,12 +22,8 @@ SMALL = ["--layers", "1", "--hidden", "32", "--heads", "4", "--groups", "2", "--
 
 @pytest.fixture(scope="module")
 def world():
-    reason = unavailable_reason(2)
-    if reason:
-        pytest.skip(reason)
-    w = World(2)
-    yield w
-    w.close()
+    with started_world(2) as w:
+        yield w
 
 
 def _args(*extra: str):

@@ -7,18 +7,14 @@ from __future__ import annotations
 import pytest
 import torch.distributed as dist
 
-from tests.harness import World, unavailable_reason
+from tests.harness import started_world
 from tests.test_train import _args, _run
 
 
 @pytest.fixture(scope="module")
 def world():
-    reason = unavailable_reason(4)
-    if reason:
-        pytest.skip(reason)
-    w = World(4)
-    yield w
-    w.close()
+    with started_world(4) as w:
+        yield w
 
 
 def _tp2_to_tp4(ctx, out: str, optimizer: str):
