@@ -6,8 +6,8 @@ references (Q, K, V, gate apart). After 3 steps of TensorParallelMuon in every t
 TP weights must equal the references (tolerance of test_optim). The factory is built and stepped.
 
 SelfAttention's core attention needs CUDA in megatron-core 0.16.1 (a global CUDA buffer), so its
-projections are driven directly. Expert layers (SequentialMLP) need expert-parallel state not set up
-here; expert groups are tested with TE-protocol stand-ins in test_integrations_tp.
+projections are driven directly. Experts: a SequentialMLP's local experts (their linear_fc1/fc2 sharded
+over the expert TP group, pg_collection.expt_tp) are driven directly too.
 """
 
 from __future__ import annotations
@@ -112,6 +112,60 @@ def _exact(ctx, gated: bool, mode: str):
 @pytest.mark.parametrize("gated", [False, True], ids=["gqa", "gated_gqa"])
 def test_megatron_layers_are_exact(world, gated, mode):
     world.run(_exact, gated, mode)
+
+
+def _experts(ctx, mode: str):
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.mlp import MLPSubmodules
+    from megatron.core.transformer.module import MegatronModule
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from dist_ortho.integrations.megatron import TensorParallelMuon, tag_megatron_params
+
+    _megatron(ctx, False)
+    config = TransformerConfig(num_layers=1, hidden_size=HIDDEN, num_attention_heads=HEADS, use_cpu_initialization=True,
+                               num_moe_experts=2, moe_ffn_hidden_size=64, add_bias_linear=False)
+    pgs = ProcessGroupCollection.use_mpu_process_groups()
+
+    class Chunk(MegatronModule):
+        def __init__(self) -> None:
+            super().__init__(config)
+            self.experts = SequentialMLP(2, config, MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                                  linear_fc2=RowParallelLinear), pg_collection=pgs)
+
+    torch.manual_seed(0)
+    chunk = Chunk()
+    x = torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(2))
+    sum(expert(x)[0].square().sum() for expert in chunk.experts.local_experts).backward()
+    tag_megatron_params([chunk])
+    weights = dict(chunk.named_parameters())
+    assert all(p.expert_tp for p in weights.values())
+    full = {k: _gather(p.detach(), p.partition_dim) for k, p in weights.items()}
+    full_grad = {k: _gather(p.grad, p.partition_dim) for k, p in weights.items()}
+    hp = {"lr": 0.02, "momentum": 0.9, "weight_decay": 0.01}
+    opt = TensorParallelMuon(list(weights.values()), lr=hp["lr"], momentum_beta=hp["momentum"],
+                             weight_decay=hp["weight_decay"], use_nesterov=False, fp32_matmul_prec="highest",
+                             pg_collection=pgs, mode=mode)
+    grads = {k: p.grad.clone() for k, p in weights.items()}
+    for _ in range(3):
+        for k, p in weights.items():
+            p.grad = grads[k].clone()
+        opt.step()
+    bad = {}
+    for k, p in weights.items():
+        expected = optim_reference.run("muon", full[k], [full_grad[k]] * 3, hp)
+        moved = (expected - full[k].double()).abs().max().item()
+        err = (_gather(p.detach(), p.partition_dim).double() - expected).abs().max().item()
+        if not (moved > 1e-3 and err <= 1e-5 + 1e-4 * moved):
+            bad[k] = (err, moved)
+    assert not bad, f"(err, moved) beyond tolerance: {bad}"
+
+
+@pytest.mark.parametrize("mode", ["duplicated", "distributed", "gram", "home"])
+def test_megatron_experts_use_the_expert_group(world, mode):
+    world.run(_experts, mode)
 
 
 def _factory(ctx) -> list:
