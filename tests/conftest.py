@@ -1,8 +1,16 @@
 import pytest
 
+from dist_ortho.newton_schulz import matmul_precision
 from tests.harness import started_world
 
 WORLD_SIZES = (1, 2, 4)
+
+
+@pytest.fixture
+def highest_precision():
+    """float32 matmuls at "highest" precision for the test (the previous setting restored after)."""
+    with matmul_precision("highest"):
+        yield
 
 
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda n: f"world{n}")

@@ -12,12 +12,7 @@ from tests.reference import CUSTOM, NAMED_TYPES, fp32_tolerance, newton_schulz_r
 SHAPES = [(96, 40), (40, 96), (64, 64), (7, 13), (13, 7), (4, 24, 16), (2, 16, 24)]
 
 
-@pytest.fixture(autouse=True)
-def highest():
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(old)
+pytestmark = pytest.mark.usefixtures("highest_precision")
 
 
 @pytest.mark.parametrize("coefficient_type", NAMED_TYPES + ("custom",))
