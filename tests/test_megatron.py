@@ -60,10 +60,35 @@ def _gather(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
+def _three_steps_match(weights: dict, pg_collection, mode: str, reference, **kwargs) -> None:
+    """Three TensorParallelMuon steps with each weight's own gradient; the gathered weights must equal
+    ``reference(name, full weight, [full gradient] * 3, hp)``."""
+    from dist_ortho.integrations.megatron import TensorParallelMuon
+
+    full = {k: _gather(p.detach(), p.partition_dim) for k, p in weights.items()}
+    full_grad = {k: _gather(p.grad, p.partition_dim) for k, p in weights.items()}
+    hp = {"lr": 0.02, "momentum": 0.9, "weight_decay": 0.01}
+    opt = TensorParallelMuon(list(weights.values()), lr=hp["lr"], momentum_beta=hp["momentum"],
+                             weight_decay=hp["weight_decay"], use_nesterov=False, fp32_matmul_prec="highest",
+                             pg_collection=pg_collection, mode=mode, **kwargs)
+    grads = {k: p.grad.clone() for k, p in weights.items()}
+    for _ in range(3):
+        for k, p in weights.items():
+            p.grad = grads[k].clone()
+        opt.step()
+    errors = {}
+    for k, p in weights.items():
+        expected = reference(k, full[k], [full_grad[k]] * 3, hp)
+        moved = (expected - full[k].double()).abs().max().item()
+        errors[k] = ((_gather(p.detach(), p.partition_dim).double() - expected).abs().max().item(), moved)
+    bad = {k: v for k, v in errors.items() if not optim_reference.weights_agree(*v)}
+    assert not bad, f"(err, moved) beyond tolerance: {bad}"
+
+
 def _exact(ctx, gated: bool, mode: str):
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    from dist_ortho.integrations.megatron import TensorParallelMuon, megatron_qkv_split_shapes, tag_megatron_params
+    from dist_ortho.integrations.megatron import megatron_qkv_split_shapes, tag_megatron_params
 
     ps, config, Chunk = _megatron(ctx, gated)
     chunk = Chunk()
@@ -80,32 +105,16 @@ def _exact(ctx, gated: bool, mode: str):
         "col": chunk.col.weight, "row": chunk.row.weight,
         "qkv": chunk.self_attention.linear_qkv.weight, "proj": chunk.self_attention.linear_proj.weight,
     }
-    full = {k: _gather(p.detach(), p.partition_dim) for k, p in weights.items()}
-    full_grad = {k: _gather(p.grad, p.partition_dim) for k, p in weights.items()}
     tag_megatron_params([chunk])
     assert weights["qkv"].is_qkv and weights["qkv"].qkv_split_shapes == megatron_qkv_split_shapes(config)
-    hp = {"lr": 0.02, "momentum": 0.9, "weight_decay": 0.01}
-    opt = TensorParallelMuon(
-        list(weights.values()), lr=hp["lr"], momentum_beta=hp["momentum"], weight_decay=hp["weight_decay"],
-        use_nesterov=False, split_qkv=True, fp32_matmul_prec="highest",
-        pg_collection=ProcessGroupCollection.use_mpu_process_groups(), mode=mode,
-    )
-    grads = {k: p.grad.clone() for k, p in weights.items()}
-    for _ in range(3):
-        for k, p in weights.items():
-            p.grad = grads[k].clone()
-        opt.step()
-    errors = {}
-    for k, p in weights.items():
-        if k == "qkv":
-            expected = muon_on_components(full[k], [full_grad[k]] * 3, megatron_qkv_split_shapes(config), hp)
-        else:
-            expected = optim_reference.run("muon", full[k], [full_grad[k]] * 3, hp)
-        moved = (expected - full[k].double()).abs().max().item()
-        err = (_gather(p.detach(), p.partition_dim).double() - expected).abs().max().item()
-        errors[k] = (err, moved)
-    bad = {k: v for k, v in errors.items() if not optim_reference.weights_agree(*v)}
-    assert not bad, f"(err, moved) beyond tolerance: {bad}"
+    shapes = megatron_qkv_split_shapes(config)
+
+    def reference(name, full, grads, hp):
+        if name == "qkv":
+            return muon_on_components(full, grads, shapes, hp)
+        return optim_reference.run("muon", full, grads, hp)
+
+    _three_steps_match(weights, ProcessGroupCollection.use_mpu_process_groups(), mode, reference, split_qkv=True)
 
 
 @pytest.mark.parametrize("mode", ["duplicated", "distributed", "gram", "home"])
@@ -122,7 +131,7 @@ def _experts(ctx, mode: str):
     from megatron.core.transformer.moe.experts import SequentialMLP
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from dist_ortho.integrations.megatron import TensorParallelMuon, tag_megatron_params
+    from dist_ortho.integrations.megatron import tag_megatron_params
 
     _megatron(ctx, False)
     config = TransformerConfig(num_layers=1, hidden_size=HIDDEN, num_attention_heads=HEADS, use_cpu_initialization=True,
@@ -142,25 +151,7 @@ def _experts(ctx, mode: str):
     tag_megatron_params([chunk])
     weights = dict(chunk.named_parameters())
     assert all(p.expert_tp for p in weights.values())
-    full = {k: _gather(p.detach(), p.partition_dim) for k, p in weights.items()}
-    full_grad = {k: _gather(p.grad, p.partition_dim) for k, p in weights.items()}
-    hp = {"lr": 0.02, "momentum": 0.9, "weight_decay": 0.01}
-    opt = TensorParallelMuon(list(weights.values()), lr=hp["lr"], momentum_beta=hp["momentum"],
-                             weight_decay=hp["weight_decay"], use_nesterov=False, fp32_matmul_prec="highest",
-                             pg_collection=pgs, mode=mode)
-    grads = {k: p.grad.clone() for k, p in weights.items()}
-    for _ in range(3):
-        for k, p in weights.items():
-            p.grad = grads[k].clone()
-        opt.step()
-    bad = {}
-    for k, p in weights.items():
-        expected = optim_reference.run("muon", full[k], [full_grad[k]] * 3, hp)
-        moved = (expected - full[k].double()).abs().max().item()
-        err = (_gather(p.detach(), p.partition_dim).double() - expected).abs().max().item()
-        if not optim_reference.weights_agree(err, moved):
-            bad[k] = (err, moved)
-    assert not bad, f"(err, moved) beyond tolerance: {bad}"
+    _three_steps_match(weights, pgs, mode, lambda name, full, grads, hp: optim_reference.run("muon", full, grads, hp))
 
 
 @pytest.mark.parametrize("mode", ["duplicated", "distributed", "gram", "home"])
