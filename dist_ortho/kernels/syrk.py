@@ -3,7 +3,8 @@
 For X of shape (m, k) (or a batch (b, m, k)), program (i, j) with j <= i computes the tile
 C[i-block, j-block] = X[i-block] X[j-block]^T in float32 and also stores its transpose at
 C[j-block, i-block]; programs with j > i do nothing, so about half the tile products of a plain
-matmul are computed. Ragged edges are masked. Runs on CUDA, and on CPU tensors under
+matmul are computed. Of a diagonal tile only the lower triangle is stored and mirrored, so C is exactly
+symmetric whatever the dot product's rounding. Ragged edges are masked. Runs on CUDA, and on CPU tensors under
 ``TRITON_INTERPRET=1`` (how the tests check it).
 """
 
@@ -40,10 +41,13 @@ def _syrk_kernel(
                 acc += tl.dot(a, bt)
         out = acc.to(c_ptr.dtype.element_ty)
         c = c_ptr + batch * stride_cb
-        mask = (rows_i[:, None] < M) & (rows_j[None, :] < M)
-        tl.store(c + rows_i[:, None] * stride_cm + rows_j[None, :] * stride_cn, out, mask=mask)
-        if pid_j < pid_i:
-            tl.store(c + rows_j[None, :] * stride_cm + rows_i[:, None] * stride_cn, out, mask=mask)
+        inside = (rows_i[:, None] < M) & (rows_j[None, :] < M)
+        # A diagonal tile's product is not exactly symmetric on every BLAS: keep its lower triangle
+        # (global row >= col) and mirror it, so C is symmetric by construction.
+        lower = rows_i[:, None] >= rows_j[None, :]
+        strictly_lower = rows_i[:, None] > rows_j[None, :]
+        tl.store(c + rows_i[:, None] * stride_cm + rows_j[None, :] * stride_cn, out, mask=inside & lower)
+        tl.store(c + rows_j[None, :] * stride_cm + rows_i[:, None] * stride_cn, out, mask=inside & strictly_lower)
 
 
 def syrk(x: torch.Tensor, block_m: int = 32, block_k: int = 32) -> torch.Tensor:
