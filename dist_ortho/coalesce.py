@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import torch
 
 from dist_ortho import comm
+from dist_ortho.precision import MatmulPrecision, matmul_precision
 
 T = TypeVar("T")
 DEFAULT_BUCKET_BYTES = 256 * 2**20
@@ -59,6 +60,24 @@ Program = Generator[Request, Any, T]
 def run(program: Program[T]) -> T:
     """Run one program (its collectives one call each)."""
     return run_many([program])[0]
+
+
+def under_precision(program: Program[T], precision: MatmulPrecision) -> Program[T]:
+    """``program`` with every stretch of its computation run under the fp32 matmul ``precision``."""
+    reply: Any = None
+    while True:
+        with matmul_precision(precision):
+            try:
+                request = program.send(reply)
+            except StopIteration as done:
+                return done.value
+        reply = yield request
+
+
+def done(value: T = None) -> Program[T]:  # type: ignore[assignment]
+    """A program that needs no collective and returns ``value``."""
+    yield from ()
+    return value
 
 
 def run_many(programs: Sequence[Program[Any]], bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[Any]:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from dist_ortho import comm
+from dist_ortho.tp.jobs import block, even_sizes, exchange_shard_sizes, gather_shards, tensor_dim
 
 logger = logging.getLogger(__name__)
 
@@ -78,11 +80,114 @@ def shard_spec(
     return ShardSpec(p.partition_dim, group)
 
 
-def global_shape(shape: torch.Size | tuple[int, ...], spec: ShardSpec, sizes: list[int] | None = None) -> tuple[int, ...]:
-    """Shape of the whole matrix: the local shape with the sharded dim summed over ranks."""
+def global_shape(shape: torch.Size | tuple[int, ...], spec: ShardSpec, sizes: Sequence[int] | None = None) -> tuple[int, ...]:
+    """Shape of the whole matrix: the local shape with the sharded (matrix) dim summed over ranks."""
     if spec.partition_dim is None:
         return tuple(shape)
     out = list(shape)
     dim = len(out) - 2 + spec.partition_dim
     out[dim] = sum(sizes) if sizes is not None else out[dim] * spec.size
     return tuple(out)
+
+
+@dataclass(frozen=True)
+class Held:
+    """How the ranks of ``group`` hold one tensor: contiguous blocks along tensor dim ``dim`` (``sizes``
+    by rank; None: equal blocks), or, with ``dim`` None, every rank the whole tensor."""
+
+    dim: int | None
+    group: comm.ProcessGroup | None = None
+    sizes: tuple[int, ...] | None = None
+
+    def to_global(self, t: torch.Tensor) -> torch.Tensor:
+        """The whole tensor from this rank's block (one all-gather; a copy when replicated)."""
+        size = comm.group_size(self.group)
+        if self.dim is None or size == 1:
+            return t.clone()
+        sizes = list(self.sizes) if self.sizes is not None else [t.size(self.dim)] * size
+        return gather_shards(t, self.dim - t.ndim + 2, self.group, sizes) if t.ndim >= 2 else _gather_1d(t, self.group, sizes)
+
+    def to_local(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's block of the whole tensor ``full`` (a copy)."""
+        size = comm.group_size(self.group)
+        if self.dim is None or size == 1:
+            return full.clone()
+        sizes = list(self.sizes) if self.sizes is not None else even_sizes(full.size(self.dim), size)
+        if sum(sizes) != full.size(self.dim):
+            raise ValueError(f"a tensor of shape {tuple(full.shape)} cannot be cut into blocks {sizes} along dim {self.dim}")
+        return block(full, self.dim, comm.group_rank(self.group), sizes)
+
+
+REPLICATED_HELD = Held(None)
+
+
+def _gather_1d(t: torch.Tensor, group: comm.ProcessGroup, sizes: list[int]) -> torch.Tensor:
+    return gather_shards(t[None], 1, group, sizes)[0]
+
+
+def held_like_param(p: torch.Tensor, group: comm.ProcessGroup | None) -> Held:
+    """How ``group`` holds a tensor shaped like parameter ``p`` (equal blocks when p is sharded)."""
+    return Held(p.partition_dim, group) if is_sharded(p) and comm.group_size(group) > 1 else REPLICATED_HELD
+
+
+@dataclass(frozen=True)
+class MatrixLayout:
+    """How this rank's matrix (view of a parameter, or a fused QKV component) sits in the global one."""
+
+    spec: ShardSpec
+    sizes: tuple[int, ...] | None  # every rank's size along partition_dim (None when replicated)
+    shape: tuple[int, ...]  # the global matrix's shape: (rows, cols) or (batch, rows, cols)
+
+    @property
+    def rows(self) -> int:
+        return self.shape[-2]
+
+    @property
+    def cols(self) -> int:
+        return self.shape[-1]
+
+    @property
+    def partition_dim(self) -> int | None:
+        return self.spec.partition_dim
+
+    @property
+    def group(self) -> comm.ProcessGroup | None:
+        """The group to reduce over for a global quantity (None when unsharded)."""
+        return self.spec.group if self.spec.partition_dim is not None else None
+
+    def held(self, reduced_dims: Sequence[int] = ()) -> Held:
+        """How a tensor shaped like this matrix, with matrix dims ``reduced_dims`` (0 rows, 1 cols) reduced
+        to size 1, is held: like the matrix, or replicated when the sharded dim is reduced."""
+        pd = self.spec.partition_dim
+        if pd is None or pd in reduced_dims:
+            return REPLICATED_HELD
+        return Held(len(self.shape) - 2 + pd, self.spec.group, self.sizes)
+
+
+
+def find_layouts(
+    views: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    tp_group: comm.ProcessGroup | None,
+    expert_tp_group: comm.ProcessGroup | None = None,
+) -> list[MatrixLayout]:
+    """The layout of each (parameter, matrix view of it): one shape exchange per process group.
+
+    Raises the same ValueError on every rank when the ranks' shards do not fit one global matrix.
+    """
+    specs = [shard_spec(p, tp_group, expert_tp_group, getattr(p, "_dist_ortho_name", None)) for p, _ in views]
+    layouts: list[MatrixLayout | None] = [None] * len(views)
+    by_group: dict[int, list[int]] = {}
+    for i, ((p, view), spec) in enumerate(zip(views, specs)):
+        if spec.partition_dim is None or spec.size == 1:
+            layouts[i] = MatrixLayout(REPLICATED, None, tuple(view.shape))
+        elif p.ndim != 2:
+            name = getattr(p, "_dist_ortho_name", None) or f"a parameter of shape {tuple(p.shape)}"
+            raise ValueError(f"{name} is tensor-parallel with {p.ndim} dims: only 2D weights can be sharded")
+        else:
+            by_group.setdefault(id(spec.group), []).append(i)
+    for members in by_group.values():
+        group = specs[members[0]].group
+        sizes = exchange_shard_sizes([views[i][1] for i in members], [specs[i].partition_dim for i in members], group)
+        for i, shard_sizes in zip(members, sizes):
+            layouts[i] = MatrixLayout(specs[i], tuple(shard_sizes), global_shape(views[i][1].shape, specs[i], shard_sizes))
+    return layouts  # type: ignore[return-value]

@@ -1,117 +1,13 @@
-"""``tp_mode="auto"``: a per-matrix cost model that picks the cheapest exact mode.
+"""The cost model of ``tp_mode="auto"`` (it lives in :mod:`dist_ortho.tp.cost`; this name is kept for users)."""
 
-For a global m x n matrix sharded along s (the other dim u) over t ranks, steps of Newton-Schulz, e bytes
-per element (k = min(m, n), N = max(m, n)); FLOPs and bytes are per rank:
-
-    duplicated   FLOPs steps (4 k^2 N + 2 k^3)          bytes (t-1) m n / t e            calls 1
-    distributed  FLOPs steps (4 u^2 s/t + 2 u^3)         bytes steps 2 (t-1)/t u^2 e      calls steps + 1
-    gram         FLOPs (2 + 4 r) u^2 s/t + 8 steps u^3   bytes (1 + r) 2 (t-1)/t u^2 4    calls 1 + r   (r restarts)
-                 not offered when u > s (its Gram matrix is singular, see tp.gram_newton_schulz)
-    home         FLOPs duplicated's / t (balanced)       bytes 2 (t-1)/t m n / t e        calls 2
-
-predicted seconds = FLOPs / flops_per_s + bytes / bytes_per_s + calls * latency_s, with a
-:class:`CostProfile` per device type (defaults below; :func:`set_cost_profile` overrides them).
-"""
-
-from __future__ import annotations
-
-import math
-from dataclasses import dataclass
-
-import torch
-
-from dist_ortho import comm
-
-AUTO_CANDIDATES = ("duplicated", "distributed", "gram", "home")
-
-
-@dataclass(frozen=True)
-class CostProfile:
-    flops_per_s: float
-    bytes_per_s: float
-    latency_s: float
-
-
-DEFAULT_PROFILES = {
-    # Measured on the 2-core CI machine with gloo (float32 matmul, loopback TCP).
-    "cpu": CostProfile(flops_per_s=3e10, bytes_per_s=1e9, latency_s=2e-4),
-    # A datacenter GPU with NVLink: bf16 dense matmul and NCCL bus bandwidth, order of magnitude.
-    "cuda": CostProfile(flops_per_s=4e14, bytes_per_s=1e11, latency_s=2e-5),
-}
-_override: CostProfile | None = None
-
-
-def set_cost_profile(profile: CostProfile | None) -> None:
-    """Use ``profile`` for every device (None: back to DEFAULT_PROFILES)."""
-    global _override
-    _override = profile
-
-
-def cost_profile(device: torch.device) -> CostProfile:
-    return _override or DEFAULT_PROFILES.get(device.type, DEFAULT_PROFILES["cuda"])
-
-
-def mode_costs(
-    shape: tuple[int, ...], partition_dim: int, tp_size: int, steps: int, element_size: int, restarts: int,
-    profile: CostProfile,
-) -> dict[str, float]:
-    """Predicted seconds of each mode for one matrix (see the module doc)."""
-    batch = math.prod(shape[:-2])
-    m, n = shape[-2], shape[-1]
-    s, u = (m, n) if partition_dim == 0 else (n, m)
-    k, N, t, e = min(m, n), max(m, n), tp_size, element_size
-    ring = 2 * (t - 1) / t
-    full = batch * steps * (4 * k * k * N + 2 * k**3)
-    table = {
-        "duplicated": (full, (t - 1) * batch * m * n / t * e, 1),
-        "distributed": (batch * steps * (4 * u * u * s / t + 2 * u**3), steps * ring * batch * u * u * e, steps + 1),
-        "gram": (batch * ((2 + 4 * restarts) * u * u * s / t + 8 * steps * u**3), (1 + restarts) * ring * batch * u * u * 4,
-                 1 + restarts),
-        "home": (full / t, 2 * (t - 1) / t * batch * m * n / t * e, 2),
-    }
-    costs = {mode: f / profile.flops_per_s + b / profile.bytes_per_s + c * profile.latency_s
-             for mode, (f, b, c) in table.items()}
-    if u > s:
-        costs["gram"] = math.inf
-    return costs
-
-
-def matrix_costs(
-    shape: tuple[int, ...], partition_dim: int, tp_size: int, ns, dtype: torch.dtype, device: torch.device
-) -> dict[str, float]:
-    """mode_costs of a global matrix view of ``shape`` orthogonalized with the tp.NsSpec ``ns``."""
-    from dist_ortho.newton_schulz import compute_dtype
-    from dist_ortho.tp import default_gram_restarts
-
-    restarts = ns.gram_restarts if ns.gram_restarts is not None else default_gram_restarts(dtype, ns.steps)
-    element = torch.empty((), dtype=compute_dtype(dtype)).element_size()
-    return mode_costs(tuple(shape), partition_dim, tp_size, ns.steps, element, len(restarts), cost_profile(device))
-
-
-def job_costs(job) -> dict[str, float]:
-    """mode_costs of a tp.MatrixJob."""
-    from dist_ortho.tp import tensor_dim
-
-    dim = tensor_dim(job.x, job.partition_dim)
-    t = comm.group_size(job.group)
-    shape = list(job.x.shape)
-    shape[dim] = sum(job.sizes) if job.sizes else shape[dim] * t
-    return matrix_costs(tuple(shape), job.partition_dim, t, job.ns, job.x.dtype, job.x.device)
-
-
-def choose_mode(job) -> str:
-    """The cheapest exact mode for a tp.MatrixJob (duplicated when it is not sharded)."""
-    if job.partition_dim is None or comm.group_size(job.group) == 1:
-        return "duplicated"
-    costs = job_costs(job)
-    return min(AUTO_CANDIDATES, key=lambda mode: (costs[mode], AUTO_CANDIDATES.index(mode)))
-
-
-def format_plan(rows: list[dict]) -> str:
-    """A table of plan rows {name, shape, partition_dim, mode, costs}."""
-    lines = [f"{'matrix':<48} {'global shape':>14} {'pdim':>4} {'mode':>11}  " + "  ".join(f"{m:>11}" for m in AUTO_CANDIDATES)]
-    for r in rows:
-        shape = "x".join(map(str, r["shape"]))
-        costs = "  ".join(f"{1e3 * r['costs'][m]:>9.3f}ms" if math.isfinite(r["costs"][m]) else f"{'-':>11}" for m in AUTO_CANDIDATES)
-        lines.append(f"{r['name'][:48]:<48} {shape:>14} {str(r['partition_dim']):>4} {r['mode']:>11}  {costs}")
-    return "\n".join(lines)
+from dist_ortho.tp.cost import (  # noqa: F401
+    AUTO_CANDIDATES,
+    DEFAULT_PROFILES,
+    CostProfile,
+    choose_mode,
+    cost_profile,
+    format_plan,
+    job_costs,
+    mode_costs,
+    set_cost_profile,
+)

@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench_common import run_worlds
 from dist_ortho import Muon, count_collectives
-from dist_ortho.home import home_extra_bytes
+from dist_ortho.tp.home import home_extra_bytes
 from dist_ortho.qkv import qkv_split_shapes
 
 CONFIGS = [

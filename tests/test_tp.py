@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dist_ortho import count_collectives, newton_schulz, newton_schulz_tp
-from dist_ortho.tp import default_gram_restarts
+from dist_ortho.tp.gram import default_gram_restarts
 from tests.reference import CUSTOM, NAMED_TYPES, fp32_tolerance, newton_schulz_ref
 
 GRAM_FACTOR = 3.0

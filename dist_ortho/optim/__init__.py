@@ -7,6 +7,8 @@ from dist_ortho.optim.mop import MOP
 from dist_ortho.optim.muon import Muon, MuonHyperball
 from dist_ortho.optim.polargrad import PolarGrad
 from dist_ortho.optim.registry import OPTIMIZERS, get_optimizer, register_optimizer
+
+OPTIMIZERS.setdefault("muon_adamw", MuonAdamW)
 from dist_ortho.optim.routing import route
 from dist_ortho.optim.scale import SCALE_MODES, muon_scale
 from dist_ortho.optim.scion import Scion

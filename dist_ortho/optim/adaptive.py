@@ -18,9 +18,11 @@ from typing import Any, Literal, get_args
 import torch
 from torch.optim.optimizer import ParamsT
 
-from dist_ortho import reductions
-from dist_ortho.optim.base import check_choice, check_number
+from dist_ortho.coalesce import Program
+from dist_ortho.optim.context import MatrixContext
 from dist_ortho.optim.muon import Muon
+from dist_ortho.optim.options import check_choice, check_number
+from dist_ortho.params import REPLICATED_HELD, Held, MatrixLayout
 
 Moment2Method = Literal["adamuon", "normuon", "namo"]
 MOMENT2_METHODS: tuple[str, ...] = get_args(Moment2Method)
@@ -56,27 +58,40 @@ class AdaptiveMuon(Muon):
         if p.ndim != 2:
             raise ValueError(f"AdaptiveMuon supports 2D parameters only; got shape {tuple(p.shape)}: route it to AdamW")
 
-    def update_direction(
-        self, p: torch.Tensor, grad: torch.Tensor, direction: torch.Tensor, group: dict[str, Any]
-    ) -> torch.Tensor:
-        O = self.newton_schulz(p, direction, group)
-        state = self.matrix_state(p)
-        method, beta2, eps = group["moment2_method"], group["beta2"], group["eps"]
+    @staticmethod
+    def normuon_dim(layout: MatrixLayout) -> int:
+        """The matrix dim NorMuon averages over: the last when rows >= cols, else the rows (global shape)."""
+        return -1 if layout.rows >= layout.cols else -2
+
+    def held_state(self, key: str, layout: MatrixLayout, group: dict[str, Any]) -> Held | None:
+        if key != "moment2":
+            return super().held_state(key, layout, group)
+        method = group["moment2_method"]
+        if method == "adamuon":
+            return layout.held()
+        if method == "normuon":
+            return layout.held(reduced_dims=(2 + self.normuon_dim(layout),))
+        return REPLICATED_HELD
+
+    def update(self, ctx: MatrixContext) -> Program[torch.Tensor]:
+        O, state, options = ctx.orthogonalized, ctx.state, ctx.options
+        method, beta2, eps = options["moment2_method"], options["beta2"], options["eps"]
         if method == "adamuon":
             v = state.setdefault("moment2", torch.zeros_like(O))
             v.lerp_(O.square(), 1 - beta2)
             update = O / (v.sqrt() + eps)
         elif method == "normuon":
-            layout = self.layout(p)
-            dim, along = (-1, 1) if layout.rows >= layout.cols else (-2, 0)
-            group_along = layout.group if layout.spec.partition_dim == along else None
-            mean = reductions.mean_over(O.square(), dim, group_along, layout.shape[dim]).to(O.dtype)
+            mean = (yield from ctx.mean_over(O.square(), self.normuon_dim(ctx.layout))).to(O.dtype)
             v = state.setdefault("moment2", torch.zeros_like(mean))
             v.lerp_(mean, 1 - beta2)
             update = O * v.clamp_min(eps).rsqrt()
-            update = update * (self.global_norm(p, O) / self.global_norm(p, update).clamp_min(1e-30)).to(O.dtype)
+            norm_o = yield from ctx.norm(O)
+            norm_update = yield from ctx.norm(update)
+            update = update * (norm_o / norm_update.clamp_min(1e-30)).to(O.dtype)
         else:
-            v = state.setdefault("moment2", torch.zeros((), dtype=p.dtype, device=p.device))
-            v.lerp_(reductions.sum_of_squares(grad, self.layout(p).group).to(v.dtype), 1 - beta2)
-            update = O * (self.global_norm(p, direction) / (v.double().sqrt() + eps)).to(O.dtype)
-        return update * self.shape_scale(p, group)
+            v = state.setdefault("moment2", torch.zeros((), dtype=ctx.param.dtype, device=O.device))
+            grad_sq = yield from ctx.sum_of_squares(ctx.grad)
+            v.lerp_(grad_sq.to(v.dtype), 1 - beta2)
+            norm_direction = yield from ctx.norm(ctx.direction)
+            update = O * (norm_direction / (v.double().sqrt() + eps)).to(O.dtype)
+        return update * ctx.shape_scale()

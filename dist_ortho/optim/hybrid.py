@@ -8,7 +8,7 @@ so ``param_groups``, ``zero_grad`` and torch LR schedulers work across both; the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,7 +16,10 @@ from torch.optim.optimizer import Optimizer
 
 from dist_ortho import comm
 from dist_ortho.optim.base import OrthogonalizedOptimizer, call_closure
-from dist_ortho.optim.routing import log_routing, route
+from dist_ortho.optim.options import accepted_keywords, reject_unknown
+from dist_ortho.optim.registry import get_optimizer
+from dist_ortho.optim.routing import log_routing, needs_shape, route
+from dist_ortho.params import REPLICATED_HELD, Held, find_layouts, held_like_param
 
 _ROUTING_KEYS = ("use_muon", "use_fallback")
 _ADAMW_KEYS = {"adamw_lr": "lr", "adamw_betas": "betas", "adamw_eps": "eps", "adamw_weight_decay": "weight_decay"}
@@ -58,20 +61,21 @@ class MuonAdamW(Optimizer):
         max_aspect_ratio: float = 128.0,
         **kwargs: Any,
     ) -> None:
-        from dist_ortho.optim.registry import get_optimizer
-
         matrix_cls = get_optimizer(optimizer) if isinstance(optimizer, str) else optimizer
-        tp_size = comm.group_size(kwargs.get("tp_group"))
+        reject_unknown(f"MuonAdamW (matrix optimizer {getattr(matrix_cls, '__name__', matrix_cls)})", kwargs,
+                       accepted_keywords(matrix_cls) - {"conv_mode"})
         params = list(params)
         groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+        named_groups = [_named(group["params"]) for group in groups]
+        dims = _global_dims(groups, named_groups, kwargs.get("tp_group"), kwargs.get("expert_tp_group"))
         matrix_groups: list[dict[str, Any]] = []
         fallback_groups: list[dict[str, Any]] = []
-        for group in groups:
+        for group, named in zip(groups, named_groups):
             options = {k: v for k, v in group.items() if k != "params" and k not in _ROUTING_KEYS and k not in _ADAMW_KEYS}
             flags = {k: group.get(k) for k in _ROUTING_KEYS}
             matrices, others = [], []
-            for name, p in _named(group["params"]):
-                decision = route(p, **flags, tp_size=tp_size, min_dim=min_dim, max_aspect_ratio=max_aspect_ratio)
+            for name, p in named:
+                decision = route(p, **flags, dims=dims.get(p), min_dim=min_dim, max_aspect_ratio=max_aspect_ratio)
                 log_routing(name, p, decision, verbose)
                 (matrices if decision.use_muon else others).append(p)
             if matrices:
@@ -80,6 +84,7 @@ class MuonAdamW(Optimizer):
                 adamw = {"lr": adamw_lr, "betas": adamw_betas, "eps": adamw_eps, "weight_decay": adamw_weight_decay}
                 adamw.update({_ADAMW_KEYS[k]: v for k, v in group.items() if k in _ADAMW_KEYS})
                 fallback_groups.append({"params": others, "use_muon": False, **adamw})
+        self.tp_group = kwargs.get("tp_group")
         self._assemble(
             matrix_cls(matrix_groups, conv_mode=conv_mode, **kwargs) if matrix_groups else None,
             torch.optim.AdamW(fallback_groups) if fallback_groups else None,
@@ -89,6 +94,7 @@ class MuonAdamW(Optimizer):
     def combine(cls, matrix_optimizer: Optimizer | None, fallback_optimizer: Optimizer | None) -> MuonAdamW:
         """One MuonAdamW over two optimizers built elsewhere (their groups are shared, not copied)."""
         self = cls.__new__(cls)
+        self.tp_group = getattr(matrix_optimizer, "tp_group", None)
         self._assemble(matrix_optimizer, fallback_optimizer)
         return self
 
@@ -99,9 +105,24 @@ class MuonAdamW(Optimizer):
         for group in fallback_optimizer.param_groups if fallback_optimizer else []:
             group.setdefault("use_muon", False)
         Optimizer.__init__(self, [g for _, o in self._inner() for g in o.param_groups], {})
+        self.state = _StateView(self)  # type: ignore[assignment]
 
     def _inner(self) -> list[tuple[str, Optimizer]]:
         return [(k, o) for k, o in (("matrix", self.matrix_optimizer), ("fallback", self.fallback_optimizer)) if o]
+
+    def optimizer_of(self, p: torch.Tensor) -> Optimizer:
+        """The inner optimizer that updates ``p``."""
+        for _, optimizer in self._inner():
+            if any(q is p for group in optimizer.param_groups for q in group["params"]):
+                return optimizer
+        raise KeyError(f"parameter of shape {tuple(p.shape)} is not in this MuonAdamW")
+
+    def state_holding(self, p: torch.Tensor, path: Sequence[str]) -> Held:
+        """How the ranks hold state tensor ``state[p][path...]`` (for checkpoints)."""
+        owner = self.optimizer_of(p)
+        if isinstance(owner, OrthogonalizedOptimizer):
+            return owner.state_holding(p, path)
+        return fallback_holding(p, path, self.tp_group)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -121,3 +142,40 @@ class MuonAdamW(Optimizer):
             optimizer.load_state_dict(state_dict[key])
         # torch's load_state_dict gives the inner optimizers new group dicts: share them again.
         self.param_groups = [g for _, optimizer in self._inner() for g in optimizer.param_groups]
+
+
+class _StateView(Mapping):
+    """MuonAdamW.state: each parameter's state in the inner optimizer that holds it (read-through)."""
+
+    def __init__(self, owner: MuonAdamW) -> None:
+        self._owner = owner
+
+    def _states(self) -> list[dict]:
+        return [optimizer.state for _, optimizer in self._owner._inner()]
+
+    def __getitem__(self, p: torch.Tensor) -> dict:
+        for state in self._states():
+            if p in state:
+                return state[p]
+        return self._owner.optimizer_of(p).state[p]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (p for state in self._states() for p in state)
+
+    def __len__(self) -> int:
+        return sum(len(state) for state in self._states())
+
+
+def fallback_holding(p: torch.Tensor, path: Sequence[str], tp_group: comm.ProcessGroup | None) -> Held:
+    """How a torch optimizer's (AdamW's) state of ``p`` is held: ``step`` replicated, the rest like p."""
+    return REPLICATED_HELD if path[-1] == "step" else held_like_param(p, tp_group)
+
+
+def _global_dims(
+    groups: list[dict[str, Any]], named_groups: list[list[tuple[str, torch.Tensor]]], tp_group: Any, expert_tp_group: Any
+) -> dict[torch.Tensor, tuple[int, int]]:
+    """(rows, cols) of the global matrix of every parameter whose routing depends on it (one exchange per group)."""
+    candidates = [p for group, named in zip(groups, named_groups) for _, p in named
+                  if needs_shape(p, **{k: group.get(k) for k in _ROUTING_KEYS})]
+    layouts = find_layouts([(p, p.detach().reshape(p.size(0), -1)) for p in candidates], tp_group, expert_tp_group)
+    return {p: (layout.rows, layout.cols) for p, layout in zip(candidates, layouts)}

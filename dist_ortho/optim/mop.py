@@ -11,7 +11,9 @@ import torch
 from torch.optim.optimizer import ParamsT
 
 from dist_ortho import comm
+from dist_ortho.coalesce import Program
 from dist_ortho.optim.base import MatmulPrecision, OrthogonalizedOptimizer, WeightDecayMethod
+from dist_ortho.optim.context import MatrixContext
 from dist_ortho.optim.scale import SCALE_MODES, check_scale_mode, muon_scale
 
 MOP_SCALE_MODES = ("nuclear_norm", *SCALE_MODES)
@@ -53,11 +55,12 @@ class MOP(OrthogonalizedOptimizer):
         super().check_group(group)
         check_scale_mode(group["scale_mode"], MOP_SCALE_MODES)
 
-    def orthogonalize(self, p: torch.Tensor, grad: torch.Tensor, **group: Any) -> torch.Tensor:
-        full = self.gather(p, grad).float()
+    def update(self, ctx: MatrixContext) -> Program[torch.Tensor]:
+        full = (yield from ctx.gather(ctx.direction)).float()
         U, S, Vh = torch.linalg.svd(full, full_matrices=False)
-        if group["scale_mode"] == "nuclear_norm":
+        options = ctx.options
+        if options["scale_mode"] == "nuclear_norm":
             scale = S.sum(dim=-1)[..., None, None]
         else:
-            scale = muon_scale(group["scale_mode"], full.size(-2), full.size(-1))
-        return self.own_block(p, U @ Vh) * (scale * group["extra_scale_factor"])
+            scale = muon_scale(options["scale_mode"], full.size(-2), full.size(-1))
+        return ctx.own_block(U @ Vh) * (scale * options["extra_scale_factor"])

@@ -14,14 +14,18 @@ import torch
 from torch.optim.optimizer import ParamsT
 
 from dist_ortho import comm
-from dist_ortho.optim.base import MatmulPrecision, OrthogonalizedOptimizer, WeightDecayMethod, check_number
+from dist_ortho.coalesce import Program
+from dist_ortho.optim.base import MatmulPrecision, OrthogonalizedOptimizer, WeightDecayMethod
+from dist_ortho.optim.context import MatrixContext
+from dist_ortho.optim.options import check_number
 from dist_ortho.optim.scale import ScaleMode, check_scale_mode
+from dist_ortho.params import REPLICATED_HELD, Held, MatrixLayout
 
 
 class Muon(OrthogonalizedOptimizer):
     """Muon: momentum, Newton-Schulz, shape scale. Arguments as emerging_optimizers' Muon, plus TP ones."""
 
-    orthogonalizes_with_newton_schulz = True
+    uses_newton_schulz = True
 
     def __init__(
         self,
@@ -64,8 +68,9 @@ class Muon(OrthogonalizedOptimizer):
         super().check_group(group)
         check_scale_mode(group["scale_mode"])
 
-    def orthogonalize(self, p: torch.Tensor, grad: torch.Tensor, **group: Any) -> torch.Tensor:
-        return self.newton_schulz(p, grad, group) * self.shape_scale(p, group)
+    def update(self, ctx: MatrixContext) -> Program[torch.Tensor]:
+        yield from ()
+        return ctx.orthogonalized * ctx.shape_scale()
 
 
 class MuonHyperball(Muon):
@@ -84,25 +89,30 @@ class MuonHyperball(Muon):
         self.hyperball_radius = hyperball_radius
         super().__init__(*args, **kwargs)
 
-    def init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        super().init_state(p, state, group)
-        norm = self.global_norm(p, p).item()
+    def init_state_program(self, ctx: MatrixContext) -> Program[None]:
+        yield from super().init_state_program(ctx)
+        p = ctx.param
+        norm = (yield from ctx.norm(p)).item()
         if norm == 0:
             raise ValueError(
-                f"MuonHyperball: a parameter of shape {tuple(p.shape)} has zero norm; it has no sphere "
-                "to stay on (initialize it, or optimize it with another optimizer)"
+                f"MuonHyperball: {ctx.name} has zero norm; it has no sphere to stay on "
+                "(initialize it, or optimize it with another optimizer)"
             )
         if self.hyperball_radius is not None:
             p.mul_(self.hyperball_radius / norm)
         radius = self.hyperball_radius if self.hyperball_radius is not None else norm
-        state["hyperball_radius"] = torch.tensor(radius, dtype=p.dtype, device=p.device)
+        ctx.state["hyperball_radius"] = torch.tensor(radius, dtype=p.dtype, device=p.device)
 
-    def _to_sphere(self, p: torch.Tensor, x: torch.Tensor) -> None:
-        radius = self.state[p]["hyperball_radius"].double()
-        x.mul_((radius / (self.global_norm(p, x) + self.hyperball_eps)).to(x.dtype))
+    def held_state(self, key: str, layout: MatrixLayout, group: dict[str, Any]) -> Held | None:
+        return REPLICATED_HELD if key == "hyperball_radius" else super().held_state(key, layout, group)
 
-    def pre_weight_update_fn_inplace(self, p: torch.Tensor, update: torch.Tensor) -> None:
-        self._to_sphere(p, update)
+    def _to_sphere(self, ctx: MatrixContext, x: torch.Tensor) -> Program[None]:
+        radius = ctx.state["hyperball_radius"].double()
+        norm = yield from ctx.norm(x)
+        x.mul_((radius / (norm + self.hyperball_eps)).to(x.dtype))
 
-    def post_weight_update_fn_inplace(self, p: torch.Tensor) -> None:
-        self._to_sphere(p, p)
+    def pre_weight_update(self, ctx: MatrixContext, update: torch.Tensor) -> Program[None]:
+        yield from self._to_sphere(ctx, update)
+
+    def post_weight_update(self, ctx: MatrixContext) -> Program[None]:
+        yield from self._to_sphere(ctx, ctx.param)

@@ -11,11 +11,13 @@ import torch
 from torch.optim.optimizer import ParamsT
 
 from dist_ortho import comm
+from dist_ortho.coalesce import Program
 from dist_ortho.optim.base import MatmulPrecision, OrthogonalizedOptimizer, WeightDecayMethod
+from dist_ortho.optim.context import MatrixContext
 
 
 class PolarGrad(OrthogonalizedOptimizer):
-    orthogonalizes_with_newton_schulz = True
+    uses_newton_schulz = True
 
     def __init__(
         self,
@@ -50,7 +52,7 @@ class PolarGrad(OrthogonalizedOptimizer):
             **kwargs,
         )
 
-    def orthogonalize(self, p: torch.Tensor, grad: torch.Tensor, **group: Any) -> torch.Tensor:
-        O = self.newton_schulz(p, grad, group)
-        scale = self.global_inner(p, O, grad)[..., None, None] * group["extra_scale_factor"]
-        return O * scale.to(O.dtype)
+    def update(self, ctx: MatrixContext) -> Program[torch.Tensor]:
+        O = ctx.orthogonalized
+        inner = yield from ctx.inner(O, ctx.direction)
+        return O * (inner[..., None, None] * ctx.options["extra_scale_factor"]).to(O.dtype)

@@ -1,4 +1,7 @@
-"""Optimizers by name, for config strings and command lines: ``get_optimizer("muon")``."""
+"""Optimizers by name, for config strings and command lines: ``get_optimizer("muon")``.
+
+``muon_adamw`` (MuonAdamW, which looks its matrix optimizer up here) is registered by the package's
+``__init__``, so this module does not import it back."""
 
 from __future__ import annotations
 
@@ -9,7 +12,6 @@ import torch
 from torch.optim.optimizer import Optimizer
 
 from dist_ortho.optim.adaptive import AdaptiveMuon
-from dist_ortho.optim.hybrid import MuonAdamW
 from dist_ortho.optim.mop import MOP
 from dist_ortho.optim.muon import Muon, MuonHyperball
 from dist_ortho.optim.polargrad import PolarGrad
@@ -25,7 +27,6 @@ OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
     "adamuon": functools.partial(AdaptiveMuon, moment2_method="adamuon"),
     "normuon": functools.partial(AdaptiveMuon, moment2_method="normuon"),
     "namo": functools.partial(AdaptiveMuon, moment2_method="namo"),
-    "muon_adamw": MuonAdamW,
     "adamw": torch.optim.AdamW,
 }
 
@@ -38,6 +39,7 @@ def register_optimizer(name: str, factory: Callable[..., Optimizer]) -> None:
 
 
 def get_optimizer(name: str) -> Callable[..., Optimizer]:
+    """The optimizer class (or factory) registered as ``name``; it rejects keyword arguments it does not take."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; registered: {sorted(OPTIMIZERS)}")
     return OPTIMIZERS[name]

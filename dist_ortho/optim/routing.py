@@ -11,12 +11,9 @@ when ``verbose=False``).
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
-
-from dist_ortho.params import is_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -27,23 +24,8 @@ class Routing:
     reason: str
 
 
-def global_matrix_dims(p: torch.Tensor, tp_size: int = 1) -> tuple[int, int]:
-    """(out, in * prod(spatial)) of the global tensor (the sharded dim times the TP size)."""
-    shape = list(p.shape)
-    if is_sharded(p) and tp_size > 1:
-        shape[p.partition_dim] *= tp_size
-    return shape[0], math.prod(shape[1:])
-
-
-def route(
-    p: torch.Tensor,
-    *,
-    use_muon: bool | None = None,
-    use_fallback: bool | None = None,
-    tp_size: int = 1,
-    min_dim: int = 4,
-    max_aspect_ratio: float = 128.0,
-) -> Routing:
+def _by_flags_and_form(p: torch.Tensor, use_muon: bool | None, use_fallback: bool | None) -> Routing | None:
+    """The decision that needs no matrix dims, or None."""
     if use_fallback:
         return Routing(False, "use_fallback=True")
     if use_muon is not None:
@@ -54,7 +36,29 @@ def route(
         return Routing(False, f"fewer than 2 non-unit dims {tuple(p.shape)}")
     if 1 in p.shape[:2]:
         return Routing(False, f"unit dim in the first two of {tuple(p.shape)}")
-    rows, cols = global_matrix_dims(p, tp_size)
+    return None
+
+
+def needs_shape(p: torch.Tensor, *, use_muon: bool | None = None, use_fallback: bool | None = None) -> bool:
+    """Whether routing p depends on its (global) matrix dims."""
+    return _by_flags_and_form(p, use_muon, use_fallback) is None
+
+
+def route(
+    p: torch.Tensor,
+    *,
+    use_muon: bool | None = None,
+    use_fallback: bool | None = None,
+    dims: tuple[int, int] | None = None,
+    min_dim: int = 4,
+    max_aspect_ratio: float = 128.0,
+) -> Routing:
+    """Where p goes; ``dims`` are the rows and columns (in * prod(spatial)) of its GLOBAL matrix
+    (dist_ortho.params.find_layouts), this rank's shape when None."""
+    decided = _by_flags_and_form(p, use_muon, use_fallback)
+    if decided is not None:
+        return decided
+    rows, cols = dims if dims is not None else (p.size(0), p[0].numel())
     if min(rows, cols) < min_dim:
         return Routing(False, f"smallest dim {min(rows, cols)} < {min_dim}")
     if max(rows, cols) / min(rows, cols) > max_aspect_ratio:

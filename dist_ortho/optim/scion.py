@@ -13,11 +13,15 @@ import torch
 from torch.optim.optimizer import ParamsT
 
 from dist_ortho import comm
-from dist_ortho.optim.base import MatmulPrecision, OrthogonalizedOptimizer, check_number
+from dist_ortho.coalesce import Program
+from dist_ortho.optim.base import MatmulPrecision, OrthogonalizedOptimizer
+from dist_ortho.optim.context import MatrixContext
+from dist_ortho.optim.options import check_number
+from dist_ortho.optim.scale import muon_scale
 
 
 class Scion(OrthogonalizedOptimizer):
-    orthogonalizes_with_newton_schulz = True
+    uses_newton_schulz = True
 
     def __init__(
         self,
@@ -44,7 +48,6 @@ class Scion(OrthogonalizedOptimizer):
             coefficient_type=coefficient_type,
             num_ns_steps=num_ns_steps,
             spectral_radius=spectral_radius,
-            scale_mode="unit_rms_norm",
             tp_group=tp_group,
             tp_mode=tp_mode,
             **kwargs,
@@ -54,5 +57,7 @@ class Scion(OrthogonalizedOptimizer):
         super().check_group(group)
         check_number("spectral_radius", group["spectral_radius"])
 
-    def orthogonalize(self, p: torch.Tensor, grad: torch.Tensor, **group: Any) -> torch.Tensor:
-        return self.newton_schulz(p, grad, group) * (group["spectral_radius"] * self.shape_scale(p, group))
+    def update(self, ctx: MatrixContext) -> Program[torch.Tensor]:
+        yield from ()
+        layout = ctx.layout
+        return ctx.orthogonalized * (ctx.options["spectral_radius"] * muon_scale("unit_rms_norm", layout.rows, layout.cols))

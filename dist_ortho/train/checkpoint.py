@@ -20,69 +20,35 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from dist_ortho import comm
-from dist_ortho.optim.base import MatrixLayout, OrthogonalizedOptimizer
-from dist_ortho.optim.hybrid import MuonAdamW
-from dist_ortho.params import is_sharded
-from dist_ortho.tp import gather_shards, own_block
+from dist_ortho.optim.hybrid import fallback_holding
+from dist_ortho.params import Held, held_like_param
 
 
-def _owners(optimizer: torch.optim.Optimizer) -> dict[torch.Tensor, torch.optim.Optimizer]:
-    """The optimizer that holds each parameter (through MuonAdamW's inner optimizers)."""
-    inners = [o for _, o in optimizer._inner()] if isinstance(optimizer, MuonAdamW) else [optimizer]
-    return {p: inner for inner in inners for group in inner.param_groups for p in group["params"]}
+def _holding(optimizer: torch.optim.Optimizer, p: torch.Tensor, path: list[str], group: Any) -> Held:
+    """How the optimizer says it holds state ``path`` of ``p`` (dist_ortho's optimizers declare it; a torch
+    optimizer's state is held like the parameter, its ``step`` replicated)."""
+    declared = getattr(optimizer, "state_holding", None)
+    return declared(p, path) if declared is not None else fallback_holding(p, path, group)
 
 
-def _part_layouts(owner: torch.optim.Optimizer, p: torch.Tensor) -> list[MatrixLayout]:
-    return owner.part_layouts(p) if isinstance(owner, OrthogonalizedOptimizer) else []
-
-
-def _part_global(t: torch.Tensor, layout: MatrixLayout) -> torch.Tensor:
-    """A split fused weight's component state, gathered when it is sharded like the component."""
-    d, group = layout.spec.partition_dim, layout.group
-    if group is not None and t.ndim == 2 and t.size(d) == layout.sizes[comm.group_rank(group)]:
-        return gather_shards(t, d, group, layout.sizes)
-    return t
-
-
-def _part_local(t: torch.Tensor, layout: MatrixLayout) -> torch.Tensor:
-    d, group = layout.spec.partition_dim, layout.group
-    if group is not None and t.ndim == 2 and t.size(d) == sum(layout.sizes):
-        return own_block(t, d, comm.group_rank(group), layout.sizes)
-    return t.clone()
-
-
-def _sharded_like(t: torch.Tensor, p: torch.Tensor, shards: int) -> bool:
-    """t is sharded as p is, holding ``shards`` of p's blocks along p's partition_dim."""
-    return is_sharded(p) and t.ndim == p.ndim and t.size(p.partition_dim) == p.size(p.partition_dim) * shards
-
-
-def _global(t: torch.Tensor, p: torch.Tensor, group: Any) -> torch.Tensor:
-    size = comm.group_size(group)
-    if size > 1 and _sharded_like(t, p, 1):
-        return gather_shards(t, p.partition_dim - p.ndim + 2, group, [p.size(p.partition_dim)] * size)
-    return t
-
-
-def _local(t: torch.Tensor, p: torch.Tensor, group: Any) -> torch.Tensor:
-    size = comm.group_size(group)
-    if size > 1 and _sharded_like(t, p, size):
-        return torch.tensor_split(t, size, dim=p.partition_dim)[comm.group_rank(group)].clone()
-    return t.clone()
+def _state_tensors(state: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[list[str], Any]]:
+    out = []
+    for key, value in state.items():
+        if isinstance(value, dict):  # a component of a split fused weight: key part<i>
+            out += _state_tensors(value, (*prefix, key))
+        else:
+            out.append(([*prefix, key], value))
+    return out
 
 
 def global_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, group: Any) -> dict[str, Any]:
-    owners = _owners(optimizer)
+    """Weights and optimizer state as global tensors, keyed by parameter name (never by rank)."""
     model_sd, optim_sd = {}, {}
     for name, p in model.named_parameters():
-        model_sd[name] = _global(p.detach(), p, group)
-        owner = owners[p]
-        for key, value in owner.state[p].items():
-            if isinstance(value, dict):  # a component of a split fused weight: key is part<i>
-                layout = _part_layouts(owner, p)[int(key.removeprefix("part"))]
-                for field, t in value.items():
-                    optim_sd[f"{name}/{key}/{field}"] = _part_global(t, layout)
-            else:
-                optim_sd[f"{name}/{key}"] = _global(value, p, group) if torch.is_tensor(value) else torch.tensor(value)
+        model_sd[name] = held_like_param(p, group).to_global(p.detach())
+        for path, value in _state_tensors(optimizer.state[p]):
+            t = value if torch.is_tensor(value) else torch.tensor(value)
+            optim_sd["/".join([name, *path])] = _holding(optimizer, p, path, group).to_global(t)
     return {"model": model_sd, "optim": optim_sd}
 
 
@@ -133,17 +99,14 @@ def load(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
         raise ValueError(f"checkpoint {checkpoint} lacks weights {sorted(missing)[:3]}...: a different model")
     with torch.no_grad():
         for name, p in params.items():
-            local = _local(state["model"][name], p, group)
+            local = held_like_param(p, group).to_local(state["model"][name])
             if local.shape != p.shape:
                 raise ValueError(f"checkpoint {checkpoint}: {name} has shape {tuple(local.shape)}, the model {tuple(p.shape)}")
             p.copy_(local)
-    owners = _owners(optimizer)
     for key, value in state["optim"].items():
         name, *path = key.split("/")
         p = params[name]
-        owner = owners[p]
-        if len(path) == 1:
-            owner.state[p][path[0]] = _local(value, p, group).to(p.device)
-        else:
-            layout = _part_layouts(owner, p)[int(path[0].removeprefix("part"))]
-            owner.state[p].setdefault(path[0], {})[path[1]] = _part_local(value, layout).to(p.device)
+        target = optimizer.state[p]
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+        target[path[-1]] = _holding(optimizer, p, path, group).to_local(value).to(p.device)

@@ -25,24 +25,20 @@ import torch.distributed as dist
 
 from dist_ortho import MuonAdamW, comm
 from dist_ortho.integrations.megatron import add_muon_args
-from dist_ortho.optim.registry import OPTIMIZERS
+from dist_ortho.optim.options import accepted_keywords
+from dist_ortho.optim.registry import OPTIMIZERS, get_optimizer
 from dist_ortho.train import checkpoint
 from dist_ortho.train.data import ByteData, load_corpus
 from dist_ortho.train.model import GPT, GPTConfig
 
 logger = logging.getLogger("dist_ortho.train")
 
-# The --muon-* flags each family member takes (others have no such argument).
+# The --muon-* flags and the optimizer arguments they set (each member takes those in its signature).
 _FLAG_OF = {
     "momentum": "muon_momentum", "nesterov": "muon_use_nesterov", "fp32_matmul_prec": "muon_fp32_matmul_prec",
     "coefficient_type": "muon_coefficient_type", "num_ns_steps": "muon_num_ns_steps",
     "scale_mode": "muon_scale_mode", "extra_scale_factor": "muon_extra_scale_factor", "use_syrk": "muon_use_syrk",
     "split_qkv": "muon_split_qkv",
-}
-_NOT_TAKEN = {
-    "scion": {"nesterov", "scale_mode", "extra_scale_factor", "use_syrk"},
-    "mop": {"coefficient_type", "num_ns_steps", "scale_mode", "use_syrk"},
-    "polargrad": {"scale_mode", "use_syrk"},
 }
 MATRIX_OPTIMIZERS = sorted(k for k in OPTIMIZERS if k not in ("adamw", "muon_adamw"))
 
@@ -91,8 +87,9 @@ def tp_groups(tp: int) -> dist.ProcessGroup:
 def build_optimizer(name: str, model: GPT, args: argparse.Namespace, group: Any) -> torch.optim.Optimizer:
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=args.adamw_lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    kwargs = {k: getattr(args, flag) for k, flag in _FLAG_OF.items() if k not in _NOT_TAKEN.get(name, ())}
-    if name != "scion":
+    accepted = accepted_keywords(get_optimizer(name))
+    kwargs = {k: getattr(args, flag) for k, flag in _FLAG_OF.items() if k in accepted}
+    if "weight_decay" in accepted:
         kwargs["weight_decay"] = args.weight_decay
     return MuonAdamW(
         model.named_parameters(), optimizer=name, lr=args.lr, adamw_lr=args.adamw_lr, tp_group=group,

@@ -1,4 +1,4 @@
-"""Home-rank mode: each sharded matrix is orthogonalized once, on one rank of its TP group.
+"""``home``: each sharded matrix is orthogonalized once, on one rank of its TP group.
 
 Matrices are assigned to home ranks by longest-processing-time-first on the cost
 max(m, n) * min(m, n)^2 (per matrix of a batch). One all-to-all brings every shard to its matrix's
@@ -18,6 +18,7 @@ import torch
 
 from dist_ortho import comm
 from dist_ortho.coalesce import AllToAll, Program
+from dist_ortho.tp.jobs import MatrixJob, local_newton_schulz, own_block, tensor_dim
 
 
 def ns_cost(shape: Sequence[int]) -> int:
@@ -47,14 +48,12 @@ def _flat(parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return torch.cat([p.reshape(-1) for p in parts]) if parts else like.new_empty(0)
 
 
-def home_program(jobs: Sequence) -> Program[list[torch.Tensor]]:
-    """Program orthogonalizing MatrixJobs of one group and dtype at their home ranks; their blocks, in order."""
-    from dist_ortho.tp import local_newton_schulz, own_block, tensor_dim
-
+def program(jobs: Sequence[MatrixJob]) -> Program[list[torch.Tensor]]:
+    """Program orthogonalizing the jobs of one group and dtype at their home ranks; their blocks, in order."""
     group = jobs[0].group
     size, rank = comm.group_size(group), comm.group_rank(group)
     dims = [tensor_dim(job.x, job.partition_dim) for job in jobs]
-    sizes = [job.sizes or [job.x.size(d)] * size for job, d in zip(jobs, dims)]
+    sizes = [job.shard_sizes for job in jobs]
     shapes = [_shard_shape(job.x, d, sum(s)) for job, d, s in zip(jobs, dims, sizes)]
     homes = assign_homes([ns_cost(s) for s in shapes], size)
     mine = [i for i, h in enumerate(homes) if h == rank]

@@ -1,0 +1,87 @@
+"""Newton-Schulz on one device: plain loops over whole matrices, no communication (torch.compile-able).
+
+For G (m x n) the update direction is the orthogonal polar factor U V^T of G = U S V^T. Newton-Schulz
+approximates it with an odd matrix polynomial (Jordan et al., "Muon", 2024):
+
+    X_0     = G / (||G||_F + eps)
+    A_k     = X_k X_k^T
+    X_{k+1} = a_k X_k + (b_k A_k + c_k A_k^2) X_k
+
+When m > n the iteration runs on G^T so that A is the smaller (n x n) Gram matrix. A 3D input is a
+batch of matrices, each normalized on its own. The tensor-parallel modes (dist_ortho.tp) reuse these
+pieces on shards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from dist_ortho.coefficients import Triple
+from dist_ortho.kernels import gram
+from dist_ortho.precision import compute_dtype
+
+DEFAULT_EPS = 1e-30
+"""Guards the normalization against a zero matrix only: the norm is a float64 sum, so a matrix whose
+entries are ~1e-20 (norm ~1e-18) is still scaled to unit norm. (eps = 1e-7, the usual value, maps such
+inputs to ~0 instead of orthogonalizing them.)"""
+
+
+def check_matrix(x: object, name: str = "x") -> torch.Tensor:
+    """Raise TypeError / ValueError unless ``x`` is a floating tensor with 2 or 3 dims."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype (float32, bfloat16, float16, float64), got {x.dtype}")
+    if x.ndim not in (2, 3):
+        raise ValueError(f"{name} must be a matrix (2D) or a batch of matrices (3D), got shape {tuple(x.shape)}")
+    return x
+
+
+def sum_of_squares(x: torch.Tensor, dims: tuple[int, ...] = (-2, -1)) -> torch.Tensor:
+    """sum(x**2) over ``dims`` of this block, in float64 (so tiny and huge entries neither under- nor overflow)."""
+    return torch.linalg.vector_norm(x, dim=dims, dtype=torch.float64).square()
+
+
+def scale_to_unit(x: torch.Tensor, sum_sq: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / (sqrt(sum_sq) + eps) per matrix, in float32 or wider (sum_sq: float64, one per matrix)."""
+    scale = 1.0 / (sum_sq.sqrt() + eps)
+    work = x if x.dtype == torch.float64 else x.float()
+    return work * scale.to(work.dtype)[..., None, None]
+
+
+def _addmm(bias: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
+    """beta * bias + alpha * m1 @ m2 for matrices or batches."""
+    if m1.ndim == 2:
+        return torch.addmm(bias, m1, m2, beta=beta, alpha=alpha)
+    return torch.baddbmm(bias, m1, m2, beta=beta, alpha=alpha)
+
+
+def polynomial_step(X: torch.Tensor, A: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
+    """a X + (b A + c A^2) X for the Gram matrix A of X."""
+    # Cubic steps (c = 0) skip A @ A; this also avoids baddbmm(alpha=0), which is wrong for bf16 on CPU.
+    B = b * A if c == 0 else _addmm(A, A, A, beta=b, alpha=c)
+    return _addmm(X, B, X, beta=a, alpha=1.0)
+
+
+def orthogonalize(
+    x: torch.Tensor,
+    coefficients: Sequence[Triple],
+    eps: float = DEFAULT_EPS,
+    transpose: bool | None = None,
+    use_syrk: bool = False,
+) -> torch.Tensor:
+    """Newton-Schulz of the whole matrix (or batch) ``x`` on this device, returned contiguous in x's dtype.
+
+    ``transpose=None`` runs on the side with the smaller Gram matrix (rows > cols transposes).
+    """
+    if transpose is None:
+        transpose = x.size(-2) > x.size(-1)
+    X = x.mT if transpose else x
+    X = scale_to_unit(X, sum_of_squares(X), eps).to(compute_dtype(x.dtype))
+    for a, b, c in coefficients:
+        X = polynomial_step(X, gram(X, use_syrk), a, b, c)
+    if transpose:
+        X = X.mT
+    return X.to(x.dtype).contiguous()

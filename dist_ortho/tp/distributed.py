@@ -1,0 +1,35 @@
+"""``distributed``: the sharded dim becomes the contraction dim of X X^T, so each rank forms its partial
+k x k Gram matrix (k = the unsharded dim) and all-reduces it every step; the norm is one float64
+all-reduce. steps + 1 collectives per matrix (coalesced: per step); the k^3 product A^2 runs on every rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from dist_ortho import comm, reductions
+from dist_ortho.coalesce import AllReduce, Program
+from dist_ortho.coefficients import Triple
+from dist_ortho.iteration import polynomial_step, scale_to_unit
+from dist_ortho.kernels import gram
+from dist_ortho.precision import compute_dtype
+from dist_ortho.tp.jobs import MatrixJob
+
+
+def column_sharded_newton_schulz(
+    x: torch.Tensor, coefficients: Sequence[Triple], eps: float, group: comm.ProcessGroup | None, use_syrk: bool = False
+) -> Program[torch.Tensor]:
+    """Program: Newton-Schulz of the matrix whose columns ``group`` holds in blocks, x this rank's block."""
+    X = scale_to_unit(x, (yield from reductions.sum_of_squares(x, group)), eps).to(compute_dtype(x.dtype))
+    for a, b, c in coefficients:
+        A = yield AllReduce(gram(X, use_syrk), group)
+        X = polynomial_step(X, A, a, b, c)
+    return X.to(x.dtype).contiguous()
+
+
+def program(job: MatrixJob) -> Program[torch.Tensor]:
+    X = job.x.mT if job.partition_dim == 0 else job.x  # the sharded dim becomes the contraction dim
+    out = yield from column_sharded_newton_schulz(X, job.ns.coefficients, job.ns.eps, job.group, job.ns.use_syrk)
+    return (out.mT if job.partition_dim == 0 else out).contiguous()
