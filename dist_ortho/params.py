@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from dist_ortho import comm
-from dist_ortho.tp.jobs import block, even_sizes, exchange_shard_sizes, gather_shards, tensor_dim
+from dist_ortho.tp.jobs import block, even_sizes, exchange_shard_sizes, gather_shards, summed_shape
 
 logger = logging.getLogger(__name__)
 
@@ -81,13 +81,13 @@ def shard_spec(
 
 
 def global_shape(shape: torch.Size | tuple[int, ...], spec: ShardSpec, sizes: Sequence[int] | None = None) -> tuple[int, ...]:
-    """Shape of the whole matrix: the local shape with the sharded (matrix) dim summed over ranks."""
+    """Shape of the whole matrix: the local shape with the sharded (matrix) dim summed over ranks
+    (``sizes``; equal shards when None)."""
     if spec.partition_dim is None:
         return tuple(shape)
-    out = list(shape)
-    dim = len(out) - 2 + spec.partition_dim
-    out[dim] = sum(sizes) if sizes is not None else out[dim] * spec.size
-    return tuple(out)
+    if sizes is None:
+        sizes = [shape[len(shape) - 2 + spec.partition_dim]] * spec.size
+    return summed_shape(shape, spec.partition_dim, sizes)
 
 
 @dataclass(frozen=True)

@@ -61,24 +61,27 @@ def _gather(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _three_steps_match(weights: dict, pg_collection, mode: str, reference, **kwargs) -> None:
-    """Three TensorParallelMuon steps with each weight's own gradient; the gathered weights must equal
-    ``reference(name, full weight, [full gradient] * 3, hp)``."""
+    """Three TensorParallelMuon steps (Nesterov) with a different gradient at every step (each weight's own
+    backward gradient plus seeded noise, the same on every rank), so that momentum and Nesterov errors are
+    not normalized away; the gathered weights must equal ``reference(name, full weight, full grads, hp)``."""
     from dist_ortho.integrations.megatron import TensorParallelMuon
 
     full = {k: _gather(p.detach(), p.partition_dim) for k, p in weights.items()}
     full_grad = {k: _gather(p.grad, p.partition_dim) for k, p in weights.items()}
-    hp = {"lr": 0.02, "momentum": 0.9, "weight_decay": 0.01}
+    gen = torch.Generator().manual_seed(7)
+    step_grads = {k: [g + g.std() * torch.randn(g.shape, generator=gen) for _ in range(3)] for k, g in full_grad.items()}
+    hp = {"lr": 0.02, "momentum": 0.9, "weight_decay": 0.01, "nesterov": True}
     opt = TensorParallelMuon(list(weights.values()), lr=hp["lr"], momentum_beta=hp["momentum"],
-                             weight_decay=hp["weight_decay"], use_nesterov=False, fp32_matmul_prec="highest",
+                             weight_decay=hp["weight_decay"], use_nesterov=True, fp32_matmul_prec="highest",
                              pg_collection=pg_collection, mode=mode, **kwargs)
-    grads = {k: p.grad.clone() for k, p in weights.items()}
-    for _ in range(3):
+    rank, size = dist.get_rank(), dist.get_world_size()
+    for step in range(3):
         for k, p in weights.items():
-            p.grad = grads[k].clone()
+            p.grad = torch.tensor_split(step_grads[k][step], size, dim=p.partition_dim)[rank].clone()
         opt.step()
     errors = {}
     for k, p in weights.items():
-        expected = reference(k, full[k], [full_grad[k]] * 3, hp)
+        expected = reference(k, full[k], step_grads[k], hp)
         moved = (expected - full[k].double()).abs().max().item()
         errors[k] = ((_gather(p.detach(), p.partition_dim).double() - expected).abs().max().item(), moved)
     bad = {k: v for k, v in errors.items() if not optim_reference.weights_agree(*v)}

@@ -180,3 +180,87 @@ def test_auto_plan_is_printable_and_avoids_singular_gram(world):
     assert set(lines) == {"linear_qkv.weight [q]", "linear_qkv.weight [k]", "linear_qkv.weight [v]", "fc1.weight"}
     for name in ("linear_qkv.weight [k]", "linear_qkv.weight [v]"):  # 64 x 256, rows sharded: k = 256 > n = 64
         assert " gram " not in lines[name] and lines[name].rstrip().endswith("ms") and " - " in lines[name]
+
+
+# Collectives of one step (after the first), per member: Newton-Schulz's (per mode, shared by all
+# matrices) plus the member's own rounds of global quantities, each one flat all-reduce for all matrices.
+NS_CALLS = {"duplicated": 1, "distributed": 6, "gram": 2, "home": 2}  # 5 steps, float32: gram restarts once
+MEMBER_CALLS = {
+    "muon": 0, "scion": 0, "adamuon": 0,
+    "polargrad": 1,  # <O, M>
+    "muon_hyperball": 2,  # ||U|| before, ||W|| after the update
+    "normuon": 3,  # the row/column mean along a sharded dim, ||O||, ||U||
+    "namo": 2,  # ||G||^2, ||M||
+}
+MEMBER_KINDS = (*MEMBER_CALLS, "mop")
+MATRICES = (((48, 20), 1), ((20, 36), 0), ((32, 32), 0), ((64, 16), 1), ((24, 40), 1))
+
+
+def _member_counts(ctx, kind: str, mode: str, count: int) -> int:
+    from dist_ortho import count_collectives
+
+    gen = torch.Generator().manual_seed(0)
+    params = [sharded(block(torch.randn(s, generator=gen), pd, ctx.rank, ctx.world_size), pd)
+              for s, pd in MATRICES[:count]]
+    params.append(torch.nn.Parameter(torch.randn(12, 12, generator=gen)))  # replicated
+    opt = get_optimizer(kind)(params, tp_group=ctx.group, tp_mode=mode, fp32_matmul_prec="highest")
+    calls = []
+    for _ in range(2):  # the first step also finds the layouts and initializes state
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        with count_collectives() as stats:
+            opt.step()
+        calls.append(stats.total_calls)
+    return calls[1]
+
+
+@pytest.mark.parametrize("mode", [*NS_CALLS, "auto"])
+@pytest.mark.parametrize("kind", MEMBER_KINDS)
+def test_every_member_issues_a_constant_number_of_collectives(world, kind, mode):
+    """Every member in every mode: the same number of calls for 2 sharded matrices as for 5, pinned."""
+    few = world.run(_member_counts, kind, mode, 2)
+    many = world.run(_member_counts, kind, mode, 5)
+    assert len(set(few + many)) == 1, (few, many)
+    if world.size == 1:
+        assert few[0] == 0
+    elif kind == "mop":
+        assert few[0] == 1  # one all-gather of every direction for the SVD, whatever the mode
+    elif mode != "auto":
+        assert few[0] == NS_CALLS[mode] + MEMBER_CALLS[kind], few
+
+
+def _plan_logs(ctx) -> list[str]:
+    import logging
+
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("dist_ortho.optim.base")
+    handler, level = Keep(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        params = [sharded(block(torch.randn(s, generator=gen), pd, ctx.rank, ctx.world_size), pd) for s, pd in MATRICES]
+        opt = get_optimizer("muon")(params, tp_group=ctx.group, tp_mode="auto")
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        plan = opt.tp_plan()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return [m for m in records if "plan" in m] + [plan]
+
+
+def test_auto_plan_is_logged_once_and_matches_tp_plan(world):
+    """The plan is logged at INFO when it is new (once over 3 steps), and tp_plan() reports the modes the
+    step ran, evaluated under the group's precision (the default "medium", as in the step)."""
+    logs = world.run(_plan_logs)[0]
+    *plans, reported = logs
+    assert len(plans) == 1, plans
+    assert reported in plans[0]

@@ -117,6 +117,14 @@ def _counts(ctx, mode: str, validate: bool) -> int:
     return stats.total_calls
 
 
+def _auto_choice(ctx) -> str:
+    from dist_ortho.tp import MatrixJob, NsSpec
+    from dist_ortho.tp.cost import choose_mode
+
+    local = block(torch.zeros(64, 48), 1, ctx.rank, ctx.world_size)
+    return choose_mode(MatrixJob(local, 1, ctx.group, None, "auto", NsSpec(5, "quintic")))
+
+
 @pytest.mark.parametrize("validate", [False, True])
 @pytest.mark.parametrize("mode", EXACT_MODES + ("blockwise",))
 def test_collective_counts(world, mode, validate):
@@ -128,9 +136,8 @@ def test_collective_counts(world, mode, validate):
         "home": 2,
         "blockwise": 0,
     }
-    if mode == "auto":
-        assert len(set(counts)) == 1 and (world.size == 1 or counts[0] - int(validate) in per_mode.values())
-        return
+    if mode == "auto":  # the mode the cost model picks for this matrix, counted as that mode
+        mode = world.run(_auto_choice)[0]
     expected = 0 if world.size == 1 or mode == "blockwise" else per_mode[mode] + int(validate)
     assert counts == [expected] * world.size
 

@@ -68,9 +68,15 @@ class MatrixJob:
     def global_shape(self) -> tuple[int, ...]:
         if not self.sharded:
             return tuple(self.x.shape)
-        shape = list(self.x.shape)
-        shape[tensor_dim(self.x, self.partition_dim)] = sum(self.shard_sizes)
-        return tuple(shape)
+        return summed_shape(self.x.shape, self.partition_dim, self.shard_sizes)
+
+
+def summed_shape(shape: Sequence[int], partition_dim: int, sizes: Sequence[int]) -> tuple[int, ...]:
+    """The global shape of a matrix (or batch) from a shard's ``shape``: matrix dim ``partition_dim`` is the
+    sum of every rank's ``sizes`` along it."""
+    out = list(shape)
+    out[len(out) - 2 + partition_dim] = sum(sizes)
+    return tuple(out)
 
 
 def check_partition_dim(partition_dim: object) -> int | None:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_ortho import comm
+from dist_ortho.tp import shard
 from dist_ortho.qkv import qkv_split_shapes
 
 
@@ -76,7 +77,7 @@ class _ReduceFromTP(torch.autograd.Function):
 
 def _tp_parameter(full: torch.Tensor, partition_dim: int, group: dist.ProcessGroup | None) -> nn.Parameter:
     size, rank = comm.group_size(group), comm.group_rank(group)
-    p = nn.Parameter(torch.tensor_split(full, size, dim=partition_dim)[rank].clone())
+    p = nn.Parameter(shard(full, partition_dim, rank, size))
     p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, partition_dim, 1
     return p
 

@@ -1,0 +1,121 @@
+"""The shape of the code: layers that import only downward and no import cycles; unknown keyword arguments
+rejected by every constructor with the accepted ones named."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import dist_ortho
+from dist_ortho import MuonAdamW, get_optimizer
+from dist_ortho.optim.registry import OPTIMIZERS
+
+PACKAGE = Path(dist_ortho.__file__).parent
+
+# Lowest first; a module may import its own layer and those below it, never one above.
+LAYERS = [
+    ("math", ["dist_ortho.coefficients", "dist_ortho.precision", "dist_ortho.iteration", "dist_ortho.kernels"]),
+    ("communication", ["dist_ortho.comm", "dist_ortho.coalesce", "dist_ortho.reductions"]),
+    ("tensor parallel", ["dist_ortho.tp", "dist_ortho.newton_schulz", "dist_ortho.plan"]),
+    ("parameters", ["dist_ortho.params", "dist_ortho.qkv"]),
+    ("optimizer policy", ["dist_ortho.optim"]),
+    ("integrations", ["dist_ortho.integrations", "dist_ortho.train", "dist_ortho.demo", "dist_ortho"]),
+]
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def _layer(module: str) -> int:
+    best = None
+    for index, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > best[1]):
+                best = (index, len(prefix))
+    assert best is not None, f"{module} is in no layer: add it to LAYERS"
+    return best[0]
+
+
+def _imports(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """dist_ortho modules imported anywhere in the file (functions included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("dist_ortho")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dist_ortho"):
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if sub in modules else node.module)
+    return {m for m in found if m in modules and m != module}
+
+
+def test_layers_import_only_downward():
+    modules = _modules()
+    upward = []
+    for module, path in modules.items():
+        for target in _imports(module, path, modules):
+            if _layer(target) > _layer(module):
+                upward.append(f"{module} ({LAYERS[_layer(module)][0]}) imports {target} ({LAYERS[_layer(target)][0]})")
+    assert not upward, "\n".join(upward)
+
+
+def test_no_import_cycles():
+    modules = _modules()
+    graph = {m: _imports(m, p, modules) - {"dist_ortho"} for m, p in modules.items()}
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for target in sorted(graph[node]):
+            if state.get(target) == 1:
+                cycles.append(" -> ".join(stack[stack.index(target):] + [target]))
+            elif target not in state:
+                visit(target, stack + [target])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, "\n".join(cycles)
+
+
+def test_each_mode_has_its_own_module():
+    for mode in ("duplicated", "distributed", "gram", "home"):
+        assert importlib.util.find_spec(f"dist_ortho.tp.{mode}") is not None, mode
+
+
+def _params():
+    return [torch.nn.Parameter(torch.randn(8, 6)), torch.nn.Parameter(torch.randn(6))]
+
+
+@pytest.mark.parametrize("name", sorted(k for k in OPTIMIZERS if k != "adamw"))
+def test_unknown_keyword_is_a_type_error_naming_it_and_the_accepted_ones(name):
+    params = _params() if name == "muon_adamw" else _params()[:1]
+    with pytest.raises(TypeError) as error:
+        get_optimizer(name)(params, lr=0.01, tp_mod="gram")
+    message = str(error.value)
+    assert "tp_mod" in message and "tp_mode" in message, message
+
+
+def test_misspelled_keywords_do_not_build():
+    p = torch.nn.Parameter(torch.randn(8, 6))
+    with pytest.raises(TypeError, match=r"\['num_ns_step', 'tp_mod'\]"):
+        dist_ortho.Muon([p], lr=0.01, tp_mod="gram", num_ns_step=3)
+    with pytest.raises(TypeError, match="num_ns_step"):  # no matrix parameter at all: still checked
+        MuonAdamW([torch.nn.Parameter(torch.randn(6))], num_ns_step=3)
+    with pytest.raises(TypeError, match="beta3"):
+        get_optimizer("normuon")([p], beta3=0.9)
+    with pytest.raises(TypeError, match="nesterov"):  # Scion has no Nesterov
+        dist_ortho.Scion([p], nesterov=True)
