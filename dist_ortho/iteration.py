@@ -79,7 +79,7 @@ def orthogonalize(
     if transpose is None:
         transpose = x.size(-2) > x.size(-1)
     X = x.mT if transpose else x
-    X = scale_to_unit(X, sum_of_squares(X), eps).to(compute_dtype(x.dtype))
+    X = scale_to_unit(X, sum_of_squares(X), eps).to(compute_dtype(x.dtype, x.device))
     for a, b, c in coefficients:
         X = polynomial_step(X, gram(X, use_syrk), a, b, c)
     if transpose:

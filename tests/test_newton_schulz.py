@@ -2,11 +2,15 @@
 precision, with the tolerances of ``tests.reference.fp32_tolerance`` (2e-5; 4e-4 for cans)."""
 
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from dist_ortho import newton_schulz, newton_schulz_step
+from dist_ortho.precision import MEDIUM_DTYPE_ENV, compute_dtype, medium_dtype, set_medium_dtype
 from tests.reference import CUSTOM, NAMED_TYPES, fp32_tolerance, newton_schulz_ref, polar_factor
 
 SHAPES = [(96, 40), (40, 96), (64, 64), (7, 13), (13, 7), (4, 24, 16), (2, 16, 24)]
@@ -83,7 +87,11 @@ def test_default_eps_beats_the_usual_1e7():
 def test_medium_precision_runs_bf16_and_returns_float32():
     g = torch.randn(64, 32)
     torch.set_float32_matmul_precision("medium")
-    out = newton_schulz(g, 5)
+    set_medium_dtype(torch.bfloat16)  # the bf16 numerics on any CPU (see the precision policy tests)
+    try:
+        out = newton_schulz(g, 5)
+    finally:
+        set_medium_dtype(None)
     assert out.dtype == torch.float32
     ref = newton_schulz_ref(g, "quintic", 5, dtype=torch.bfloat16).float()
     assert ((out - ref).norm() / ref.norm()).item() < 0.05  # bf16 rounding in a different op order
@@ -140,3 +148,44 @@ def test_bad_input(x, kwargs, error, needle):
     kwargs = {"steps": 5, **kwargs}
     with pytest.raises(error, match=needle):
         newton_schulz(x, **kwargs)
+
+
+def test_medium_dtype_follows_the_device_and_its_overrides(monkeypatch):
+    """"medium" is bf16 where the device has a native bf16 matmul, else float32 (forced both ways here)."""
+    monkeypatch.delenv(MEDIUM_DTYPE_ENV, raising=False)
+    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert medium_dtype("cpu") == (torch.bfloat16 if native else torch.float32)
+    assert medium_dtype("cuda") == torch.bfloat16
+    g = torch.randn(40, 24)
+    torch.set_float32_matmul_precision("medium")
+    try:
+        set_medium_dtype(torch.float32)  # a CPU without bf16: medium runs float32, the same as "high"
+        assert compute_dtype(torch.float32, "cuda") == torch.float32
+        no_bf16 = newton_schulz(g, 5)
+        set_medium_dtype(torch.bfloat16)
+        bf16 = newton_schulz(g, 5)
+        set_medium_dtype(None)
+        monkeypatch.setenv(MEDIUM_DTYPE_ENV, "float32")
+        assert compute_dtype(torch.float32) == torch.float32
+        monkeypatch.setenv(MEDIUM_DTYPE_ENV, "fp8")
+        with pytest.raises(ValueError, match=MEDIUM_DTYPE_ENV):
+            compute_dtype(torch.float32)
+    finally:
+        set_medium_dtype(None)
+        torch.set_float32_matmul_precision("highest")
+    assert no_bf16.dtype == torch.float32
+    assert (bf16 - no_bf16).abs().max() > 1e-3  # bf16 rounding shows
+    with pytest.raises(ValueError, match="set_medium_dtype"):
+        set_medium_dtype(torch.float16)
+
+
+def test_medium_dtype_is_logged_once():
+    code = (
+        "import logging, torch; logging.basicConfig(level=logging.INFO);"
+        "torch.set_float32_matmul_precision('medium');"
+        "from dist_ortho import newton_schulz; [newton_schulz(torch.randn(8, 4), 5) for _ in range(3)]"
+    )
+    env = {k: v for k, v in os.environ.items() if k != MEDIUM_DTYPE_ENV}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("fp32_matmul_prec='medium' runs Newton-Schulz in") == 1, out.stderr

@@ -74,7 +74,17 @@ def _sigma_error(o: torch.Tensor) -> float:
 
 
 def _bf16_against_one_device(ctx) -> dict:
+    from dist_ortho.precision import set_medium_dtype
+
     torch.set_float32_matmul_precision("medium")
+    set_medium_dtype(torch.bfloat16)  # bf16 on any CPU (the device policy would pick float32 without native bf16)
+    try:
+        return _bf16_report(ctx)
+    finally:
+        set_medium_dtype(None)
+
+
+def _bf16_report(ctx) -> dict:
     gen = torch.Generator().manual_seed(7)
     report = {}
     for shape in ((96, 40), (40, 96), (3, 24, 20), (64, 64)):

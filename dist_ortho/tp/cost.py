@@ -81,7 +81,7 @@ def mode_costs(
 
 def job_costs(job: MatrixJob) -> dict[str, float]:
     """mode_costs of a job's global matrix, under the current fp32 matmul precision (its element size)."""
-    element = torch.empty((), dtype=compute_dtype(job.x.dtype)).element_size()
+    element = torch.empty((), dtype=compute_dtype(job.x.dtype, job.x.device)).element_size()
     t = comm.group_size(job.group)
     return mode_costs(job.global_shape, job.partition_dim, t, job.ns.steps, element, len(restarts_of(job)),
                       cost_profile(job.x.device))

@@ -22,7 +22,7 @@ def column_sharded_newton_schulz(
     x: torch.Tensor, coefficients: Sequence[Triple], eps: float, group: comm.ProcessGroup | None, use_syrk: bool = False
 ) -> Program[torch.Tensor]:
     """Program: Newton-Schulz of the matrix whose columns ``group`` holds in blocks, x this rank's block."""
-    X = scale_to_unit(x, (yield from reductions.sum_of_squares(x, group)), eps).to(compute_dtype(x.dtype))
+    X = scale_to_unit(x, (yield from reductions.sum_of_squares(x, group)), eps).to(compute_dtype(x.dtype, x.device))
     for a, b, c in coefficients:
         A = yield AllReduce(gram(X, use_syrk), group)
         X = polynomial_step(X, A, a, b, c)

@@ -32,7 +32,7 @@ GRAM_RESTART_PERIOD = 3
 """float32 compute restarts (re-forms X_l and R) before every 3rd step."""
 
 
-def default_gram_restarts(dtype: torch.dtype, steps: int) -> tuple[int, ...]:
+def default_gram_restarts(dtype: torch.dtype, steps: int, device: torch.device | str | None = None) -> tuple[int, ...]:
     """Steps before which gram mode re-forms X_l and R (one more all-reduce each).
 
     The Gram recursion amplifies the rounding error of R_0 along small singular values (by up to
@@ -41,12 +41,12 @@ def default_gram_restarts(dtype: torch.dtype, steps: int) -> tuple[int, ...]:
     recursion already runs in float32 and its error is far below bf16's own, so no restart is needed
     (orthogonality measured equal to the distributed mode's); float64 needs none either.
     """
-    return tuple(range(GRAM_RESTART_PERIOD, steps, GRAM_RESTART_PERIOD)) if compute_dtype(dtype) == torch.float32 else ()
+    return tuple(range(GRAM_RESTART_PERIOD, steps, GRAM_RESTART_PERIOD)) if compute_dtype(dtype, device) == torch.float32 else ()
 
 
 def restarts_of(job: MatrixJob) -> tuple[int, ...]:
     ns = job.ns
-    return ns.gram_restarts if ns.gram_restarts is not None else default_gram_restarts(job.x.dtype, ns.steps)
+    return ns.gram_restarts if ns.gram_restarts is not None else default_gram_restarts(job.x.dtype, ns.steps, job.x.device)
 
 
 def gram_newton_schulz(
@@ -68,7 +68,7 @@ def gram_newton_schulz(
     products with X_l then also run at "highest" precision: that case costs float32 k^2 n products
     and k^3 work on the larger side, and ``tp_mode="auto"`` does not pick gram for it.
     """
-    dtype = compute_dtype(x.dtype)
+    dtype = compute_dtype(x.dtype, x.device)
     small = torch.promote_types(dtype, torch.float32)
     singular = x.size(-2) > (global_cols or x.size(-1))
     gram_precision = "highest" if singular else torch.get_float32_matmul_precision()
