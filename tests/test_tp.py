@@ -225,3 +225,31 @@ def test_ranks_that_disagree_all_raise_the_same_error(world, case):
         pytest.skip("needs two ranks to disagree")
     messages = world.run(_error_message, DISAGREEMENTS[case])
     assert len(set(messages)) == 1 and "disagree" in messages[0], messages
+
+
+def _zero_and_extreme_scales(ctx) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for scale in (0.0, 1e-30, 1e-20, 1e20):
+            full = (torch.randn(24, 16, generator=gen, dtype=torch.float64) * scale).to(dtype)
+            one_device = newton_schulz(full, 5)
+            for partition_dim in (0, 1):
+                local = block(full, partition_dim, ctx.rank, ctx.world_size)
+                expected = block(one_device, partition_dim, ctx.rank, ctx.world_size)
+                for mode in EXACT_MODES:
+                    got = newton_schulz_tp(local, 5, "quintic", ctx.group, partition_dim, mode)
+                    exact_zero = scale != 0 or bool((got == 0).all())
+                    err = (got.double() - expected.double()).abs().max().item() if torch.isfinite(got).all() else float("inf")
+                    out[str(dtype), scale, partition_dim, mode] = (err, exact_zero)
+    return out
+
+
+def test_zero_and_extreme_scales_in_every_mode(world):
+    """A zero matrix stays exactly zero in every mode (gram wrote NaN before), and matrices of entries
+    ~1e-30, 1e-20 and 1e20 are orthogonalized as on one device (no under- or overflow). Tolerance: the
+    same as for unit-scale inputs of each dtype (fp32 4e-4 as the cans-worst case, fp64 1e-10, bf16 0.05)."""
+    tolerance = {"torch.float32": 4e-4, "torch.float64": 1e-10, "torch.bfloat16": 0.05}
+    report = world.run(_zero_and_extreme_scales)
+    bad = {k: v for r in report for k, v in r.items() if not (v[1] and v[0] <= tolerance[k[0]])}
+    assert not bad, bad

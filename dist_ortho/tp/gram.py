@@ -25,8 +25,9 @@ from dist_ortho.precision import compute_dtype, matmul_precision
 from dist_ortho.tp.jobs import MatrixJob
 
 GRAM_TRACE_BAND = (1e-24, 1e30)
-"""trace(R_0) outside this band means squares of entries under- or overflowed in the Gram matrix: then X
-is normalized first (one more all-reduce) and R re-formed from it."""
+"""trace(R_0) outside this band (a zero trace included) means squares of entries under- or overflowed in the
+Gram matrix, or a zero matrix: then X is normalized first with a float64 norm (one more all-reduce, taken by
+every rank together since R is global) and R re-formed from it."""
 
 GRAM_RESTART_PERIOD = 3
 """float32 compute restarts (re-forms X_l and R) before every 3rd step."""
@@ -87,15 +88,15 @@ def gram_newton_schulz(
     R = yield AllReduce(local_gram(X), tp_group)
     trace = R.diagonal(dim1=-2, dim2=-1).double().sum(-1)
     low, high = GRAM_TRACE_BAND
-    if bool(((trace > 0) & (trace < low) | (trace > high)).any()):
-        # Entries too small or large for a Gram matrix in this dtype: normalize first, then re-form R.
+    if bool(((trace < low) | (trace > high)).any()):
+        # Entries too small or large for a Gram matrix in this dtype (squares of 1e-30 underflow to a zero
+        # trace), or a zero matrix: normalize with a float64 norm first (zero stays zero), then re-form R.
         # R is the same on every rank, so every rank takes this branch together.
         X = scale_to_unit(x, (yield from reductions.sum_of_squares(x, tp_group)), eps).to(dtype)
         R = yield AllReduce(local_gram(X), tp_group)
         scale = torch.ones_like(trace, dtype=small)[..., None, None]
     else:
-        # A zero matrix (trace 0) gets scale 0, so it maps to zero, as in the other modes (not 0 * inf = NaN).
-        scale = torch.where(trace > 0, 1.0 / (trace.sqrt() + eps), 0.0).to(small)[..., None, None]
+        scale = (1.0 / (trace.sqrt() + eps)).to(small)[..., None, None]
         R = R * scale.square()
     eye = torch.eye(R.size(-1), dtype=small, device=R.device).expand_as(R)
     Q = None  # None stands for the identity, which saves a k x k product after every (re)start
