@@ -264,3 +264,25 @@ def test_auto_plan_is_logged_once_and_matches_tp_plan(world):
     *plans, reported = logs
     assert len(plans) == 1, plans
     assert reported in plans[0]
+
+
+def _custom_fn_under_tp(ctx, partition_dim: int) -> float:
+    from dist_ortho import OrthogonalizedOptimizer
+
+    def fn(x: torch.Tensor) -> torch.Tensor:  # depends on the whole matrix: exact only on the gathered one
+        return x / x.norm() + x.sum(dim=0, keepdim=True)
+
+    gen = torch.Generator().manual_seed(3)
+    full, grad = torch.randn(20, 12, generator=gen), torch.randn(20, 12, generator=gen)
+    hp = dict(lr=0.1, momentum=0.0, weight_decay=0.0, nesterov=False, weight_decay_method="decoupled",
+              fp32_matmul_prec="highest", scaled_orthogonalize_fn=fn)
+    p = sharded(block(full, partition_dim, ctx.rank, ctx.world_size), partition_dim)
+    p.grad = block(grad, partition_dim, ctx.rank, ctx.world_size)
+    OrthogonalizedOptimizer([p], tp_group=ctx.group, **hp).step()
+    expected = block(full - 0.1 * fn(grad), partition_dim, ctx.rank, ctx.world_size)
+    return (p.detach() - expected).abs().max().item()
+
+
+@pytest.mark.parametrize("partition_dim", [0, 1])
+def test_scaled_orthogonalize_fn_sees_the_gathered_matrix(world, partition_dim):
+    assert max(world.run(_custom_fn_under_tp, partition_dim)) < 1e-6
