@@ -81,9 +81,12 @@ def done(value: T = None) -> Program[T]:  # type: ignore[assignment]
 
 
 def run_many(programs: Sequence[Program[Any]], bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[Any]:
-    """Run ``programs`` in lockstep with coalesced collectives; their return values, in order."""
+    """Run ``programs`` in lockstep with coalesced collectives; their return values, in order.
+
+    A program may yield one request or a list of requests (its reply is then the list of replies); every
+    request of a round is bucketed with the other programs' requests of the same kind, group and dtype."""
     results: list[Any] = [None] * len(programs)
-    waiting: dict[int, Request] = {}
+    waiting: dict[int, Request | list[Request]] = {}
 
     def advance(i: int, reply: Any) -> None:
         try:
@@ -94,16 +97,22 @@ def run_many(programs: Sequence[Program[Any]], bucket_bytes: int = DEFAULT_BUCKE
     for i in range(len(programs)):
         advance(i, None)
     while waiting:
-        batch = sorted(waiting.items())
+        batch = [((i, j), request) for i, pending in sorted(waiting.items())
+                 for j, request in enumerate(pending if isinstance(pending, list) else [pending])]
+        shapes = {i: isinstance(pending, list) for i, pending in waiting.items()}
         waiting.clear()
-        for i, reply in _serve(batch, bucket_bytes):
-            advance(i, reply)
+        replies: dict[int, dict[int, Any]] = {}
+        for (i, j), reply in _serve(batch, bucket_bytes):
+            replies.setdefault(i, {})[j] = reply
+        for i, is_list in shapes.items():
+            by_index = replies.get(i, {})
+            advance(i, [by_index[j] for j in range(len(by_index))] if is_list else by_index[0])
     return results
 
 
-def _serve(batch: list[tuple[int, Request]], bucket_bytes: int) -> list[tuple[int, Any]]:
-    replies: list[tuple[int, Any]] = []
-    keys: dict[tuple, list[tuple[int, Request]]] = {}
+def _serve(batch: list[tuple[Any, Request]], bucket_bytes: int) -> list[tuple[Any, Any]]:
+    replies: list[tuple[Any, Any]] = []
+    keys: dict[tuple, list[tuple[Any, Request]]] = {}
     for i, request in batch:
         if comm.group_size(request.group) == 1:
             replies.append((i, _local_reply(request)))
@@ -130,8 +139,8 @@ def _nbytes(request: Request) -> int:
     return request.tensor.numel() * request.tensor.element_size()
 
 
-def _buckets(entries: list[tuple[int, Request]], bucket_bytes: int) -> list[list[tuple[int, Request]]]:
-    buckets: list[list[tuple[int, Request]]] = [[]]
+def _buckets(entries: list[tuple[Any, Request]], bucket_bytes: int) -> list[list[tuple[Any, Request]]]:
+    buckets: list[list[tuple[Any, Request]]] = [[]]
     size = 0
     for entry in entries:
         nbytes = _nbytes(entry[1])
@@ -143,7 +152,7 @@ def _buckets(entries: list[tuple[int, Request]], bucket_bytes: int) -> list[list
     return buckets
 
 
-def _issue(bucket: list[tuple[int, Request]]) -> list[tuple[int, Any]]:
+def _issue(bucket: list[tuple[Any, Request]]) -> list[tuple[Any, Any]]:
     first = bucket[0][1]
     group = first.group
     if isinstance(first, AllReduce):

@@ -40,6 +40,7 @@ from dist_ortho.precision import MATMUL_PRECISIONS, MatmulPrecision, matmul_prec
 from dist_ortho.qkv import qkv_parts
 from dist_ortho.tp import TP_MODES, MatrixJob, NsSpec, orthogonalize_many
 from dist_ortho.tp.cost import format_plan, plan_row, resolve
+from dist_ortho.tp.local import LOCAL_GRAM, LocalGram
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,10 @@ class OrthogonalizedOptimizer(Optimizer):
             attribute, else from ``qkv_split_shapes`` here.
         qkv_per_head: with split_qkv, orthogonalize every attention head of a fused QKV weight (each
             query head, and each group's key and value head: kv_channels rows) as its own matrix.
+        local_gram: where a whole matrix is orthogonalized on one rank (duplicated, home, unsharded): "auto"
+            runs the Gram-space recursion where it is cheaper (dist_ortho.tp.local), "always", "never".
+        batch_matrices: same-shape whole matrices on one rank run as one batched iteration (False keeps
+            home bit-identical to duplicated: a batched matmul may round differently).
         **member_options: the per-group options of a member (coefficient_type, num_ns_steps, ...), named in
             the member's own signature; any other key is a TypeError.
     """
@@ -122,6 +127,8 @@ class OrthogonalizedOptimizer(Optimizer):
         qkv_per_head: bool = False,
         coalesce: bool = True,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        local_gram: LocalGram = "auto",
+        batch_matrices: bool = True,
         **member_options: Any,
     ) -> None:
         reject_unknown(type(self).__name__, member_options, accepted_keywords(type(self)))
@@ -138,6 +145,8 @@ class OrthogonalizedOptimizer(Optimizer):
             qkv_split_shapes=tuple(qkv_split_shapes) if qkv_split_shapes is not None else None,
             qkv_per_head=qkv_per_head,
             coalesce=coalesce,
+            local_gram=local_gram,
+            batch_matrices=batch_matrices,
             **member_options,
         )
         if scaled_orthogonalize_fn is None and type(self).update is OrthogonalizedOptimizer.update:
@@ -166,6 +175,7 @@ class OrthogonalizedOptimizer(Optimizer):
         check_choice("weight_decay_method", group["weight_decay_method"], WEIGHT_DECAY_METHODS)
         check_choice("fp32_matmul_prec", group["fp32_matmul_prec"], MATMUL_PRECISIONS)
         check_choice("tp_mode", group["tp_mode"], TP_MODES)
+        check_choice("local_gram", group["local_gram"], LOCAL_GRAM)
         if group["conv_mode"] is not None:
             check_choice("conv_mode", group["conv_mode"], CONV_MODES)
         if "coefficient_type" in group:  # members that run Newton-Schulz
@@ -308,7 +318,7 @@ class OrthogonalizedOptimizer(Optimizer):
         custom = group.get("custom_coefficient_sets")
         return NsSpec(
             group["num_ns_steps"], group["coefficient_type"], tuple(map(tuple, custom)) if custom else None,
-            use_syrk=group.get("use_syrk", False),
+            use_syrk=group.get("use_syrk", False), local_gram=group["local_gram"], batch=group["batch_matrices"],
         )
 
     def _job(self, ctx: MatrixContext, x: torch.Tensor) -> MatrixJob:

@@ -28,6 +28,7 @@ from dist_ortho.coefficients import COEFFICIENT_TYPES
 from dist_ortho.iteration import DEFAULT_EPS, check_matrix
 from dist_ortho.tp import distributed, duplicated, gram, home
 from dist_ortho.tp.cost import resolve
+from dist_ortho.tp.local import LOCAL_GRAM, local_many, local_newton_schulz
 from dist_ortho.tp.jobs import (
     DTYPES,
     TP_MODES,
@@ -39,7 +40,6 @@ from dist_ortho.tp.jobs import (
     check_tp_mode,
     exchange_shard_sizes,
     gather_shards,
-    local_newton_schulz,
     own_block,
     shard,
     tensor_dim,
@@ -51,38 +51,40 @@ __all__ = [
     "tensor_dim",
 ]
 
-_PROGRAMS = {"duplicated": duplicated.program, "distributed": distributed.program, "gram": gram.program}
+_PER_MATRIX = {"distributed": distributed.program, "gram": gram.program}
+_PER_GROUP = {"duplicated": duplicated.program, "home": home.program}
 
 
-def _local(job: MatrixJob) -> Program[torch.Tensor]:
+def _local(jobs: Sequence[MatrixJob]) -> Program[list[torch.Tensor]]:
     yield from ()
-    return local_newton_schulz(job.x, job.ns)
+    return local_many([job.x for job in jobs], [job.ns for job in jobs])
 
 
 def orthogonalize_many(jobs: Sequence[MatrixJob], bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[torch.Tensor]:
     """Orthogonalize every job with coalesced collectives (arguments checked, shard sizes known).
 
-    "auto" jobs get their mode from :func:`dist_ortho.tp.cost.resolve`; "home" jobs of the same group and
-    dtype share one home-rank program (two all-to-alls for all of them).
+    "auto" jobs get their mode from :func:`dist_ortho.tp.cost.resolve`. Whole (unsharded) matrices run
+    together on this rank; "duplicated" and "home" jobs of the same group and dtype share one program
+    (one all-gather, or two all-to-alls, for all of them); "distributed" and "gram" run per matrix, their
+    collectives coalesced round by round.
     """
     jobs = [resolve(job) for job in jobs]
     programs: list[Program] = []
-    slots: list[tuple[int, int | None]] = []  # job -> (program, index in a home program's result)
-    homes: dict[tuple, list[int]] = {}
+    slots: list[tuple[int, int | None]] = [(-1, None)] * len(jobs)  # job -> (program, index in its result)
+    shared: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
         if not job.sharded:
-            slots.append((len(programs), None))
-            programs.append(_local(job))
-        elif job.mode == "home":
-            homes.setdefault((id(job.group), job.x.dtype), []).append(i)
-            slots.append((-1, None))
+            shared.setdefault(("local",), []).append(i)
+        elif job.mode in _PER_GROUP:
+            shared.setdefault((job.mode, id(job.group), job.x.dtype), []).append(i)
         else:
-            slots.append((len(programs), None))
-            programs.append(_PROGRAMS[job.mode](job))
-    for members in homes.values():
+            slots[i] = (len(programs), None)
+            programs.append(_PER_MATRIX[job.mode](job))
+    for key, members in shared.items():
         for n, i in enumerate(members):
             slots[i] = (len(programs), n)
-        programs.append(home.program([jobs[i] for i in members]))
+        make = _local if key[0] == "local" else _PER_GROUP[key[0]]
+        programs.append(make([jobs[i] for i in members]))
     results = run_many(programs, bucket_bytes)
     return [results[p] if n is None else results[p][n] for p, n in slots]
 
@@ -101,6 +103,7 @@ def newton_schulz_tp(
     gram_restarts: Sequence[int] | None = None,
     validate: bool = True,
     shard_sizes: Sequence[int] | None = None,
+    local_gram: str = "auto",
 ) -> torch.Tensor:
     """Orthogonalize a matrix of which this rank holds the block ``x`` along ``partition_dim``.
 
@@ -116,13 +119,18 @@ def newton_schulz_tp(
             only when every rank is known to hold an equal shard of the same call.
         shard_sizes: every rank's size along partition_dim, when the caller already knows them (as the
             optimizers do after their one check at the first step); no check is made then.
+        local_gram: where a whole matrix is orthogonalized on one rank (duplicated, home, unsharded):
+            "auto" runs the Gram-space recursion where it is cheaper (dist_ortho.tp.local), "always", "never".
 
     Returns:
         This rank's block of the orthogonalized global matrix, contiguous, in x's dtype.
     """
     check_matrix(x, "x")
     custom = tuple(map(tuple, custom_coefficient_sets)) if custom_coefficient_sets is not None else None
-    ns = NsSpec(steps, coefficient_type, custom, eps, use_syrk, tuple(gram_restarts) if gram_restarts is not None else None)
+    if local_gram not in LOCAL_GRAM:
+        raise ValueError(f"local_gram must be one of {LOCAL_GRAM}, got {local_gram!r}")
+    restarts = tuple(gram_restarts) if gram_restarts is not None else None
+    ns = NsSpec(steps, coefficient_type, custom, eps, use_syrk, restarts, local_gram)
     partition_dim = check_partition_dim(partition_dim)
     check_tp_mode(tp_mode)
     if partition_dim is not None and tp_group is None:

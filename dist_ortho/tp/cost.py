@@ -3,7 +3,8 @@
 For a global m x n matrix sharded along s (the other dim u) over t ranks, steps of Newton-Schulz, e bytes
 per element (k = min(m, n), N = max(m, n)); FLOPs and bytes are per rank:
 
-    duplicated   FLOPs steps (4 k^2 N + 2 k^3)          bytes (t-1) m n / t e            calls 1
+    duplicated   FLOPs steps (4 k^2 N + 2 k^3) (or the     bytes (t-1) m n / t e            calls 1
+                 Gram recursion's, dist_ortho.tp.local)
     distributed  FLOPs steps (4 u^2 s/t + 2 u^3)         bytes steps 2 (t-1)/t u^2 e      calls steps + 1
     gram         FLOPs (2 + 4 r) u^2 s/t + 8 steps u^3   bytes (1 + r) 2 (t-1)/t u^2 4    calls 1 + r   (r restarts)
                  not offered when u > s (its Gram matrix is singular, see tp.gram_newton_schulz)
@@ -24,6 +25,7 @@ from dist_ortho import comm
 from dist_ortho.precision import compute_dtype
 from dist_ortho.tp.gram import restarts_of
 from dist_ortho.tp.jobs import MatrixJob
+from dist_ortho.tp.local import gram_flops, plain_flops, use_gram
 
 AUTO_CANDIDATES = ("duplicated", "distributed", "gram", "home")
 
@@ -56,15 +58,16 @@ def cost_profile(device: torch.device) -> CostProfile:
 
 def mode_costs(
     shape: tuple[int, ...], partition_dim: int, tp_size: int, steps: int, element_size: int, restarts: int,
-    profile: CostProfile,
+    profile: CostProfile, local_flops: float | None = None,
 ) -> dict[str, float]:
-    """Predicted seconds of each mode for one matrix (see the module doc)."""
+    """Predicted seconds of each mode for one matrix (see the module doc). ``local_flops``: FLOPs of the
+    whole matrix on one rank (duplicated's, t times home's), when not the plain iteration's."""
     batch = math.prod(shape[:-2])
     m, n = shape[-2], shape[-1]
     s, u = (m, n) if partition_dim == 0 else (n, m)
     k, N, t, e = min(m, n), max(m, n), tp_size, element_size
     ring = 2 * (t - 1) / t
-    full = batch * steps * (4 * k * k * N + 2 * k**3)
+    full = local_flops if local_flops is not None else batch * steps * (4 * k * k * N + 2 * k**3)
     table = {
         "duplicated": (full, (t - 1) * batch * m * n / t * e, 1),
         "distributed": (batch * steps * (4 * u * u * s / t + 2 * u**3), steps * ring * batch * u * u * e, steps + 1),
@@ -83,8 +86,10 @@ def job_costs(job: MatrixJob) -> dict[str, float]:
     """mode_costs of a job's global matrix, under the current fp32 matmul precision (its element size)."""
     element = torch.empty((), dtype=compute_dtype(job.x.dtype, job.x.device)).element_size()
     t = comm.group_size(job.group)
-    return mode_costs(job.global_shape, job.partition_dim, t, job.ns.steps, element, len(restarts_of(job)),
-                      cost_profile(job.x.device))
+    shape = job.global_shape
+    local = gram_flops(shape, job.ns) if use_gram(shape, job.ns, job.x.dtype, job.x.device) else plain_flops(shape, job.ns)
+    return mode_costs(shape, job.partition_dim, t, job.ns.steps, element, len(restarts_of(job)),
+                      cost_profile(job.x.device), local)
 
 
 def choose_mode(job: MatrixJob) -> str:

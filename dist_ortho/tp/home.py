@@ -5,8 +5,9 @@ max(m, n) * min(m, n)^2 (per matrix of a batch). One all-to-all brings every sha
 home, the home runs the one-device Newton-Schulz on the whole matrix, and a second all-to-all returns
 each rank its block. Per-rank compute is about total / t (not t-fold redundant as in duplicated mode),
 communication is two all-to-alls for all the matrices of a step, and the result is bit-identical to
-duplicated mode (the same one-device iteration on the same gathered matrix; same-shape matrices are
-not batched, since a batched matmul rounds differently). Extra memory on a home: its matrices, whole.
+duplicated mode when same-shape matrices are not batched (``NsSpec.batch=False``: the same one-device
+iteration on the same gathered matrix); batched, the two agree to rounding (a batched matmul may round
+differently from single ones, and the batches differ: a home batches only the matrices it owns). Extra memory on a home: its matrices, whole.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch
 
 from dist_ortho import comm
 from dist_ortho.coalesce import AllToAll, Program
-from dist_ortho.tp.jobs import MatrixJob, local_newton_schulz, own_block, tensor_dim
+from dist_ortho.tp.jobs import MatrixJob, own_block, tensor_dim
+from dist_ortho.tp.local import local_many
 
 
 def ns_cost(shape: Sequence[int]) -> int:
@@ -63,7 +65,7 @@ def program(jobs: Sequence[MatrixJob]) -> Program[list[torch.Tensor]]:
     recv = [sum(math.prod(_shard_shape(jobs[i].x, dims[i], sizes[i][j])) for i in mine) for j in range(size)]
     received = yield AllToAll(send, recv, group)
 
-    outs = {}
+    fulls = []
     offsets = [0] * size
     for i in mine:
         pieces = []
@@ -72,7 +74,8 @@ def program(jobs: Sequence[MatrixJob]) -> Program[list[torch.Tensor]]:
             n = math.prod(shape)
             pieces.append(received[j][offsets[j] : offsets[j] + n].view(shape))
             offsets[j] += n
-        outs[i] = local_newton_schulz(torch.cat(pieces, dim=dims[i]), jobs[i].ns)
+        fulls.append(torch.cat(pieces, dim=dims[i]))
+    outs = dict(zip(mine, local_many(fulls, [jobs[i].ns for i in mine])))
 
     back = [_flat([own_block(outs[i], jobs[i].partition_dim, j, sizes[i]) for i in mine], like) for j in range(size)]
     back_recv = [sum(job.x.numel() for job, h in zip(jobs, homes) if h == j) for j in range(size)]

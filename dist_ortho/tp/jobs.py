@@ -15,7 +15,7 @@ import torch
 from dist_ortho import comm
 from dist_ortho.coalesce import AllGather, Program, run
 from dist_ortho.coefficients import Triple, get_coefficients
-from dist_ortho.iteration import DEFAULT_EPS, orthogonalize
+from dist_ortho.iteration import DEFAULT_EPS
 
 TpMode = Literal["duplicated", "distributed", "gram", "home", "auto", "blockwise"]
 TP_MODES: tuple[str, ...] = get_args(TpMode)
@@ -32,6 +32,8 @@ class NsSpec:
     eps: float = DEFAULT_EPS
     use_syrk: bool = False
     gram_restarts: tuple[int, ...] | None = None
+    local_gram: str = "auto"  # whole matrices on one rank: "auto" (dist_ortho.tp.local.use_gram), "always", "never"
+    batch: bool = True  # same-shape whole matrices on one rank run as one batched iteration
     coefficients: list[Triple] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -138,11 +140,6 @@ def gather_program(
 def gather_shards(x: torch.Tensor, partition_dim: int, tp_group: comm.ProcessGroup, sizes: Sequence[int]) -> torch.Tensor:
     """The global matrix from every rank's shard (one all-gather)."""
     return run(gather_program(x, tensor_dim(x, partition_dim), tp_group, sizes))
-
-
-def local_newton_schulz(x: torch.Tensor, ns: NsSpec) -> torch.Tensor:
-    """One-device Newton-Schulz of a whole matrix (smaller Gram side)."""
-    return orthogonalize(x, ns.coefficients, ns.eps, None, ns.use_syrk)
 
 
 def exchange_shard_sizes(

@@ -1,0 +1,89 @@
+"""Newton-Schulz of whole matrices on this rank: the plain iteration, or the Gram-space recursion where it
+is cheaper, and same-shape matrices as one batch.
+
+Gram on one device (Dao-AILab's Gram Newton-Schulz; tp/gram.py with no group): for X of k x n, k <= n,
+aspect a = n / k and s steps, the plain iteration costs s (4 a + 2) k^3 FLOPs (s 4 a k^3 for cubic sets),
+the Gram recursion (4 + 4 r) a k^3 + 8 s k^3 (6 s k^3 for cubic) with r restarts. :func:`use_gram` picks
+it when the compute dtype is float32 or float64, a >= :data:`GRAM_MIN_ASPECT` and it needs fewer FLOPs.
+Then no restart is needed: measured against float64 (64 x 64a, every coefficient set, a = 2, 4, 8) its max
+error is at most 1.3x the plain iteration's (docs/benchmarks.md); near a = 1 it would need restarts, and
+there the plain iteration is cheaper anyway. In bf16 the recursion's float32 k x k products cost more than
+the bf16 iteration saves, so bf16 keeps the plain iteration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, get_args
+
+import torch
+
+from dist_ortho.coalesce import run
+from dist_ortho.iteration import orthogonalize
+from dist_ortho.precision import compute_dtype
+from dist_ortho.tp.gram import gram_newton_schulz
+from dist_ortho.tp.jobs import NsSpec
+
+LocalGram = Literal["auto", "always", "never"]
+LOCAL_GRAM: tuple[str, ...] = get_args(LocalGram)
+GRAM_MIN_ASPECT = 2.0
+
+
+def plain_flops(shape: Sequence[int], ns: NsSpec) -> float:
+    """FLOPs of the plain iteration on a matrix (or batch) of ``shape``."""
+    k, n = min(shape[-2:]), max(shape[-2:])
+    batch = 1
+    for d in shape[:-2]:
+        batch *= d
+    return batch * sum(4 * k * k * n + (2 * k**3 if c != 0 else 0) for _, _, c in ns.coefficients)
+
+
+def gram_flops(shape: Sequence[int], ns: NsSpec, restarts: int = 0) -> float:
+    """FLOPs of the Gram-space recursion on a matrix (or batch) of ``shape``."""
+    k, n = min(shape[-2:]), max(shape[-2:])
+    batch = 1
+    for d in shape[:-2]:
+        batch *= d
+    per_step = sum((8 if c != 0 else 6) * k**3 for _, _, c in ns.coefficients)
+    return batch * ((4 + 4 * restarts) * k * k * n + per_step)
+
+
+def use_gram(shape: Sequence[int], ns: NsSpec, dtype: torch.dtype, device: torch.device | str | None = None) -> bool:
+    """Whether a whole matrix of ``shape`` runs the Gram recursion on one device (see the module doc)."""
+    if ns.local_gram != "auto":
+        return ns.local_gram == "always"
+    k, n = min(shape[-2:]), max(shape[-2:])
+    return (
+        compute_dtype(dtype, device) in (torch.float32, torch.float64)
+        and k > 0
+        and n >= GRAM_MIN_ASPECT * k
+        and gram_flops(shape, ns) < plain_flops(shape, ns)
+    )
+
+
+def local_newton_schulz(x: torch.Tensor, ns: NsSpec) -> torch.Tensor:
+    """Newton-Schulz of a whole matrix (or batch) on this device: Gram recursion or plain iteration."""
+    if not use_gram(x.shape, ns, x.dtype, x.device):
+        return orthogonalize(x, ns.coefficients, ns.eps, None, ns.use_syrk)
+    transpose = x.size(-2) > x.size(-1)
+    X = x.mT if transpose else x
+    out = run(gram_newton_schulz(X, ns.coefficients, ns.eps, None, (), ns.use_syrk)).to(x.dtype)
+    return (out.mT if transpose else out).contiguous()
+
+
+def local_many(xs: Sequence[torch.Tensor], specs: Sequence[NsSpec]) -> list[torch.Tensor]:
+    """``local_newton_schulz`` of each matrix; matrices of one shape, dtype and spec with ``spec.batch`` run
+    as one batched iteration (a batched matmul may round differently from single ones)."""
+    out: list[torch.Tensor | None] = [None] * len(xs)
+    same: dict[tuple, list[int]] = {}
+    for i, (x, ns) in enumerate(zip(xs, specs)):
+        same.setdefault((tuple(x.shape), x.dtype, x.device, ns), []).append(i)
+    for members in same.values():
+        if len(members) == 1 or xs[members[0]].ndim != 2 or not specs[members[0]].batch:
+            for i in members:
+                out[i] = local_newton_schulz(xs[i], specs[i])
+            continue
+        stacked = local_newton_schulz(torch.stack([xs[i] for i in members]), specs[members[0]])
+        for i, result in zip(members, stacked.unbind(0)):
+            out[i] = result
+    return out  # type: ignore[return-value]
