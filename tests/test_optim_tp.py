@@ -286,3 +286,25 @@ def _custom_fn_under_tp(ctx, partition_dim: int) -> float:
 @pytest.mark.parametrize("partition_dim", [0, 1])
 def test_scaled_orthogonalize_fn_sees_the_gathered_matrix(world, partition_dim):
     assert max(world.run(_custom_fn_under_tp, partition_dim)) < 1e-6
+
+
+def _home_vs_duplicated(ctx, batch: bool) -> float:
+    gen = torch.Generator().manual_seed(5)
+    fulls = [torch.randn(32, 16, generator=gen) for _ in range(4)] + [torch.randn(16, 48, generator=gen)]
+    grads = [torch.randn(f.shape, generator=gen) for f in fulls]
+    results = []
+    for mode in ("home", "duplicated"):
+        params = [sharded(block(f, 0, ctx.rank, ctx.world_size), 0) for f in fulls]
+        for p, g in zip(params, grads):
+            p.grad = block(g, 0, ctx.rank, ctx.world_size)
+        get_optimizer("muon")(params, tp_group=ctx.group, tp_mode=mode, batch_matrices=batch,
+                              fp32_matmul_prec="highest").step()
+        results.append(torch.cat([p.detach().flatten() for p in params]))
+    return (results[0] - results[1]).abs().max().item()
+
+
+def test_home_equals_duplicated_bitwise_unbatched_and_to_rounding_batched(world):
+    """batch_matrices=False keeps home bit-identical to duplicated; batched (the default) they agree to
+    float32 rounding (a home batches only the matrices it owns)."""
+    assert world.run(_home_vs_duplicated, False) == [0.0] * world.size
+    assert max(world.run(_home_vs_duplicated, True)) <= 1e-6
