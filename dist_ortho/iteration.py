@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from dist_ortho.coefficients import Triple
-from dist_ortho.kernels import gram
+from dist_ortho.kernels import gram, symmetric_polynomial
 from dist_ortho.precision import compute_dtype
 
 DEFAULT_EPS = 1e-30
@@ -51,18 +51,12 @@ def scale_to_unit(x: torch.Tensor, sum_sq: torch.Tensor, eps: float) -> torch.Te
     return work * scale.to(work.dtype)[..., None, None]
 
 
-def _addmm(bias: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
-    """beta * bias + alpha * m1 @ m2 for matrices or batches."""
-    if m1.ndim == 2:
-        return torch.addmm(bias, m1, m2, beta=beta, alpha=alpha)
-    return torch.baddbmm(bias, m1, m2, beta=beta, alpha=alpha)
-
-
-def polynomial_step(X: torch.Tensor, A: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
-    """a X + (b A + c A^2) X for the Gram matrix A of X."""
-    # Cubic steps (c = 0) skip A @ A; this also avoids baddbmm(alpha=0), which is wrong for bf16 on CPU.
-    B = b * A if c == 0 else _addmm(A, A, A, beta=b, alpha=c)
-    return _addmm(X, B, X, beta=a, alpha=1.0)
+def polynomial_step(X: torch.Tensor, A: torch.Tensor, a: float, b: float, c: float, use_syrk: bool = False) -> torch.Tensor:
+    """a X + (b A + c A^2) X for the Gram matrix A of X (b A + c A^2 with the symmetric kernel where it runs)."""
+    B = symmetric_polynomial(A, b, c, use_syrk)
+    if X.ndim == 2:
+        return torch.addmm(X, B, X, beta=a)
+    return torch.baddbmm(X, B, X, beta=a)
 
 
 def orthogonalize(
@@ -81,7 +75,7 @@ def orthogonalize(
     X = x.mT if transpose else x
     X = scale_to_unit(X, sum_of_squares(X), eps).to(compute_dtype(x.dtype, x.device))
     for a, b, c in coefficients:
-        X = polynomial_step(X, gram(X, use_syrk), a, b, c)
+        X = polynomial_step(X, gram(X, use_syrk), a, b, c, use_syrk)
     if transpose:
         X = X.mT
     return X.to(x.dtype).contiguous()

@@ -36,7 +36,7 @@ def newton_schulz_step(
     With ``tp_group``, X is this rank's block of columns and A is all-reduced over the group (the
     columns are the contraction dim, so the partial Gram matrices add up to the global one).
     """
-    return polynomial_step(X, comm.all_reduce(gram(X, use_syrk), tp_group), a, b, c)
+    return polynomial_step(X, comm.all_reduce(gram(X, use_syrk), tp_group), a, b, c, use_syrk)
 
 
 def newton_schulz(

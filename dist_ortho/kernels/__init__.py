@@ -1,7 +1,8 @@
-"""Symmetric Gram product ``X X^T`` with an optional Triton SYRK kernel.
+"""Symmetric products with an optional Triton SYRK kernel: the Gram matrix ``X X^T`` and Newton-Schulz's
+polynomial ``b A + c A^2`` of a symmetric A.
 
-``gram(X, use_syrk=True)`` runs the Triton kernel where it can (a CUDA tensor and Triton importable);
-anywhere else it logs once why not and computes ``X @ X.mT`` with torch.
+With ``use_syrk=True`` they run the Triton kernel where it can (a CUDA tensor and Triton importable);
+anywhere else one log line says why not and torch computes them.
 """
 
 from __future__ import annotations
@@ -30,13 +31,32 @@ def syrk_unavailable_reason(x: torch.Tensor) -> str | None:
     return None
 
 
+def _kernel_runs(x: torch.Tensor, use_syrk: bool) -> bool:
+    if not use_syrk:
+        return False
+    reason = syrk_unavailable_reason(x)
+    if reason is not None:
+        _log_syrk_fallback(reason)
+    return reason is None
+
+
 def gram(x: torch.Tensor, use_syrk: bool = False) -> torch.Tensor:
     """``x @ x.mT`` for a matrix or a batch of matrices."""
-    if use_syrk:
-        reason = syrk_unavailable_reason(x)
-        if reason is None:
-            from dist_ortho.kernels.syrk import syrk
+    if _kernel_runs(x, use_syrk):
+        from dist_ortho.kernels.syrk import syrk
 
-            return syrk(x)
-        _log_syrk_fallback(reason)
+        return syrk(x)
     return x @ x.mT
+
+
+def symmetric_polynomial(a: torch.Tensor, b: float, c: float, use_syrk: bool = False) -> torch.Tensor:
+    """``b A + c A @ A`` for a symmetric matrix (or batch) A."""
+    if c == 0:  # cubic steps; also avoids baddbmm(alpha=0), which is wrong for bf16 on CPU
+        return b * a
+    if _kernel_runs(a, use_syrk):
+        from dist_ortho.kernels.syrk import symmetric_polynomial as fused
+
+        return fused(a, b, c)
+    if a.ndim == 2:
+        return torch.addmm(a, a, a, beta=b, alpha=c)
+    return torch.baddbmm(a, a, a, beta=b, alpha=c)

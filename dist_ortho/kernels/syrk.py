@@ -1,4 +1,6 @@
-"""Triton symmetric Gram product C = X X^T that computes the lower triangle of tiles and mirrors it.
+"""Triton symmetric Gram product C = alpha X X^T + beta Y (Y symmetric) that computes the lower triangle of
+tiles and mirrors it. With X = Y = A (A symmetric, so A A^T = A A) it is Newton-Schulz's polynomial
+b A + c A^2 in one pass over half the tiles.
 
 For X of shape (m, k) (or a batch (b, m, k)), program (i, j) with j <= i computes the tile
 C[i-block, j-block] = X[i-block] X[j-block]^T in float32 and also stores its transpose at
@@ -17,9 +19,9 @@ import triton.language as tl
 
 @triton.jit
 def _syrk_kernel(
-    x_ptr, c_ptr, M, K,
-    stride_xb, stride_xm, stride_xk, stride_cb, stride_cm, stride_cn,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    x_ptr, y_ptr, c_ptr, M, K, alpha, beta,
+    stride_xb, stride_xm, stride_xk, stride_yb, stride_ym, stride_yn, stride_cb, stride_cm, stride_cn,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, HAS_Y: tl.constexpr,
 ):
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
@@ -39,9 +41,14 @@ def _syrk_kernel(
                 acc += tl.dot(a, bt, input_precision="ieee")
             else:
                 acc += tl.dot(a, bt)
+        inside = (rows_i[:, None] < M) & (rows_j[None, :] < M)
+        acc = acc * alpha
+        if HAS_Y:
+            y = tl.load(y_ptr + batch * stride_yb + rows_i[:, None] * stride_ym + rows_j[None, :] * stride_yn,
+                        mask=inside, other=0.0)
+            acc += beta * y.to(tl.float32)
         out = acc.to(c_ptr.dtype.element_ty)
         c = c_ptr + batch * stride_cb
-        inside = (rows_i[:, None] < M) & (rows_j[None, :] < M)
         # A diagonal tile's product is not exactly symmetric on every BLAS: keep its lower triangle
         # (global row >= col) and mirror it, so C is symmetric by construction.
         lower = rows_i[:, None] >= rows_j[None, :]
@@ -50,16 +57,27 @@ def _syrk_kernel(
         tl.store(c + rows_j[None, :] * stride_cm + rows_i[:, None] * stride_cn, out, mask=inside & strictly_lower)
 
 
-def syrk(x: torch.Tensor, block_m: int = 32, block_k: int = 32) -> torch.Tensor:
-    """x @ x.mT for a matrix or a batch of matrices, one triangle of tiles computed."""
+def syrk(
+    x: torch.Tensor, block_m: int = 32, block_k: int = 32, alpha: float = 1.0, beta: float = 0.0,
+    y: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """alpha x @ x.mT (+ beta y, y symmetric and shaped like the result) for a matrix or a batch of
+    matrices, one triangle of tiles computed; exactly symmetric."""
     batched = x.reshape(-1, x.size(-2), x.size(-1))
     b, m, k = batched.shape
     c = torch.empty((b, m, m), dtype=x.dtype, device=x.device)
+    ys = y.reshape(-1, m, m) if y is not None else c
     tiles = triton.cdiv(m, block_m)
     ieee = x.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
     _syrk_kernel[(tiles, tiles, b)](
-        batched, c, m, k,
-        batched.stride(0), batched.stride(1), batched.stride(2), c.stride(0), c.stride(1), c.stride(2),
-        BLOCK_M=block_m, BLOCK_K=block_k, IEEE=ieee,
+        batched, ys, c, m, k, float(alpha), float(beta),
+        batched.stride(0), batched.stride(1), batched.stride(2), ys.stride(0), ys.stride(1), ys.stride(2),
+        c.stride(0), c.stride(1), c.stride(2),
+        BLOCK_M=block_m, BLOCK_K=block_k, IEEE=ieee, HAS_Y=y is not None,
     )
     return c.reshape(*x.shape[:-1], m)
+
+
+def symmetric_polynomial(a: torch.Tensor, b: float, c: float, block_m: int = 32, block_k: int = 32) -> torch.Tensor:
+    """b A + c A A for a symmetric A (or a batch), as c A A^T + b A with one triangle of tiles."""
+    return syrk(a, block_m, block_k, alpha=c, beta=b, y=a)

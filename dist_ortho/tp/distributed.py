@@ -25,7 +25,7 @@ def column_sharded_newton_schulz(
     X = scale_to_unit(x, (yield from reductions.sum_of_squares(x, group)), eps).to(compute_dtype(x.dtype, x.device))
     for a, b, c in coefficients:
         A = yield AllReduce(gram(X, use_syrk), group)
-        X = polynomial_step(X, A, a, b, c)
+        X = polynomial_step(X, A, a, b, c, use_syrk)
     return X.to(x.dtype).contiguous()
 
 

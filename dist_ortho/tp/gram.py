@@ -20,7 +20,7 @@ from dist_ortho import comm, reductions
 from dist_ortho.coalesce import AllReduce, Program
 from dist_ortho.coefficients import Triple
 from dist_ortho.iteration import scale_to_unit
-from dist_ortho.kernels import gram
+from dist_ortho.kernels import gram, symmetric_polynomial
 from dist_ortho.precision import compute_dtype, matmul_precision
 from dist_ortho.tp.jobs import MatrixJob
 
@@ -106,7 +106,7 @@ def gram_newton_schulz(
             R = yield AllReduce(local_gram(X), tp_group)
             Q, scale = None, torch.ones_like(scale)
         with matmul_precision("highest"):
-            Z = b * R + (c * (R @ R) if c != 0 else 0)
+            Z = symmetric_polynomial(R, b, c, use_syrk)
             Q = a * eye + Z if Q is None else a * Q + Z @ Q
             if step + 1 < len(coefficients) and step + 1 not in restarts:  # R is read again
                 P = a * eye + Z
