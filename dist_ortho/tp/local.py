@@ -6,8 +6,9 @@ aspect a = n / k and s steps, the plain iteration costs s (4 a + 2) k^3 FLOPs (s
 the Gram recursion (4 + 4 r) a k^3 + 8 s k^3 (6 s k^3 for cubic) with r restarts. :func:`use_gram` picks
 it when the compute dtype is float32 or float64, a >= :data:`GRAM_MIN_ASPECT` and it needs fewer FLOPs.
 Then no restart is needed: measured against float64 (64 x 64a, every coefficient set, a = 2, 4, 8) its max
-error is at most 1.3x the plain iteration's (docs/benchmarks.md); near a = 1 it would need restarts, and
-there the plain iteration is cheaper anyway. In bf16 the recursion's float32 k x k products cost more than
+error is at most 2.4x the plain iteration's and at most 1.8e-6 (the exact modes' float32 tolerance is 2e-5;
+scripts/bench_local_gram.py, docs/benchmarks.md); near a = 1 it would need restarts (errors up to 2e-4 for
+deepseekv4's 10 steps), and there the plain iteration is cheaper anyway. In bf16 the recursion's float32 k x k products cost more than
 the bf16 iteration saves, so bf16 keeps the plain iteration.
 """
 
