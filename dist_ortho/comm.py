@@ -9,9 +9,11 @@ sends under the usual ring algorithms: all-reduce ``2 (t-1)/t * nbytes``, all-ga
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -105,3 +107,31 @@ def all_to_all(
         recv, send, output_split_sizes=list(recv_numels), input_split_sizes=[c.numel() for c in chunks], group=group
     )
     return list(torch.split(recv, list(recv_numels)))
+
+
+def agree(entries: list[tuple], labels: list[str], group: ProcessGroup | None, what: str) -> None:
+    """Raise the same ValueError on every rank of ``group`` unless all ranks hold equal ``entries``.
+
+    One all-gather of a 16-byte digest when they agree; when they do not, every rank's entries and
+    labels are exchanged (all_gather_object) so that the error names the first differing entry, what each
+    rank has there, and is the same text on every rank.
+    """
+    size = group_size(group)
+    if size == 1:
+        return
+    digest = int.from_bytes(hashlib.blake2b(repr(entries).encode(), digest_size=7).digest(), "little")
+    mine = torch.tensor([len(entries), digest], dtype=torch.int64)
+    if group is not None and dist.get_backend(group) == "nccl":
+        mine = mine.cuda()
+    table = all_gather(mine, group).cpu().tolist()
+    if all(row == table[0] for row in table):
+        return
+    views: list[Any] = [None] * size
+    dist.all_gather_object(views, (entries, labels), group=group)
+    count = max(len(e) for e, _ in views)
+    for i in range(count):
+        seen = [(e[i] if i < len(e) else None, names[i] if i < len(names) else None) for e, names in views]
+        if any(entry != seen[0][0] for entry, _ in seen):
+            per_rank = "; ".join(f"rank {r}: {name or '-'} {entry}" for r, (entry, name) in enumerate(seen))
+            raise ValueError(f"ranks disagree on {what} at entry {i}: {per_rank}")
+    raise ValueError(f"ranks disagree on {what}: {[len(e) for e, _ in views]} entries by rank")

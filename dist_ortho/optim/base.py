@@ -11,6 +11,10 @@ For each matrix parameter W with gradient G (this rank may hold one block of W, 
     direction      U = update(matrix)  under torch's fp32 matmul precision ``fp32_matmul_prec``
     apply          pre_weight_update(W, U);  W <- W - lr * U;  post_weight_update(W)
 
+Momentum and decay are computed out of place and written together with the update, after the update is
+known finite (``nonfinite``). A tensor-parallel parameter whose ``.grad`` is None steps with a zero gradient
+(on every rank alike); any other parameter without a gradient is left alone, as torch.optim does.
+
 A member defines :meth:`update`: a program (dist_ortho.coalesce) that reads one explicit
 :class:`~dist_ortho.optim.context.MatrixContext` (layout, state, gradient, direction and, when the member
 sets ``uses_newton_schulz``, the Newton-Schulz result of the direction) and returns the update of that
@@ -48,6 +52,8 @@ WeightDecayMethod = Literal["decoupled", "independent", "l2", "palm"]
 WEIGHT_DECAY_METHODS: tuple[str, ...] = get_args(WeightDecayMethod)
 ConvMode = Literal["flatten", "batched"]
 CONV_MODES: tuple[str, ...] = get_args(ConvMode)
+Nonfinite = Literal["raise", "skip", "ignore"]
+NONFINITE: tuple[str, ...] = get_args(Nonfinite)
 __all__ = ["MatmulPrecision", "OrthogonalizedOptimizer", "check_choice", "check_number", "param_names"]
 
 
@@ -97,6 +103,11 @@ class OrthogonalizedOptimizer(Optimizer):
             runs the Gram-space recursion where it is cheaper (dist_ortho.tp.local), "always", "never".
         batch_matrices: same-shape whole matrices on one rank run as one batched iteration (False keeps
             home bit-identical to duplicated: a batched matmul may round differently).
+        nonfinite: what a step does when an update is not finite (a NaN or Inf in some rank's gradient):
+            "raise" (default, as Megatron-LM raises on NaN gradients) a FloatingPointError naming the parameter
+            and step, "skip" the step on every rank (weights and state untouched, counted in
+            ``skipped_steps``), "ignore" (write it). The check runs on results every rank of a group shares,
+            so all ranks decide alike; nothing is written before it.
         **member_options: the per-group options of a member (coefficient_type, num_ns_steps, ...), named in
             the member's own signature; any other key is a TypeError.
     """
@@ -129,6 +140,7 @@ class OrthogonalizedOptimizer(Optimizer):
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         local_gram: LocalGram = "auto",
         batch_matrices: bool = True,
+        nonfinite: Nonfinite = "raise",
         **member_options: Any,
     ) -> None:
         reject_unknown(type(self).__name__, member_options, accepted_keywords(type(self)))
@@ -147,6 +159,7 @@ class OrthogonalizedOptimizer(Optimizer):
             coalesce=coalesce,
             local_gram=local_gram,
             batch_matrices=batch_matrices,
+            nonfinite=nonfinite,
             **member_options,
         )
         if scaled_orthogonalize_fn is None and type(self).update is OrthogonalizedOptimizer.update:
@@ -160,6 +173,9 @@ class OrthogonalizedOptimizer(Optimizer):
         self._layouts: dict[torch.Tensor, MatrixLayout] = {}
         self._parts: dict[torch.Tensor, list[tuple[torch.Tensor, MatrixLayout]]] = {}
         self._logged_plan: str | None = None
+        self._agreed_plan: tuple | None = None
+        self._step_count = 0
+        self.skipped_steps = 0  # steps skipped for a non-finite update (nonfinite="skip")
         super().__init__(params, defaults)
 
     # -- construction-time checks, per group (so that per-group overrides are checked too) --
@@ -176,6 +192,7 @@ class OrthogonalizedOptimizer(Optimizer):
         check_choice("fp32_matmul_prec", group["fp32_matmul_prec"], MATMUL_PRECISIONS)
         check_choice("tp_mode", group["tp_mode"], TP_MODES)
         check_choice("local_gram", group["local_gram"], LOCAL_GRAM)
+        check_choice("nonfinite", group["nonfinite"], NONFINITE)
         if group["conv_mode"] is not None:
             check_choice("conv_mode", group["conv_mode"], CONV_MODES)
         if "coefficient_type" in group:  # members that run Newton-Schulz
@@ -301,16 +318,17 @@ class OrthogonalizedOptimizer(Optimizer):
     def post_weight_update_fn_inplace(self, p: torch.Tensor) -> None:
         """Called after the update (local, no collectives)."""
 
-    def apply_weight_decay(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-        """Decay W in place (or, for l2, return G + wd W)."""
+    @staticmethod
+    def _l2(group: dict[str, Any]) -> bool:
+        return group["weight_decay_method"] == "l2" and group["weight_decay"] != 0
+
+    def apply_weight_decay(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        """Decay W in place (decoupled, independent, palm); l2 is added to the gradient instead."""
         wd, lr, method = group["weight_decay"], group["lr"], group["weight_decay_method"]
-        if wd == 0:
-            return grad
-        if method == "l2":
-            return grad.add(p, alpha=wd)
+        if wd == 0 or method == "l2":
+            return
         factor = {"decoupled": lr * wd, "independent": wd, "palm": lr * lr * wd}[method]
         p.mul_(1 - factor)
-        return grad
 
     # -- Newton-Schulz jobs and the plan they follow --
     @staticmethod
@@ -402,29 +420,99 @@ class OrthogonalizedOptimizer(Optimizer):
         ctx.param.add_(update, alpha=-ctx.options["lr"])
         yield from self.post_weight_update(ctx)
 
+    def _taking_part(self) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+        """The parameters this step updates: those with a gradient, and every tensor-parallel one that
+        requires one (a missing gradient of a shard counts as zero, on every rank alike, so that the
+        shards of one matrix always step together; Megatron's gradient buffers are never None either)."""
+        out = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise TypeError(f"{type(self).__name__} does not support sparse gradients")
+                if p.grad is not None or (p.requires_grad and self.layout(p).group is not None):
+                    out.append((p, group))
+        return out
+
+    def _plan_entry(self, p: torch.Tensor, group: dict[str, Any]) -> tuple:
+        """What every rank must agree on about one parameter of the step (it decides the collectives)."""
+        layout = self.layout(p)
+        ns = (group.get("num_ns_steps"), group.get("coefficient_type"), group.get("custom_coefficient_sets"))
+        kind = None if layout.group is None else ("expert" if layout.group is self.expert_tp_group else "dense")
+        return (
+            getattr(p, "_dist_ortho_name", None), tuple(layout.shape), layout.partition_dim, kind, str(p.dtype),
+            group["tp_mode"], ns, group["coalesce"], group["fp32_matmul_prec"], group["local_gram"],
+            group["batch_matrices"], group["nonfinite"], len(self._parts.get(p, ())),
+        )
+
+    def _agree(self, params: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> None:
+        """Check that every rank runs the same plan (parameters in order, global shapes, dims, dtypes, modes,
+        Newton-Schulz options; names where known): one 16-byte all-gather per group when the plan is new
+        to this rank, none while it is unchanged. A disagreement raises the same ValueError on every rank."""
+        entries = [self._plan_entry(p, group) for p, group in params]
+        key = (type(self).__name__, tuple(entries))
+        if key == self._agreed_plan:
+            return
+        labels = [getattr(p, "_dist_ortho_name", None) or f"param {i} {tuple(p.shape)}" for i, (p, _) in enumerate(params)]
+        what = (f"the {type(self).__name__} step's plan (entry: name, global shape, partition_dim, group, dtype, "
+                "tp_mode, (steps, coefficients), coalesce, fp32_matmul_prec, local_gram, batch_matrices, "
+                "nonfinite, QKV parts)")
+        for group in (self.tp_group, self.expert_tp_group):
+            if comm.group_size(group) > 1:
+                comm.agree([(type(self).__name__, *e) for e in entries], labels, group, what)
+        self._agreed_plan = key
+
+    def _check_finite(self, matrices: Sequence[MatrixContext], results: Sequence[torch.Tensor]) -> bool:
+        """True when every result is finite; else raise, or False to skip, per ``nonfinite``.
+
+        The results are Newton-Schulz outputs or updates of whole global matrices, which carry a NaN of any
+        rank's shard to every rank of the group through their collectives, so every rank decides alike."""
+        for ctx, result in zip(matrices, results):
+            if bool(torch.isfinite(result).all()):
+                continue
+            policy = ctx.options["nonfinite"]
+            if policy == "ignore":
+                continue
+            if policy == "raise":
+                raise FloatingPointError(
+                    f"{type(self).__name__} step {self._step_count}: the update of {ctx.name} is not finite (a NaN "
+                    "or Inf in its gradient or momentum on some rank). Nothing was written. Pass nonfinite='skip' "
+                    "to skip such steps, or 'ignore' to write them."
+                )
+            logger.warning("%s step %d: skipped (the update of %s is not finite); weights and state untouched",
+                           type(self).__name__, self._step_count, ctx.name)
+            self.skipped_steps += 1
+            return False
+        return True
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One step of every parameter with a gradient (see the module doc). Nothing is written until every
+        update is known finite (``nonfinite``): momentum and weight decay are committed with the update."""
         loss = call_closure(closure)
-        params = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
-        for p, _ in params:
-            if p.grad.is_sparse:
-                raise TypeError(f"{type(self).__name__} does not support sparse gradients")
-            self.layout(p)  # the first step finds every layout in one collective per group, before any other
+        self._step_count += 1
+        params = self._taking_part()
+        self._agree(params)
         fresh = [MatrixContext(p, group, self.layout(p), self.state[p]) for p, group in params if not self.state[p]]
         self._run(fresh, [self.init_state_program(ctx) for ctx in fresh])
-        wholes = []
+        wholes, momenta = [], []
         for p, group in params:
-            grad = self.apply_weight_decay(p, p.grad, group)
-            buf = self.state[p]["momentum_buffer"]
-            buf.lerp_(grad, 1 - group["momentum"])
-            direction = grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+            raw = p.grad if p.grad is not None else torch.zeros_like(p)
+            grad = raw.add(p, alpha=group["weight_decay"]) if self._l2(group) else raw
+            momentum = self.state[p]["momentum_buffer"].lerp(grad, 1 - group["momentum"])
+            direction = grad.lerp(momentum, group["momentum"]) if group["nesterov"] else momentum
             wholes.append(self._context(p, group, grad, direction))
+            momenta.append(momentum)
         matrices = [ctx for whole in wholes for ctx in self._matrices(whole)]
         if self.uses_newton_schulz:
             self._newton_schulz(matrices)
-        pieces = iter(self._run(matrices, [self.update(ctx) for ctx in matrices]))
+            if not self._check_finite(matrices, [ctx.orthogonalized for ctx in matrices]):
+                return loss
+        pieces = self._run(matrices, [self.update(ctx) for ctx in matrices])
+        if not self._check_finite(matrices, pieces):
+            return loss
+        pieces = iter(pieces)
         updates = []
-        for whole in wholes:
+        for whole, momentum in zip(wholes, momenta):
             p, conv_mode = whole.param, whole.options["conv_mode"]
             if p in self._parts:
                 update = torch.empty(whole.direction.shape, dtype=p.dtype, device=p.device)
@@ -435,6 +523,8 @@ class OrthogonalizedOptimizer(Optimizer):
             if p.ndim > 2 and conv_mode == "batched":
                 update = update * (update.size(0) ** -0.5)
             updates.append(from_matrix_view(update, p, conv_mode).to(p.dtype))
+            self.state[p]["momentum_buffer"].copy_(momentum)
+            self.apply_weight_decay(p, whole.options)
         self._run(wholes, [self._apply(whole, update) for whole, update in zip(wholes, updates)])
         return loss
 
