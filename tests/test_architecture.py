@@ -119,3 +119,5 @@ def test_misspelled_keywords_do_not_build():
         get_optimizer("normuon")([p], beta3=0.9)
     with pytest.raises(TypeError, match="nesterov"):  # Scion has no Nesterov
         dist_ortho.Scion([p], nesterov=True)
+    with pytest.raises(TypeError, match=r"unknown keyword argument\(s\) \['weight_decay'\]"):  # fixed at 1
+        dist_ortho.Scion([p], weight_decay=0.1)

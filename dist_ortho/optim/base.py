@@ -113,9 +113,20 @@ class OrthogonalizedOptimizer(Optimizer):
     """
 
     forwards_to_torch_optimizer = True
+    # The options a member's **kwargs may carry to this class; the others (lr, momentum, weight_decay,
+    # nesterov, ...) a member names in its own signature, or fixes (Scion has no weight_decay).
+    forwarded_options = frozenset({
+        "tp_group", "tp_mode", "expert_tp_group", "conv_mode", "split_qkv", "qkv_split_shapes", "is_qkv_fn",
+        "qkv_per_head", "coalesce", "bucket_bytes", "local_gram", "batch_matrices", "nonfinite",
+    })
     # Members whose update reads ctx.orthogonalized: the step runs Newton-Schulz of every direction
     # first, for all matrices together.
     uses_newton_schulz = False
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> OrthogonalizedOptimizer:
+        # Before any __init__ runs: a misspelled or fixed keyword is a TypeError naming it and the accepted ones.
+        reject_unknown(cls.__name__, kwargs, accepted_keywords(cls))
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -143,7 +154,6 @@ class OrthogonalizedOptimizer(Optimizer):
         nonfinite: Nonfinite = "raise",
         **member_options: Any,
     ) -> None:
-        reject_unknown(type(self).__name__, member_options, accepted_keywords(type(self)))
         defaults = dict(
             lr=lr,
             momentum=momentum,

@@ -63,4 +63,5 @@ class MOP(OrthogonalizedOptimizer):
             scale = S.sum(dim=-1)[..., None, None]
         else:
             scale = muon_scale(options["scale_mode"], full.size(-2), full.size(-1))
-        return ctx.own_block(U @ Vh) * (scale * options["extra_scale_factor"])
+        nonzero = (S.amax(dim=-1) > 0).to(full.dtype)[..., None, None]  # a zero momentum has no polar factor
+        return ctx.own_block(U @ Vh * nonzero) * (scale * options["extra_scale_factor"])

@@ -44,11 +44,14 @@ def accepted_keywords(factory: Any) -> frozenset[str]:
         if init is None:
             continue
         forwards = False
+        # A base reached through **kwargs takes only the options it lets subclasses forward.
+        allowed = cls.__dict__.get("forwarded_options") if cls is not factory else None
         for param in list(inspect.signature(init).parameters.values())[1:]:
             if param.kind is inspect.Parameter.VAR_KEYWORD:
                 forwards = True
             elif param.kind is not inspect.Parameter.VAR_POSITIONAL and param.name != "params":
-                names.add(param.name)
+                if allowed is None or param.name in allowed:
+                    names.add(param.name)
         if not forwards or cls.__dict__.get("forwards_to_torch_optimizer", False):
             break
     return frozenset(names)
