@@ -9,7 +9,6 @@ sets tensor_model_parallel False on its duplicated TE linears. Megatron marks ex
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,21 +40,17 @@ def is_sharded(p: torch.Tensor) -> bool:
     return getattr(p, "tensor_model_parallel", False) is True and getattr(p, "partition_dim", -1) in (0, 1)
 
 
-@functools.cache
-def _warn_no_group() -> None:
-    logger.warning(
-        "parameters carry tensor_model_parallel=True but no tp_group was given: they are treated as unsharded "
-        "(TP=1). Pass tp_group= (and expert_tp_group= for expert weights) when they are sharded."
-    )
-
-
 def shard_spec(
     p: torch.Tensor,
     tp_group: comm.ProcessGroup | None,
     expert_tp_group: comm.ProcessGroup | None = None,
     name: str | None = None,
+    shard_local: bool = False,
 ) -> ShardSpec:
-    """The ShardSpec of ``p`` (raises ValueError for layouts that cannot be handled exactly)."""
+    """The ShardSpec of ``p`` (raises ValueError for layouts that cannot be handled exactly).
+
+    A sharded parameter with no group to reduce over is an error, unless ``shard_local`` (the caller opted
+    into shard-by-shard, inexact, behaviour: ``tp_mode="blockwise"``); then it is treated as a whole matrix."""
     if not is_sharded(p):
         return REPLICATED
     label = f"parameter {name!r}" if name else f"a parameter of shape {tuple(p.shape)}"
@@ -75,8 +70,14 @@ def shard_spec(
     else:
         group = tp_group
     if group is None:
-        _warn_no_group()
-        return REPLICATED
+        if shard_local:
+            return REPLICATED
+        which = "expert_tp_group" if getattr(p, "expert_tp", False) else "tp_group"
+        raise ValueError(
+            f"{label} is tensor-parallel (tensor_model_parallel=True, partition_dim={p.partition_dim}) but no {which} "
+            f"was given: pass {which}= (Megatron: pg_collection), or tp_mode='blockwise' to orthogonalize each "
+            "shard alone (not exact: the update then changes with the TP size)"
+        )
     return ShardSpec(p.partition_dim, group)
 
 
@@ -169,12 +170,16 @@ def find_layouts(
     views: Sequence[tuple[torch.Tensor, torch.Tensor]],
     tp_group: comm.ProcessGroup | None,
     expert_tp_group: comm.ProcessGroup | None = None,
+    shard_local: Sequence[bool] | None = None,
 ) -> list[MatrixLayout]:
     """The layout of each (parameter, matrix view of it): one shape exchange per process group.
 
+    ``shard_local[i]``: view i may be treated as a whole matrix when its group is missing (see shard_spec).
     Raises the same ValueError on every rank when the ranks' shards do not fit one global matrix.
     """
-    specs = [shard_spec(p, tp_group, expert_tp_group, getattr(p, "_dist_ortho_name", None)) for p, _ in views]
+    local = shard_local if shard_local is not None else [False] * len(views)
+    specs = [shard_spec(p, tp_group, expert_tp_group, getattr(p, "_dist_ortho_name", None), ok)
+             for (p, _), ok in zip(views, local)]
     layouts: list[MatrixLayout | None] = [None] * len(views)
     by_group: dict[int, list[int]] = {}
     for i, ((p, view), spec) in enumerate(zip(views, specs)):

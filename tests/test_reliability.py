@@ -165,3 +165,20 @@ def test_zero_gradients_leave_weights_unchanged_in_every_member(world, kind, mod
 @pytest.mark.parametrize("kind", ["scion", "muon_hyperball"])
 def test_zero_gradients_stay_finite(world, kind):
     assert all(v != float("inf") for r in world.run(_zero_grads, kind, "gram") for v in r)
+
+
+def test_a_sharded_parameter_without_its_group_is_an_error():
+    p = sharded(torch.randn(8, 6), 0)
+    p._dist_ortho_name = "fc1.weight"
+    with pytest.raises(ValueError, match="fc1.weight.*no tp_group was given.*blockwise"):
+        get_optimizer("muon")([p]).tp_plan()
+    with pytest.raises(ValueError, match="no tp_group"):
+        get_optimizer("muon_adamw")([("fc1.weight", p)])
+    expert = sharded(torch.randn(8, 6), 1)
+    expert.expert_tp = True
+    with pytest.raises(ValueError, match="no expert_tp_group"):
+        get_optimizer("muon")([expert]).tp_plan()
+    # the explicit opt-in: each shard alone (not exact)
+    p.grad = torch.randn(8, 6)
+    get_optimizer("muon")([p], tp_mode="blockwise").step()
+    get_optimizer("muon_adamw")([("fc1.weight", p)], tp_mode="blockwise").step()

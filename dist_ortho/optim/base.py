@@ -265,7 +265,8 @@ class OrthogonalizedOptimizer(Optimizer):
         """Read every new parameter's shard spec and check its shapes across ranks: one collective per group."""
         new = [(p, group) for group in self.param_groups for p in group["params"] if p not in self._layouts]
         views = [(p, matrix_view(p.detach(), group["conv_mode"])) for p, group in new]
-        for (p, group), layout in zip(new, find_layouts(views, self.tp_group, self.expert_tp_group)):
+        blockwise = [group["tp_mode"] == "blockwise" for _, group in new]
+        for (p, group), layout in zip(new, find_layouts(views, self.tp_group, self.expert_tp_group, blockwise)):
             self._layouts[p] = layout
         for p, group in new:  # every rank has the same layouts now, so errors here are alike
             if group["split_qkv"] and self.is_qkv(p):

@@ -67,7 +67,8 @@ class MuonAdamW(Optimizer):
         params = list(params)
         groups = params if params and isinstance(params[0], dict) else [{"params": params}]
         named_groups = [_named(group["params"]) for group in groups]
-        dims = _global_dims(groups, named_groups, kwargs.get("tp_group"), kwargs.get("expert_tp_group"))
+        dims = _global_dims(groups, named_groups, kwargs.get("tp_group"), kwargs.get("expert_tp_group"),
+                            kwargs.get("tp_mode") == "blockwise")
         matrix_groups: list[dict[str, Any]] = []
         fallback_groups: list[dict[str, Any]] = []
         for group, named in zip(groups, named_groups):
@@ -172,10 +173,13 @@ def fallback_holding(p: torch.Tensor, path: Sequence[str], tp_group: comm.Proces
 
 
 def _global_dims(
-    groups: list[dict[str, Any]], named_groups: list[list[tuple[str, torch.Tensor]]], tp_group: Any, expert_tp_group: Any
+    groups: list[dict[str, Any]], named_groups: list[list[tuple[str, torch.Tensor]]], tp_group: Any, expert_tp_group: Any,
+    blockwise: bool,
 ) -> dict[torch.Tensor, tuple[int, int]]:
     """(rows, cols) of the global matrix of every parameter whose routing depends on it (one exchange per group)."""
-    candidates = [p for group, named in zip(groups, named_groups) for _, p in named
+    candidates = [(p, blockwise or group.get("tp_mode") == "blockwise")
+                  for group, named in zip(groups, named_groups) for _, p in named
                   if needs_shape(p, **{k: group.get(k) for k in _ROUTING_KEYS})]
-    layouts = find_layouts([(p, p.detach().reshape(p.size(0), -1)) for p in candidates], tp_group, expert_tp_group)
-    return {p: (layout.rows, layout.cols) for p, layout in zip(candidates, layouts)}
+    views = [(p, p.detach().reshape(p.size(0), -1)) for p, _ in candidates]
+    layouts = find_layouts(views, tp_group, expert_tp_group, [local for _, local in candidates])
+    return {p: (layout.rows, layout.cols) for (p, _), layout in zip(candidates, layouts)}
