@@ -9,7 +9,9 @@ sends under the usual ring algorithms: all-reduce ``2 (t-1)/t * nbytes``, all-ga
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
+import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -55,6 +57,52 @@ def _record(op: str, nbytes: float) -> None:
         stats.bytes_sent += int(nbytes)
 
 
+TIMEOUT_ENV = "DIST_ORTHO_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 600.0
+"""How long one of the library's collectives may wait for the other ranks (10 minutes, Megatron-LM's
+default distributed timeout) before it raises :class:`CollectiveError`; set_timeout() or the environment
+variable DIST_ORTHO_TIMEOUT_S change it (0: no limit beyond the process group's own)."""
+_timeout_s: float | None = None
+
+
+class CollectiveError(RuntimeError):
+    """A collective of the library failed or timed out (a rank raised, died, or disagrees)."""
+
+
+def set_timeout(seconds: float | None) -> None:
+    """Bound every collective of the library to ``seconds`` (None: back to the environment / default)."""
+    if seconds is not None and (not isinstance(seconds, (int, float)) or seconds < 0):
+        raise ValueError(f"timeout must be a number of seconds >= 0 (0: unbounded), got {seconds!r}")
+    global _timeout_s
+    _timeout_s = seconds
+
+
+def timeout_s() -> float:
+    if _timeout_s is not None:
+        return float(_timeout_s)
+    value = os.environ.get(TIMEOUT_ENV)
+    if value:
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds, got {value!r}") from None
+    return DEFAULT_TIMEOUT_S
+
+
+def _wait(op: str, work: Any, nbytes: int) -> None:
+    seconds = timeout_s()
+    try:
+        if seconds > 0:
+            work.wait(datetime.timedelta(seconds=seconds))
+        else:
+            work.wait()
+    except Exception as e:  # noqa: BLE001 - every backend failure becomes one error type naming the call
+        raise CollectiveError(
+            f"{op} of {nbytes} bytes did not complete (timeout {seconds:g} s): another rank raised, died, or "
+            f"issued a different collective ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from e
+
+
 def group_size(group: ProcessGroup | None) -> int:
     """Size of ``group``; 1 when there is no group or torch.distributed is not initialized."""
     if group is None or not dist.is_available() or not dist.is_initialized():
@@ -75,7 +123,7 @@ def all_reduce(tensor: torch.Tensor, group: ProcessGroup | None, op: str = "sum"
         return tensor
     _record("all_reduce", 2 * (size - 1) / size * tensor.numel() * tensor.element_size())
     reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
-    dist.all_reduce(tensor, op=reduce_op, group=group)
+    _wait("all_reduce", dist.all_reduce(tensor, op=reduce_op, group=group, async_op=True), tensor.nbytes)
     return tensor
 
 
@@ -87,7 +135,7 @@ def all_gather(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor
         return tensor.unsqueeze(0)
     _record("all_gather", (size - 1) * tensor.numel() * tensor.element_size())
     out = torch.empty(size * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
-    _all_gather_single(out, tensor.reshape(-1), group=group)
+    _wait("all_gather", _all_gather_single(out, tensor.reshape(-1), group=group, async_op=True), tensor.nbytes)
     return out.view(size, *tensor.shape)
 
 
@@ -103,9 +151,11 @@ def all_to_all(
     recv = torch.empty(sum(recv_numels), dtype=send.dtype, device=send.device)
     sent_to_others = sum(c.numel() for j, c in enumerate(chunks) if j != rank)
     _record("all_to_all", sent_to_others * send.element_size())
-    dist.all_to_all_single(
-        recv, send, output_split_sizes=list(recv_numels), input_split_sizes=[c.numel() for c in chunks], group=group
+    work = dist.all_to_all_single(
+        recv, send, output_split_sizes=list(recv_numels), input_split_sizes=[c.numel() for c in chunks], group=group,
+        async_op=True,
     )
+    _wait("all_to_all", work, send.nbytes)
     return list(torch.split(recv, list(recv_numels)))
 
 

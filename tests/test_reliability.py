@@ -182,3 +182,46 @@ def test_a_sharded_parameter_without_its_group_is_an_error():
     p.grad = torch.randn(8, 6)
     get_optimizer("muon")([p], tp_mode="blockwise").step()
     get_optimizer("muon_adamw")([("fc1.weight", p)], tp_mode="blockwise").step()
+
+
+def _one_rank_stops(ctx) -> tuple:
+    import time
+
+    from dist_ortho import comm
+
+    comm.set_timeout(3)
+    try:
+        params, _ = _named_params(ctx)
+        opt = get_optimizer("muon")(params, tp_group=ctx.group)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        if ctx.rank == 1:  # this rank raises elsewhere and never reaches step 2
+            return ("stopped", 0.0)
+        began = time.perf_counter()
+        try:
+            opt.step()
+        except comm.CollectiveError as e:
+            return (str(e), time.perf_counter() - began)
+        return ("no error", 0.0)
+    finally:
+        comm.set_timeout(None)
+
+
+def test_a_rank_that_stops_makes_the_others_fail_naming_the_step():
+    """With a 3 s collective timeout, the rank left alone in step 2 raises CollectiveError naming the
+    optimizer, the step and the collective within the timeout (not the process group's 30 minutes)."""
+    from tests.harness import started_world
+
+    with started_world(2) as world:
+        (message, waited), stopped = world.run(_one_rank_stops)
+    assert stopped[0] == "stopped"
+    assert message.startswith("Muon step 2: all_gather") and "timeout 3 s" in message, message
+    assert waited < 30, waited
+
+
+def test_timeout_is_validated():
+    from dist_ortho import comm
+
+    with pytest.raises(ValueError, match="seconds"):
+        comm.set_timeout(-1)

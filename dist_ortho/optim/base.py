@@ -501,6 +501,13 @@ class OrthogonalizedOptimizer(Optimizer):
         update is known finite (``nonfinite``): momentum and weight decay are committed with the update."""
         loss = call_closure(closure)
         self._step_count += 1
+        try:
+            self._step()
+        except comm.CollectiveError as e:
+            raise comm.CollectiveError(f"{type(self).__name__} step {self._step_count}: {e}") from e
+        return loss
+
+    def _step(self) -> None:
         params = self._taking_part()
         self._agree(params)
         fresh = [MatrixContext(p, group, self.layout(p), self.state[p]) for p, group in params if not self.state[p]]
@@ -517,10 +524,10 @@ class OrthogonalizedOptimizer(Optimizer):
         if self.uses_newton_schulz:
             self._newton_schulz(matrices)
             if not self._check_finite(matrices, [ctx.orthogonalized for ctx in matrices]):
-                return loss
+                return
         pieces = self._run(matrices, [self.update(ctx) for ctx in matrices])
         if not self._check_finite(matrices, pieces):
-            return loss
+            return
         pieces = iter(pieces)
         updates = []
         for whole, momentum in zip(wholes, momenta):
@@ -537,7 +544,6 @@ class OrthogonalizedOptimizer(Optimizer):
             self.state[p]["momentum_buffer"].copy_(momentum)
             self.apply_weight_decay(p, whole.options)
         self._run(wholes, [self._apply(whole, update) for whole, update in zip(wholes, updates)])
-        return loss
 
 
 def call_closure(closure: Callable[[], float] | None) -> float | None:
