@@ -4,6 +4,7 @@ bad input fails alike on every rank."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from tests.harness import started_world
@@ -131,3 +133,67 @@ def test_cli_exits_non_zero_on_every_rank(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "dist_ortho.train", "--optimizer", "lion"], capture_output=True,
                          text=True, timeout=60, env=env)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def _damaged_checkpoints(ctx, out: str, how: str):
+    """Checkpoints at steps 2 and 4; the step-4 one is damaged: --resume falls back to step 2 and says so,
+    continuing exactly; with both damaged it refuses, naming the checkpoint."""
+    whole = _run(_args("--out", f"{out}/whole"), ctx.group)
+    _run(_args("--out", f"{out}/parts", "--save-interval", "2", "--stop-after", "4"), ctx.group)
+    ckpt = Path(out) / "parts" / "muon" / "ckpt"
+    if ctx.rank == 0:
+        for step in (["step_000004"] if how != "all" else ["step_000004", "step_000002"]):
+            target = sorted((ckpt / step).glob("*.distcp"))[0]
+            data = bytearray(target.read_bytes())
+            if how == "truncate":
+                target.write_bytes(bytes(data[: len(data) // 2]))
+            else:  # flip 4 KB in the middle
+                middle = len(data) // 2
+                data[middle : middle + 4096] = bytes(b ^ 0xFF for b in data[middle : middle + 4096])
+                target.write_bytes(bytes(data))
+        log = ckpt.parent / "log.jsonl"  # a run killed after logging step 5, before its checkpoint
+        log.write_text(log.read_text() + '{"step": 5, "loss": 0.0}\n{"step": 6, "lo')
+    dist.barrier()
+    try:
+        resumed = _run(_args("--out", f"{out}/parts", "--resume"), ctx.group)
+    except ValueError as e:
+        return str(e)
+    steps = [json.loads(line)["step"] for line in (ckpt.parent / "log.jsonl").read_text().splitlines()]
+    return {"resumed": resumed, "whole": whole, "steps": steps}
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "all"])
+def test_a_damaged_checkpoint_is_never_loaded(world, tmp_path, how, caplog):
+    results = world.run(_damaged_checkpoints, str(tmp_path), how)
+    if how == "all":
+        assert len(set(results)) == 1 and "is damaged" in results[0] and "step_000004" in results[0], results
+        assert "no intact checkpoint" in results[0]
+        return
+    r = results[0]
+    assert sorted(r["resumed"]) == list(range(3, 13))  # from the intact step-2 checkpoint
+    assert all(r["resumed"][s] == r["whole"][s] for s in r["resumed"])  # bit for bit
+    assert r["steps"] == list(range(1, 13))  # every step logged once
+
+
+def _finished(ctx, out: str):
+    _run(_args("--out", out), ctx.group)
+    log = (Path(out) / "muon" / "log.jsonl").read_text()
+    from dist_ortho.train.cli import run
+
+    again = run(_args("--out", out, "--resume"), ctx.group, torch.device("cpu"))[0]
+    return again["losses"], again["train_loss"] is not None, log == (Path(out) / "muon" / "log.jsonl").read_text()
+
+
+def test_resuming_a_finished_run_says_so_and_does_nothing(world, tmp_path):
+    for losses, has_loss, same_log in world.run(_finished, str(tmp_path)):
+        assert losses == {} and has_loss and same_log
+
+
+def test_tp_must_be_positive_and_the_seed_is_checked_on_resume(world, tmp_path):
+    from dist_ortho.train.cli import parser
+
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--tp", "0"])
+    world.run(_bad, str(tmp_path / "seed"), ["--stop-after", "2"])
+    messages = world.run(_bad, str(tmp_path / "seed"), ["--resume", "--seed", "5"])
+    assert len(set(messages)) == 1 and "seed 0" in messages[0] and "seed 5" in messages[0], messages

@@ -4,11 +4,14 @@ Weights and optimizer state are saved as GLOBAL tensors: a sharded parameter (an
 sharded like it) is gathered along its partition_dim; DCP writes each replicated tensor once. Loading
 takes each rank's block for the TP size at hand, so a TP=2 checkpoint resumes at TP=1 or TP=4.
 A checkpoint is written to a fresh folder and ``latest`` is switched atomically after it is complete,
-so an interrupted save never damages the previous one.
+so an interrupted save never damages the previous one. meta.json records the SHA-256 of every file; a
+checkpoint is trusted only when every file is there with its checksum (:func:`damage`), and
+:func:`newest_intact` finds the newest one that is.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -67,13 +70,22 @@ def save(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, g
     dcp.save(state, checkpoint_id=str(tmp), process_group=group)
     dist.barrier(group=group)
     if leader:
-        (tmp / "meta.json").write_text(json.dumps(meta))
+        files = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        (tmp / "meta.json").write_text(json.dumps({**meta, "files": files}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         latest_tmp = path / ".latest.tmp"
         latest_tmp.write_text(final.name)
         os.replace(latest_tmp, path / "latest")
     dist.barrier(group=group)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(2**20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def latest(path: Path) -> Path | None:
@@ -83,6 +95,30 @@ def latest(path: Path) -> Path | None:
 
 def read_meta(checkpoint: Path) -> dict:
     return json.loads((checkpoint / "meta.json").read_text())
+
+
+def damage(checkpoint: Path) -> str | None:
+    """What is wrong with ``checkpoint`` (a missing or unreadable meta.json, a missing file, a checksum
+    that does not match), or None when every file is intact."""
+    try:
+        files = read_meta(checkpoint)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"meta.json is missing or unreadable ({type(e).__name__})"
+    for name, expected in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _sha256(path) != expected:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def newest_intact(path: Path) -> Path | None:
+    """The newest step_* checkpoint under ``path`` with no damage."""
+    for candidate in sorted(path.glob("step_*"), reverse=True):
+        if candidate.is_dir() and damage(candidate) is None:
+            return candidate
+    return None
 
 
 def load(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, group: Any) -> None:

@@ -11,6 +11,7 @@ and OUT/loss.png plots train and eval loss of every run.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import math
@@ -43,9 +44,16 @@ _FLAG_OF = {
 MATRIX_OPTIMIZERS = sorted(k for k in OPTIMIZERS if k not in ("adamw", "muon_adamw"))
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: the world size)")
+    p.add_argument("--tp", type=positive_int, default=None, help="tensor-parallel size (default: the world size)")
     p.add_argument("--optimizer", default="muon", choices=MATRIX_OPTIMIZERS + ["adamw"])
     p.add_argument("--compare", default=None, choices=MATRIX_OPTIMIZERS + ["adamw"], help="also train with this one")
     p.add_argument("--steps", type=int, default=200)
@@ -70,6 +78,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="a text file (default: the Python standard library's source)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--timeout-s", type=float, default=comm.DEFAULT_TIMEOUT_S,
+                   help="how long a collective may wait for the other ranks before every rank fails (process group "
+                   "and dist_ortho's collectives; default %(default)s)")
     return add_muon_args(p)
 
 
@@ -122,17 +133,22 @@ def train_one(name: str, args: argparse.Namespace, group: Any, data: ByteData, d
     meta_base = {"model": config.as_dict(), "optimizer": name, "seed": args.seed}
     start = 0
     if args.resume:
-        found = checkpoint.latest(ckpt_dir)
-        if found is None:
-            raise ValueError(f"--resume: no checkpoint under {ckpt_dir}")
+        found = _resume_from(ckpt_dir)
         meta = checkpoint.read_meta(found)
         if {k: meta.get(k) for k in meta_base} != meta_base:
-            raise ValueError(f"--resume: {found} was written for {meta.get('model')} / {meta.get('optimizer')}, "
-                             f"this run is {meta_base['model']} / {name}")
+            raise ValueError(f"--resume: {found} was written for model {meta.get('model')}, optimizer "
+                             f"{meta.get('optimizer')}, seed {meta.get('seed')}; this run is model {meta_base['model']}, "
+                             f"optimizer {name}, seed {args.seed}")
+        if meta["step"] >= args.steps:
+            logger.info("%s: the run already finished at step %d (--steps %d); nothing to do", name, meta["step"], args.steps)
+            return {"optimizer": name, "losses": {}, "train_loss": meta.get("train_loss"),
+                    "eval_loss": meta.get("eval_loss"), "optimizer_share": 0.0, "seconds": 0.0}
         checkpoint.load(found, model, optimizer, group)
         start = meta["step"]
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
+    if rank0 and args.resume:  # steps after the checkpoint are run again: drop their old records
+        _keep_log_until(run_dir / "log.jsonl", start)
     log = open(run_dir / "log.jsonl", "a" if args.resume else "w") if rank0 else None
     progress = None
     if rank0 and not args.no_progress:
@@ -161,7 +177,8 @@ def train_one(name: str, args: argparse.Namespace, group: Any, data: ByteData, d
         if (step + 1) % args.eval_interval == 0 or step + 1 == args.steps:
             record["eval_loss"] = evaluate(model, data, args, device)
         if args.save_interval and (step + 1) % args.save_interval == 0 or step + 1 == stop:
-            checkpoint.save(ckpt_dir, model, optimizer, group, {**meta_base, "step": step + 1})
+            losses = {"train_loss": record["loss"], "eval_loss": record.get("eval_loss", result.get("eval_loss"))}
+            checkpoint.save(ckpt_dir, model, optimizer, group, {**meta_base, "step": step + 1, **losses})
         if log:
             log.write(json.dumps(record) + "\n")
             log.flush()
@@ -177,6 +194,41 @@ def train_one(name: str, args: argparse.Namespace, group: Any, data: ByteData, d
     if log:
         log.close()
     return result
+
+
+def _resume_from(ckpt_dir: Path) -> Path:
+    """The checkpoint --resume continues from: ``latest`` when intact, else the newest intact one (said so)."""
+    found = checkpoint.latest(ckpt_dir)
+    if found is None:
+        raise ValueError(f"--resume: no checkpoint under {ckpt_dir}")
+    problem = checkpoint.damage(found)
+    if problem is None:
+        return found
+    intact = checkpoint.newest_intact(ckpt_dir)
+    if intact is None:
+        raise ValueError(f"--resume: checkpoint {found} is damaged ({problem}) and no intact checkpoint is left under "
+                         f"{ckpt_dir}")
+    logger.warning("--resume: checkpoint %s is damaged (%s); resuming from the newest intact checkpoint %s",
+                   found, problem, intact)
+    return intact
+
+
+def _loss(value: float | None) -> str:
+    return f"{value:.4f}" if value is not None else "n/a"
+
+
+def _keep_log_until(path: Path, step: int) -> None:
+    """Keep the log's records of steps <= ``step`` (a line cut by a kill is dropped too)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 def plot(out: Path, names: list[str]) -> Path:
@@ -214,8 +266,8 @@ def run(args: argparse.Namespace, group: Any, device: torch.device) -> list[dict
     if comm.group_rank(group) == 0:
         path = plot(Path(args.out), names)
         for r in results:
-            logger.info("%s: final train loss %.4f, eval loss %s, optimizer step %.0f%% of step time, %.0f s",
-                    r["optimizer"], r["train_loss"], f"{r['eval_loss']:.4f}" if r.get("eval_loss") else "n/a",
+            logger.info("%s: final train loss %s, eval loss %s, optimizer step %.0f%% of step time, %.0f s",
+                    r["optimizer"], _loss(r.get("train_loss")), _loss(r.get("eval_loss")),
                     100 * r["optimizer_share"], r["seconds"])
         logger.info("plot: %s; logs: %s", path, ", ".join(str(Path(args.out) / n / "log.jsonl") for n in names))
     return results
@@ -225,13 +277,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
+    timeout = datetime.timedelta(seconds=args.timeout_s) if args.timeout_s > 0 else None
+    dist.init_process_group("nccl" if cuda else "gloo", **({"timeout": timeout} if timeout else {}))
+    comm.set_timeout(args.timeout_s)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     code = 0
     try:
-        group = tp_groups(args.tp or dist.get_world_size())
+        group = tp_groups(args.tp if args.tp is not None else dist.get_world_size())
         run(args, group, device)
     except ValueError as e:  # the same on every rank: all exit, none hangs
         logger.error("rank %d: %s", dist.get_rank(), e)
