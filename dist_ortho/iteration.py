@@ -22,10 +22,12 @@ from dist_ortho.coefficients import Triple
 from dist_ortho.kernels import gram, symmetric_polynomial
 from dist_ortho.precision import compute_dtype
 
-DEFAULT_EPS = 1e-30
-"""Guards the normalization against a zero matrix only: the norm is a float64 sum, so a matrix whose
-entries are ~1e-20 (norm ~1e-18) is still scaled to unit norm. (eps = 1e-7, the usual value, maps such
-inputs to ~0 instead of orthogonalizing them.)"""
+DEFAULT_EPS = 1e-300
+"""Guards the normalization against a zero matrix only. The norm is a float64 sum and the scale 1 / (norm +
+eps) a float64 number (clamped to the largest finite value of the compute dtype), so a matrix of entries
+~1e-30 is still scaled to unit norm and zero stays zero. (eps = 1e-7, the usual value, maps inputs of norm
+below ~1e-7 to ~0 instead of orthogonalizing them; 1e-30, this library's earlier default, halved the
+scale of a matrix of norm 1e-30.)"""
 
 
 def check_matrix(x: object, name: str = "x") -> torch.Tensor:
@@ -46,8 +48,8 @@ def sum_of_squares(x: torch.Tensor, dims: tuple[int, ...] = (-2, -1)) -> torch.T
 
 def scale_to_unit(x: torch.Tensor, sum_sq: torch.Tensor, eps: float) -> torch.Tensor:
     """x / (sqrt(sum_sq) + eps) per matrix, in float32 or wider (sum_sq: float64, one per matrix)."""
-    scale = 1.0 / (sum_sq.sqrt() + eps)
     work = x if x.dtype == torch.float64 else x.float()
+    scale = (1.0 / (sum_sq.sqrt() + eps)).clamp(max=torch.finfo(work.dtype).max)
     return work * scale.to(work.dtype)[..., None, None]
 
 
