@@ -225,3 +225,11 @@ def test_timeout_is_validated():
 
     with pytest.raises(ValueError, match="seconds"):
         comm.set_timeout(-1)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), -1.0])
+def test_hyper_parameters_must_be_finite(bad):
+    p = torch.nn.Parameter(torch.randn(8, 6))
+    for key in ("lr", "momentum", "weight_decay", "extra_scale_factor"):
+        with pytest.raises(ValueError, match=key):
+            get_optimizer("muon")([p], **{key: bad})
