@@ -158,6 +158,7 @@ def _damaged_checkpoints(ctx, out: str, how: str):
         resumed = _run(_args("--out", f"{out}/parts", "--resume"), ctx.group)
     except ValueError as e:
         return str(e)
+    dist.barrier()  # rank 0 writes the log
     steps = [json.loads(line)["step"] for line in (ckpt.parent / "log.jsonl").read_text().splitlines()]
     return {"resumed": resumed, "whole": whole, "steps": steps}
 
@@ -176,11 +177,13 @@ def test_a_damaged_checkpoint_is_never_loaded(world, tmp_path, how, caplog):
 
 
 def _finished(ctx, out: str):
-    _run(_args("--out", out), ctx.group)
-    log = (Path(out) / "muon" / "log.jsonl").read_text()
     from dist_ortho.train.cli import run
 
+    _run(_args("--out", out), ctx.group)
+    dist.barrier()  # rank 0 writes the log: read it once every rank is done
+    log = (Path(out) / "muon" / "log.jsonl").read_text()
     again = run(_args("--out", out, "--resume"), ctx.group, torch.device("cpu"))[0]
+    dist.barrier()
     return again["losses"], again["train_loss"] is not None, log == (Path(out) / "muon" / "log.jsonl").read_text()
 
 

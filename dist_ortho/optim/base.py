@@ -37,6 +37,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 from dist_ortho import comm
 from dist_ortho.coalesce import DEFAULT_BUCKET_BYTES, Program, run, run_many, under_precision
 from dist_ortho.coefficients import get_coefficients
+from dist_ortho.grid import assign_owners, share_program
 from dist_ortho.optim.context import MatrixContext
 from dist_ortho.optim.options import accepted_keywords, check_choice, check_number, reject_unknown
 from dist_ortho.params import Held, MatrixLayout, find_layouts
@@ -108,6 +109,9 @@ class OrthogonalizedOptimizer(Optimizer):
             and step, "skip" the step on every rank (weights and state untouched, counted in
             ``skipped_steps``), "ignore" (write it). The check runs on results every rank of a group shares,
             so all ranks decide alike; nothing is written before it.
+        dp_group: the data-parallel group that replicates the TP groups (gradients already averaged over it,
+            e.g. by DDP). Each parameter is then updated by one owner replica only (dist_ortho.grid), which
+            alone keeps its state, and shared with the others after the step.
         **member_options: the per-group options of a member (coefficient_type, num_ns_steps, ...), named in
             the member's own signature; any other key is a TypeError.
     """
@@ -117,7 +121,7 @@ class OrthogonalizedOptimizer(Optimizer):
     # nesterov, ...) a member names in its own signature, or fixes (Scion has no weight_decay).
     forwarded_options = frozenset({
         "tp_group", "tp_mode", "expert_tp_group", "conv_mode", "split_qkv", "qkv_split_shapes", "is_qkv_fn",
-        "qkv_per_head", "coalesce", "bucket_bytes", "local_gram", "batch_matrices", "nonfinite",
+        "qkv_per_head", "coalesce", "bucket_bytes", "local_gram", "batch_matrices", "nonfinite", "dp_group",
     })
     # Members whose update reads ctx.orthogonalized: the step runs Newton-Schulz of every direction
     # first, for all matrices together.
@@ -152,6 +156,7 @@ class OrthogonalizedOptimizer(Optimizer):
         local_gram: LocalGram = "auto",
         batch_matrices: bool = True,
         nonfinite: Nonfinite = "raise",
+        dp_group: comm.ProcessGroup | None = None,
         **member_options: Any,
     ) -> None:
         defaults = dict(
@@ -177,11 +182,13 @@ class OrthogonalizedOptimizer(Optimizer):
         self.scaled_orthogonalize_fn = scaled_orthogonalize_fn
         self.tp_group = tp_group
         self.expert_tp_group = expert_tp_group
+        self.dp_group = dp_group
         self.is_qkv_fn = is_qkv_fn
         self.bucket_bytes = bucket_bytes
         # Derived once from the parameters (their shapes on every rank), never changed after:
         self._layouts: dict[torch.Tensor, MatrixLayout] = {}
         self._parts: dict[torch.Tensor, list[tuple[torch.Tensor, MatrixLayout]]] = {}
+        self._owners: dict[torch.Tensor, int] = {}  # DP owner of each parameter (with dp_group)
         self._logged_plan: str | None = None
         self._agreed_plan: tuple | None = None
         self._step_count = 0
@@ -271,6 +278,12 @@ class OrthogonalizedOptimizer(Optimizer):
         for p, group in new:  # every rank has the same layouts now, so errors here are alike
             if group["split_qkv"] and self.is_qkv(p):
                 self._split_fused(p, group)
+        def shapes(p: torch.Tensor) -> list[tuple[int, ...]]:
+            return [layout.shape for _, layout in self._parts.get(p, [])] or [self._layouts[p].shape]
+
+        taken = [(shapes(p), owner) for p, owner in self._owners.items()]
+        owners = assign_owners([shapes(p) for p, _ in new], comm.group_size(self.dp_group), taken)
+        self._owners.update(zip((p for p, _ in new), owners))
 
     # -- how each state tensor is held (read by checkpoints) --
     def state_holding(self, p: torch.Tensor, path: Sequence[str]) -> Held:
@@ -467,7 +480,7 @@ class OrthogonalizedOptimizer(Optimizer):
         what = (f"the {type(self).__name__} step's plan (entry: name, global shape, partition_dim, group, dtype, "
                 "tp_mode, (steps, coefficients), coalesce, fp32_matmul_prec, local_gram, batch_matrices, "
                 "nonfinite, QKV parts)")
-        for group in (self.tp_group, self.expert_tp_group):
+        for group in (self.tp_group, self.expert_tp_group, self.dp_group):
             if comm.group_size(group) > 1:
                 comm.agree([(type(self).__name__, *e) for e in entries], labels, group, what)
         self._agreed_plan = key
@@ -507,9 +520,22 @@ class OrthogonalizedOptimizer(Optimizer):
             raise comm.CollectiveError(f"{type(self).__name__} step {self._step_count}: {e}") from e
         return loss
 
+    def owner(self, p: torch.Tensor) -> int:
+        """The DP rank that updates ``p`` and keeps its state (0 without dp_group)."""
+        self.layout(p)
+        return self._owners[p]
+
     def _step(self) -> None:
-        params = self._taking_part()
-        self._agree(params)
+        taking_part = self._taking_part()
+        self._agree(taking_part)
+        dp_rank = comm.group_rank(self.dp_group)
+        params = [(p, group) for p, group in taking_part if self.owner(p) == dp_rank]
+        self._update(params)
+        if comm.group_size(self.dp_group) > 1:
+            run(share_program([p for p, _ in taking_part], [self.owner(p) for p, _ in taking_part], self.dp_group))
+
+    def _update(self, params: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> None:
+        """The step of the parameters this replica owns (all of them without dp_group)."""
         fresh = [MatrixContext(p, group, self.layout(p), self.state[p]) for p, group in params if not self.state[p]]
         self._run(fresh, [self.init_state_program(ctx) for ctx in fresh])
         wholes, momenta = [], []

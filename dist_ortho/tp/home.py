@@ -29,9 +29,10 @@ def ns_cost(shape: Sequence[int]) -> int:
     return math.prod(shape[:-2]) * max(m, n) * min(m, n) ** 2
 
 
-def assign_homes(costs: Sequence[float], size: int) -> list[int]:
-    """Longest-processing-time-first: the costliest matrix first, each to the least-loaded rank (ties: lowest)."""
-    loads = [0.0] * size
+def assign_homes(costs: Sequence[float], size: int, loads: Sequence[float] | None = None) -> list[int]:
+    """Longest-processing-time-first: the costliest matrix first, each to the least-loaded rank (ties: lowest),
+    starting from ``loads`` (zero by default)."""
+    loads = list(loads) if loads is not None else [0.0] * size
     homes = [0] * len(costs)
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
         home = min(range(size), key=lambda r: (loads[r], r))

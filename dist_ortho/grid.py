@@ -1,0 +1,57 @@
+"""Beyond one TP group: every matrix owned by one data-parallel replica of the DP x TP grid.
+
+Data parallelism replicates each TP group; with gradients already averaged over DP (DDP), every replica
+would run the same Newton-Schulz and keep the same state. Instead each parameter (as the set of its TP
+shards) gets an owner replica, balanced by Newton-Schulz cost max(m, n) min(m, n)^2 (longest processing
+time first, deterministic from the parameters' global shapes and order). Only the owner's TP group
+updates it (in any TP mode) and keeps its state; afterwards :func:`share_program` brings every replica's
+shards up to date with one all-gather per dtype over the DP group. Per-rank Newton-Schulz work is then
+about total / (DP x TP), and optimizer state about 1 / DP of the unsharded optimizer's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from dist_ortho import comm
+from dist_ortho.coalesce import AllGather, Program
+from dist_ortho.tp.home import assign_homes, ns_cost
+
+
+def assign_owners(
+    shapes: Sequence[Sequence[Sequence[int]]], dp_size: int, taken: Sequence[tuple[Sequence[Sequence[int]], int]] = ()
+) -> list[int]:
+    """The owning DP rank of each new parameter, given the global matrix shapes it is orthogonalized as;
+    ``taken`` lists (shapes, owner) of parameters already owned, which keep their owner and count as load."""
+    loads = [0.0] * dp_size
+    for matrices, owner in taken:
+        loads[owner] += sum(ns_cost(s) for s in matrices)
+    return assign_homes([sum(ns_cost(s) for s in matrices) for matrices in shapes], dp_size, loads)
+
+
+def share_program(params: Sequence[torch.Tensor], owners: Sequence[int], dp_group: comm.ProcessGroup | None) -> Program[None]:
+    """Program: every parameter takes its owner's values (one all-gather per dtype over ``dp_group``).
+
+    Each rank sends the flat concatenation of the parameters it owns, padded to the largest such buffer."""
+    size, rank = comm.group_size(dp_group), comm.group_rank(dp_group)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, p in enumerate(params):
+        by_dtype.setdefault(p.dtype, []).append(i)
+    requests, layouts = [], []
+    for members in by_dtype.values():
+        numel = [sum(params[i].numel() for i in members if owners[i] == r) for r in range(size)]
+        mine = [params[i].detach().reshape(-1) for i in members if owners[i] == rank]
+        flat = torch.cat(mine) if mine else params[members[0]].new_empty(0)
+        padded = torch.cat([flat, flat.new_zeros(max(numel) - flat.numel())])
+        requests.append(AllGather(padded, dp_group))
+        layouts.append(members)
+    gathered = yield requests
+    for members, stacked in zip(layouts, gathered):
+        offsets = [0] * size
+        for i in members:
+            owner, n = owners[i], params[i].numel()
+            if owner != rank:
+                params[i].detach().copy_(stacked[owner, offsets[owner] : offsets[owner] + n].view_as(params[i]))
+            offsets[owner] += n

@@ -1,0 +1,134 @@
+"""The DP x TP grid (dist_ortho.grid, ``dp_group=``): every matrix updated by one owner replica.
+
+World 4 as DP 2 x TP 2 (TP groups {0, 1}, {2, 3}; DP groups {0, 2}, {1, 3}); gradients as DDP leaves them
+(averaged over DP: the same on every replica). After 3 steps every rank's shards equal a single-process
+run on the gathered weights (tolerance of test_optim: max |W - W_ref| <= 1e-5 + 1e-4 max |W_ref - W_0|),
+for Muon, NorMuon and PolarGrad in home and gram modes. Newton-Schulz FLOPs per rank <= 1.15 x total /
+world and optimizer state per rank <= 0.6 x the unsharded state on a GPT-like set; collectives per step
+constant (pinned).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.utils.flop_counter import FlopCounterMode
+
+from dist_ortho import count_collectives, get_optimizer
+from dist_ortho.qkv import qkv_split_shapes
+from tests import optim_reference
+from tests.harness import started_world
+from tests.test_optim_tp import block, sharded
+
+
+@pytest.fixture(scope="module")
+def world():
+    with started_world(4) as w:
+        yield w
+
+
+def _grid(ctx, tp: int):
+    tp_groups = [dist.new_group(list(range(s, s + tp))) for s in range(0, ctx.world_size, tp)]
+    dp_groups = [dist.new_group(list(range(t, ctx.world_size, tp))) for t in range(tp)]
+    return tp_groups[ctx.rank // tp], dp_groups[ctx.rank % tp], ctx.rank % tp
+
+
+def _gpt_like(seed: int = 0, layers: int = 2, hidden: int = 64):
+    """Global (name, shape, partition_dim, qkv split) of a small GPT: fused GQA QKV, proj, fc1, fc2."""
+    split = qkv_split_shapes(8, 2, hidden // 8)
+    out = []
+    for i in range(layers):
+        out += [(f"l{i}.qkv", (2 * sum(split), hidden), 0, split), (f"l{i}.proj", (hidden, hidden), 1, None),
+                (f"l{i}.fc1", (4 * hidden, hidden), 0, None), (f"l{i}.fc2", (hidden, 4 * hidden), 1, None)]
+    return out
+
+
+def _params(spec, tp_rank: int, tp: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    fulls, params = [], []
+    for name, shape, pd, split in spec:
+        full = torch.randn(shape, generator=gen)
+        p = sharded(block(full, pd, tp_rank, tp), pd)
+        p._dist_ortho_name = name
+        if split:
+            p.is_qkv, p.qkv_split_shapes = True, split
+        fulls.append(full)
+        params.append(p)
+    return fulls, params
+
+
+def _exact(ctx, kind: str, mode: str, tp: int):
+    tp_group, dp_group, tp_rank = _grid(ctx, tp)
+    spec = _gpt_like()
+    fulls, params = _params(spec, tp_rank, tp)
+    ref = [torch.nn.Parameter(f.clone()) for f in fulls]
+    hp = {"lr": 0.02, "fp32_matmul_prec": "highest"}
+    opt = get_optimizer(kind)(params, tp_group=tp_group, dp_group=dp_group, tp_mode=mode, **hp)
+    for p, (_, _, _, split) in zip(ref, spec):
+        if split:
+            p.is_qkv, p.qkv_split_shapes = True, split
+    ref_opt = get_optimizer(kind)(ref, **hp)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for p, q, (_, shape, pd, _) in zip(params, ref, spec):
+            g = torch.randn(shape, generator=gen)  # the DP-averaged gradient: the same on every replica
+            p.grad, q.grad = block(g, pd, tp_rank, tp), g
+        opt.step()
+        ref_opt.step()
+    bad = {}
+    for p, q, f, (name, _, pd, _) in zip(params, ref, fulls, spec):
+        moved = (q.detach() - f).abs().max().item()
+        err = (p.detach() - block(q.detach(), pd, tp_rank, tp)).abs().max().item()
+        if not optim_reference.weights_agree(err, moved):
+            bad[name] = (err, moved)
+    assert not bad, bad
+    owned = sum(1 for p in params if opt.owner(p) == comm_rank(dp_group))
+    return owned
+
+
+def comm_rank(group) -> int:
+    return dist.get_rank(group)
+
+
+@pytest.mark.parametrize("mode", ["home", "gram", "duplicated"])
+@pytest.mark.parametrize("kind", ["muon", "normuon", "polargrad"])
+def test_dp2_tp2_equals_one_process(world, kind, mode):
+    owned = world.run(_exact, kind, mode, 2)
+    assert sum(owned) == 2 * len(_gpt_like()) and min(owned) > 0  # each parameter owned by one replica
+
+
+def test_dp4_tp1_equals_one_process(world):
+    owned = world.run(_exact, "muon", "duplicated", 1)
+    assert sum(owned) == len(_gpt_like()) and min(owned) > 0
+
+
+def _costs(ctx, dp_group_on: bool):
+    tp_group, dp_group, tp_rank = _grid(ctx, 2)
+    spec = _gpt_like(layers=4, hidden=128)
+    _, params = _params(spec, tp_rank, 2)
+    opt = get_optimizer("muon")(params, tp_group=tp_group, dp_group=dp_group if dp_group_on else None,
+                                tp_mode="home", fp32_matmul_prec="highest", local_gram="never", batch_matrices=False)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        if step == 1:
+            with FlopCounterMode(display=False) as flops, count_collectives() as calls:
+                opt.step()
+        else:
+            opt.step()
+    state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    return flops.get_total_flops(), state, calls.total_calls
+
+
+def test_flops_state_and_collectives_per_rank(world):
+    """DP 2 x TP 2, home mode, plain iteration: NS FLOPs per rank <= 1.15 x total / world (measured total:
+    the no-DP run's FLOPs summed over one TP group), state <= 0.6 x unsharded, 3 calls per step (home's two
+    all-to-alls and one all-gather of the updated shards)."""
+    grid = world.run(_costs, True)
+    plain = world.run(_costs, False)
+    total = sum(f for f, _, _ in plain[:2])  # one TP group's ranks hold every matrix's work once
+    assert max(f for f, _, _ in grid) <= 1.15 * total / 4, ([f for f, _, _ in grid], total)
+    assert max(s for _, s, _ in grid) <= 0.6 * max(s for _, s, _ in plain)
+    assert [c for _, _, c in grid] == [3] * 4
