@@ -39,12 +39,10 @@ def _single_rank_group(ctx):
     return groups[ctx.rank]
 
 
-def _run(args, group):
-    import torch
-
+def _run(args, group, dp_group=None):
     from dist_ortho.train.cli import run
 
-    return run(args, group, torch.device("cpu"))[0]["losses"]
+    return run(args, group, torch.device("cpu"), dp_group)[0]["losses"]
 
 
 def _tp_equivalence(ctx, out: str, optimizer: str, mode: str):
@@ -90,12 +88,12 @@ def test_tp2_checkpoint_resumes_at_tp1(world, tmp_path):
 
 
 def _bad(ctx, out: str, extra: list[str]) -> str:
-    from dist_ortho.train.cli import run, tp_groups
+    from dist_ortho.train.cli import parallel_groups
 
     args = _args("--out", out, *extra)
     try:
-        group = tp_groups(args.tp or ctx.world_size)
-        _run(args, group) if run else None
+        group, dp_group = parallel_groups(args.tp or ctx.world_size)
+        _run(args, group, dp_group)
     except ValueError as e:
         return str(e)
     return "no error"
@@ -106,7 +104,7 @@ def test_bad_input_fails_alike_on_every_rank(world, tmp_path):
     empty.write_text("")
     cases = {
         "--tp": (["--tp", "3"], "must divide the world size"),
-        "dp": (["--tp", "1"], "data parallelism"),
+        "dp_batch": (["--tp", "1", "--batch-size", "3"], "multiple of the data-parallel size 2"),
         "groups": (["--groups", "3"], "multiple of num_query_groups"),
         "tp_groups": (["--groups", "1", "--heads", "4"], "must divide num_query_groups"),
         "missing": (["--data", str(tmp_path / "nope.txt")], "no such file"),

@@ -525,6 +525,10 @@ class OrthogonalizedOptimizer(Optimizer):
         self.layout(p)
         return self._owners[p]
 
+    def owns(self, p: torch.Tensor) -> bool:
+        """Whether this rank's replica updates ``p`` and keeps its state."""
+        return self.owner(p) == comm.group_rank(self.dp_group)
+
     def _step(self) -> None:
         taking_part = self._taking_part()
         self._agree(taking_part)

@@ -118,6 +118,11 @@ class MuonAdamW(Optimizer):
                 return optimizer
         raise KeyError(f"parameter of shape {tuple(p.shape)} is not in this MuonAdamW")
 
+    def owns(self, p: torch.Tensor) -> bool:
+        """Whether this rank's replica keeps ``p``'s state (the fallback's parameters: every replica)."""
+        owner = self.optimizer_of(p)
+        return owner.owns(p) if isinstance(owner, OrthogonalizedOptimizer) else True
+
     def state_holding(self, p: torch.Tensor, path: Sequence[str]) -> Held:
         """How the ranks hold state tensor ``state[p][path...]`` (for checkpoints)."""
         owner = self.optimizer_of(p)

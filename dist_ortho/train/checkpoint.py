@@ -55,20 +55,24 @@ def global_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, group
     return {"model": model_sd, "optim": optim_sd}
 
 
-def save(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, group: Any, meta: dict) -> None:
+def save(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, group: Any, meta: dict, run_group: Any = "tp"
+) -> None:
     """Write the checkpoint of ``meta["step"]`` under path/step_N and point path/latest at it.
 
-    ``group`` holds every rank of the run (the TP group while the run is TP only)."""
+    ``group`` is the TP group (shards are gathered over it); ``run_group`` holds every rank of the run (the
+    TP group when there is no DP, None for the world). Under DP each replica writes the state it owns."""
+    run_group = group if run_group == "tp" else run_group
     final = path / f"step_{meta['step']:06d}"
     tmp = path / f".tmp_step_{meta['step']:06d}"
     state = global_state(model, optimizer, group)
-    leader = comm.group_rank(group) == 0
+    leader = comm.group_rank(run_group) == 0 if run_group is not None else dist.get_rank() == 0
     if leader:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    dist.barrier(group=group)
-    dcp.save(state, checkpoint_id=str(tmp), process_group=group)
-    dist.barrier(group=group)
+    dist.barrier(group=run_group)
+    dcp.save(state, checkpoint_id=str(tmp), process_group=run_group)
+    dist.barrier(group=run_group)
     if leader:
         files = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
         (tmp / "meta.json").write_text(json.dumps({**meta, "files": files}))
@@ -77,7 +81,7 @@ def save(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, g
         latest_tmp = path / ".latest.tmp"
         latest_tmp.write_text(final.name)
         os.replace(latest_tmp, path / "latest")
-    dist.barrier(group=group)
+    dist.barrier(group=run_group)
 
 
 def _sha256(path: Path) -> str:
@@ -121,15 +125,22 @@ def newest_intact(path: Path) -> Path | None:
     return None
 
 
-def load(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, group: Any) -> None:
-    """Fill the model and optimizer from ``checkpoint`` (any TP size), taking this rank's blocks."""
+def load(
+    checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, group: Any, run_group: Any = "tp"
+) -> None:
+    """Fill the model and optimizer from ``checkpoint`` (any TP and DP size), taking this rank's blocks and
+    the state of the parameters this rank's replica owns (all of them without DP)."""
+    run_group = group if run_group == "tp" else run_group
     metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    params = dict(model.named_parameters())
+    owns = getattr(optimizer, "owns", lambda p: True)
     state: dict[str, dict[str, torch.Tensor]] = {"model": {}, "optim": {}}
     for key, meta in metadata.items():
         section, name = key.split(".", 1)
+        if section == "optim" and name.split("/")[0] in params and not owns(params[name.split("/")[0]]):
+            continue
         state[section][name] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
-    dcp.load(state, checkpoint_id=str(checkpoint), process_group=group)
-    params = dict(model.named_parameters())
+    dcp.load(state, checkpoint_id=str(checkpoint), process_group=run_group)
     missing = set(params) - set(state["model"])
     if missing:
         raise ValueError(f"checkpoint {checkpoint} lacks weights {sorted(missing)[:3]}...: a different model")

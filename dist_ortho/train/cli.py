@@ -1,6 +1,7 @@
 """Train a small tensor-parallel GPT with a Muon-family optimizer (and, with --compare, a baseline).
 
     torchrun --standalone --nproc-per-node 2 -m dist_ortho.train --tp 2 --optimizer muon --compare adamw
+    torchrun --standalone --nproc-per-node 4 -m dist_ortho.train --tp 2   # DP 2 x TP 2
 
 Backend: gloo on CPU, NCCL on CUDA (one GPU per local rank). Data: the Python standard library's
 source, byte-tokenized (or --data FILE); the last 10% is held out. Per run, rank 0 writes a JSON-lines
@@ -85,17 +86,35 @@ def parser() -> argparse.ArgumentParser:
 
 
 def tp_groups(tp: int) -> dist.ProcessGroup:
-    """Consecutive ranks form a TP group (DP x TP layout, DP = world / tp); this rank's group."""
+    """This rank's TP group of the DP x TP layout (see :func:`parallel_groups`)."""
+    return parallel_groups(tp)[0]
+
+
+def parallel_groups(tp: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup | None]:
+    """DP x TP over the world: consecutive ranks form a TP group, ranks tp apart a DP group (DP = world / tp).
+    This rank's TP group and DP group (None when DP = 1)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     if tp < 1 or world % tp:
         raise ValueError(f"--tp {tp} must divide the world size {world}")
-    if tp != world:
-        raise ValueError(f"--tp {tp} < world size {world} needs data parallelism, which is not implemented yet: use --tp {world}")
-    groups = [dist.new_group(list(range(start, start + tp))) for start in range(0, world, tp)]
-    return groups[rank // tp]
+    tp_all = [dist.new_group(list(range(start, start + tp))) for start in range(0, world, tp)]
+    dp_all = [dist.new_group(list(range(t, world, tp))) for t in range(tp)]
+    return tp_all[rank // tp], (dp_all[rank % tp] if world > tp else None)
 
 
-def build_optimizer(name: str, model: GPT, args: argparse.Namespace, group: Any) -> torch.optim.Optimizer:
+def average_gradients(model: torch.nn.Module, dp_group: dist.ProcessGroup | None) -> None:
+    """Average every gradient over the DP group, as DistributedDataParallel does (one all-reduce per dtype)."""
+    size = comm.group_size(dp_group)
+    if size == 1:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    for dtype in {g.dtype for g in grads}:
+        same = [g for g in grads if g.dtype == dtype]
+        flat = comm.all_reduce(torch.cat([g.reshape(-1) for g in same]), dp_group)
+        for g, part in zip(same, flat.split([g.numel() for g in same])):
+            g.copy_(part.view_as(g) / size)
+
+
+def build_optimizer(name: str, model: GPT, args: argparse.Namespace, group: Any, dp_group: Any = None) -> torch.optim.Optimizer:
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=args.adamw_lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     accepted = accepted_keywords(get_optimizer(name))
@@ -104,7 +123,7 @@ def build_optimizer(name: str, model: GPT, args: argparse.Namespace, group: Any)
         kwargs["weight_decay"] = args.weight_decay
     return MuonAdamW(
         model.named_parameters(), optimizer=name, lr=args.lr, adamw_lr=args.adamw_lr, tp_group=group,
-        tp_mode=args.muon_tp_mode, **kwargs,
+        dp_group=dp_group, tp_mode=args.muon_tp_mode, **kwargs,
     )
 
 
@@ -121,14 +140,22 @@ def evaluate(model: GPT, data: ByteData, args: argparse.Namespace, device: torch
     return sum(losses) / len(losses)
 
 
-def train_one(name: str, args: argparse.Namespace, group: Any, data: ByteData, device: torch.device) -> dict:
-    """One training run; returns its final train and eval loss and timing."""
+def train_one(
+    name: str, args: argparse.Namespace, group: Any, data: ByteData, device: torch.device, dp_group: Any = None
+) -> dict:
+    """One training run over TP ``group`` x DP ``dp_group``; returns its final train and eval loss and timing.
+
+    Each DP rank takes its share of the batch; gradients are averaged over DP before the step."""
     config = GPTConfig(256, args.seq_len, args.layers, args.hidden, args.heads, args.groups, args.ffn)
+    dp_size, dp_rank = comm.group_size(dp_group), comm.group_rank(dp_group)
+    if args.batch_size % dp_size:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the data-parallel size {dp_size}")
+    run_group = group if dp_group is None else None  # every rank of this run (the world under DP)
     model = GPT(config, group, seed=args.seed).to(device)
-    optimizer = build_optimizer(name, model, args, group)
+    optimizer = build_optimizer(name, model, args, group, dp_group)
     for g in optimizer.param_groups:
         g["initial_lr"] = g["lr"]
-    run_dir, rank0 = Path(args.out) / name, comm.group_rank(group) == 0
+    run_dir, rank0 = Path(args.out) / name, comm.group_rank(group) == 0 and dp_rank == 0
     ckpt_dir = run_dir / "ckpt"
     meta_base = {"model": config.as_dict(), "optimizer": name, "seed": args.seed}
     start = 0
@@ -143,7 +170,7 @@ def train_one(name: str, args: argparse.Namespace, group: Any, data: ByteData, d
             logger.info("%s: the run already finished at step %d (--steps %d); nothing to do", name, meta["step"], args.steps)
             return {"optimizer": name, "losses": {}, "train_loss": meta.get("train_loss"),
                     "eval_loss": meta.get("eval_loss"), "optimizer_share": 0.0, "seconds": 0.0}
-        checkpoint.load(found, model, optimizer, group)
+        checkpoint.load(found, model, optimizer, group, run_group)
         start = meta["step"]
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -163,9 +190,13 @@ def train_one(name: str, args: argparse.Namespace, group: Any, data: ByteData, d
         began = time.perf_counter()
         for g in optimizer.param_groups:
             g["lr"] = g["initial_lr"] * lr_factor(step, args)
-        tokens, targets = (t.to(device) for t in data.batch(step, args.batch_size))
+        share = args.batch_size // dp_size
+        tokens, targets = (t[dp_rank * share : (dp_rank + 1) * share].to(device)
+                           for t in data.batch(step, args.batch_size))
         loss = model(tokens, targets)
         loss.backward()
+        average_gradients(model, dp_group)
+        loss = comm.all_reduce(loss.detach().clone(), dp_group) / dp_size
         opt_began = time.perf_counter()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -178,7 +209,7 @@ def train_one(name: str, args: argparse.Namespace, group: Any, data: ByteData, d
             record["eval_loss"] = evaluate(model, data, args, device)
         if args.save_interval and (step + 1) % args.save_interval == 0 or step + 1 == stop:
             losses = {"train_loss": record["loss"], "eval_loss": record.get("eval_loss", result.get("eval_loss"))}
-            checkpoint.save(ckpt_dir, model, optimizer, group, {**meta_base, "step": step + 1, **losses})
+            checkpoint.save(ckpt_dir, model, optimizer, group, {**meta_base, "step": step + 1, **losses}, run_group)
         if log:
             log.write(json.dumps(record) + "\n")
             log.flush()
@@ -259,11 +290,11 @@ def plot(out: Path, names: list[str]) -> Path:
     return path
 
 
-def run(args: argparse.Namespace, group: Any, device: torch.device) -> list[dict]:
+def run(args: argparse.Namespace, group: Any, device: torch.device, dp_group: Any = None) -> list[dict]:
     data = ByteData(load_corpus(args.data), args.seq_len, seed=args.seed)
     names = [args.optimizer] + ([args.compare] if args.compare and args.compare != args.optimizer else [])
-    results = [train_one(name, args, group, data, device) for name in names]
-    if comm.group_rank(group) == 0:
+    results = [train_one(name, args, group, data, device, dp_group) for name in names]
+    if comm.group_rank(group) == 0 and comm.group_rank(dp_group) == 0:
         path = plot(Path(args.out), names)
         for r in results:
             logger.info("%s: final train loss %s, eval loss %s, optimizer step %.0f%% of step time, %.0f s",
@@ -285,8 +316,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.set_device(device)
     code = 0
     try:
-        group = tp_groups(args.tp if args.tp is not None else dist.get_world_size())
-        run(args, group, device)
+        group, dp_group = parallel_groups(args.tp if args.tp is not None else dist.get_world_size())
+        run(args, group, device, dp_group)
     except ValueError as e:  # the same on every rank: all exit, none hangs
         logger.error("rank %d: %s", dist.get_rank(), e)
         code = 2
