@@ -18,3 +18,15 @@ def world(request):
     """Worker processes for this module at one world size (started once per module and size)."""
     with started_world(request.param) as w:
         yield w
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow run only with DIST_ORTHO_SLOW=1; elsewhere they are skipped with the reason printed."""
+    import os
+
+    if os.environ.get("DIST_ORTHO_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow (world 8 on 2 cores): run with DIST_ORTHO_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

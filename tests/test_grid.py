@@ -132,3 +132,10 @@ def test_flops_state_and_collectives_per_rank(world):
     assert max(f for f, _, _ in grid) <= 1.15 * total / 4, ([f for f, _, _ in grid], total)
     assert max(s for _, s, _ in grid) <= 0.6 * max(s for _, s, _ in plain)
     assert [c for _, _, c in grid] == [3] * 4
+
+
+def test_dp2_tp4_at_world8_equals_one_process():
+    """World 8 as DP 2 x TP 4 (about 20 s on 2 cores)."""
+    with started_world(8) as world8:
+        owned = world8.run(_exact, "muon", "home", 4)
+    assert sum(owned) == 4 * len(_gpt_like()) and min(owned) > 0
