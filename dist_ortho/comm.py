@@ -31,6 +31,7 @@ class CommStats:
 
     calls: Counter = field(default_factory=Counter)
     bytes_sent: int = 0
+    bytes_by_call: Counter = field(default_factory=Counter)
 
     @property
     def total_calls(self) -> int:
@@ -55,6 +56,7 @@ def _record(op: str, nbytes: float) -> None:
     for stats in _active_stats:
         stats.calls[op] += 1
         stats.bytes_sent += int(nbytes)
+        stats.bytes_by_call[op] += int(nbytes)
 
 
 TIMEOUT_ENV = "DIST_ORTHO_TIMEOUT_S"
@@ -137,6 +139,18 @@ def all_gather(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor
     out = torch.empty(size * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
     _wait("all_gather", _all_gather_single(out, tensor.reshape(-1), group=group, async_op=True), tensor.nbytes)
     return out.view(size, *tensor.shape)
+
+
+def reduce_scatter(chunks: list[torch.Tensor], group: ProcessGroup | None) -> torch.Tensor:
+    """Sum over the group of every rank's ``chunks[r]`` (equal sizes), delivered to rank r: this rank's sum."""
+    size = group_size(group)
+    if size == 1:
+        return chunks[0].clone()
+    send = torch.cat([c.reshape(-1) for c in chunks])
+    out = torch.empty_like(chunks[0].reshape(-1))
+    _record("reduce_scatter", (size - 1) * out.numel() * out.element_size())
+    _wait("reduce_scatter", dist.reduce_scatter_tensor(out, send, group=group, async_op=True), send.nbytes)
+    return out
 
 
 def all_to_all(

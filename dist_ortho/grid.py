@@ -1,6 +1,7 @@
 """Beyond one TP group: every matrix owned by one data-parallel replica of the DP x TP grid.
 
-Data parallelism replicates each TP group; with gradients already averaged over DP (DDP), every replica
+Data parallelism replicates each TP group; with gradients averaged over DP (DDP, or :func:`reduce_to_owners`
+with ``reduce_grads=True``: half the bytes, since only the owner needs them), every replica
 would run the same Newton-Schulz and keep the same state. Instead each parameter (as the set of its TP
 shards) gets an owner replica, balanced by Newton-Schulz cost max(m, n) min(m, n)^2 (longest processing
 time first, deterministic from the parameters' global shapes and order). Only the owner's TP group
@@ -55,3 +56,30 @@ def share_program(params: Sequence[torch.Tensor], owners: Sequence[int], dp_grou
             if owner != rank:
                 params[i].detach().copy_(stacked[owner, offsets[owner] : offsets[owner] + n].view_as(params[i]))
             offsets[owner] += n
+
+
+def reduce_to_owners(params: Sequence[torch.Tensor], owners: Sequence[int], dp_group: comm.ProcessGroup | None) -> None:
+    """Average every parameter's gradient over ``dp_group`` into its owner's ``.grad`` only: one
+    reduce-scatter per dtype (each rank sends (DP - 1) / DP of the gradient bytes, half an all-reduce's).
+
+    Each rank's buffer holds, per owner rank, the gradients of the parameters that rank owns (a missing
+    gradient as zeros), padded to the largest owner's share. Other replicas' gradients are left as they are."""
+    size, rank = comm.group_size(dp_group), comm.group_rank(dp_group)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, p in enumerate(params):
+        by_dtype.setdefault(p.dtype, []).append(i)
+    for members in by_dtype.values():
+        per_owner = [[i for i in members if owners[i] == r] for r in range(size)]
+        longest = max(sum(params[i].numel() for i in owned) for owned in per_owner)
+        chunks = []
+        for owned in per_owner:
+            grads = [(params[i].grad if params[i].grad is not None else torch.zeros_like(params[i])).reshape(-1)
+                     for i in owned]
+            flat = torch.cat(grads) if grads else params[members[0]].new_empty(0)
+            chunks.append(torch.cat([flat, flat.new_zeros(longest - flat.numel())]))
+        summed = comm.reduce_scatter(chunks, dp_group) / size
+        offset = 0
+        for i in per_owner[rank]:
+            n = params[i].numel()
+            params[i].grad = summed[offset : offset + n].view_as(params[i]).clone()
+            offset += n

@@ -139,3 +139,47 @@ def test_dp2_tp4_at_world8_equals_one_process():
     with started_world(8) as world8:
         owned = world8.run(_exact, "muon", "home", 4)
     assert sum(owned) == 4 * len(_gpt_like()) and min(owned) > 0
+
+
+def _reduced(ctx, kind: str):
+    """Each replica has its own (un-averaged) gradient; reduce_grads=True averages it into the owners with
+    one reduce-scatter: the weights equal a single process stepping with the DP-averaged gradient."""
+    tp_group, dp_group, tp_rank = _grid(ctx, 2)
+    dp_rank = dist.get_rank(dp_group)
+    spec = _gpt_like()
+    fulls, params = _params(spec, tp_rank, 2)
+    ref = [torch.nn.Parameter(f.clone()) for f in fulls]
+    for p, (_, _, _, split) in zip(ref, spec):
+        if split:
+            p.is_qkv, p.qkv_split_shapes = True, split
+    hp = {"lr": 0.02, "fp32_matmul_prec": "highest"}
+    opt = get_optimizer(kind)(params, tp_group=tp_group, dp_group=dp_group, reduce_grads=True, tp_mode="home", **hp)
+    ref_opt = get_optimizer(kind)(ref, **hp)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(3):
+        for p, q, (_, shape, pd, _) in zip(params, ref, spec):
+            per_replica = [torch.randn(shape, generator=gen) for _ in range(2)]
+            p.grad, q.grad = block(per_replica[dp_rank], pd, tp_rank, 2), (per_replica[0] + per_replica[1]) / 2
+        if step == 2:
+            with count_collectives() as calls:
+                opt.step()
+        else:
+            opt.step()
+        ref_opt.step()
+    for p, q, f, (name, _, pd, _) in zip(params, ref, fulls, spec):
+        moved = (q.detach() - f).abs().max().item()
+        err = (p.detach() - block(q.detach(), pd, tp_rank, 2)).abs().max().item()
+        assert optim_reference.weights_agree(err, moved), (name, err, moved)
+    grad_bytes = sum(p.numel() * p.element_size() for p in params)
+    return dict(calls.calls), calls.bytes_by_call["reduce_scatter"], grad_bytes
+
+
+@pytest.mark.parametrize("kind", ["muon", "normuon"])
+def test_reduce_grads_averages_into_the_owners_with_half_the_bytes(world, kind):
+    """One reduce-scatter, no gradient all-reduce; at DP 2 it sends at most 0.6 x the gradient bytes, where DDP's
+    all-reduce sends 2 (DP-1)/DP = 1.0 x (its buffer is padded to the larger owner's share: measured 0.5x)."""
+    own_rounds = {"muon": 0, "normuon": 3}[kind]  # NorMuon's mean and norms over TP (pinned in test_optim_tp)
+    for calls, scattered, grad_bytes in world.run(_reduced, kind):
+        assert calls.get("reduce_scatter") == 1 and calls.get("all_reduce", 0) == own_rounds, calls
+        assert calls["all_gather"] == 1 and calls["all_to_all"] == 2, calls
+        assert scattered <= 0.6 * grad_bytes, (scattered, grad_bytes)
