@@ -1,0 +1,99 @@
+"""Benchmark the DP x TP grid: one Muon step on the GPT-like set of bench_optimizer_step.py.
+
+    python scripts/bench_grid.py [--layouts 2x2 4x1 2x4] [--repeats 5]
+
+Layouts DP x TP on gloo (world = DP x TP processes on this machine's cores). Configurations, all with
+DP-averaged gradients (the same on every replica):
+- replicated: no dp_group; every DP replica orthogonalizes everything (best TP mode: home);
+- layer-wise: dp_group with tp_mode="duplicated", Megatron's LayerWiseDistributedOptimizer way (owners by
+  DP rank, the whole TP group repeats each owned matrix's Newton-Schulz);
+- grid: dp_group with tp_mode="home" (each matrix once in the grid).
+Per rank: Newton-Schulz FLOPs (max over ranks, and over total / world), optimizer-state bytes, collectives
+and bytes sent per step; median step time with the configurations interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench_common import run_worlds
+from bench_optimizer_step import _params, matrices
+from dist_ortho import Muon, count_collectives
+from dist_ortho.tp import NsSpec
+from dist_ortho.tp.local import gram_flops, plain_flops, use_gram
+
+CONFIGS = [("replicated", "home", False), ("layer-wise", "duplicated", True), ("grid", "home", True)]
+
+
+def _measure(rank: int, world: int, port: int, args: argparse.Namespace, out: dict) -> None:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    tp = args.tp[world]
+    tp_all = [dist.new_group(list(range(s, s + tp))) for s in range(0, world, tp)]
+    dp_all = [dist.new_group(list(range(t, world, tp))) for t in range(tp)]
+    tp_group, dp_group = tp_all[rank // tp], dp_all[rank % tp]
+    optimizers = {}
+    for label, mode, grid in CONFIGS:
+        params = _params(rank % tp, tp)
+        opt = Muon(params, lr=1e-3, tp_group=tp_group, dp_group=dp_group if grid else None, tp_mode=mode,
+                   fp32_matmul_prec="highest")
+        opt.step()
+        optimizers[label] = (opt, params)
+    stats = {}
+    for label, (opt, _) in optimizers.items():
+        with count_collectives() as calls, FlopCounterMode(display=False) as flops:
+            opt.step()
+        state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+        stats[label] = {"calls": calls.total_calls, "bytes": calls.bytes_sent, "flops": flops.get_total_flops(),
+                        "state": state, "times": []}
+    for _ in range(args.repeats):
+        for label, (opt, _) in optimizers.items():
+            dist.barrier()
+            began = time.perf_counter()
+            opt.step()
+            dist.barrier()
+            stats[label]["times"].append(time.perf_counter() - began)
+    everything = [None] * world
+    dist.all_gather_object(everything, {k: {**v, "times": None} for k, v in stats.items()})
+    if rank == 0:
+        out["rows"] = [{"layout": f"DP {world // tp} x TP {tp}", "world": world, "config": label,
+                        "calls": stats[label]["calls"], "bytes": max(e[label]["bytes"] for e in everything),
+                        "flops": max(e[label]["flops"] for e in everything),
+                        "state": max(e[label]["state"] for e in everything),
+                        "ms": 1e3 * statistics.median(stats[label]["times"])} for label, _, _ in CONFIGS]
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layouts", nargs="+", default=["2x2", "4x1", "2x4"], help="DPxTP")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    rows = []
+    for layout in args.layouts:
+        dp, tp = map(int, layout.split("x"))
+        args.tp = {dp * tp: tp}
+        rows += run_worlds(_measure, [dp * tp], args)[dp * tp]["rows"]
+    ns = NsSpec(5, "quintic")
+    total = sum(gram_flops(s, ns) if use_gram(s, ns, torch.float32) else plain_flops(s, ns) for s in matrices())
+    print(f"{os.cpu_count()} cores, torch {torch.__version__}, gloo, float32 'highest'; NS GFLOP of every matrix "
+          f"once: {total / 1e9:.2f}; median of {args.repeats} steps")
+    print("| layout | configuration | collectives / step | bytes sent / rank | NS GFLOP / rank (max) | vs total / world "
+          "| state MiB / rank | median step ms | vs replicated |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        world = r["world"]
+        base = next(b["ms"] for b in rows if b["layout"] == r["layout"] and b["config"] == "replicated")
+        print(f"| {r['layout']} | {r['config']} | {r['calls']} | {r['bytes']:,} | {r['flops'] / 1e9:.2f} | "
+              f"{r['flops'] / (total / world):.2f} | {r['state'] / 2**20:.2f} | {r['ms']:.0f} | {base / r['ms']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
