@@ -74,12 +74,6 @@ def under_precision(program: Program[T], precision: MatmulPrecision) -> Program[
         reply = yield request
 
 
-def done(value: T = None) -> Program[T]:  # type: ignore[assignment]
-    """A program that needs no collective and returns ``value``."""
-    yield from ()
-    return value
-
-
 def run_many(programs: Sequence[Program[Any]], bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[Any]:
     """Run ``programs`` in lockstep with coalesced collectives; their return values, in order.
 

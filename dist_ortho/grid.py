@@ -32,21 +32,30 @@ def assign_owners(
     return assign_homes([sum(ns_cost(s) for s in matrices) for matrices in shapes], dp_size, loads)
 
 
+def _by_dtype(params: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Indices of ``params`` grouped by dtype (one collective per group), in first-seen order."""
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault(p.dtype, []).append(i)
+    return list(groups.values())
+
+
+def _flat(tensors: list[torch.Tensor], like: torch.Tensor, length: int) -> torch.Tensor:
+    """The tensors flattened and concatenated, zero-padded to ``length`` elements."""
+    flat = torch.cat([t.reshape(-1) for t in tensors]) if tensors else like.new_empty(0)
+    return torch.cat([flat, flat.new_zeros(length - flat.numel())])
+
+
 def share_program(params: Sequence[torch.Tensor], owners: Sequence[int], dp_group: comm.ProcessGroup | None) -> Program[None]:
     """Program: every parameter takes its owner's values (one all-gather per dtype over ``dp_group``).
 
     Each rank sends the flat concatenation of the parameters it owns, padded to the largest such buffer."""
     size, rank = comm.group_size(dp_group), comm.group_rank(dp_group)
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, p in enumerate(params):
-        by_dtype.setdefault(p.dtype, []).append(i)
     requests, layouts = [], []
-    for members in by_dtype.values():
+    for members in _by_dtype(params):
         numel = [sum(params[i].numel() for i in members if owners[i] == r) for r in range(size)]
-        mine = [params[i].detach().reshape(-1) for i in members if owners[i] == rank]
-        flat = torch.cat(mine) if mine else params[members[0]].new_empty(0)
-        padded = torch.cat([flat, flat.new_zeros(max(numel) - flat.numel())])
-        requests.append(AllGather(padded, dp_group))
+        mine = [params[i].detach() for i in members if owners[i] == rank]
+        requests.append(AllGather(_flat(mine, params[members[0]], max(numel)), dp_group))
         layouts.append(members)
     gathered = yield requests
     for members, stacked in zip(layouts, gathered):
@@ -65,18 +74,14 @@ def reduce_to_owners(params: Sequence[torch.Tensor], owners: Sequence[int], dp_g
     Each rank's buffer holds, per owner rank, the gradients of the parameters that rank owns (a missing
     gradient as zeros), padded to the largest owner's share. Other replicas' gradients are left as they are."""
     size, rank = comm.group_size(dp_group), comm.group_rank(dp_group)
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, p in enumerate(params):
-        by_dtype.setdefault(p.dtype, []).append(i)
-    for members in by_dtype.values():
+    for members in _by_dtype(params):
         per_owner = [[i for i in members if owners[i] == r] for r in range(size)]
         longest = max(sum(params[i].numel() for i in owned) for owned in per_owner)
-        chunks = []
-        for owned in per_owner:
-            grads = [(params[i].grad if params[i].grad is not None else torch.zeros_like(params[i])).reshape(-1)
-                     for i in owned]
-            flat = torch.cat(grads) if grads else params[members[0]].new_empty(0)
-            chunks.append(torch.cat([flat, flat.new_zeros(longest - flat.numel())]))
+        chunks = [
+            _flat([params[i].grad if params[i].grad is not None else torch.zeros_like(params[i]) for i in owned],
+                  params[members[0]], longest)
+            for owned in per_owner
+        ]
         summed = comm.reduce_scatter(chunks, dp_group) / size
         offset = 0
         for i in per_owner[rank]:

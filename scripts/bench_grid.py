@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import torch
 import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench_common import run_worlds
+from bench_common import run_worlds, time_interleaved
 from bench_optimizer_step import _params, matrices
 from dist_ortho import Muon, count_collectives
 from dist_ortho.tp import NsSpec
@@ -53,13 +52,8 @@ def _measure(rank: int, world: int, port: int, args: argparse.Namespace, out: di
         state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
         stats[label] = {"calls": calls.total_calls, "bytes": calls.bytes_sent, "flops": flops.get_total_flops(),
                         "state": state, "times": []}
-    for _ in range(args.repeats):
-        for label, (opt, _) in optimizers.items():
-            dist.barrier()
-            began = time.perf_counter()
-            opt.step()
-            dist.barrier()
-            stats[label]["times"].append(time.perf_counter() - began)
+    for label, times in time_interleaved({k: opt.step for k, (opt, _) in optimizers.items()}, args.repeats).items():
+        stats[label]["times"] = times
     everything = [None] * world
     dist.all_gather_object(everything, {k: {**v, "times": None} for k, v in stats.items()})
     if rank == 0:

@@ -17,13 +17,12 @@ import json
 import os
 import platform
 import statistics
-import time
 
 import torch
 import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench_common import run_worlds
+from bench_common import run_worlds, time_interleaved
 from dist_ortho import Muon, count_collectives
 from dist_ortho.coefficients import get_coefficients
 from dist_ortho.qkv import qkv_split_shapes
@@ -139,13 +138,8 @@ def _measure(rank: int, world: int, port: int, args: argparse.Namespace, out: di
             opt.step()
         stats[label] = {"collectives": comm.total_calls, "calls": dict(comm.calls), "bytes": comm.bytes_sent,
                         "flops": flops.get_total_flops(), "times": []}
-    for _ in range(args.repeats):
-        for label, opt in optimizers.items():
-            dist.barrier()
-            start = time.perf_counter()
-            opt.step()
-            dist.barrier()
-            stats[label]["times"].append(time.perf_counter() - start)
+    for label, times in time_interleaved({k: opt.step for k, opt in optimizers.items()}, args.repeats).items():
+        stats[label]["times"] = times
     flops_all = [None] * world
     dist.all_gather_object(flops_all, {k: v["flops"] for k, v in stats.items()})
     errors_all = [None] * world

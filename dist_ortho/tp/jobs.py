@@ -123,18 +123,27 @@ def own_block(full: torch.Tensor, partition_dim: int, rank: int, sizes: Sequence
     return block(full, tensor_dim(full, partition_dim), rank, sizes)
 
 
+def padded_block(x: torch.Tensor, dim: int, sizes: Sequence[int]) -> torch.Tensor:
+    """x padded with zeros along tensor dim ``dim`` to the largest of the ranks' ``sizes`` (for an all-gather)."""
+    largest = max(sizes)
+    if x.size(dim) == largest:
+        return x.contiguous()
+    pad_shape = list(x.shape)
+    pad_shape[dim] = largest - x.size(dim)
+    return torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
+
+
+def joined_blocks(stacked: torch.Tensor, dim: int, sizes: Sequence[int]) -> torch.Tensor:
+    """The whole tensor from an all-gather of :func:`padded_block`s (padding dropped)."""
+    return torch.cat([stacked[r].narrow(dim, 0, sizes[r]) for r in range(len(sizes))], dim=dim)
+
+
 def gather_program(
     x: torch.Tensor, dim: int, group: comm.ProcessGroup | None, sizes: Sequence[int]
 ) -> Program[torch.Tensor]:
     """Program: every rank's block concatenated along tensor dim ``dim`` (unequal blocks padded to the largest)."""
-    largest = max(sizes)
-    padded = x
-    if x.size(dim) < largest:
-        pad_shape = list(x.shape)
-        pad_shape[dim] = largest - x.size(dim)
-        padded = torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
-    stacked = yield AllGather(padded.contiguous(), group)
-    return torch.cat([stacked[r].narrow(dim, 0, sizes[r]) for r in range(len(sizes))], dim=dim)
+    stacked = yield AllGather(padded_block(x, dim, sizes), group)
+    return joined_blocks(stacked, dim, sizes)
 
 
 def gather_shards(x: torch.Tensor, partition_dim: int, tp_group: comm.ProcessGroup, sizes: Sequence[int]) -> torch.Tensor:
