@@ -32,6 +32,36 @@ def assign_owners(
     return assign_homes([sum(ns_cost(s) for s in matrices) for matrices in shapes], dp_size, loads)
 
 
+def check_grid(tp_group: comm.ProcessGroup | None, dp_group: comm.ProcessGroup | None) -> None:
+    """Raise ValueError unless ``tp_group`` and ``dp_group`` form a DP x TP grid around this rank: they meet
+    only here, and the DP groups of this TP group's ranks are disjoint, of one size, and place them at one
+    DP rank (the replica index). One object
+    all-gather over TP and a flag all-reduce over DP (once, at the first step), so that every rank of both
+    groups raises."""
+    if comm.group_size(tp_group) == 1 or comm.group_size(dp_group) == 1:
+        return
+    import torch.distributed as dist
+
+    mine = (tuple(dist.get_process_group_ranks(tp_group)), tuple(dist.get_process_group_ranks(dp_group)))
+    views: list = [None] * comm.group_size(tp_group)
+    dist.all_gather_object(views, mine, group=tp_group)
+    problem = None
+    seen: set[int] = set()
+    for me, (tp, dp) in zip(mine[0], views):
+        if set(tp) & set(dp) != {me} or tp != mine[0]:
+            problem = f"rank {me}'s tp_group {list(tp)} and dp_group {list(dp)} must meet in rank {me} alone"
+        elif len(dp) != len(mine[1]) or seen & set(dp) or dp.index(me) != views[0][1].index(mine[0][0]):
+            problem = (f"the dp_groups of tp_group {list(mine[0])}'s ranks overlap, differ in size or put them at different "
+                       f"DP ranks ({[list(d) for _, d in views]})")
+        seen |= set(dp)
+    flag = torch.tensor([float(problem is not None)])
+    if dist.get_backend(dp_group) == "nccl":
+        flag = flag.cuda()
+    flag = comm.all_reduce(flag, dp_group, "max")
+    if problem is not None or flag.item() > 0:
+        raise ValueError(f"tp_group and dp_group do not form a DP x TP grid: {problem or 'on another rank of this dp_group'}")
+
+
 def _by_dtype(params: Sequence[torch.Tensor]) -> list[list[int]]:
     """Indices of ``params`` grouped by dtype (one collective per group), in first-seen order."""
     groups: dict[torch.dtype, list[int]] = {}

@@ -183,3 +183,25 @@ def test_reduce_grads_averages_into_the_owners_with_half_the_bytes(world, kind):
         assert calls.get("reduce_scatter") == 1 and calls.get("all_reduce", 0) == own_rounds, calls
         assert calls["all_gather"] == 1 and calls["all_to_all"] == 2, calls
         assert scattered <= 0.6 * grad_bytes, (scattered, grad_bytes)
+
+
+def _not_a_grid(ctx, how: str):
+    tp_group, dp_group, tp_rank = _grid(ctx, 2)
+    if how == "same group":
+        dp_group = tp_group
+    else:  # TP {0, 3}, {1, 2} with DP {0, 2}, {1, 3}: they meet once, but rank 0 is DP rank 0 and its TP peer 3 DP rank 1
+        tp_group = [dist.new_group([0, 3]), dist.new_group([1, 2])][0 if ctx.rank in (0, 3) else 1]
+        dp_group = [dist.new_group([0, 2]), dist.new_group([1, 3])][ctx.rank % 2]
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    p.grad = torch.randn(4, 4)
+    try:
+        get_optimizer("muon")([p], tp_group=tp_group, dp_group=dp_group, lr=0.02).step()
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("how", ["same group", "crossed"])
+def test_groups_that_do_not_form_a_grid_are_an_error_on_every_rank(world, how):
+    errors = world.run(_not_a_grid, how)
+    assert all(e and "do not form a DP x TP grid" in e for e in errors), errors

@@ -37,7 +37,8 @@ from torch.optim.optimizer import Optimizer, ParamsT
 from dist_ortho import comm
 from dist_ortho.coalesce import DEFAULT_BUCKET_BYTES, Program, run, run_many, under_precision
 from dist_ortho.coefficients import get_coefficients
-from dist_ortho.grid import assign_owners, reduce_to_owners, share_program
+from dist_ortho.dtensor import DTensorHolding, find_holdings, gather_blocks, is_dtensor, local, scatter_blocks
+from dist_ortho.grid import assign_owners, check_grid, reduce_to_owners, share_program
 from dist_ortho.optim.context import MatrixContext
 from dist_ortho.optim.options import accepted_keywords, check_choice, check_number, reject_unknown
 from dist_ortho.params import Held, MatrixLayout, find_layouts
@@ -114,7 +115,11 @@ class OrthogonalizedOptimizer(Optimizer):
             alone keeps its state, and shared with the others after the step.
         reduce_grads: with dp_group, the gradients are this rank's own (not averaged over DP): the step
             averages them into each parameter's owner with one reduce-scatter per dtype (half the bytes of
-            DDP's all-reduce) instead of expecting them averaged.
+            DDP's all-reduce) instead of expecting them averaged. (FSDP2's DTensor gradients are already
+            reduce-scattered: left as they are.)
+        device_mesh: a 2D DeviceMesh with dims named "dp" and "tp": the same as dp_group=mesh["dp"].get_group(),
+            tp_group=mesh["tp"].get_group(). DTensor parameters (FSDP2, torch tensor parallel) on these mesh
+            dims are orthogonalized exactly (dist_ortho.dtensor); their placements replace the TE attributes.
         **member_options: the per-group options of a member (coefficient_type, num_ns_steps, ...), named in
             the member's own signature; any other key is a TypeError.
     """
@@ -125,7 +130,7 @@ class OrthogonalizedOptimizer(Optimizer):
     forwarded_options = frozenset({
         "tp_group", "tp_mode", "expert_tp_group", "conv_mode", "split_qkv", "qkv_split_shapes", "is_qkv_fn",
         "qkv_per_head", "coalesce", "bucket_bytes", "local_gram", "batch_matrices", "nonfinite", "dp_group",
-        "reduce_grads",
+        "reduce_grads", "device_mesh",
     })
     # Members whose update reads ctx.orthogonalized: the step runs Newton-Schulz of every direction
     # first, for all matrices together.
@@ -162,8 +167,11 @@ class OrthogonalizedOptimizer(Optimizer):
         nonfinite: Nonfinite = "raise",
         dp_group: comm.ProcessGroup | None = None,
         reduce_grads: bool = False,
+        device_mesh: Any = None,
         **member_options: Any,
     ) -> None:
+        if device_mesh is not None:
+            tp_group, dp_group = mesh_groups(device_mesh, tp_group, dp_group)
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -195,6 +203,11 @@ class OrthogonalizedOptimizer(Optimizer):
         self._layouts: dict[torch.Tensor, MatrixLayout] = {}
         self._parts: dict[torch.Tensor, list[tuple[torch.Tensor, MatrixLayout]]] = {}
         self._owners: dict[torch.Tensor, int] = {}  # DP owner of each parameter (with dp_group)
+        # DTensor parameters: how they are held, a shape-only stand-in of this rank's TP block, and (on the
+        # owner, during a step) the block's values and gradient.
+        self._holdings: dict[torch.Tensor, DTensorHolding] = {}
+        self._standins: dict[torch.Tensor, torch.Tensor] = {}
+        self._blocks: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}
         self._logged_plan: str | None = None
         self._agreed_plans: list[tuple] = []  # the last few plans all ranks agreed on
         self._step_count = 0
@@ -262,7 +275,7 @@ class OrthogonalizedOptimizer(Optimizer):
         if layout.partition_dim == 0:
             rank_rows, rank = list(layout.sizes), comm.group_rank(layout.spec.group)
         else:
-            rank_rows, rank = [p.size(0)], 0
+            rank_rows, rank = [self._standins.get(p, p).size(0)], 0
         if group["qkv_per_head"]:  # every head its own matrix: one "group" of head-sized pieces
             head, rows = shapes[-1], sum(rank_rows)
             if rows % head:
@@ -276,10 +289,16 @@ class OrthogonalizedOptimizer(Optimizer):
 
     def _find_layouts(self) -> None:
         """Read every new parameter's shard spec and check its shapes across ranks: one collective per group."""
+        if not self._layouts:
+            check_grid(self.tp_group, self.dp_group)
         new = [(p, group) for group in self.param_groups for p in group["params"] if p not in self._layouts]
-        views = [(p, matrix_view(p.detach(), group["conv_mode"])) for p, group in new]
+        self._find_holdings([p for p, _ in new])
+        views = [(q, matrix_view(q.detach(), group["conv_mode"])) for q, group in ((self._standins.get(p, p), g) for p, g in new)]
         blockwise = [group["tp_mode"] == "blockwise" for _, group in new]
         for (p, group), layout in zip(new, find_layouts(views, self.tp_group, self.expert_tp_group, blockwise)):
+            if p in self._holdings and layout.shape != tuple(p.shape):
+                raise ValueError(f"{self._standins[p]._dist_ortho_name}: its TP blocks make a {layout.shape} matrix, "
+                                 f"not its global shape {tuple(p.shape)}: placements that dist_ortho cannot reassemble")
             self._layouts[p] = layout
         for p, group in new:  # every rank has the same layouts now, so errors here are alike
             if group["split_qkv"] and self.is_qkv(p):
@@ -290,6 +309,36 @@ class OrthogonalizedOptimizer(Optimizer):
         taken = [(shapes(p), owner) for p, owner in self._owners.items()]
         owners = assign_owners([shapes(p) for p, _ in new], comm.group_size(self.dp_group), taken)
         self._owners.update(zip((p for p, _ in new), owners))
+
+    def _find_holdings(self, params: Sequence[torch.Tensor]) -> None:
+        """Holdings and TP-block stand-ins of new DTensor parameters (one all-gather over DP, when sharded).
+        A stand-in has the block's shape, dtype and TE attributes, and no storage of its own."""
+        dtensors = [p for p in params if is_dtensor(p)]
+        if not dtensors:
+            return
+        for p, holding in zip(dtensors, find_holdings(dtensors, self.tp_group, self.dp_group)):
+            standin = torch.zeros((), dtype=p.dtype, device=local(p).device).expand(holding.block_shape)
+            if holding.tp_dim is not None:
+                standin.tensor_model_parallel, standin.partition_dim = True, holding.tp_dim
+            standin._dist_ortho_name = getattr(p, "_dist_ortho_name", None) or f"DTensor {tuple(p.shape)}"
+            for attribute in ("is_qkv", "qkv_split_shapes"):
+                if hasattr(p, attribute):
+                    setattr(standin, attribute, getattr(p, attribute))
+            self._holdings[p], self._standins[p] = holding, standin
+
+    def _value(self, p: torch.Tensor) -> torch.Tensor:
+        """The tensor the step updates for p: p itself, a DTensor's local tensor, or (DP-sharded DTensor) its TP
+        block, gathered on the owner for the step (a shape-only stand-in outside the step)."""
+        if p in self._blocks:
+            return self._blocks[p][0]
+        if p in self._holdings and self._holdings[p].dp_dim is None:
+            return local(p)
+        return self._standins.get(p, p)
+
+    def _grad(self, p: torch.Tensor) -> torch.Tensor | None:
+        if p in self._blocks:
+            return self._blocks[p][1]
+        return local(p.grad) if p.grad is not None else None
 
     # -- how each state tensor is held (read by checkpoints) --
     def state_holding(self, p: torch.Tensor, path: Sequence[str]) -> Held:
@@ -388,7 +437,7 @@ class OrthogonalizedOptimizer(Optimizer):
         name = getattr(ctx.param, "_dist_ortho_name", None) or f"param {tuple(ctx.param.shape)}"
         if ctx.part is None:
             return name
-        count = len(self._parts[ctx.param])
+        count = len(self._parts[ctx.key])
         parts = {3: "qkv", 4: "qgkv"}.get(count) if not ctx.options["qkv_per_head"] else None
         return f"{name} [{parts[ctx.part] if parts else f'head {ctx.part}'}]"
 
@@ -396,22 +445,23 @@ class OrthogonalizedOptimizer(Optimizer):
         """Each matrix (and fused-QKV component) with its global shape, the mode the step runs for it and the
         predicted cost per mode (the same resolution as the step's)."""
         contexts = [ctx for group in self.param_groups for p in group["params"]
-                    for ctx in self._matrices(self._context(p, group, p.detach(), p.detach()))]
+                    for ctx in self._matrices(self._context(p, group, self._value(p), self._value(p)))]
         return self._plan(contexts, [self._job(ctx, ctx.direction) for ctx in contexts])
 
     # -- the step --
     def _context(self, p: torch.Tensor, group: dict[str, Any], grad: torch.Tensor, direction: torch.Tensor) -> MatrixContext:
         conv_mode = group["conv_mode"]
-        return MatrixContext(p, group, self.layout(p), self.state[p], matrix_view(grad, conv_mode),
-                             matrix_view(direction, conv_mode))
+        return MatrixContext(self._value(p), group, self.layout(p), self.state[p], matrix_view(grad, conv_mode),
+                             matrix_view(direction, conv_mode), source=p)
 
     def _matrices(self, ctx: MatrixContext) -> list[MatrixContext]:
         """The matrices of a parameter: itself, or each component of a split fused weight."""
-        if ctx.param not in self._parts:
+        if ctx.key not in self._parts:
             return [ctx]
         return [
-            MatrixContext(ctx.param, ctx.options, layout, ctx.param_state, ctx.grad[index], ctx.direction[index], part=i)
-            for i, (index, layout) in enumerate(self._parts[ctx.param])
+            MatrixContext(ctx.param, ctx.options, layout, ctx.param_state, ctx.grad[index], ctx.direction[index], part=i,
+                          source=ctx.source)
+            for i, (index, layout) in enumerate(self._parts[ctx.key])
         ]
 
     def _run(self, contexts: Sequence[MatrixContext], programs: Sequence[Program[Any]]) -> list[Any]:
@@ -459,7 +509,7 @@ class OrthogonalizedOptimizer(Optimizer):
             for p in group["params"]:
                 if p.grad is not None and p.grad.is_sparse:
                     raise TypeError(f"{type(self).__name__} does not support sparse gradients")
-                if p.grad is not None or (p.requires_grad and self.layout(p).group is not None):
+                if p.grad is not None or (p.requires_grad and (self.layout(p).group is not None or p in self._holdings)):
                     out.append((p, group))
         return out
 
@@ -535,27 +585,42 @@ class OrthogonalizedOptimizer(Optimizer):
         """Whether this rank's replica updates ``p`` and keeps its state."""
         return self.owner(p) == comm.group_rank(self.dp_group)
 
+    def _dp_sharded(self, p: torch.Tensor) -> bool:
+        return p in self._holdings and self._holdings[p].dp_dim is not None
+
     def _step(self) -> None:
         if self.reduce_grads and comm.group_size(self.dp_group) > 1:
-            every = [(p, group) for group in self.param_groups for p in group["params"] if p.requires_grad]
+            every = [(p, group) for group in self.param_groups for p in group["params"]
+                     if p.requires_grad and not self._dp_sharded(p)]
             self._agree(every)  # the reduce-scatter's buffers follow the plan: agree first
-            reduce_to_owners([p for p, _ in every], [self.owner(p) for p, _ in every], self.dp_group)
+            reduce_to_owners([local(p) for p, _ in every], [self.owner(p) for p, _ in every], self.dp_group)
         taking_part = self._taking_part()
         self._agree(taking_part)
         dp_rank = comm.group_rank(self.dp_group)
-        params = [(p, group) for p, group in taking_part if self.owner(p) == dp_rank]
-        self._update(params)
-        if comm.group_size(self.dp_group) > 1:
-            run(share_program([p for p, _ in taking_part], [self.owner(p) for p, _ in taking_part], self.dp_group))
+        sharded = [p for p, _ in taking_part if self._dp_sharded(p)]
+        if sharded:  # DP pieces of DTensor parameters to their owners, each as one TP block
+            owners = [self.owner(p) for p in sharded]
+            gather_blocks(sharded, [self._holdings[p] for p in sharded], owners, self.dp_group, self._blocks)
+            for p in sharded:
+                if p in self._blocks:
+                    self._blocks[p][0]._dist_ortho_name = self._standins[p]._dist_ortho_name
+        self._update([(p, group) for p, group in taking_part if self.owner(p) == dp_rank])
+        if sharded:
+            scatter_blocks(sharded, [self._holdings[p] for p in sharded], owners, self.dp_group, self._blocks)
+        replicated = [p for p, _ in taking_part if not self._dp_sharded(p)]
+        if comm.group_size(self.dp_group) > 1 and replicated:
+            run(share_program([self._value(p) for p in replicated], [self.owner(p) for p in replicated], self.dp_group))
 
     def _update(self, params: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> None:
         """The step of the parameters this replica owns (all of them without dp_group)."""
-        fresh = [MatrixContext(p, group, self.layout(p), self.state[p]) for p, group in params if not self.state[p]]
+        fresh = [MatrixContext(self._value(p), group, self.layout(p), self.state[p], source=p)
+                 for p, group in params if not self.state[p]]
         self._run(fresh, [self.init_state_program(ctx) for ctx in fresh])
         wholes, momenta = [], []
         for p, group in params:
-            raw = p.grad if p.grad is not None else torch.zeros_like(p)
-            grad = raw.add(p, alpha=group["weight_decay"]) if self._l2(group) else raw
+            value, raw = self._value(p), self._grad(p)
+            raw = raw if raw is not None else torch.zeros_like(value)
+            grad = raw.add(value, alpha=group["weight_decay"]) if self._l2(group) else raw
             momentum = self.state[p]["momentum_buffer"].lerp(grad, 1 - group["momentum"])
             direction = grad.lerp(momentum, group["momentum"]) if group["nesterov"] else momentum
             wholes.append(self._context(p, group, grad, direction))
@@ -572,18 +637,31 @@ class OrthogonalizedOptimizer(Optimizer):
         updates = []
         for whole, momentum in zip(wholes, momenta):
             p, conv_mode = whole.param, whole.options["conv_mode"]
-            if p in self._parts:
+            if whole.key in self._parts:
                 update = torch.empty(whole.direction.shape, dtype=p.dtype, device=p.device)
-                for index, _ in self._parts[p]:
+                for index, _ in self._parts[whole.key]:
                     update[index] = next(pieces).to(p.dtype)
             else:
                 update = next(pieces)
             if p.ndim > 2 and conv_mode == "batched":
                 update = update * (update.size(0) ** -0.5)
             updates.append(from_matrix_view(update, p, conv_mode).to(p.dtype))
-            self.state[p]["momentum_buffer"].copy_(momentum)
+            whole.param_state["momentum_buffer"].copy_(momentum)
             self.apply_weight_decay(p, whole.options)
         self._run(wholes, [self._apply(whole, update) for whole, update in zip(wholes, updates)])
+
+
+def mesh_groups(mesh: Any, tp_group: comm.ProcessGroup | None, dp_group: comm.ProcessGroup | None
+                ) -> tuple[comm.ProcessGroup | None, comm.ProcessGroup | None]:
+    """(tp_group, dp_group) of a DeviceMesh with dims named "tp" and "dp" (either may be absent)."""
+    names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
+    if not names or set(names) - {"tp", "dp"}:
+        raise ValueError(f"device_mesh must have dims named 'dp' and/or 'tp', got {names or 'unnamed dims'}; "
+                         "or pass tp_group= and dp_group= instead")
+    if tp_group is not None or dp_group is not None:
+        raise ValueError("pass either device_mesh= or tp_group=/dp_group=, not both")
+    group = {name: mesh[name].get_group() if mesh.ndim > 1 else mesh.get_group() for name in names}
+    return group.get("tp"), group.get("dp")
 
 
 def call_closure(closure: Callable[[], float] | None) -> float | None:

@@ -32,6 +32,12 @@ class MatrixContext:
     direction: torch.Tensor | None = None  # this rank's block of the momentum direction (matrix view)
     orthogonalized: torch.Tensor | None = None  # Newton-Schulz of ``direction`` (members that ask for it)
     part: int | None = None  # the component of a split fused weight (None: the whole parameter)
+    source: torch.Tensor | None = None  # the optimizer's parameter, when ``param`` is its TP block (DTensor)
+
+    @property
+    def key(self) -> torch.Tensor:
+        """The optimizer's parameter (what its state, layouts and owners are keyed by)."""
+        return self.source if self.source is not None else self.param
 
     @property
     def state(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ so ``param_groups``, ``zero_grad`` and torch LR schedulers work across both; the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -15,7 +16,8 @@ import torch
 from torch.optim.optimizer import Optimizer
 
 from dist_ortho import comm
-from dist_ortho.optim.base import OrthogonalizedOptimizer, call_closure
+from dist_ortho.dtensor import is_dtensor
+from dist_ortho.optim.base import OrthogonalizedOptimizer, call_closure, mesh_groups
 from dist_ortho.optim.options import accepted_keywords, reject_unknown
 from dist_ortho.optim.registry import get_optimizer
 from dist_ortho.optim.routing import log_routing, needs_shape, route
@@ -67,8 +69,10 @@ class MuonAdamW(Optimizer):
         params = list(params)
         groups = params if params and isinstance(params[0], dict) else [{"params": params}]
         named_groups = [_named(group["params"]) for group in groups]
-        dims = _global_dims(groups, named_groups, kwargs.get("tp_group"), kwargs.get("expert_tp_group"),
-                            kwargs.get("tp_mode") == "blockwise")
+        tp_group = kwargs.get("tp_group")
+        if kwargs.get("device_mesh") is not None:
+            tp_group, _ = mesh_groups(kwargs["device_mesh"], tp_group, kwargs.get("dp_group"))
+        dims = _global_dims(groups, named_groups, tp_group, kwargs.get("expert_tp_group"), kwargs.get("tp_mode") == "blockwise")
         matrix_groups: list[dict[str, Any]] = []
         fallback_groups: list[dict[str, Any]] = []
         for group, named in zip(groups, named_groups):
@@ -85,7 +89,7 @@ class MuonAdamW(Optimizer):
                 adamw = {"lr": adamw_lr, "betas": adamw_betas, "eps": adamw_eps, "weight_decay": adamw_weight_decay}
                 adamw.update({_ADAMW_KEYS[k]: v for k, v in group.items() if k in _ADAMW_KEYS})
                 fallback_groups.append({"params": others, "use_muon": False, **adamw})
-        self.tp_group = kwargs.get("tp_group")
+        self.tp_group = tp_group
         self._assemble(
             matrix_cls(matrix_groups, conv_mode=conv_mode, **kwargs) if matrix_groups else None,
             torch.optim.AdamW(fallback_groups) if fallback_groups else None,
@@ -185,6 +189,8 @@ def _global_dims(
     candidates = [(p, blockwise or group.get("tp_mode") == "blockwise")
                   for group, named in zip(groups, named_groups) for _, p in named
                   if needs_shape(p, **{k: group.get(k) for k in _ROUTING_KEYS})]
+    dims = {p: (p.size(0), math.prod(p.shape[1:])) for p, _ in candidates if is_dtensor(p)}  # a DTensor's shape is global
+    candidates = [(p, local) for p, local in candidates if not is_dtensor(p)]
     views = [(p, p.detach().reshape(p.size(0), -1)) for p, _ in candidates]
     layouts = find_layouts(views, tp_group, expert_tp_group, [local for _, local in candidates])
-    return {p: (layout.rows, layout.cols) for (p, _), layout in zip(candidates, layouts)}
+    return dims | {p: (layout.rows, layout.cols) for (p, _), layout in zip(candidates, layouts)}

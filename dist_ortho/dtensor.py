@@ -1,0 +1,212 @@
+"""DTensor parameters (FSDP2 ``fully_shard``, torch tensor parallel ``parallelize_module``): how their
+placements hold a matrix, and moving the data-parallel pieces to the matrix's owner and back.
+
+A 2D DTensor parameter lives on a device mesh whose dims are the optimizer's TP group and DP group (by
+their ranks; dims of size 1 are ignored). Along the TP mesh dim, ``Shard(k)`` holds the matrix as the
+TE/Megatron attributes ``tensor_model_parallel, partition_dim=k`` say (contiguous blocks along matrix dim
+k) and ``Replicate`` as a whole matrix. Along the DP mesh dim, ``Replicate`` is plain data parallelism
+(DDP, HSDP's replicas) and ``Shard(d)`` / ``_StridedShard(d)`` (FSDP2) splits this rank's TP block into
+contiguous ranges along matrix dim d, one per DP rank, uneven or empty as torch.chunk leaves them.
+
+The optimizer then works on the TP block (:attr:`DTensorHolding.block_shape`): for a DP-sharded
+parameter, :func:`gather_blocks` brings every piece of an owned parameter (values and gradient) to its
+owner with one all-to-all per dtype over DP, and :func:`scatter_blocks` sends the updated pieces back
+with one more; nothing else about DTensor reaches the optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from dist_ortho import comm
+
+
+@dataclass(frozen=True)
+class DTensorHolding:
+    """How this rank holds a DTensor parameter: its TP block (``tp_dim`` the matrix dim split over TP, or
+    None) and, with ``dp_dim`` set, the sizes of every DP rank's range of that block along ``dp_dim``."""
+
+    tp_dim: int | None
+    dp_dim: int | None
+    pieces: tuple[int, ...]  # per DP rank, its extent along dp_dim (the whole block's when dp_dim is None)
+    block_shape: tuple[int, int]
+
+    def piece_numel(self, dp_rank: int) -> int:
+        other = self.block_shape[1 - self.dp_dim] if self.dp_dim is not None else self.block_shape[1]
+        return self.pieces[dp_rank] * other
+
+
+def is_dtensor(p: torch.Tensor) -> bool:
+    return isinstance(p, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The local tensor of a DTensor (shares its storage), or t itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _ranks(group: comm.ProcessGroup | None) -> tuple[int, ...] | None:
+    return None if group is None else tuple(dist.get_process_group_ranks(group))
+
+
+def _roles(p: DTensor, tp_group: comm.ProcessGroup | None, dp_group: comm.ProcessGroup | None, label: str) -> dict[str, object]:
+    """The placement along the TP and the DP mesh dim (Replicate where the mesh has no such dim)."""
+    mesh = p.device_mesh
+    tp, dp = _ranks(tp_group), _ranks(dp_group)
+    roles: dict[str, object] = {}
+    names = mesh.mesh_dim_names or tuple(str(i) for i in range(mesh.ndim))
+    for i, placement in enumerate(p.placements):
+        if mesh.size(i) == 1:
+            continue
+        ranks = tuple(dist.get_process_group_ranks(mesh.get_group(i)))
+        role = "tp" if ranks == tp else "dp" if ranks == dp else None
+        if role is None:
+            raise ValueError(
+                f"{label} is a DTensor on mesh dim {names[i]!r} (ranks {list(ranks)}), which is neither the "
+                f"optimizer's tp_group ({list(tp) if tp else None}) nor its dp_group ({list(dp) if dp else None}) "
+                f"on this rank: pass tp_group= and dp_group= as mesh['{names[i]}'].get_group() for the mesh dims "
+                "that shard the weight (e.g. device_mesh=mesh with dims named 'dp' and 'tp')"
+            )
+        roles[role] = placement
+    return roles
+
+
+def _dim(placement: object, role: str, label: str) -> int | None:
+    if placement is None or placement.is_replicate():  # type: ignore[attr-defined]
+        return None
+    dim = getattr(placement, "dim", None)
+    strided = type(placement).__name__ == "_StridedShard"
+    if placement.is_partial() or dim not in (0, 1) or (strided and role == "tp"):  # type: ignore[attr-defined]
+        raise ValueError(
+            f"{label} has placement {placement} on its {role.upper()} mesh dim: dist_ortho orthogonalizes a "
+            "DTensor exactly when it is Replicate or Shard(0|1) over TP and Replicate, Shard(0|1) or FSDP2's "
+            "strided shard over DP"
+        )
+    return dim
+
+
+def find_holdings(
+    params: Sequence[DTensor], tp_group: comm.ProcessGroup | None, dp_group: comm.ProcessGroup | None
+) -> list[DTensorHolding]:
+    """The holding of each DTensor parameter: placements read locally, the DP pieces found by one
+    all-gather over ``dp_group`` of every rank's (offset, shape); raises ValueError (alike on every rank
+    of the DP group) when a placement or the pieces cannot be handled exactly."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    found, rows = [], []
+    for p in params:
+        label = f"parameter {getattr(p, '_dist_ortho_name', None)!r}" if hasattr(p, "_dist_ortho_name") else f"a DTensor of shape {tuple(p.shape)}"
+        if p.ndim != 2:
+            raise ValueError(f"{label} is a DTensor with {p.ndim} dims: only 2D DTensor weights are orthogonalized; route it to the fallback")
+        roles = _roles(p, tp_group, dp_group, label)
+        tp_dim, dp_dim = _dim(roles.get("tp"), "tp", label), _dim(roles.get("dp"), "dp", label)
+        shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        found.append((label, tp_dim, dp_dim, tuple(shape)))
+        rows.append([*offset, *shape])
+    size = comm.group_size(dp_group)
+    table = torch.tensor(rows, dtype=torch.int64).reshape(len(params), 4)
+    if size > 1 and any(dp_dim is not None for _, _, dp_dim, _ in found):
+        table = comm.all_gather(table.reshape(-1), dp_group).reshape(size, len(params), 4).transpose(0, 1)
+    else:
+        table = table[:, None, :].expand(len(params), size, 4)
+    holdings = []
+    for (label, tp_dim, dp_dim, shape), pieces in zip(found, table.tolist()):
+        if dp_dim is None:
+            holdings.append(DTensorHolding(tp_dim, None, (shape[0],) * size, shape))
+            continue
+        holdings.append(DTensorHolding(tp_dim, dp_dim, _check_pieces(pieces, dp_dim, label), _block(pieces, dp_dim)))
+    return holdings
+
+
+def _check_pieces(pieces: list[list[int]], d: int, label: str) -> tuple[int, ...]:
+    """Each DP rank's extent along d, after checking that the non-empty pieces tile one block in rank order."""
+    other = 1 - d
+    full = [q for q in pieces if q[2 + d] > 0]
+    start = full[0][d] if full else 0
+    for q in full:
+        if q[d] != start or (q[other], q[2 + other]) != (full[0][other], full[0][2 + other]):
+            raise ValueError(
+                f"{label}: its DP pieces (offset, shape by DP rank: {pieces}) are not consecutive ranges of one TP "
+                "block in DP rank order, which dist_ortho cannot reassemble exactly"
+            )
+        start += q[2 + d]
+    return tuple(q[2 + d] for q in pieces)
+
+
+def _block(pieces: list[list[int]], d: int) -> tuple[int, int]:
+    extent = sum(q[2 + d] for q in pieces)
+    width = max(q[3 - d] for q in pieces)
+    return (extent, width) if d == 0 else (width, extent)
+
+
+def _piece(block: torch.Tensor, holding: DTensorHolding, dp_rank: int) -> torch.Tensor:
+    start = sum(holding.pieces[:dp_rank])
+    return block.narrow(holding.dp_dim, start, holding.pieces[dp_rank])
+
+
+def _by_dtype(params: Sequence[torch.Tensor]) -> dict[torch.dtype, list[int]]:
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault(p.dtype, []).append(i)
+    return groups
+
+
+def gather_blocks(
+    params: Sequence[DTensor], holdings: Sequence[DTensorHolding], owners: Sequence[int],
+    dp_group: comm.ProcessGroup | None, blocks: dict[DTensor, tuple[torch.Tensor, torch.Tensor]],
+) -> None:
+    """Fill ``blocks[p] = (values, gradient)`` of this rank's TP block of every parameter this DP rank
+    owns, from every DP rank's piece: one all-to-all per dtype (a missing gradient counts as zeros).
+    Existing entries of ``blocks`` are reused as buffers."""
+    size, rank = comm.group_size(dp_group), comm.group_rank(dp_group)
+    for members in _by_dtype(params).values():
+        chunks = []
+        for dest in range(size):
+            sent = []
+            for i in members:
+                if owners[i] == dest:
+                    p = params[i]
+                    grad = local(p.grad) if p.grad is not None else torch.zeros_like(local(p))
+                    sent += [local(p).reshape(-1), grad.reshape(-1)]
+            chunks.append(torch.cat(sent) if sent else local(params[members[0]]).new_empty(0))
+        owned = [i for i in members if owners[i] == rank]
+        recv = [sum(2 * holdings[i].piece_numel(src) for i in owned) for src in range(size)]
+        received = comm.all_to_all(chunks, recv, dp_group)
+        offsets = [0] * size
+        for i in owned:
+            p, holding = params[i], holdings[i]
+            if p not in blocks:
+                blocks[p] = tuple(local(p).new_empty(holding.block_shape) for _ in range(2))  # type: ignore[assignment]
+            for src in range(size):
+                n = holding.piece_numel(src)
+                for target in blocks[p]:
+                    piece = _piece(target, holding, src)
+                    piece.copy_(received[src][offsets[src] : offsets[src] + n].view(piece.shape))
+                    offsets[src] += n
+
+
+def scatter_blocks(
+    params: Sequence[DTensor], holdings: Sequence[DTensorHolding], owners: Sequence[int],
+    dp_group: comm.ProcessGroup | None, blocks: dict[DTensor, tuple[torch.Tensor, torch.Tensor]],
+) -> None:
+    """Write every DP rank's piece of the updated blocks (held by their owners) into its local tensor:
+    one all-to-all per dtype."""
+    size, rank = comm.group_size(dp_group), comm.group_rank(dp_group)
+    for members in _by_dtype(params).values():
+        owned = [i for i in members if owners[i] == rank]
+        chunks = []
+        for dest in range(size):
+            sent = [_piece(blocks[params[i]][0], holdings[i], dest).reshape(-1) for i in owned]
+            chunks.append(torch.cat(sent) if sent else local(params[members[0]]).new_empty(0))
+        recv = [sum(local(params[i]).numel() for i in members if owners[i] == src) for src in range(size)]
+        received = comm.all_to_all(chunks, recv, dp_group)
+        offsets = [0] * size
+        for i in members:
+            src, mine = owners[i], local(params[i])
+            mine.copy_(received[src][offsets[src] : offsets[src] + mine.numel()].view(mine.shape))
+            offsets[src] += mine.numel()

@@ -1,0 +1,191 @@
+"""DTensor parameters (FSDP2 ``fully_shard`` and torch tensor parallel ``parallelize_module``) in the DP x TP grid.
+
+World 4 as a (dp=2, tp=2) DeviceMesh (and dp=4 / tp=4 on 1D meshes). Every distributed result is compared
+with a single-process optimizer on the full tensors, after 3 steps, with test_optim's tolerance
+(max |W - W_ref| <= 1e-5 + 1e-4 max |W_ref - W_0|). Shapes are odd so that shards are uneven (torch.chunk
+leaves the last DP piece shorter). The end-to-end test trains a real parallelize_module + fully_shard model
+(FSDP2's strided shards, its reduce-scattered gradients) against the same model in one process.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.distributed.tensor.placement_types import _StridedShard
+
+from dist_ortho import MuonAdamW, count_collectives, get_optimizer
+from tests import optim_reference
+from tests.harness import started_world
+
+SHAPES = [(10, 6), (7, 10), (9, 13), (12, 12)]
+TP_PLACEMENTS = [Shard(0), Shard(1), Shard(0), Replicate()]  # colwise, rowwise, colwise, replicated
+
+
+@pytest.fixture(scope="module")
+def world():
+    with started_world(4) as w:
+        yield w
+
+
+def _mesh(dp: int, tp: int):
+    if tp == 1:
+        return init_device_mesh("cpu", (dp,), mesh_dim_names=("dp",))
+    if dp == 1:
+        return init_device_mesh("cpu", (tp,), mesh_dim_names=("tp",))
+    return init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
+
+
+def _dtensor(full: torch.Tensor, mesh, placements) -> DTensor:
+    """This rank's piece of ``full`` as a DTensor (any placements, FSDP2's strided shards included)."""
+    shape, offset = compute_local_shape_and_global_offset(full.shape, mesh, placements)
+    piece = full[tuple(slice(o, o + n) for o, n in zip(offset, shape))].clone()
+    return DTensor.from_local(piece, mesh, placements, shape=full.shape, stride=full.stride())
+
+
+def _placements(mesh, tp_placement, dp_sharded: bool):
+    """FSDP2's placements: Shard(0) over DP, or its strided shard when TP also shards dim 0."""
+    dp = Replicate()
+    if dp_sharded:
+        both = tp_placement == Shard(0) and "tp" in mesh.mesh_dim_names
+        dp = _StridedShard(0, split_factor=mesh["tp"].size()) if both else Shard(0)
+    return {("dp",): (dp,), ("tp",): (tp_placement,), ("dp", "tp"): (dp, tp_placement)}[mesh.mesh_dim_names]
+
+
+def _exact(ctx, kind: str, mode: str, dp: int, tp: int, dp_sharded: bool):
+    mesh = _mesh(dp, tp)
+    gen = torch.Generator().manual_seed(0)
+    fulls = [torch.randn(shape, generator=gen) for shape in SHAPES]
+    placements = [_placements(mesh, pl, dp_sharded) for pl in TP_PLACEMENTS]
+    params = [torch.nn.Parameter(_dtensor(f, mesh, pls)) for f, pls in zip(fulls, placements)]
+    for i, p in enumerate(params):
+        p._dist_ortho_name = f"w{i}"
+    ref = [torch.nn.Parameter(f.clone()) for f in fulls]
+    hp = {"lr": 0.02, "fp32_matmul_prec": "highest"}
+    opt = get_optimizer(kind)(params, device_mesh=mesh, tp_mode=mode, **hp)
+    ref_opt = get_optimizer(kind)(ref, **hp)
+    for step in range(3):
+        for p, q, pls in zip(params, ref, placements):
+            g = torch.randn(q.shape, generator=gen)  # the DP-averaged gradient, as FSDP2 / DDP leave it
+            p.grad, q.grad = _dtensor(g, mesh, pls), g
+        if step == 2:
+            with count_collectives() as calls:
+                opt.step()
+        else:
+            opt.step()
+        ref_opt.step()
+    bad = {}
+    for p, q, f in zip(params, ref, fulls):
+        moved = (q.detach() - f).abs().max().item()
+        err = (p.detach().full_tensor() - q.detach()).abs().max().item()
+        if not optim_reference.weights_agree(err, moved):
+            bad[p._dist_ortho_name] = (err, moved)
+    assert not bad, bad
+    state = sum(t.numel() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    return calls.total_calls, state
+
+
+@pytest.mark.parametrize("kind,mode", [("muon", "home"), ("muon", "gram"), ("muon", "duplicated"),
+                                       ("normuon", "home"), ("polargrad", "auto")])
+def test_fsdp_and_tp_dtensors_equal_one_process(world, kind, mode):
+    """dp=2 x tp=2, Shard(0) over DP (FSDP) and Shard(0|1)/Replicate over TP: exact, state on owners only."""
+    results = world.run(_exact, kind, mode, 2, 2, True)
+    states = [s for _, s in results]
+    if kind == "muon":  # momentum: every TP block held by one DP replica (the TP-replicated matrix: by its 2 TP ranks)
+        assert sum(states) == sum(r * c for r, c in SHAPES) + 12 * 12, states
+
+
+@pytest.mark.parametrize("dp,tp,dp_sharded", [(4, 1, True), (1, 4, False), (2, 2, False)])
+def test_one_dimensional_meshes_and_replicated_dp(world, dp, tp, dp_sharded):
+    """FSDP only (dp=4), torch TP only (tp=4), and DTensors replicated over DP (DDP / HSDP replicas)."""
+    world.run(_exact, "muon", "home", dp, tp, dp_sharded)
+
+
+def test_collectives_per_step(world):
+    """Home mode at dp=2 x tp=2, steady state: one all-to-all of the DP pieces to the owners and one back on
+    every rank, and home's two all-to-alls on a replica that owns a TP-sharded matrix: at most 4 (target 6)."""
+    calls = [c for c, _ in world.run(_exact, "muon", "home", 2, 2, True)]
+    assert set(calls) <= {2, 4} and calls[0] == calls[1] and calls[2] == calls[3], calls
+
+
+def _raised(ctx, what: str):
+    mesh = _mesh(2, 2)
+    placements = {"unknown dim": (Shard(0), Shard(1)), "interleaved": (Shard(0), Shard(0)),
+                  "3d": (Shard(0), Shard(2))}[what]
+    full = torch.randn(8, 6, 2) if what == "3d" else torch.randn(8, 6)
+    p = torch.nn.Parameter(_dtensor(full, mesh, placements))
+    p._dist_ortho_name = "w"
+    groups = {"tp_group": mesh["tp"].get_group()} if what == "unknown dim" else {"device_mesh": mesh}
+    try:
+        opt = get_optimizer("muon")([p], lr=0.02, conv_mode="flatten", **groups)
+        p.grad = _dtensor(torch.randn(full.shape), mesh, placements)
+        opt.step()
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("what,message", [
+    ("unknown dim", "on mesh dim 'dp' (ranks"),  # a DP mesh dim the optimizer was not given
+    ("interleaved", "are not consecutive ranges of one TP block"),  # Shard(0) over DP, then over TP: rows interleave
+    ("3d", "only 2D DTensor weights"),
+])
+def test_a_placement_that_cannot_be_orthogonalized_exactly_is_an_error_on_every_rank(world, what, message):
+    errors = world.run(_raised, what)
+    assert all(e and message in e for e in errors), errors
+
+
+class _Mlp(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(6, 10, bias=False)
+        self.down = torch.nn.Linear(10, 7, bias=True)
+        self.norm = torch.nn.LayerNorm(7)
+
+    def forward(self, x):
+        return self.norm(self.down(torch.relu(self.up(x))))
+
+
+def _trained(ctx, kind: str):
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = _mesh(2, 2)
+    torch.manual_seed(0)
+    model = _Mlp()
+    ref = _Mlp()
+    ref.load_state_dict(model.state_dict())
+    parallelize_module(model, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
+    fully_shard(model, mesh=mesh["dp"])
+    hp = {"lr": 0.02, "fp32_matmul_prec": "highest", "adamw_lr": 0.01}
+    opt = MuonAdamW(model.named_parameters(), kind, device_mesh=mesh, tp_mode="home", **hp)
+    ref_opt = MuonAdamW(ref.named_parameters(), kind, **hp)
+    dp_rank = mesh["dp"].get_local_rank()
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x, y = torch.randn(8, 6, generator=gen), torch.randn(8, 7, generator=gen)
+        half = slice(4 * dp_rank, 4 * dp_rank + 4)  # the batch split over DP; TP ranks see the same half
+        torch.nn.functional.mse_loss(model(x[half]), y[half]).backward()
+        torch.nn.functional.mse_loss(ref(x), y).backward()
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+    out = {}
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        out[name] = (p.detach().full_tensor() - q.detach()).abs().max().item()
+    return out, opt.owns(model.up.weight)
+
+
+@pytest.mark.parametrize("kind", ["muon", "normuon"])
+def test_parallelize_module_and_fully_shard_model_trains_as_one_process(world, kind):
+    """A torch-native model (ColwiseParallel/RowwiseParallel over tp, fully_shard over dp: FSDP2's strided
+    shards of the colwise weight) with MuonAdamW: weights equal one process's after 3 steps (float32
+    gradients reduced in another order: 1e-5)."""
+    results = world.run(_trained, kind)
+    for errors, _ in results:
+        assert max(errors.values()) <= 1e-5, errors
+    assert sorted(owns for _, owns in results) == [False, False, True, True]  # one DP replica per TP group
