@@ -50,6 +50,20 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The global tensor of a DTensor (a collective over its mesh), or t itself."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def piece_of(full: torch.Tensor, like: DTensor) -> torch.Tensor:
+    """This rank's local piece of the global tensor ``full`` under ``like``'s placements (any, FSDP2's
+    strided shards included; no communication)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(full.shape, like.device_mesh, like.placements)
+    return full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+
+
 def _ranks(group: comm.ProcessGroup | None) -> tuple[int, ...] | None:
     return None if group is None else tuple(dist.get_process_group_ranks(group))
 

@@ -62,6 +62,18 @@ def check_grid(tp_group: comm.ProcessGroup | None, dp_group: comm.ProcessGroup |
         raise ValueError(f"tp_group and dp_group do not form a DP x TP grid: {problem or 'on another rank of this dp_group'}")
 
 
+def grid_sum(value: torch.Tensor, tp_group: comm.ProcessGroup | None, dp_group: comm.ProcessGroup | None) -> torch.Tensor:
+    """The sum of a scalar over the DP x TP grid: one all-reduce over TP and one over DP (tiny)."""
+    value = value.reshape(1).clone()
+    for group in (tp_group, dp_group):
+        if comm.group_size(group) > 1:
+            import torch.distributed as dist
+
+            device = torch.device("cuda") if dist.get_backend(group) == "nccl" else value.device
+            value = comm.all_reduce(value.to(device), group).cpu()
+    return value[0]
+
+
 def _by_dtype(params: Sequence[torch.Tensor]) -> list[list[int]]:
     """Indices of ``params`` grouped by dtype (one collective per group), in first-seen order."""
     groups: dict[torch.dtype, list[int]] = {}

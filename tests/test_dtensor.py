@@ -165,11 +165,13 @@ def _trained(ctx, kind: str):
     ref_opt = MuonAdamW(ref.named_parameters(), kind, **hp)
     dp_rank = mesh["dp"].get_local_rank()
     gen = torch.Generator().manual_seed(1)
+    norms = []
     for _ in range(3):
         x, y = torch.randn(8, 6, generator=gen), torch.randn(8, 7, generator=gen)
         half = slice(4 * dp_rank, 4 * dp_rank + 4)  # the batch split over DP; TP ranks see the same half
         torch.nn.functional.mse_loss(model(x[half]), y[half]).backward()
         torch.nn.functional.mse_loss(ref(x), y).backward()
+        norms.append((opt.clip_grad_norm_(0.05).item(), torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05).item()))
         opt.step()
         ref_opt.step()
         opt.zero_grad()
@@ -177,7 +179,7 @@ def _trained(ctx, kind: str):
     out = {}
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         out[name] = (p.detach().full_tensor() - q.detach()).abs().max().item()
-    return out, opt.owns(model.up.weight)
+    return out, opt.owns(model.up.weight), norms
 
 
 @pytest.mark.parametrize("kind", ["muon", "normuon"])
@@ -186,6 +188,7 @@ def test_parallelize_module_and_fully_shard_model_trains_as_one_process(world, k
     shards of the colwise weight) with MuonAdamW: weights equal one process's after 3 steps (float32
     gradients reduced in another order: 1e-5)."""
     results = world.run(_trained, kind)
-    for errors, _ in results:
+    for errors, _, norms in results:
         assert max(errors.values()) <= 1e-5, errors
-    assert sorted(owns for _, owns in results) == [False, False, True, True]  # one DP replica per TP group
+        assert all(abs(mine - ref) <= 1e-5 * ref and mine > 0.05 for mine, ref in norms), norms  # clipping was active
+    assert sorted(owns for _, owns, _ in results) == [False, False, True, True]  # one DP replica per TP group

@@ -205,3 +205,46 @@ def _not_a_grid(ctx, how: str):
 def test_groups_that_do_not_form_a_grid_are_an_error_on_every_rank(world, how):
     errors = world.run(_not_a_grid, how)
     assert all(e and "do not form a DP x TP grid" in e for e in errors), errors
+
+
+def _clipped(ctx, reduce_grads: bool):
+    """MuonAdamW at DP 2 x TP 2 over TP-sharded matrices, a TP-replicated matrix, a sharded and a replicated
+    bias: clip_grad_norm_ returns the one-process norm (torch.nn.utils.clip_grad_norm_), and the clipped
+    steps give the one-process weights; with reduce_grads each replica holds only its own gradients."""
+    from dist_ortho import MuonAdamW
+    from tests.test_optim_tp import sharded as tp_sharded
+
+    tp_group, dp_group, tp_rank = _grid(ctx, 2)
+    dp_rank = dist.get_rank(dp_group)
+    spec = [("a", (12, 8), 0), ("b", (8, 12), 1), ("c", (9, 7), None), ("bias_a", (12,), 0), ("bias", (5,), None)]
+    gen = torch.Generator().manual_seed(0)
+    fulls = [torch.randn(shape, generator=gen) for _, shape, _ in spec]
+    params = []
+    for (name, _, pd), f in zip(spec, fulls):
+        p = tp_sharded(block(f, pd, tp_rank, 2), pd) if pd is not None else torch.nn.Parameter(f.clone())
+        params.append((name, p))
+    ref = [(name, torch.nn.Parameter(f.clone())) for (name, _, _), f in zip(spec, fulls)]
+    hp = {"lr": 0.02, "fp32_matmul_prec": "highest", "adamw_lr": 0.01}
+    opt = MuonAdamW(params, tp_group=tp_group, dp_group=dp_group, reduce_grads=reduce_grads, **hp)
+    ref_opt = MuonAdamW(ref, **hp)
+    norms = []
+    for _ in range(3):
+        for (_, p), (_, q), (_, shape, pd) in zip(params, ref, spec):
+            per_replica = [torch.randn(shape, generator=gen) for _ in range(2)]
+            g = per_replica[dp_rank] if reduce_grads else (per_replica[0] + per_replica[1]) / 2
+            if reduce_grads and p.ndim == 1:  # the AdamW side is not reduced by the optimizer: average it here
+                g = (per_replica[0] + per_replica[1]) / 2
+            p.grad, q.grad = (block(g, pd, tp_rank, 2) if pd is not None else g.clone()), (per_replica[0] + per_replica[1]) / 2
+        norms.append((opt.clip_grad_norm_(1.0).item(), torch.nn.utils.clip_grad_norm_([q for _, q in ref], 1.0).item()))
+        opt.step()
+        ref_opt.step()
+    for (name, p), (_, q), (_, _, pd) in zip(params, ref, spec):
+        want = block(q.detach(), pd, tp_rank, 2) if pd is not None else q.detach()
+        assert (p.detach() - want).abs().max().item() <= 1e-5, name
+    return norms
+
+
+@pytest.mark.parametrize("reduce_grads", [False, True])
+def test_clip_grad_norm_is_the_one_process_norm(world, reduce_grads):
+    for norms in world.run(_clipped, reduce_grads):
+        assert all(abs(mine - ref) <= 1e-6 * ref and ref > 1.0 for mine, ref in norms), norms

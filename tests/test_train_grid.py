@@ -65,3 +65,32 @@ def test_dp2_tp2_checkpoint_resumes_at_dp1_tp2_and_dp4_tp1(world, tmp_path):
     for at_tp2, at_dp4 in world.run(_reshard, str(tmp_path)):
         assert sorted(at_tp2) == list(range(7, 13)) and max(at_tp2.values()) <= 1e-4, at_tp2
         assert sorted(at_dp4) == list(range(7, 13)) and max(at_dp4.values()) <= 1e-4, at_dp4
+
+
+def _native_and_reduced(ctx, out: str):
+    """--torch-native (DTensor weights: parallelize_module over TP, fully_shard over DP) and --reduce-grads
+    against the TE-attribute model at DP 2 x TP 2; a native checkpoint resumes at DP 4 x TP 1 (native) and
+    in the TE-attribute model at DP 2 x TP 2."""
+    from dist_ortho.train.cli import parallel_groups
+
+    tp, dp = parallel_groups(2)
+    grid = _run(_args("--out", f"{out}/grid", "--tp", "2"), tp, dp)
+    native = _run(_args("--out", f"{out}/native", "--tp", "2", "--torch-native"), tp, dp)
+    reduced = _run(_args("--out", f"{out}/reduced", "--tp", "2", "--reduce-grads"), tp, dp)
+    _run(_args("--out", f"{out}/stopped", "--tp", "2", "--torch-native", "--stop-after", "6"), tp, dp)
+    dist.barrier()
+    if ctx.rank == 0:
+        shutil.copytree(f"{out}/stopped", f"{out}/stopped_copy")
+    dist.barrier()
+    tp1, dp4 = parallel_groups(1)
+    at_dp4 = _run(_args("--out", f"{out}/stopped", "--resume", "--tp", "1", "--torch-native"), tp1, dp4)
+    as_attributes = _run(_args("--out", f"{out}/stopped_copy", "--resume", "--tp", "2"), tp, dp)
+    return {name: {s: abs(run[s] - grid[s]) for s in run}
+            for name, run in (("native", native), ("reduced", reduced), ("dp4", at_dp4), ("attributes", as_attributes))}
+
+
+def test_torch_native_model_reduce_grads_and_their_checkpoints(world, tmp_path):
+    for diffs in world.run(_native_and_reduced, str(tmp_path)):
+        assert len(diffs["native"]) == 12 and len(diffs["reduced"]) == 12, diffs
+        assert sorted(diffs["dp4"]) == list(range(7, 13)) and sorted(diffs["attributes"]) == list(range(7, 13)), diffs
+        assert all(max(d.values()) <= 1e-4 for d in diffs.values()), diffs

@@ -211,6 +211,7 @@ class OrthogonalizedOptimizer(Optimizer):
         self._logged_plan: str | None = None
         self._agreed_plans: list[tuple] = []  # the last few plans all ranks agreed on
         self._step_count = 0
+        self._grads_reduced = False  # reduce_gradients() ran since the last step
         self.skipped_steps = 0  # steps skipped for a non-finite update (nonfinite="skip")
         super().__init__(params, defaults)
 
@@ -588,12 +589,37 @@ class OrthogonalizedOptimizer(Optimizer):
     def _dp_sharded(self, p: torch.Tensor) -> bool:
         return p in self._holdings and self._holdings[p].dp_dim is not None
 
+    def reduce_gradients(self) -> None:
+        """With ``reduce_grads``: average the gradients into their owners now (the step does it otherwise;
+        call it before reading gradients across the grid, e.g. :meth:`grad_sum_of_squares`)."""
+        if not self.reduce_grads or comm.group_size(self.dp_group) == 1 or self._grads_reduced:
+            return
+        every = [(p, group) for group in self.param_groups for p in group["params"]
+                 if p.requires_grad and not self._dp_sharded(p)]
+        self._agree(every)  # the reduce-scatter's buffers follow the plan: agree first
+        reduce_to_owners([local(p) for p, _ in every], [self.owner(p) for p, _ in every], self.dp_group)
+        self._grads_reduced = True
+
+    def grad_sum_of_squares(self) -> torch.Tensor:
+        """This rank's share of sum(g^2) over every gradient of the optimizer, float64: each element of the
+        global gradients counted on exactly one rank of the DP x TP grid (a shard by its TP rank on the
+        owner replica, a TP-replicated matrix by TP rank 0 of it, a DP piece of a DTensor by its DP rank), so
+        that the sum over the grid is the single-process value (gradients averaged over DP, or reduced)."""
+        self.reduce_gradients()
+        total = torch.zeros((), dtype=torch.float64)
+        tp_rank = comm.group_rank(self.tp_group)
+        for group in self.param_groups:
+            for p in group["params"]:
+                grad = local(p.grad) if p.grad is not None else None
+                if grad is None or (self.layout(p).group is None and tp_rank != 0):
+                    continue
+                if self._dp_sharded(p) or self.owns(p):
+                    total += grad.double().square().sum().cpu()
+        return total
+
     def _step(self) -> None:
-        if self.reduce_grads and comm.group_size(self.dp_group) > 1:
-            every = [(p, group) for group in self.param_groups for p in group["params"]
-                     if p.requires_grad and not self._dp_sharded(p)]
-            self._agree(every)  # the reduce-scatter's buffers follow the plan: agree first
-            reduce_to_owners([local(p) for p, _ in every], [self.owner(p) for p, _ in every], self.dp_group)
+        self.reduce_gradients()
+        self._grads_reduced = False
         taking_part = self._taking_part()
         self._agree(taking_part)
         dp_rank = comm.group_rank(self.dp_group)

@@ -13,15 +13,17 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.optim.optimizer import Optimizer
 
 from dist_ortho import comm
-from dist_ortho.dtensor import is_dtensor
+from dist_ortho.dtensor import is_dtensor, local
+from dist_ortho.grid import grid_sum
 from dist_ortho.optim.base import OrthogonalizedOptimizer, call_closure, mesh_groups
-from dist_ortho.optim.options import accepted_keywords, reject_unknown
+from dist_ortho.optim.options import accepted_keywords, check_number, reject_unknown
 from dist_ortho.optim.registry import get_optimizer
 from dist_ortho.optim.routing import log_routing, needs_shape, route
-from dist_ortho.params import REPLICATED_HELD, Held, find_layouts, held_like_param
+from dist_ortho.params import REPLICATED_HELD, Held, find_layouts, held_like_param, is_sharded
 
 _ROUTING_KEYS = ("use_muon", "use_fallback")
 _ADAMW_KEYS = {"adamw_lr": "lr", "adamw_betas": "betas", "adamw_eps": "eps", "adamw_weight_decay": "weight_decay"}
@@ -90,6 +92,9 @@ class MuonAdamW(Optimizer):
                 adamw.update({_ADAMW_KEYS[k]: v for k, v in group.items() if k in _ADAMW_KEYS})
                 fallback_groups.append({"params": others, "use_muon": False, **adamw})
         self.tp_group = tp_group
+        self.dp_group = kwargs.get("dp_group")
+        if kwargs.get("device_mesh") is not None:
+            _, self.dp_group = mesh_groups(kwargs["device_mesh"], None, None)
         self._assemble(
             matrix_cls(matrix_groups, conv_mode=conv_mode, **kwargs) if matrix_groups else None,
             torch.optim.AdamW(fallback_groups) if fallback_groups else None,
@@ -100,6 +105,7 @@ class MuonAdamW(Optimizer):
         """One MuonAdamW over two optimizers built elsewhere (their groups are shared, not copied)."""
         self = cls.__new__(cls)
         self.tp_group = getattr(matrix_optimizer, "tp_group", None)
+        self.dp_group = getattr(matrix_optimizer, "dp_group", None)
         self._assemble(matrix_optimizer, fallback_optimizer)
         return self
 
@@ -133,6 +139,28 @@ class MuonAdamW(Optimizer):
         if isinstance(owner, OrthogonalizedOptimizer):
             return owner.state_holding(p, path)
         return fallback_holding(p, path, self.tp_group)
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, eps: float = 1e-6) -> torch.Tensor:
+        """Scale every gradient by min(1, max_norm / (norm + eps)), where norm is the 2-norm of all gradients
+        of the whole model across the DP x TP grid (Megatron's clip_grad_norm): the single-process value,
+        whatever the layout. Returns the norm (float64). Two scalar all-reduces; with reduce_grads the
+        gradients are reduced into their owners first."""
+        check_number("max_norm", max_norm)
+        total = torch.zeros((), dtype=torch.float64)
+        if self.matrix_optimizer is not None:
+            total += self.matrix_optimizer.grad_sum_of_squares()
+        for group in self.fallback_optimizer.param_groups if self.fallback_optimizer else []:
+            for p in group["params"]:
+                if p.grad is not None and counted_here(p, self.tp_group, self.dp_group):
+                    total += local(p.grad).double().square().sum().cpu()
+        norm = grid_sum(total, self.tp_group, self.dp_group).sqrt()
+        coef = min(1.0, max_norm / (norm.item() + eps))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and coef < 1.0:
+                    p.grad.mul_(coef)
+        return norm
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -174,6 +202,20 @@ class _StateView(Mapping):
 
     def __len__(self) -> int:
         return sum(len(state) for state in self._states())
+
+
+def counted_here(p: torch.Tensor, tp_group: comm.ProcessGroup | None, dp_group: comm.ProcessGroup | None) -> bool:
+    """Whether this rank counts a torch optimizer's parameter in a grid-wide sum: a TP shard (TE attributes)
+    on DP rank 0, a DTensor's local piece where it is at coordinate 0 of every mesh dim that replicates it
+    (and at rank 0 of the TP or DP group when its mesh has no such dim), anything else on TP and DP rank 0."""
+    if not is_dtensor(p):
+        return comm.group_rank(dp_group) == 0 and (comm.group_rank(tp_group) == 0 or is_sharded(p))
+    mesh, coordinate = p.device_mesh, p.device_mesh.get_coordinate() or []
+    spans = {tuple(dist.get_process_group_ranks(mesh.get_group(i))) for i in range(mesh.ndim)}
+    for group in (tp_group, dp_group):
+        if comm.group_size(group) > 1 and tuple(dist.get_process_group_ranks(group)) not in spans and comm.group_rank(group):
+            return False
+    return all(c == 0 for c, placement in zip(coordinate, p.placements) if placement.is_replicate())
 
 
 def fallback_holding(p: torch.Tensor, path: Sequence[str], tp_group: comm.ProcessGroup | None) -> Held:

@@ -23,8 +23,17 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from dist_ortho import comm
+from dist_ortho.dtensor import full_tensor, is_dtensor, local, piece_of
 from dist_ortho.optim.hybrid import fallback_holding
 from dist_ortho.params import Held, held_like_param
+
+
+def sharded(model: torch.nn.Module) -> None:
+    """Put an FSDP2 model's sharded parameters back in place (a forward without backward, e.g. an
+    evaluation, leaves the root module's unsharded ones registered)."""
+    reshard = getattr(model, "reshard", None)
+    if callable(reshard):
+        reshard()
 
 
 def _holding(optimizer: torch.optim.Optimizer, p: torch.Tensor, path: list[str], group: Any) -> Held:
@@ -46,11 +55,15 @@ def _state_tensors(state: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[
 
 def global_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, group: Any) -> dict[str, Any]:
     """Weights and optimizer state as global tensors, keyed by parameter name (never by rank)."""
+    sharded(model)
     model_sd, optim_sd = {}, {}
     for name, p in model.named_parameters():
-        model_sd[name] = held_like_param(p, group).to_global(p.detach())
+        model_sd[name] = full_tensor(p.detach()) if is_dtensor(p) else held_like_param(p, group).to_global(p.detach())
         for path, value in _state_tensors(optimizer.state[p]):
             t = value if torch.is_tensor(value) else torch.tensor(value)
+            if is_dtensor(t):  # a torch optimizer's state of a DTensor parameter (AdamW under FSDP2)
+                optim_sd["/".join([name, *path])] = full_tensor(t)
+                continue
             optim_sd["/".join([name, *path])] = _holding(optimizer, p, path, group).to_global(t)
     return {"model": model_sd, "optim": optim_sd}
 
@@ -132,6 +145,7 @@ def load(
     the state of the parameters this rank's replica owns (all of them without DP)."""
     run_group = group if run_group == "tp" else run_group
     metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    sharded(model)
     params = dict(model.named_parameters())
     owns = getattr(optimizer, "owns", lambda p: True)
     state: dict[str, dict[str, torch.Tensor]] = {"model": {}, "optim": {}}
@@ -146,14 +160,33 @@ def load(
         raise ValueError(f"checkpoint {checkpoint} lacks weights {sorted(missing)[:3]}...: a different model")
     with torch.no_grad():
         for name, p in params.items():
-            local = held_like_param(p, group).to_local(state["model"][name])
-            if local.shape != p.shape:
-                raise ValueError(f"checkpoint {checkpoint}: {name} has shape {tuple(local.shape)}, the model {tuple(p.shape)}")
-            p.copy_(local)
+            if is_dtensor(p):
+                if tuple(state["model"][name].shape) != tuple(p.shape):
+                    raise ValueError(f"checkpoint {checkpoint}: {name} has shape {tuple(state['model'][name].shape)}, "
+                                     f"the model {tuple(p.shape)}")
+                local(p).copy_(piece_of(state["model"][name], p))
+                continue
+            mine = held_like_param(p, group).to_local(state["model"][name])
+            if mine.shape != p.shape:
+                raise ValueError(f"checkpoint {checkpoint}: {name} has shape {tuple(mine.shape)}, the model {tuple(p.shape)}")
+            p.copy_(mine)
     for key, value in state["optim"].items():
         name, *path = key.split("/")
         p = params[name]
         target = optimizer.state[p]
         for part in path[:-1]:
             target = target.setdefault(part, {})
+        if is_dtensor(p) and not _declares(optimizer, p) and tuple(value.shape) == tuple(p.shape):
+            from torch.distributed.tensor import DTensor
+
+            target[path[-1]] = DTensor.from_local(piece_of(value, p).clone().to(local(p).device), p.device_mesh, p.placements,
+                                                  shape=p.shape, stride=p.stride())
+            continue
         target[path[-1]] = _holding(optimizer, p, path, group).to_local(value).to(p.device)
+
+
+def _declares(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> bool:
+    """Whether a dist_ortho optimizer (not a torch one) holds ``p``'s state."""
+    of = getattr(optimizer, "optimizer_of", None)
+    inner = of(p) if of is not None else optimizer
+    return hasattr(inner, "held_state")

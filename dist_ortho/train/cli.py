@@ -2,6 +2,7 @@
 
     torchrun --standalone --nproc-per-node 2 -m dist_ortho.train --tp 2 --optimizer muon --compare adamw
     torchrun --standalone --nproc-per-node 4 -m dist_ortho.train --tp 2   # DP 2 x TP 2
+    torchrun --standalone --nproc-per-node 4 -m dist_ortho.train --tp 2 --torch-native   # DTensor weights
 
 Backend: gloo on CPU, NCCL on CUDA (one GPU per local rank). Data: the Python standard library's
 source, byte-tokenized (or --data FILE); the last 10% is held out. Per run, rank 0 writes a JSON-lines
@@ -31,7 +32,7 @@ from dist_ortho.optim.options import accepted_keywords
 from dist_ortho.optim.registry import OPTIMIZERS, get_optimizer
 from dist_ortho.train import checkpoint
 from dist_ortho.train.data import ByteData, load_corpus
-from dist_ortho.train.model import GPT, GPTConfig
+from dist_ortho.train.model import GPT, GPTConfig, parallelize_native
 
 logger = logging.getLogger("dist_ortho.train")
 
@@ -78,6 +79,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--data", default=None, help="a text file (default: the Python standard library's source)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--torch-native", action="store_true",
+                   help="build the model the torch-native way: DTensor weights by parallelize_module (TP) and "
+                   "fully_shard (FSDP2 over DP) instead of layers that carry the TE/Megatron attributes")
+    p.add_argument("--reduce-grads", action="store_true",
+                   help="under DP, average each matrix's gradient into its owner with one reduce-scatter (half the "
+                   "bytes of an all-reduce) instead of all-reducing every gradient (the AdamW side is all-reduced)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--timeout-s", type=float, default=comm.DEFAULT_TIMEOUT_S,
                    help="how long a collective may wait for the other ranks before every rank fails (process group "
@@ -101,12 +108,12 @@ def parallel_groups(tp: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup | Non
     return tp_all[rank // tp], (dp_all[rank % tp] if world > tp else None)
 
 
-def average_gradients(model: torch.nn.Module, dp_group: dist.ProcessGroup | None) -> None:
+def average_gradients(params: Any, dp_group: dist.ProcessGroup | None) -> None:
     """Average every gradient over the DP group, as DistributedDataParallel does (one all-reduce per dtype)."""
     size = comm.group_size(dp_group)
     if size == 1:
         return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    grads = [p.grad for p in params if p.grad is not None]
     for dtype in {g.dtype for g in grads}:
         same = [g for g in grads if g.dtype == dtype]
         flat = comm.all_reduce(torch.cat([g.reshape(-1) for g in same]), dp_group)
@@ -114,17 +121,32 @@ def average_gradients(model: torch.nn.Module, dp_group: dist.ProcessGroup | None
             g.copy_(part.view_as(g) / size)
 
 
-def build_optimizer(name: str, model: GPT, args: argparse.Namespace, group: Any, dp_group: Any = None) -> torch.optim.Optimizer:
+def build_optimizer(
+    name: str, model: GPT, args: argparse.Namespace, group: Any, dp_group: Any = None, mesh: Any = None
+) -> torch.optim.Optimizer:
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=args.adamw_lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     accepted = accepted_keywords(get_optimizer(name))
     kwargs = {k: getattr(args, flag) for k, flag in _FLAG_OF.items() if k in accepted}
     if "weight_decay" in accepted:
         kwargs["weight_decay"] = args.weight_decay
-    return MuonAdamW(
-        model.named_parameters(), optimizer=name, lr=args.lr, adamw_lr=args.adamw_lr, tp_group=group,
-        dp_group=dp_group, tp_mode=args.muon_tp_mode, **kwargs,
-    )
+    groups = {"device_mesh": mesh} if mesh is not None else {"tp_group": group, "dp_group": dp_group}
+    if getattr(args, "reduce_grads", False) and mesh is None and dp_group is not None:
+        kwargs["reduce_grads"] = True
+    return MuonAdamW(model.named_parameters(), optimizer=name, lr=args.lr, adamw_lr=args.adamw_lr,
+                     tp_mode=args.muon_tp_mode, **groups, **kwargs)
+
+
+def build_model(config: GPTConfig, args: argparse.Namespace, group: Any, dp_group: Any, device: torch.device) -> tuple[GPT, Any]:
+    """The model (TE/Megatron-attribute layers, or with --torch-native DTensors on a (dp, tp) mesh) and its mesh."""
+    if not args.torch_native:
+        return GPT(config, group, seed=args.seed).to(device), None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    tp, dp = comm.group_size(group), comm.group_size(dp_group)
+    dims = [(n, size) for n, size in (("dp", dp), ("tp", tp)) if size > 1] or [("tp", 1)]
+    mesh = init_device_mesh(device.type, tuple(size for _, size in dims), mesh_dim_names=tuple(n for n, _ in dims))
+    return parallelize_native(GPT(config, None, seed=args.seed, tp_size=tp).to(device), mesh), mesh
 
 
 def lr_factor(step: int, args: argparse.Namespace) -> float:
@@ -137,6 +159,7 @@ def lr_factor(step: int, args: argparse.Namespace) -> float:
 @torch.no_grad()
 def evaluate(model: GPT, data: ByteData, args: argparse.Namespace, device: torch.device) -> float:
     losses = [model(*(t.to(device) for t in data.batch(i, args.batch_size, "eval"))).item() for i in range(args.eval_batches)]
+    checkpoint.sharded(model)
     return sum(losses) / len(losses)
 
 
@@ -151,8 +174,14 @@ def train_one(
     if args.batch_size % dp_size:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the data-parallel size {dp_size}")
     run_group = group if dp_group is None else None  # every rank of this run (the world under DP)
-    model = GPT(config, group, seed=args.seed).to(device)
-    optimizer = build_optimizer(name, model, args, group, dp_group)
+    model, mesh = build_model(config, args, group, dp_group, device)
+    optimizer = build_optimizer(name, model, args, group, dp_group, mesh)
+    if mesh is not None:  # FSDP2 averages gradients over DP (reduce-scatter); without FSDP (DP = 1) nothing to do
+        averaged: list = []
+    elif getattr(optimizer, "matrix_optimizer", None) is not None and optimizer.matrix_optimizer.reduce_grads:
+        averaged = [p for g in optimizer.fallback_optimizer.param_groups for p in g["params"]] if optimizer.fallback_optimizer else []
+    else:
+        averaged = list(model.parameters())
     for g in optimizer.param_groups:
         g["initial_lr"] = g["lr"]
     run_dir, rank0 = Path(args.out) / name, comm.group_rank(group) == 0 and dp_rank == 0
@@ -195,7 +224,7 @@ def train_one(
                            for t in data.batch(step, args.batch_size))
         loss = model(tokens, targets)
         loss.backward()
-        average_gradients(model, dp_group)
+        average_gradients(averaged, dp_group)
         loss = comm.all_reduce(loss.detach().clone(), dp_group) / dp_size
         opt_began = time.perf_counter()
         optimizer.step()

@@ -5,6 +5,11 @@ input columns (partition_dim 1). Attention uses a fused QKV weight laid out per 
 [ng, (np/ng) hn q | hn k | hn v] as in Megatron's ``linear_qkv``, with grouped-query attention; each
 TP rank holds ng / tp whole query groups. Every rank builds the full weights from the same seed and
 keeps its block, so a model at any TP size starts from the same global weights.
+
+:func:`parallelize_native` builds the same model the torch-native way instead: the full model
+(``group=None, tp_size=T``) whose linears torch tensor parallel turns into DTensors (``parallelize_module``:
+ColwiseParallel / RowwiseParallel over the mesh's "tp" dim) and FSDP2 shards over its "dp" dim
+(``fully_shard``). Both hold the same global weights and compute the same losses.
 """
 
 from __future__ import annotations
@@ -82,38 +87,49 @@ def _tp_parameter(full: torch.Tensor, partition_dim: int, group: dist.ProcessGro
     return p
 
 
-class ColumnParallelLinear(nn.Module):
-    def __init__(self, full_weight: torch.Tensor, group: dist.ProcessGroup | None):
-        super().__init__()
+class _Linear(nn.Linear):
+    """A bias-free linear holding a TP block (an nn.Linear, so that torch tensor parallel can take it too)."""
+
+    def __init__(self, full_weight: torch.Tensor, group: dist.ProcessGroup | None, partition_dim: int):
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = full_weight.shape
         self.group = group
-        self.weight = _tp_parameter(full_weight, 0, group)
+        self.weight = _tp_parameter(full_weight, partition_dim, group)
+        self.bias = None
+
+
+class ColumnParallelLinear(_Linear):
+    def __init__(self, full_weight: torch.Tensor, group: dist.ProcessGroup | None):
+        super().__init__(full_weight, group, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(_CopyToTP.apply(x, self.group), self.weight)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_Linear):
     def __init__(self, full_weight: torch.Tensor, group: dist.ProcessGroup | None):
-        super().__init__()
-        self.group = group
-        self.weight = _tp_parameter(full_weight, 1, group)
+        super().__init__(full_weight, group, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _ReduceFromTP.apply(F.linear(x, self.weight), self.group)
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig, group: dist.ProcessGroup | None, gen: torch.Generator):
+    def __init__(self, config: GPTConfig, group: dist.ProcessGroup | None, gen: torch.Generator, tp_size: int):
         super().__init__()
         c = config
         std, out_std = 0.02, 0.02 / (2 * c.num_layers) ** 0.5
-        self.config, self.tp = c, comm.group_size(group)
+        self.config, self.tp = c, tp_size
         self.norm1, self.norm2 = nn.LayerNorm(c.hidden_size), nn.LayerNorm(c.hidden_size)
         qkv_rows = c.num_query_groups * sum(qkv_split_shapes(c.num_attention_heads, c.num_query_groups, c.kv_channels))
         self.linear_qkv = ColumnParallelLinear(torch.randn(qkv_rows, c.hidden_size, generator=gen) * std, group)
         self.linear_proj = RowParallelLinear(torch.randn(c.hidden_size, c.hidden_size, generator=gen) * out_std, group)
         self.fc1 = ColumnParallelLinear(torch.randn(c.ffn_hidden_size, c.hidden_size, generator=gen) * std, group)
         self.fc2 = RowParallelLinear(torch.randn(c.hidden_size, c.ffn_hidden_size, generator=gen) * out_std, group)
+        self.mark_qkv()
+
+    def mark_qkv(self) -> None:
+        c = self.config
         self.linear_qkv.weight.is_qkv = True
         self.linear_qkv.weight.qkv_split_shapes = qkv_split_shapes(c.num_attention_heads, c.num_query_groups, c.kv_channels)
 
@@ -136,9 +152,12 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig, group: dist.ProcessGroup | None = None, seed: int = 0):
+    def __init__(self, config: GPTConfig, group: dist.ProcessGroup | None = None, seed: int = 0, tp_size: int | None = None):
+        """``tp_size``: the TP size the heads are split over (default: ``group``'s; set it with group=None for
+        :func:`parallelize_native`)."""
         super().__init__()
-        config.check(comm.group_size(group))
+        tp_size = tp_size if tp_size is not None else comm.group_size(group)
+        config.check(tp_size)
         gen = torch.Generator().manual_seed(seed)
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -146,11 +165,14 @@ class GPT(nn.Module):
         with torch.no_grad():
             self.embedding.weight.copy_(torch.randn(config.vocab_size, config.hidden_size, generator=gen) * 0.02)
             self.position.weight.copy_(torch.randn(config.seq_len, config.hidden_size, generator=gen) * 0.02)
-        self.blocks = nn.ModuleList(Block(config, group, gen) for _ in range(config.num_layers))
+        self.blocks = nn.ModuleList(Block(config, group, gen, tp_size) for _ in range(config.num_layers))
         self.norm = nn.LayerNorm(config.hidden_size)
         self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         with torch.no_grad():
             self.output.weight.copy_(torch.randn(config.vocab_size, config.hidden_size, generator=gen) * 0.02)
+        self.mark_embeddings()
+
+    def mark_embeddings(self) -> None:
         for p in (self.embedding.weight, self.position.weight, self.output.weight):
             p.is_embedding_or_output_parameter = True
 
@@ -160,3 +182,27 @@ class GPT(nn.Module):
             x = block(x)
         logits = self.output(self.norm(x))
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def parallelize_native(model: GPT, mesh) -> GPT:
+    """``model`` (built with group=None and tp_size = the mesh's "tp" size) as torch-native DTensors: linears
+    over "tp" by ``parallelize_module``, every block and the whole model sharded over "dp" by ``fully_shard``."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    names = mesh.mesh_dim_names
+    if "tp" in names:
+        tp_mesh = mesh["tp"] if mesh.ndim > 1 else mesh
+        plan = {"linear_qkv": ColwiseParallel(), "linear_proj": RowwiseParallel(), "fc1": ColwiseParallel(),
+                "fc2": RowwiseParallel()}
+        for block in model.blocks:
+            parallelize_module(block, tp_mesh, plan)
+    if "dp" in names:
+        dp_mesh = mesh["dp"] if mesh.ndim > 1 else mesh
+        for block in model.blocks:
+            fully_shard(block, mesh=dp_mesh)
+        fully_shard(model, mesh=dp_mesh)
+    for block in model.blocks:  # the new DTensor parameters carry no attributes: mark them again
+        block.mark_qkv()
+    model.mark_embeddings()
+    return model
