@@ -21,9 +21,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.placement_types import Placement
 
 from dist_ortho import comm
+from dist_ortho.grid import _by_dtype
 
 
 @dataclass(frozen=True)
@@ -55,12 +58,12 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def piece_of(full: torch.Tensor, like: DTensor) -> torch.Tensor:
-    """This rank's local piece of the global tensor ``full`` under ``like``'s placements (any, FSDP2's
+def piece_of(full: torch.Tensor, mesh: DeviceMesh, placements: Sequence[Placement]) -> torch.Tensor:
+    """This rank's local piece of the global tensor ``full`` under ``placements`` on ``mesh`` (any, FSDP2's
     strided shards included; no communication)."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    shape, offset = compute_local_shape_and_global_offset(full.shape, like.device_mesh, like.placements)
+    shape, offset = compute_local_shape_and_global_offset(full.shape, mesh, placements)
     return full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
 
 
@@ -163,13 +166,6 @@ def _piece(block: torch.Tensor, holding: DTensorHolding, dp_rank: int) -> torch.
     return block.narrow(holding.dp_dim, start, holding.pieces[dp_rank])
 
 
-def _by_dtype(params: Sequence[torch.Tensor]) -> dict[torch.dtype, list[int]]:
-    groups: dict[torch.dtype, list[int]] = {}
-    for i, p in enumerate(params):
-        groups.setdefault(p.dtype, []).append(i)
-    return groups
-
-
 def gather_blocks(
     params: Sequence[DTensor], holdings: Sequence[DTensorHolding], owners: Sequence[int],
     dp_group: comm.ProcessGroup | None, blocks: dict[DTensor, tuple[torch.Tensor, torch.Tensor]],
@@ -178,7 +174,7 @@ def gather_blocks(
     owns, from every DP rank's piece: one all-to-all per dtype (a missing gradient counts as zeros).
     Existing entries of ``blocks`` are reused as buffers."""
     size, rank = comm.group_size(dp_group), comm.group_rank(dp_group)
-    for members in _by_dtype(params).values():
+    for members in _by_dtype(params):
         chunks = []
         for dest in range(size):
             sent = []
@@ -211,7 +207,7 @@ def scatter_blocks(
     """Write every DP rank's piece of the updated blocks (held by their owners) into its local tensor:
     one all-to-all per dtype."""
     size, rank = comm.group_size(dp_group), comm.group_rank(dp_group)
-    for members in _by_dtype(params).values():
+    for members in _by_dtype(params):
         owned = [i for i in members if owners[i] == rank]
         chunks = []
         for dest in range(size):

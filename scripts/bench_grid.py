@@ -7,7 +7,9 @@ DP-averaged gradients (the same on every replica):
 - replicated: no dp_group; every DP replica orthogonalizes everything (best TP mode: home);
 - layer-wise: dp_group with tp_mode="duplicated", Megatron's LayerWiseDistributedOptimizer way (owners by
   DP rank, the whole TP group repeats each owned matrix's Newton-Schulz);
-- grid: dp_group with tp_mode="home" (each matrix once in the grid).
+- grid: dp_group with tp_mode="home" (each matrix once in the grid);
+- grid fsdp2: the same weights as DTensors sharded FSDP2's way over DP (and Shard over TP) on a (dp, tp)
+  mesh, device_mesh= with home mode: DP pieces all-to-all'd to the owner and back.
 Per rank: Newton-Schulz FLOPs (max over ranks, and over total / world), optimizer-state bytes, collectives
 and bytes sent per step; median step time with the configurations interleaved.
 """
@@ -23,12 +25,37 @@ import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench_common import run_worlds, time_interleaved
-from bench_optimizer_step import _params, matrices
+from bench_optimizer_step import GROUPS, HEADS, HIDDEN, _params, matrices, parameter_set
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 from dist_ortho import Muon, count_collectives
+from dist_ortho.dtensor import piece_of
+from dist_ortho.qkv import qkv_split_shapes
 from dist_ortho.tp import NsSpec
 from dist_ortho.tp.local import gram_flops, plain_flops, use_gram
 
-CONFIGS = [("replicated", "home", False), ("layer-wise", "duplicated", True), ("grid", "home", True)]
+CONFIGS = [("replicated", "home", False), ("layer-wise", "duplicated", True), ("grid", "home", True),
+           ("grid fsdp2", "home", "dtensor")]
+
+
+def _dtensor_params(mesh, tp: int) -> list[torch.nn.Parameter]:
+    """bench_optimizer_step's weights and gradients as FSDP2 + TP DTensors on ``mesh``."""
+    gen = torch.Generator().manual_seed(0)
+    params = []
+    for name, shape, pd in parameter_set():
+        full, grad = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+        dp = _StridedShard(0, split_factor=tp) if pd == 0 and tp > 1 else Shard(0)
+        placements = (dp, Shard(pd)) if tp > 1 else (dp,)
+        as_dtensor = lambda t: DTensor.from_local(piece_of(t, mesh, placements).clone(), mesh, placements,  # noqa: E731
+                                                  shape=t.shape, stride=t.stride())
+        p = torch.nn.Parameter(as_dtensor(full))
+        p.grad = as_dtensor(grad)
+        p._dist_ortho_name = name
+        if "qkv" in name:
+            p.is_qkv, p.qkv_split_shapes = True, qkv_split_shapes(HEADS, GROUPS, HIDDEN // HEADS)
+        params.append(p)
+    return params
 
 
 def _measure(rank: int, world: int, port: int, args: argparse.Namespace, out: dict) -> None:
@@ -39,12 +66,17 @@ def _measure(rank: int, world: int, port: int, args: argparse.Namespace, out: di
     dp_all = [dist.new_group(list(range(t, world, tp))) for t in range(tp)]
     tp_group, dp_group = tp_all[rank // tp], dp_all[rank % tp]
     optimizers = {}
+    mesh = (init_device_mesh("cpu", (world // tp, tp), mesh_dim_names=("dp", "tp")) if tp > 1
+            else init_device_mesh("cpu", (world,), mesh_dim_names=("dp",)))
     for label, mode, grid in CONFIGS:
-        params = _params(rank % tp, tp)
-        opt = Muon(params, lr=1e-3, tp_group=tp_group, dp_group=dp_group if grid else None, tp_mode=mode,
-                   fp32_matmul_prec="highest")
+        if grid == "dtensor":
+            opt = Muon(_dtensor_params(mesh, tp), lr=1e-3, device_mesh=mesh, tp_mode=mode, fp32_matmul_prec="highest")
+        else:
+            params = _params(rank % tp, tp)
+            opt = Muon(params, lr=1e-3, tp_group=tp_group, dp_group=dp_group if grid else None, tp_mode=mode,
+                       fp32_matmul_prec="highest")
         opt.step()
-        optimizers[label] = (opt, params)
+        optimizers[label] = (opt, None)
     stats = {}
     for label, (opt, _) in optimizers.items():
         with count_collectives() as calls, FlopCounterMode(display=False) as flops:

@@ -14,10 +14,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from dist_ortho import MuonAdamW, count_collectives, get_optimizer
+from dist_ortho.dtensor import piece_of
 from tests import optim_reference
 from tests.harness import started_world
 
@@ -41,9 +41,7 @@ def _mesh(dp: int, tp: int):
 
 def _dtensor(full: torch.Tensor, mesh, placements) -> DTensor:
     """This rank's piece of ``full`` as a DTensor (any placements, FSDP2's strided shards included)."""
-    shape, offset = compute_local_shape_and_global_offset(full.shape, mesh, placements)
-    piece = full[tuple(slice(o, o + n) for o, n in zip(offset, shape))].clone()
-    return DTensor.from_local(piece, mesh, placements, shape=full.shape, stride=full.stride())
+    return DTensor.from_local(piece_of(full, mesh, placements).clone(), mesh, placements, shape=full.shape, stride=full.stride())
 
 
 def _placements(mesh, tp_placement, dp_sharded: bool):

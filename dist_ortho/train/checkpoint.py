@@ -164,7 +164,7 @@ def load(
                 if tuple(state["model"][name].shape) != tuple(p.shape):
                     raise ValueError(f"checkpoint {checkpoint}: {name} has shape {tuple(state['model'][name].shape)}, "
                                      f"the model {tuple(p.shape)}")
-                local(p).copy_(piece_of(state["model"][name], p))
+                local(p).copy_(piece_of(state["model"][name], p.device_mesh, p.placements))
                 continue
             mine = held_like_param(p, group).to_local(state["model"][name])
             if mine.shape != p.shape:
@@ -179,7 +179,7 @@ def load(
         if is_dtensor(p) and not _declares(optimizer, p) and tuple(value.shape) == tuple(p.shape):
             from torch.distributed.tensor import DTensor
 
-            target[path[-1]] = DTensor.from_local(piece_of(value, p).clone().to(local(p).device), p.device_mesh, p.placements,
+            target[path[-1]] = DTensor.from_local(piece_of(value, p.device_mesh, p.placements).clone().to(local(p).device), p.device_mesh, p.placements,
                                                   shape=p.shape, stride=p.stride())
             continue
         target[path[-1]] = _holding(optimizer, p, path, group).to_local(value).to(p.device)
