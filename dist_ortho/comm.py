@@ -173,6 +173,13 @@ def all_to_all(
     return list(torch.split(recv, list(recv_numels)))
 
 
+def collective_device(group: ProcessGroup | None, device: torch.device | str = "cpu") -> torch.device:
+    """Where a small host-made tensor must live for a collective over ``group``: CUDA under NCCL."""
+    if group is not None and dist.get_backend(group) == "nccl":
+        return torch.device("cuda")
+    return torch.device(device)
+
+
 def agree(entries: list[tuple], labels: list[str], group: ProcessGroup | None, what: str) -> None:
     """Raise the same ValueError on every rank of ``group`` unless all ranks hold equal ``entries``.
 
@@ -184,9 +191,7 @@ def agree(entries: list[tuple], labels: list[str], group: ProcessGroup | None, w
     if size == 1:
         return
     digest = int.from_bytes(hashlib.blake2b(repr(entries).encode(), digest_size=7).digest(), "little")
-    mine = torch.tensor([len(entries), digest], dtype=torch.int64)
-    if group is not None and dist.get_backend(group) == "nccl":
-        mine = mine.cuda()
+    mine = torch.tensor([len(entries), digest], dtype=torch.int64, device=collective_device(group))
     table = all_gather(mine, group).cpu().tolist()
     if all(row == table[0] for row in table):
         return

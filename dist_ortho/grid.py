@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 
 from dist_ortho import comm
 from dist_ortho.coalesce import AllGather, Program
@@ -40,8 +41,6 @@ def check_grid(tp_group: comm.ProcessGroup | None, dp_group: comm.ProcessGroup |
     groups raises."""
     if comm.group_size(tp_group) == 1 or comm.group_size(dp_group) == 1:
         return
-    import torch.distributed as dist
-
     mine = (tuple(dist.get_process_group_ranks(tp_group)), tuple(dist.get_process_group_ranks(dp_group)))
     views: list = [None] * comm.group_size(tp_group)
     dist.all_gather_object(views, mine, group=tp_group)
@@ -54,10 +53,7 @@ def check_grid(tp_group: comm.ProcessGroup | None, dp_group: comm.ProcessGroup |
             problem = (f"the dp_groups of tp_group {list(mine[0])}'s ranks overlap, differ in size or put them at different "
                        f"DP ranks ({[list(d) for _, d in views]})")
         seen |= set(dp)
-    flag = torch.tensor([float(problem is not None)])
-    if dist.get_backend(dp_group) == "nccl":
-        flag = flag.cuda()
-    flag = comm.all_reduce(flag, dp_group, "max")
+    flag = comm.all_reduce(torch.tensor([float(problem is not None)], device=comm.collective_device(dp_group)), dp_group, "max")
     if problem is not None or flag.item() > 0:
         raise ValueError(f"tp_group and dp_group do not form a DP x TP grid: {problem or 'on another rank of this dp_group'}")
 
@@ -67,10 +63,7 @@ def grid_sum(value: torch.Tensor, tp_group: comm.ProcessGroup | None, dp_group: 
     value = value.reshape(1).clone()
     for group in (tp_group, dp_group):
         if comm.group_size(group) > 1:
-            import torch.distributed as dist
-
-            device = torch.device("cuda") if dist.get_backend(group) == "nccl" else value.device
-            value = comm.all_reduce(value.to(device), group).cpu()
+            value = comm.all_reduce(value.to(comm.collective_device(group, value.device)), group).cpu()
     return value[0]
 
 

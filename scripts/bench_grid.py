@@ -22,13 +22,13 @@ import statistics
 
 import torch
 import torch.distributed as dist
-from torch.utils.flop_counter import FlopCounterMode
-
 from bench_common import run_worlds, time_interleaved
 from bench_optimizer_step import GROUPS, HEADS, HIDDEN, _params, matrices, parameter_set
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
+from torch.utils.flop_counter import FlopCounterMode
+
 from dist_ortho import Muon, count_collectives
 from dist_ortho.dtensor import piece_of
 from dist_ortho.qkv import qkv_split_shapes
@@ -39,6 +39,10 @@ CONFIGS = [("replicated", "home", False), ("layer-wise", "duplicated", True), ("
            ("grid fsdp2", "home", "dtensor")]
 
 
+def _as_dtensor(t: torch.Tensor, mesh, placements) -> DTensor:
+    return DTensor.from_local(piece_of(t, mesh, placements).clone(), mesh, placements, shape=t.shape, stride=t.stride())
+
+
 def _dtensor_params(mesh, tp: int) -> list[torch.nn.Parameter]:
     """bench_optimizer_step's weights and gradients as FSDP2 + TP DTensors on ``mesh``."""
     gen = torch.Generator().manual_seed(0)
@@ -47,10 +51,8 @@ def _dtensor_params(mesh, tp: int) -> list[torch.nn.Parameter]:
         full, grad = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
         dp = _StridedShard(0, split_factor=tp) if pd == 0 and tp > 1 else Shard(0)
         placements = (dp, Shard(pd)) if tp > 1 else (dp,)
-        as_dtensor = lambda t: DTensor.from_local(piece_of(t, mesh, placements).clone(), mesh, placements,  # noqa: E731
-                                                  shape=t.shape, stride=t.stride())
-        p = torch.nn.Parameter(as_dtensor(full))
-        p.grad = as_dtensor(grad)
+        p = torch.nn.Parameter(_as_dtensor(full, mesh, placements))
+        p.grad = _as_dtensor(grad, mesh, placements)
         p._dist_ortho_name = name
         if "qkv" in name:
             p.is_qkv, p.qkv_split_shapes = True, qkv_split_shapes(HEADS, GROUPS, HIDDEN // HEADS)

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from dist_ortho import MuonAdamW, count_collectives, get_optimizer
+from dist_ortho import MuonAdamW, get_optimizer
 from dist_ortho.dtensor import piece_of
 from tests import optim_reference
 from tests.harness import started_world
+from tests.test_grid import step_pair
 
 SHAPES = [(10, 6), (7, 10), (9, 13), (12, 12)]
 TP_PLACEMENTS = [Shard(0), Shard(1), Shard(0), Replicate()]  # colwise, rowwise, colwise, replicated
@@ -65,16 +65,13 @@ def _exact(ctx, kind: str, mode: str, dp: int, tp: int, dp_sharded: bool):
     hp = {"lr": 0.02, "fp32_matmul_prec": "highest"}
     opt = get_optimizer(kind)(params, device_mesh=mesh, tp_mode=mode, **hp)
     ref_opt = get_optimizer(kind)(ref, **hp)
-    for step in range(3):
+
+    def feed(step: int) -> None:
         for p, q, pls in zip(params, ref, placements):
             g = torch.randn(q.shape, generator=gen)  # the DP-averaged gradient, as FSDP2 / DDP leave it
             p.grad, q.grad = _dtensor(g, mesh, pls), g
-        if step == 2:
-            with count_collectives() as calls:
-                opt.step()
-        else:
-            opt.step()
-        ref_opt.step()
+
+    calls = step_pair(opt, ref_opt, feed)
     bad = {}
     for p, q, f in zip(params, ref, fulls):
         moved = (q.detach() - f).abs().max().item()

@@ -28,6 +28,17 @@ def world():
         yield w
 
 
+def step_pair(opt, ref_opt, feed, steps: int = 3):
+    """``steps`` steps of a distributed optimizer and its one-process reference, ``feed(step)`` setting their
+    gradients before each; the collectives of the distributed optimizer's last step."""
+    for step in range(steps):
+        feed(step)
+        with count_collectives() as calls:
+            opt.step()
+        ref_opt.step()
+    return calls
+
+
 def _grid(ctx, tp: int):
     tp_groups = [dist.new_group(list(range(s, s + tp))) for s in range(0, ctx.world_size, tp)]
     dp_groups = [dist.new_group(list(range(t, ctx.world_size, tp))) for t in range(tp)]
@@ -156,16 +167,13 @@ def _reduced(ctx, kind: str):
     opt = get_optimizer(kind)(params, tp_group=tp_group, dp_group=dp_group, reduce_grads=True, tp_mode="home", **hp)
     ref_opt = get_optimizer(kind)(ref, **hp)
     gen = torch.Generator().manual_seed(1)
-    for step in range(3):
+
+    def feed(step: int) -> None:
         for p, q, (_, shape, pd, _) in zip(params, ref, spec):
             per_replica = [torch.randn(shape, generator=gen) for _ in range(2)]
             p.grad, q.grad = block(per_replica[dp_rank], pd, tp_rank, 2), (per_replica[0] + per_replica[1]) / 2
-        if step == 2:
-            with count_collectives() as calls:
-                opt.step()
-        else:
-            opt.step()
-        ref_opt.step()
+
+    calls = step_pair(opt, ref_opt, feed)
     for p, q, f, (name, _, pd, _) in zip(params, ref, fulls, spec):
         moved = (q.detach() - f).abs().max().item()
         err = (p.detach() - block(q.detach(), pd, tp_rank, 2)).abs().max().item()
@@ -186,7 +194,7 @@ def test_reduce_grads_averages_into_the_owners_with_half_the_bytes(world, kind):
 
 
 def _not_a_grid(ctx, how: str):
-    tp_group, dp_group, tp_rank = _grid(ctx, 2)
+    tp_group, dp_group, _ = _grid(ctx, 2)
     if how == "same group":
         dp_group = tp_group
     else:  # TP {0, 3}, {1, 2} with DP {0, 2}, {1, 3}: they meet once, but rank 0 is DP rank 0 and its TP peer 3 DP rank 1

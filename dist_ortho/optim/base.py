@@ -329,7 +329,7 @@ class OrthogonalizedOptimizer(Optimizer):
 
     def _value(self, p: torch.Tensor) -> torch.Tensor:
         """The tensor the step updates for p: p itself, a DTensor's local tensor, or (DP-sharded DTensor) its TP
-        block, gathered on the owner for the step (a shape-only stand-in outside the step)."""
+        block: the owner's buffer that each step gathers into, else a shape-only stand-in."""
         if p in self._blocks:
             return self._blocks[p][0]
         if p in self._holdings and self._holdings[p].dp_dim is None:
@@ -435,7 +435,7 @@ class OrthogonalizedOptimizer(Optimizer):
         return format_plan(rows)
 
     def _label(self, ctx: MatrixContext) -> str:
-        name = getattr(ctx.param, "_dist_ortho_name", None) or f"param {tuple(ctx.param.shape)}"
+        name = getattr(ctx.key, "_dist_ortho_name", None) or f"param {tuple(ctx.key.shape)}"
         if ctx.part is None:
             return name
         count = len(self._parts[ctx.key])
@@ -627,9 +627,6 @@ class OrthogonalizedOptimizer(Optimizer):
         if sharded:  # DP pieces of DTensor parameters to their owners, each as one TP block
             owners = [self.owner(p) for p in sharded]
             gather_blocks(sharded, [self._holdings[p] for p in sharded], owners, self.dp_group, self._blocks)
-            for p in sharded:
-                if p in self._blocks:
-                    self._blocks[p][0]._dist_ortho_name = self._standins[p]._dist_ortho_name
         self._update([(p, group) for p, group in taking_part if self.owner(p) == dp_rank])
         if sharded:
             scatter_blocks(sharded, [self._holdings[p] for p in sharded], owners, self.dp_group, self._blocks)

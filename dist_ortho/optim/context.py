@@ -48,7 +48,7 @@ class MatrixContext:
 
     @property
     def name(self) -> str:
-        name = getattr(self.param, "_dist_ortho_name", None) or f"parameter of shape {tuple(self.param.shape)}"
+        name = getattr(self.key, "_dist_ortho_name", None) or f"parameter of shape {tuple(self.key.shape)}"
         return name if self.part is None else f"{name} [part {self.part}]"
 
     def shape_scale(self) -> float:

@@ -71,9 +71,9 @@ class MuonAdamW(Optimizer):
         params = list(params)
         groups = params if params and isinstance(params[0], dict) else [{"params": params}]
         named_groups = [_named(group["params"]) for group in groups]
-        tp_group = kwargs.get("tp_group")
+        tp_group, dp_group = kwargs.get("tp_group"), kwargs.get("dp_group")
         if kwargs.get("device_mesh") is not None:
-            tp_group, _ = mesh_groups(kwargs["device_mesh"], tp_group, kwargs.get("dp_group"))
+            tp_group, dp_group = mesh_groups(kwargs["device_mesh"], tp_group, dp_group)
         dims = _global_dims(groups, named_groups, tp_group, kwargs.get("expert_tp_group"), kwargs.get("tp_mode") == "blockwise")
         matrix_groups: list[dict[str, Any]] = []
         fallback_groups: list[dict[str, Any]] = []
@@ -91,10 +91,7 @@ class MuonAdamW(Optimizer):
                 adamw = {"lr": adamw_lr, "betas": adamw_betas, "eps": adamw_eps, "weight_decay": adamw_weight_decay}
                 adamw.update({_ADAMW_KEYS[k]: v for k, v in group.items() if k in _ADAMW_KEYS})
                 fallback_groups.append({"params": others, "use_muon": False, **adamw})
-        self.tp_group = tp_group
-        self.dp_group = kwargs.get("dp_group")
-        if kwargs.get("device_mesh") is not None:
-            _, self.dp_group = mesh_groups(kwargs["device_mesh"], None, None)
+        self.tp_group, self.dp_group = tp_group, dp_group
         self._assemble(
             matrix_cls(matrix_groups, conv_mode=conv_mode, **kwargs) if matrix_groups else None,
             torch.optim.AdamW(fallback_groups) if fallback_groups else None,

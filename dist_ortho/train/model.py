@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_ortho import comm
-from dist_ortho.tp import shard
 from dist_ortho.qkv import qkv_split_shapes
+from dist_ortho.tp import shard
 
 
 @dataclass(frozen=True)
