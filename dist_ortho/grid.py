@@ -102,24 +102,28 @@ def share_program(params: Sequence[torch.Tensor], owners: Sequence[int], dp_grou
             offsets[owner] += n
 
 
-def reduce_to_owners(params: Sequence[torch.Tensor], owners: Sequence[int], dp_group: comm.ProcessGroup | None) -> None:
-    """Average every parameter's gradient over ``dp_group`` into its owner's ``.grad`` only: one
+def reduce_to_owners(
+    grads: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor], owners: Sequence[int], dp_group: comm.ProcessGroup | None
+) -> list[torch.Tensor | None]:
+    """Every gradient averaged over ``dp_group``, returned to its owner only (``None`` elsewhere): one
     reduce-scatter per dtype (each rank sends (DP - 1) / DP of the gradient bytes, half an all-reduce's).
 
-    Each rank's buffer holds, per owner rank, the gradients of the parameters that rank owns (a missing
-    gradient as zeros), padded to the largest owner's share. Other replicas' gradients are left as they are."""
+    ``grads[i]`` is this rank's gradient of a tensor shaped and typed like ``like[i]`` (``None``: zeros). Each
+    rank's buffer holds, per owner rank, the gradients of the tensors that rank owns, padded to the largest
+    owner's share. The caller writes the averages where its gradients live."""
     size, rank = comm.group_size(dp_group), comm.group_rank(dp_group)
-    for members in _by_dtype(params):
+    out: list[torch.Tensor | None] = [None] * len(like)
+    for members in _by_dtype(like):
         per_owner = [[i for i in members if owners[i] == r] for r in range(size)]
-        longest = max(sum(params[i].numel() for i in owned) for owned in per_owner)
+        longest = max(sum(like[i].numel() for i in owned) for owned in per_owner)
         chunks = [
-            _flat([params[i].grad if params[i].grad is not None else torch.zeros_like(params[i]) for i in owned],
-                  params[members[0]], longest)
+            _flat([grads[i] if grads[i] is not None else torch.zeros_like(like[i]) for i in owned], like[members[0]], longest)
             for owned in per_owner
         ]
         summed = comm.reduce_scatter(chunks, dp_group) / size
         offset = 0
         for i in per_owner[rank]:
-            n = params[i].numel()
-            params[i].grad = summed[offset : offset + n].view_as(params[i]).clone()
+            n = like[i].numel()
+            out[i] = summed[offset : offset + n].view_as(like[i])
             offset += n
+    return out

@@ -53,8 +53,9 @@ def _placements(mesh, tp_placement, dp_sharded: bool):
     return {("dp",): (dp,), ("tp",): (tp_placement,), ("dp", "tp"): (dp, tp_placement)}[mesh.mesh_dim_names]
 
 
-def _exact(ctx, kind: str, mode: str, dp: int, tp: int, dp_sharded: bool):
+def _exact(ctx, kind: str, mode: str, dp: int, tp: int, dp_sharded: bool, reduce_grads: bool = False):
     mesh = _mesh(dp, tp)
+    dp_rank = mesh.get_local_rank("dp") if "dp" in mesh.mesh_dim_names else 0
     gen = torch.Generator().manual_seed(0)
     fulls = [torch.randn(shape, generator=gen) for shape in SHAPES]
     placements = [_placements(mesh, pl, dp_sharded) for pl in TP_PLACEMENTS]
@@ -63,13 +64,15 @@ def _exact(ctx, kind: str, mode: str, dp: int, tp: int, dp_sharded: bool):
         p._dist_ortho_name = f"w{i}"
     ref = [torch.nn.Parameter(f.clone()) for f in fulls]
     hp = {"lr": 0.02, "fp32_matmul_prec": "highest"}
-    opt = get_optimizer(kind)(params, device_mesh=mesh, tp_mode=mode, **hp)
+    opt = get_optimizer(kind)(params, device_mesh=mesh, tp_mode=mode, reduce_grads=reduce_grads, **hp)
     ref_opt = get_optimizer(kind)(ref, **hp)
 
     def feed(step: int) -> None:
         for p, q, pls in zip(params, ref, placements):
             g = torch.randn(q.shape, generator=gen)  # the DP-averaged gradient, as FSDP2 / DDP leave it
-            p.grad, q.grad = _dtensor(g, mesh, pls), g
+            noise = torch.randn(q.shape, generator=gen)  # reduce_grads: replicas differ, their mean is g
+            mine = g + (dp_rank - (dp - 1) / 2) * noise if reduce_grads else g
+            p.grad, q.grad = _dtensor(mine, mesh, pls), g
 
     calls = step_pair(opt, ref_opt, feed)
     bad = {}
@@ -97,6 +100,13 @@ def test_fsdp_and_tp_dtensors_equal_one_process(world, kind, mode):
 def test_one_dimensional_meshes_and_replicated_dp(world, dp, tp, dp_sharded):
     """FSDP only (dp=4), torch TP only (tp=4), and DTensors replicated over DP (DDP / HSDP replicas)."""
     world.run(_exact, "muon", "home", dp, tp, dp_sharded)
+
+
+@pytest.mark.parametrize("dp,tp", [(2, 2), (4, 1)])
+def test_reduce_grads_averages_dtensors_replicated_over_dp(world, dp, tp):
+    """reduce_grads=True with DTensors replicated over DP (HSDP replicas, torch TP without FSDP): each replica's
+    own gradient is averaged into the owner's DTensor gradient before the update."""
+    world.run(_exact, "muon", "home", dp, tp, False, True)
 
 
 def test_collectives_per_step(world):

@@ -597,7 +597,15 @@ class OrthogonalizedOptimizer(Optimizer):
         every = [(p, group) for group in self.param_groups for p in group["params"]
                  if p.requires_grad and not self._dp_sharded(p)]
         self._agree(every)  # the reduce-scatter's buffers follow the plan: agree first
-        reduce_to_owners([local(p) for p, _ in every], [self.owner(p) for p, _ in every], self.dp_group)
+        params = [p for p, _ in every]
+        grads = [local(p.grad) if p.grad is not None else None for p in params]
+        averaged = reduce_to_owners(grads, [local(p) for p in params], [self.owner(p) for p in params], self.dp_group)
+        for p, grad in zip(params, averaged):
+            if grad is None:
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            local(p.grad).copy_(grad)  # in place: a DTensor's gradient keeps its placements
         self._grads_reduced = True
 
     def grad_sum_of_squares(self) -> torch.Tensor:
