@@ -419,19 +419,32 @@ class OrthogonalizedOptimizer(Optimizer):
             use_syrk=group.get("use_syrk", False), local_gram=group["local_gram"], batch=group["batch_matrices"],
         )
 
-    def _job(self, ctx: MatrixContext, x: torch.Tensor) -> MatrixJob:
+    def _job(self, ctx: MatrixContext, x: torch.Tensor, sharing: int = 1) -> MatrixJob:
         """The Newton-Schulz job of a matrix, its mode resolved (auto) under the group's precision."""
         layout, options = ctx.layout, ctx.options
         job = MatrixJob(x, layout.partition_dim, layout.group, list(layout.sizes) if layout.sizes else None,
                         options["tp_mode"], self.ns_spec(options))
         with matmul_precision(options["fp32_matmul_prec"]):
-            return resolve(job)
+            return resolve(job, sharing)
+
+    @staticmethod
+    def _sharing(contexts: Sequence[MatrixContext]) -> list[int]:
+        """Per matrix, how many sharded matrices run coalesced with it in its TP group (auto's latency share)."""
+        def key(ctx: MatrixContext) -> tuple | None:
+            sharded = ctx.layout.partition_dim is not None and ctx.layout.group is not None
+            return (id(ctx.layout.group), ctx.options["fp32_matmul_prec"]) if sharded and ctx.options["coalesce"] else None
+
+        keys = [key(ctx) for ctx in contexts]
+        return [keys.count(k) if k is not None else 1 for k in keys]
+
+    def _jobs(self, contexts: Sequence[MatrixContext]) -> list[MatrixJob]:
+        return [self._job(ctx, ctx.direction, n) for ctx, n in zip(contexts, self._sharing(contexts))]
 
     def _plan(self, contexts: Sequence[MatrixContext], jobs: Sequence[MatrixJob]) -> str:
         rows = []
-        for ctx, job in zip(contexts, jobs):
+        for ctx, job, n in zip(contexts, jobs, self._sharing(contexts)):
             with matmul_precision(ctx.options["fp32_matmul_prec"]):
-                rows.append(plan_row(self._label(ctx), job))
+                rows.append(plan_row(self._label(ctx), job, n))
         return format_plan(rows)
 
     def _label(self, ctx: MatrixContext) -> str:
@@ -447,7 +460,7 @@ class OrthogonalizedOptimizer(Optimizer):
         predicted cost per mode (the same resolution as the step's)."""
         contexts = [ctx for group in self.param_groups for p in group["params"]
                     for ctx in self._matrices(self._context(p, group, self._value(p), self._value(p)))]
-        return self._plan(contexts, [self._job(ctx, ctx.direction) for ctx in contexts])
+        return self._plan(contexts, self._jobs(contexts))
 
     # -- the step --
     def _context(self, p: torch.Tensor, group: dict[str, Any], grad: torch.Tensor, direction: torch.Tensor) -> MatrixContext:
@@ -479,7 +492,7 @@ class OrthogonalizedOptimizer(Optimizer):
 
     def _newton_schulz(self, matrices: Sequence[MatrixContext]) -> None:
         """ctx.orthogonalized for every matrix: one coalesced run per fp32 matmul precision."""
-        jobs = [self._job(ctx, ctx.direction) for ctx in matrices]
+        jobs = self._jobs(matrices)
         plan = self._plan(matrices, jobs) if any(ctx.options["tp_mode"] == "auto" for ctx in matrices) else None
         if plan is not None and plan != self._logged_plan:
             logger.info("%s: tp_mode='auto' plan (predicted ms per mode):\n%s", type(self).__name__, plan)

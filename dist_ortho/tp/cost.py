@@ -1,33 +1,49 @@
 """``tp_mode="auto"``: a per-matrix cost model that picks the cheapest exact mode.
 
-For a global m x n matrix sharded along s (the other dim u) over t ranks, steps of Newton-Schulz, e bytes
-per element (k = min(m, n), N = max(m, n)); FLOPs and bytes are per rank:
+For a global m x n matrix sharded along s (the other dim u) over t ranks (largest shard s_l), e bytes per
+element of the parameter, c of the compute dtype, FLOPs and bytes sent per rank (:func:`matrix_counts`;
+the FLOPs are exactly the matmuls the modes run, tp.local.plain_flops / gram_recursion_flops):
 
-    duplicated   FLOPs steps (4 k^2 N + 2 k^3) (or the     bytes (t-1) m n / t e            calls 1
-                 Gram recursion's, dist_ortho.tp.local)
-    distributed  FLOPs steps (4 u^2 s/t + 2 u^3)         bytes steps 2 (t-1)/t u^2 e      calls steps + 1
-    gram         FLOPs (2 + 4 r) u^2 s/t + 8 steps u^3   bytes (1 + r) 2 (t-1)/t u^2 4    calls 1 + r   (r restarts)
+    duplicated   FLOPs of the whole matrix (plain or one-device Gram)     bytes (t-1) s_l u e             calls 1
+    distributed  the plain iteration on u x s_l                           bytes steps 2(t-1)/t u^2 c + norm  calls steps + 1
+    gram         the Gram recursion on u x s_l, r restarts                bytes (1 + r) 2(t-1)/t u^2 4    calls 1 + r
                  not offered when u > s (its Gram matrix is singular, see tp.gram_newton_schulz)
-    home         FLOPs duplicated's / t (balanced)       bytes 2 (t-1)/t m n / t e        calls 2
+    home         duplicated's / t (balanced over many matrices)           bytes 2 (t-1)/t m n / t e       calls 2
 
-predicted seconds = FLOPs / flops_per_s + bytes / bytes_per_s + calls * latency_s, with a
-:class:`CostProfile` per device type (defaults below; :func:`set_cost_profile` overrides them).
+predicted seconds = FLOPs / flops_per_s + bytes / bytes_per_s + calls * latency_s / sharing (the n sharded
+matrices of a group that run coalesced share their collectives), with a
+:class:`CostProfile` per device type (defaults below; :func:`set_cost_profile` overrides them, e.g. with
+``dist_ortho.plan.DeviceProfile.cost_profile()``). The planner (``python -m dist_ortho.plan``) adds up the
+same counts over a whole model, with the real home and owner assignments.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from dist_ortho import comm
 from dist_ortho.precision import compute_dtype
 from dist_ortho.tp.gram import restarts_of
-from dist_ortho.tp.jobs import MatrixJob
-from dist_ortho.tp.local import gram_flops, plain_flops, use_gram
+from dist_ortho.tp.jobs import MatrixJob, NsSpec
+from dist_ortho.tp.local import gram_recursion_flops, local_flops
 
 AUTO_CANDIDATES = ("duplicated", "distributed", "gram", "home")
+NORM_BYTES = 8  # distributed mode's float64 sum of squares, one per matrix
+
+
+@dataclass(frozen=True)
+class Counts:
+    """What one rank does for a step: Newton-Schulz FLOPs, bytes it sends, collectives it enters."""
+
+    flops: float = 0.0
+    bytes: float = 0.0
+    calls: int = 0
+
+    def __add__(self, other: Counts) -> Counts:
+        return Counts(self.flops + other.flops, self.bytes + other.bytes, self.calls + other.calls)
 
 
 @dataclass(frozen=True)
@@ -36,12 +52,15 @@ class CostProfile:
     bytes_per_s: float
     latency_s: float
 
+    def seconds(self, counts: Counts) -> float:
+        return counts.flops / self.flops_per_s + counts.bytes / self.bytes_per_s + counts.calls * self.latency_s
+
 
 DEFAULT_PROFILES = {
-    # Measured on the 2-core CI machine with gloo (float32 matmul, loopback TCP).
-    "cpu": CostProfile(flops_per_s=3e10, bytes_per_s=1e9, latency_s=2e-4),
-    # A datacenter GPU with NVLink: bf16 dense matmul and NCCL bus bandwidth, order of magnitude.
-    "cuda": CostProfile(flops_per_s=4e14, bytes_per_s=1e11, latency_s=2e-5),
+    # dist_ortho.plan's "CPU" profile at 2 ranks (the 2-core CI machine kind, gloo on loopback, float32).
+    "cpu": CostProfile(flops_per_s=5.55e10, bytes_per_s=9.28e8, latency_s=1.82e-3),
+    # dist_ortho.plan's "H100" profile in bf16 over NVLink (0.6 x 989 TFLOP/s; 80% of 450 GB/s; 10 us).
+    "cuda": CostProfile(flops_per_s=5.9e14, bytes_per_s=3.6e11, latency_s=1e-5),
 }
 _override: CostProfile | None = None
 
@@ -56,64 +75,83 @@ def cost_profile(device: torch.device) -> CostProfile:
     return _override or DEFAULT_PROFILES.get(device.type, DEFAULT_PROFILES["cuda"])
 
 
-def mode_costs(
-    shape: tuple[int, ...], partition_dim: int, tp_size: int, steps: int, element_size: int, restarts: int,
-    profile: CostProfile, local_flops: float | None = None,
-) -> dict[str, float]:
-    """Predicted seconds of each mode for one matrix (see the module doc). ``local_flops``: FLOPs of the
-    whole matrix on one rank (duplicated's, t times home's), when not the plain iteration's."""
+def matrix_counts(
+    shape: Sequence[int], partition_dim: int, sizes: Sequence[int], ns: NsSpec, dtype: torch.dtype,
+    compute: torch.dtype, restarts: Sequence[int], whole_flops: float | None = None,
+) -> dict[str, Counts]:
+    """Per-rank counts of each mode for one global matrix (or batch) of ``shape`` in ``dtype``, sharded along
+    ``partition_dim`` into ``sizes`` (the rank with the largest shard), Newton-Schulz in ``compute``;
+    ``whole_flops``: the whole matrix on one rank (tp.local.local_flops by default)."""
     batch = math.prod(shape[:-2])
     m, n = shape[-2], shape[-1]
-    s, u = (m, n) if partition_dim == 0 else (n, m)
-    k, N, t, e = min(m, n), max(m, n), tp_size, element_size
+    u = n if partition_dim == 0 else m
+    t, s_l = len(sizes), max(sizes)
+    e, c = torch.empty((), dtype=dtype).element_size(), torch.empty((), dtype=compute).element_size()
+    small = torch.empty((), dtype=torch.promote_types(compute, torch.float32)).element_size()
     ring = 2 * (t - 1) / t
-    full = local_flops if local_flops is not None else batch * steps * (4 * k * k * N + 2 * k**3)
-    table = {
-        "duplicated": (full, (t - 1) * batch * m * n / t * e, 1),
-        "distributed": (batch * steps * (4 * u * u * s / t + 2 * u**3), steps * ring * batch * u * u * e, steps + 1),
-        "gram": (batch * ((2 + 4 * restarts) * u * u * s / t + 8 * steps * u**3), (1 + restarts) * ring * batch * u * u * 4,
-                 1 + restarts),
-        "home": (full / t, 2 * (t - 1) / t * batch * m * n / t * e, 2),
+    whole = whole_flops if whole_flops is not None else local_flops(shape, ns, compute)
+    per_step = sum(4 * u * u * s_l + (2 * u**3 if c3 != 0 else 0) for _, _, c3 in ns.coefficients)
+    return {
+        "duplicated": Counts(whole, (t - 1) * batch * s_l * u * e, 1),
+        "distributed": Counts(batch * per_step,
+                              ns.steps * ring * batch * u * u * c + ring * batch * NORM_BYTES, ns.steps + 1),
+        "gram": Counts(batch * gram_recursion_flops(u, s_l, ns, restarts), (1 + len(restarts)) * ring * batch * u * u * small,
+                       1 + len(restarts)),
+        "home": Counts(whole / t, 2 * (t - 1) / t * batch * m * n / t * e, 2),
     }
-    costs = {mode: f / profile.flops_per_s + b / profile.bytes_per_s + c * profile.latency_s
-             for mode, (f, b, c) in table.items()}
-    if u > s:
+
+
+def mode_costs(counts: dict[str, Counts], profile: CostProfile, gram_offered: bool = True, sharing: int = 1) -> dict[str, float]:
+    """Predicted seconds of each mode from :func:`matrix_counts`. ``sharing``: how many sharded matrices of the
+    group run coalesced in one step; their collectives are shared, so each pays 1/sharing of the latency."""
+    costs = {mode: c.flops / profile.flops_per_s + c.bytes / profile.bytes_per_s + c.calls * profile.latency_s / sharing
+             for mode, c in counts.items()}
+    if not gram_offered:
         costs["gram"] = math.inf
     return costs
 
 
-def job_costs(job: MatrixJob) -> dict[str, float]:
-    """mode_costs of a job's global matrix, under the current fp32 matmul precision (its element size)."""
-    element = torch.empty((), dtype=compute_dtype(job.x.dtype, job.x.device)).element_size()
-    t = comm.group_size(job.group)
-    shape = job.global_shape
-    local = gram_flops(shape, job.ns) if use_gram(shape, job.ns, job.x.dtype, job.x.device) else plain_flops(shape, job.ns)
-    return mode_costs(shape, job.partition_dim, t, job.ns.steps, element, len(restarts_of(job)),
-                      cost_profile(job.x.device), local)
+def gram_offered(shape: Sequence[int], partition_dim: int) -> bool:
+    """gram mode needs the unsharded dim u <= the sharded s (else its Gram matrix is singular)."""
+    s, u = (shape[-2], shape[-1]) if partition_dim == 0 else (shape[-1], shape[-2])
+    return u <= s
 
 
-def choose_mode(job: MatrixJob) -> str:
-    """The cheapest exact mode for a job (duplicated when it is not sharded)."""
-    if not job.sharded:
-        return "duplicated"
-    costs = job_costs(job)
+def cheapest(costs: dict[str, float]) -> str:
+    """The mode ``auto`` picks from predicted costs (ties: the earlier of AUTO_CANDIDATES)."""
     return min(AUTO_CANDIDATES, key=lambda mode: (costs[mode], AUTO_CANDIDATES.index(mode)))
 
 
-def resolve(job: MatrixJob) -> MatrixJob:
+def job_costs(job: MatrixJob, sharing: int = 1) -> dict[str, float]:
+    """mode_costs of a job's global matrix, under the current fp32 matmul precision."""
+    shape = job.global_shape
+    compute = compute_dtype(job.x.dtype, job.x.device)
+    whole = local_flops(shape, job.ns, job.x.dtype, job.x.device)
+    counts = matrix_counts(shape, job.partition_dim, job.shard_sizes, job.ns, job.x.dtype, compute, restarts_of(job), whole)
+    return mode_costs(counts, cost_profile(job.x.device), gram_offered(shape, job.partition_dim), sharing)
+
+
+def choose_mode(job: MatrixJob, sharing: int = 1) -> str:
+    """The cheapest exact mode for a job (duplicated when it is not sharded)."""
+    if not job.sharded:
+        return "duplicated"
+    return cheapest(job_costs(job, sharing))
+
+
+def resolve(job: MatrixJob, sharing: int = 1) -> MatrixJob:
     """The job with ``auto`` replaced by the mode it runs (other modes unchanged)."""
     if job.mode != "auto":
         return job
-    return MatrixJob(job.x, job.partition_dim, job.group, job.sizes, choose_mode(job), job.ns)
+    return MatrixJob(job.x, job.partition_dim, job.group, job.sizes, choose_mode(job, sharing), job.ns)
 
 
-def plan_row(name: str, job: MatrixJob) -> dict:
+def plan_row(name: str, job: MatrixJob, sharing: int = 1) -> dict:
     """One row of a printed plan: the job's global shape, the mode it runs (after ``resolve``) and costs."""
     if not job.sharded:
         return {"name": name, "shape": job.global_shape, "partition_dim": None, "mode": "local",
                 "costs": dict.fromkeys(AUTO_CANDIDATES, float("nan"))}
     return {"name": name, "shape": job.global_shape, "partition_dim": job.partition_dim, "mode": job.mode,
-            "costs": job_costs(job)}
+            "costs": job_costs(job, sharing)}
 
 
 def format_plan(rows: list[dict]) -> str:

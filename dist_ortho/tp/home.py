@@ -12,6 +12,7 @@ differently from single ones, and the batches differ: a home batches only the ma
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Sequence
 
@@ -31,13 +32,14 @@ def ns_cost(shape: Sequence[int]) -> int:
 
 def assign_homes(costs: Sequence[float], size: int, loads: Sequence[float] | None = None) -> list[int]:
     """Longest-processing-time-first: the costliest matrix first, each to the least-loaded rank (ties: lowest),
-    starting from ``loads`` (zero by default)."""
-    loads = list(loads) if loads is not None else [0.0] * size
+    starting from ``loads`` (zero by default). A heap of (load, rank): O(n log size), for planning at scale."""
+    heap = [(float(load), r) for r, load in enumerate(loads if loads is not None else [0.0] * size)]
+    heapq.heapify(heap)
     homes = [0] * len(costs)
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        home = min(range(size), key=lambda r: (loads[r], r))
+        load, home = heapq.heappop(heap)
         homes[i] = home
-        loads[home] += costs[i]
+        heapq.heappush(heap, (load + costs[i], home))
     return homes
 
 

@@ -3,7 +3,8 @@ is cheaper, and same-shape matrices as one batch.
 
 Gram on one device (Dao-AILab's Gram Newton-Schulz; tp/gram.py with no group): for X of k x n, k <= n,
 aspect a = n / k and s steps, the plain iteration costs s (4 a + 2) k^3 FLOPs (s 4 a k^3 for cubic sets),
-the Gram recursion (4 + 4 r) a k^3 + 8 s k^3 (6 s k^3 for cubic) with r restarts. :func:`use_gram` picks
+the Gram recursion (4 + 4 r) a k^3 + at most 8 s k^3 (6 s k^3 for cubic) with r restarts (exactly:
+:func:`gram_recursion_flops`). :func:`use_gram` picks
 it when the compute dtype is float32 or float64, a >= :data:`GRAM_MIN_ASPECT` and it needs fewer FLOPs.
 Then no restart is needed: measured against float64 (64 x 64a, every coefficient set, a = 2, 4, 8) its max
 error is at most 2.4x the plain iteration's and at most 1.8e-6 (the exact modes' float32 tolerance is 2e-5;
@@ -30,23 +31,47 @@ LOCAL_GRAM: tuple[str, ...] = get_args(LocalGram)
 GRAM_MIN_ASPECT = 2.0
 
 
+def _batch(shape: Sequence[int]) -> int:
+    batch = 1
+    for d in shape[:-2]:
+        batch *= d
+    return batch
+
+
 def plain_flops(shape: Sequence[int], ns: NsSpec) -> float:
-    """FLOPs of the plain iteration on a matrix (or batch) of ``shape``."""
+    """FLOPs of the plain iteration on a matrix (or batch) of ``shape``: per step X X^T (2 k^2 n), A A when
+    c != 0 (2 k^3) and B X (2 k^2 n)."""
     k, n = min(shape[-2:]), max(shape[-2:])
-    batch = 1
-    for d in shape[:-2]:
-        batch *= d
-    return batch * sum(4 * k * k * n + (2 * k**3 if c != 0 else 0) for _, _, c in ns.coefficients)
+    return _batch(shape) * sum(4 * k * k * n + (2 * k**3 if c != 0 else 0) for _, _, c in ns.coefficients)
 
 
-def gram_flops(shape: Sequence[int], ns: NsSpec, restarts: int = 0) -> float:
-    """FLOPs of the Gram-space recursion on a matrix (or batch) of ``shape``."""
+def gram_recursion_flops(k: int, n_local: int, ns: NsSpec, restarts: Sequence[int] = ()) -> float:
+    """FLOPs of :func:`dist_ortho.tp.gram.gram_newton_schulz` on a k x n_local block, exactly as it runs: R = X X^T
+    and the final Q X (2 k^2 n each), 4 k^2 n per restart (Q X, then R), and per step Z = b R + c R^2 (2 k^3
+    when c != 0), Q <- a Q + Z Q (2 k^3, none right after a (re)start) and R <- P (P R) (4 k^3, unless the
+    next step is the last or a restart)."""
+    steps = len(ns.coefficients)
+    total = (4 + 4 * len(restarts)) * k * k * n_local
+    fresh = True
+    for step, (_, _, c) in enumerate(ns.coefficients):
+        if step in restarts:
+            fresh = True
+        total += (2 * k**3 if c != 0 else 0) + (0 if fresh else 2 * k**3)
+        if step + 1 < steps and step + 1 not in restarts:
+            total += 4 * k**3
+        fresh = False
+    return total
+
+
+def gram_flops(shape: Sequence[int], ns: NsSpec, restarts: Sequence[int] = ()) -> float:
+    """FLOPs of the Gram-space recursion on a whole matrix (or batch) of ``shape``."""
     k, n = min(shape[-2:]), max(shape[-2:])
-    batch = 1
-    for d in shape[:-2]:
-        batch *= d
-    per_step = sum((8 if c != 0 else 6) * k**3 for _, _, c in ns.coefficients)
-    return batch * ((4 + 4 * restarts) * k * k * n + per_step)
+    return _batch(shape) * gram_recursion_flops(k, n, ns, restarts)
+
+
+def local_flops(shape: Sequence[int], ns: NsSpec, dtype: torch.dtype, device: torch.device | str | None = None) -> float:
+    """FLOPs of :func:`local_newton_schulz` on a whole matrix (or batch) of ``shape``."""
+    return gram_flops(shape, ns) if use_gram(shape, ns, dtype, device) else plain_flops(shape, ns)
 
 
 def use_gram(shape: Sequence[int], ns: NsSpec, dtype: torch.dtype, device: torch.device | str | None = None) -> bool:

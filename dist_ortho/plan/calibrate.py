@@ -1,0 +1,82 @@
+"""``--calibrate``: fit the CPU profile on this machine in about 20 seconds.
+
+Per world size 1, 2 and 4 (gloo on loopback, one process per rank, torch threads = cores / world as the
+benchmarks set them): a rank's float32 matmul rate on 512 x 512 products while every rank multiplies, the
+latency of a 64-byte all-reduce, and the bus bandwidth of a 4 MiB all-reduce (2 (w-1)/w x bytes / seconds).
+The profile keeps each world size's figures (``per_ranks``: the node's FLOP/s as w x a rank's rate, latency,
+bandwidth); the planner uses the entry of the largest measured world size not above the job's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dist_ortho.plan.devices import PROFILES, DeviceProfile
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _probe(rank: int, world: int, port: int, out: dict) -> None:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    for _ in range(3):
+        a @ b
+    dist.barrier()
+    began, n = time.perf_counter(), 40
+    for _ in range(n):
+        a @ b
+    dist.barrier()
+    rate = n * 2 * 512**3 / (time.perf_counter() - began)
+    small, big = torch.zeros(16), torch.zeros(2**20)
+    dist.barrier()
+    began, n = time.perf_counter(), 200
+    for _ in range(n):
+        dist.all_reduce(small)
+    latency = (time.perf_counter() - began) / n
+    dist.all_reduce(big)
+    dist.barrier()
+    began, n = time.perf_counter(), 20
+    for _ in range(n):
+        dist.all_reduce(big)
+    seconds = (time.perf_counter() - began) / n
+    if rank == 0:
+        out[world] = {"rate": rate, "latency": latency, "bandwidth": 2 * (world - 1) / world * big.nbytes / seconds}
+    dist.destroy_process_group()
+
+
+def measure(worlds: tuple[int, ...] = (1, 2, 4)) -> dict[int, dict[str, float]]:
+    out = mp.Manager().dict()
+    for world in worlds:
+        mp.spawn(_probe, args=(world, _port(), out), nprocs=world, join=True)
+    return dict(out)
+
+
+def fit(measured: dict[int, dict[str, float]], base: DeviceProfile = PROFILES["CPU"]) -> DeviceProfile:
+    """The CPU profile from :func:`measure`'s figures (bf16 keeps the base's ratio to float32)."""
+    node = measured[1]["rate"]
+    ratio = base.flops_per_s["bfloat16"] / base.flops_per_s["float32"]
+    per_ranks: dict[str, dict] = {}
+    for world, m in sorted(measured.items()):
+        node_rate = m["rate"] * world
+        per_ranks[str(world)] = {"flops_per_s": {"float32": node_rate, "tf32": node_rate, "bfloat16": node_rate * ratio},
+                                 "intra_latency_s": m["latency"]}
+        if world > 1:
+            per_ranks[str(world)]["intra_bytes_per_s"] = m["bandwidth"]
+    largest = measured[max(measured)]
+    return dataclasses.replace(
+        base, flops_per_s={"float32": node, "tf32": node, "bfloat16": node * ratio}, intra_latency_s=largest["latency"],
+        intra_bytes_per_s=largest["bandwidth"], inter_latency_s=largest["latency"], inter_bytes_per_s=largest["bandwidth"],
+        per_ranks=per_ranks, source=f"--calibrate on this machine ({os.cpu_count()} cores, torch {torch.__version__})",
+    )
