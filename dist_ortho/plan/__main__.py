@@ -78,9 +78,9 @@ def table(model: ModelSpec, layout: Layout, profile: DeviceProfile, rows: Sequen
     base = next(r.seconds for r in rows if (r.arrangement, r.mode) == ("replicated", "duplicated"))
     lines = [f"{model.name}: hidden {model.hidden}, {model.layers} layers, {model.heads} heads / {model.query_groups} groups, "
              f"ffn {model.ffn}" + (f", {model.experts} experts of {model.expert_ffn}" if model.experts else ""),
-             f"layout: tp {layout.tp} x dp {layout.dp} x pp {layout.pp} = {layout.world} ranks"
-             + (f"; experts: ep {layout.ep} x expert tp {layout.expert_tp} x expert dp {layout.expert_dp}" if model.experts else "")
-             + f"; device {profile.name}",
+             (f"layout: tp {layout.tp} x dp {layout.dp} x pp {layout.pp} = {layout.world} ranks"
+              + (f"; experts: ep {layout.ep} x expert tp {layout.expert_tp} x expert dp {layout.expert_dp}" if model.experts else "")
+              + f"; device {profile.name}"),
              "| arrangement | mode | NS GFLOP / rank | MB sent / rank | collectives / step | Muon state MiB / rank "
              "| predicted ms | vs replicated duplicated |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
