@@ -28,6 +28,7 @@ never on the number of matrices.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, get_args
 
@@ -435,7 +436,8 @@ class OrthogonalizedOptimizer(Optimizer):
             return (id(ctx.layout.group), ctx.options["fp32_matmul_prec"]) if sharded and ctx.options["coalesce"] else None
 
         keys = [key(ctx) for ctx in contexts]
-        return [keys.count(k) if k is not None else 1 for k in keys]
+        counts = Counter(keys)
+        return [counts[k] if k is not None else 1 for k in keys]
 
     def _jobs(self, contexts: Sequence[MatrixContext]) -> list[MatrixJob]:
         return [self._job(ctx, ctx.direction, n) for ctx, n in zip(contexts, self._sharing(contexts))]

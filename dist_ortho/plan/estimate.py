@@ -29,7 +29,7 @@ from dist_ortho.grid import assign_owners
 from dist_ortho.plan.devices import DeviceProfile
 from dist_ortho.plan.models import ModelSpec, Weight
 from dist_ortho.qkv import qkv_parts
-from dist_ortho.tp.cost import cheapest, gram_offered, matrix_counts, mode_costs
+from dist_ortho.tp.cost import NORM_BYTES, cheapest, distributed_flops, gram_offered, matrix_counts, mode_costs
 from dist_ortho.tp.gram import default_gram_restarts
 from dist_ortho.tp.home import assign_homes, ns_cost
 from dist_ortho.tp.jobs import NsSpec, even_sizes
@@ -164,11 +164,10 @@ def _tp_step(
 ) -> tuple[list[RankLoad], dict[str, int], list[int]]:
     """Per TP rank: Newton-Schulz FLOPs, bytes, collectives and kernel launches of one group's matrices
     in ``mode`` (or an anchor); the matrices per mode auto chose."""
-    ns = s.ns if not mode.endswith("/per-matrix") else NsSpec(s.steps, s.coefficient_type, local_gram="never", batch=False)
     base, per_matrix = mode.split("/")[0], mode.endswith("/per-matrix")
+    ns = NsSpec(s.steps, s.coefficient_type, local_gram="never", batch=False) if per_matrix else s.ns
     compute_name, compute = COMPUTE[s.precision]
     dtype = torch.float32 if s.param_bytes == 4 else torch.bfloat16
-    device = "cuda" if compute == torch.bfloat16 else "cpu"
     restarts = default_gram_restarts(compute, s.steps)
     ranks = [RankLoad() for _ in range(t)]
     launches = [0] * t
@@ -179,7 +178,7 @@ def _tp_step(
     sharing = max(1, sum(1 for m in mats if m.sizes is not None))
     auto_profile = profile.cost_profile(compute_name, t, ranks_on_node)
     for m in mats:
-        whole[m] = local_flops(m.shape, ns, compute, device) if ns.local_gram == "auto" else plain_flops(m.shape, ns)
+        whole[m] = local_flops(m.shape, ns, compute) if ns.local_gram == "auto" else plain_flops(m.shape, ns)
         if m.sizes is None:
             by_mode.setdefault("local", []).append(m)
             continue
@@ -215,22 +214,22 @@ def _tp_step(
             u = m.shape[1 - m.partition_dim]
             counts = matrix_counts(m.shape, m.partition_dim, m.sizes, ns, dtype, compute, restarts, whole[m])[chosen]
             for r in range(t):
-                if chosen == "distributed":
-                    ranks[r].flops += sum(4 * u * u * m.sizes[r] + (2 * u**3 if c != 0 else 0) for _, _, c in ns.coefficients)
+                if chosen == "distributed":  # counts hold the largest shard's; uneven shards differ by rank
+                    ranks[r].flops += distributed_flops(u, m.sizes[r], ns)
                 elif chosen == "gram":
                     ranks[r].flops += gram_recursion_flops(u, m.sizes[r], ns, restarts)
                 else:
                     ranks[r].flops += counts.flops
                 ranks[r].bytes += counts.bytes
-                launches[r] += NS_KERNELS_PER_STEP * s.steps * (1 if chosen != "duplicated" else 0)
+                if chosen != "duplicated":  # duplicated's iterations are batched: counted per group below
+                    launches[r] += NS_KERNELS_PER_STEP * s.steps
             if per_matrix:
                 anchors_calls += counts.calls
             elif chosen == "duplicated":
                 rounds.add(0, "all_gather", 1, e * max(m.sizes) * u)
             elif chosen == "distributed":
-                c_bytes = torch.empty((), dtype=compute).element_size()
-                rounds.add(0, "all_reduce", 1, 8)
-                rounds.add(1, "all_reduce", s.steps, u * u * c_bytes)
+                rounds.add(0, "all_reduce", 1, NORM_BYTES)
+                rounds.add(1, "all_reduce", s.steps, u * u * compute.itemsize)
             else:
                 rounds.add(0, "all_reduce", 1 + len(restarts), u * u * 4)
         if chosen == "duplicated":
@@ -268,11 +267,10 @@ def _domain(
         loads, chosen, launches = _tp_step(mine, t, mode, s, profile, ranks_on_node)
         for k, v in chosen.items():
             chosen_all[k] = chosen_all.get(k, 0) + v
+        n_owned = sum(1 for o in owners if o == d)
         for r, load in enumerate(loads):
             seconds = (load.flops / rate + load.calls * tp_lat + load.bytes / tp_bw + launches[r] * profile.launch_s
-                       + held[d][r] * UPDATE_BYTES / profile.memory_bytes_per_s)
-            n_owned = sum(1 for w, o in zip(weights, owners) if o == d)
-            seconds += n_owned * UPDATE_KERNELS * profile.launch_s
+                       + held[d][r] * UPDATE_BYTES / profile.memory_bytes_per_s + n_owned * UPDATE_KERNELS * profile.launch_s)
             load.state_bytes = held[d][r] * s.state_bytes
             if dp > 1:  # the owners' updated weights to every replica: one all-gather over DP
                 longest = max(held[o][r] for o in range(dp)) * s.param_bytes

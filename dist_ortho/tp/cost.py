@@ -52,8 +52,9 @@ class CostProfile:
     bytes_per_s: float
     latency_s: float
 
-    def seconds(self, counts: Counts) -> float:
-        return counts.flops / self.flops_per_s + counts.bytes / self.bytes_per_s + counts.calls * self.latency_s
+    def seconds(self, counts: Counts, sharing: int = 1) -> float:
+        """Predicted seconds of ``counts``, the latency of its calls shared by ``sharing`` coalesced matrices."""
+        return counts.flops / self.flops_per_s + counts.bytes / self.bytes_per_s + counts.calls * self.latency_s / sharing
 
 
 DEFAULT_PROFILES = {
@@ -75,6 +76,12 @@ def cost_profile(device: torch.device) -> CostProfile:
     return _override or DEFAULT_PROFILES.get(device.type, DEFAULT_PROFILES["cuda"])
 
 
+def distributed_flops(u: int, s_local: int, ns: NsSpec) -> float:
+    """FLOPs of tp_mode="distributed" on a rank holding u x s_local of the matrix: per step X X^T and B X
+    (2 u^2 s_local each) and A A when c != 0 (2 u^3; the k x k products are repeated on every rank)."""
+    return sum(4 * u * u * s_local + (2 * u**3 if c != 0 else 0) for _, _, c in ns.coefficients)
+
+
 def matrix_counts(
     shape: Sequence[int], partition_dim: int, sizes: Sequence[int], ns: NsSpec, dtype: torch.dtype,
     compute: torch.dtype, restarts: Sequence[int], whole_flops: float | None = None,
@@ -86,14 +93,13 @@ def matrix_counts(
     m, n = shape[-2], shape[-1]
     u = n if partition_dim == 0 else m
     t, s_l = len(sizes), max(sizes)
-    e, c = torch.empty((), dtype=dtype).element_size(), torch.empty((), dtype=compute).element_size()
-    small = torch.empty((), dtype=torch.promote_types(compute, torch.float32)).element_size()
+    e, c = dtype.itemsize, compute.itemsize
+    small = torch.promote_types(compute, torch.float32).itemsize
     ring = 2 * (t - 1) / t
     whole = whole_flops if whole_flops is not None else local_flops(shape, ns, compute)
-    per_step = sum(4 * u * u * s_l + (2 * u**3 if c3 != 0 else 0) for _, _, c3 in ns.coefficients)
     return {
         "duplicated": Counts(whole, (t - 1) * batch * s_l * u * e, 1),
-        "distributed": Counts(batch * per_step,
+        "distributed": Counts(batch * distributed_flops(u, s_l, ns),
                               ns.steps * ring * batch * u * u * c + ring * batch * NORM_BYTES, ns.steps + 1),
         "gram": Counts(batch * gram_recursion_flops(u, s_l, ns, restarts), (1 + len(restarts)) * ring * batch * u * u * small,
                        1 + len(restarts)),
@@ -104,8 +110,7 @@ def matrix_counts(
 def mode_costs(counts: dict[str, Counts], profile: CostProfile, gram_offered: bool = True, sharing: int = 1) -> dict[str, float]:
     """Predicted seconds of each mode from :func:`matrix_counts`. ``sharing``: how many sharded matrices of the
     group run coalesced in one step; their collectives are shared, so each pays 1/sharing of the latency."""
-    costs = {mode: c.flops / profile.flops_per_s + c.bytes / profile.bytes_per_s + c.calls * profile.latency_s / sharing
-             for mode, c in counts.items()}
+    costs = {mode: profile.seconds(c, sharing) for mode, c in counts.items()}
     if not gram_offered:
         costs["gram"] = math.inf
     return costs
