@@ -1,6 +1,6 @@
 """Benchmark the DP x TP grid: one Muon step on the GPT-like set of bench_optimizer_step.py.
 
-    python scripts/bench_grid.py [--layouts 2x2 4x1 2x4] [--repeats 5]
+    python scripts/bench_grid.py [--layouts 2x2 4x1 2x4] [--repeats 5] [--json out.json]
 
 Layouts DP x TP on gloo (world = DP x TP processes on this machine's cores). Configurations, all with
 DP-averaged gradients (the same on every replica):
@@ -17,6 +17,7 @@ and bytes sent per step; median step time with the configurations interleaved.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 
@@ -103,6 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layouts", nargs="+", default=["2x2", "4x1", "2x4"], help="DPxTP")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", default=None, help="also write the rows here (scripts/check_plan.py reads them)")
     args = parser.parse_args()
     rows = []
     for layout in args.layouts:
@@ -121,6 +123,9 @@ def main() -> None:
         base = next(b["ms"] for b in rows if b["layout"] == r["layout"] and b["config"] == "replicated")
         print(f"| {r['layout']} | {r['config']} | {r['calls']} | {r['bytes']:,} | {r['flops'] / 1e9:.2f} | "
               f"{r['flops'] / (total / world):.2f} | {r['state'] / 2**20:.2f} | {r['ms']:.0f} | {base / r['ms']:.2f}x |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -119,6 +119,7 @@ def test_presets_megatron_args_and_hf_config(tmp_path):
     (lambda: load_profile("H100", {"flops_per_s": {"float32": 1.0}}), "flops_per_s lacks"),
     (lambda: load_profile("H100", {"warp_speed": 9}), "unknown field(s) ['warp_speed']"),
     (lambda: load_profile("H100", {"matmul_efficiency": 2.0}), "matmul_efficiency must be in (0, 1]"),
+    (lambda: load_profile("CPU", {"medium_compute": "float8"}), "medium_compute must be 'bfloat16' or 'float32'"),
     (lambda: from_megatron_args(["--num-layers", "2"]), "need --hidden-size"),
 ])
 def test_bad_input_is_a_clear_error(call, message):
@@ -154,3 +155,23 @@ def test_published_setting_runs_one_call_pair_per_domain_for_home():
     rows = {r["dist_ortho mode"]: r for r in compare_6676()}
     assert rows["home"]["predicted calls"] == 4  # the issue's 4 NCCL calls: two all-to-alls per domain
     assert rows["duplicated/per-matrix"]["predicted vs layer-sharded"] > 1
+
+
+def test_calibrate_writes_a_profile_the_planner_loads(tmp_path, capsys):
+    """``--calibrate`` at worlds 1 and 2 (the CLI default adds 4 and 8): the written profile loads, keeps each
+    world's figures, measures bf16 against float32 and records what "medium" runs in on this CPU."""
+    from dist_ortho.precision import medium_dtype
+
+    out = tmp_path / "cpu.json"
+    assert main(["--calibrate", "--worlds", "1", "2", "--out", str(out)]) == 0
+    profile = load_profile(str(out))
+    assert set(profile.per_ranks) == {"1", "2"} and profile.shared_compute
+    assert profile.medium_compute == str(medium_dtype("cpu")).removeprefix("torch.")
+    measured = json.loads(capsys.readouterr().out.split("measured per world size: ")[1].splitlines()[0])
+    assert profile.flops_per_s["bfloat16"] / profile.flops_per_s["float32"] == pytest.approx(
+        measured["1"]["bf16_rate"] / measured["1"]["rate"])
+    assert profile.per_ranks["2"]["intra_latency_s"] == measured["2"]["latency"] > 0
+    (row,) = estimate(preset("bench"), Layout(tp=2, dp=1), profile, modes=["home"], arrangements=["replicated"])
+    assert row.seconds > 0
+    assert main(["--calibrate", "--worlds", "2"]) == 2
+    assert "--worlds" in capsys.readouterr().err

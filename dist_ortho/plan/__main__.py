@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--png", help="plot predicted step time against world size 8..4096 (tp and pp kept) to this file")
     p.add_argument("--calibrate", action="store_true", help="fit the CPU profile on this machine (~20 s)")
     p.add_argument("--out", help="with --calibrate: write the fitted profile as JSON here")
+    p.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4, 8],
+                   help="with --calibrate: the world sizes to probe (1 is needed)")
     p.add_argument("--published", action="store_true", help="Megatron-LM issue 6676: predicted vs published")
     return p
 
@@ -128,7 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.calibrate:
             from dist_ortho.plan.calibrate import fit, measure
 
-            measured = measure()
+            if 1 not in a.worlds or min(a.worlds) < 1:
+                raise ValueError(f"--worlds: positive world sizes including 1, got {a.worlds}")
+            measured = measure(tuple(sorted(set(a.worlds))))
             profile = fit(measured)
             text = json.dumps(dataclasses.asdict(profile), indent=1)
             print("measured per world size:", json.dumps({str(k): v for k, v in sorted(measured.items())}))

@@ -1,10 +1,12 @@
 """``--calibrate``: fit the CPU profile on this machine in about 20 seconds.
 
-Per world size 1, 2 and 4 (gloo on loopback, one process per rank, torch threads = cores / world as the
+Per world size 1, 2, 4 and 8 (gloo on loopback, one process per rank, torch threads = cores / world as the
 benchmarks set them): a rank's float32 matmul rate on 512 x 512 products while every rank multiplies, the
 latency of a 64-byte all-reduce, and the bus bandwidth of a 4 MiB all-reduce (2 (w-1)/w x bytes / seconds).
 The profile keeps each world size's figures (``per_ranks``: the node's FLOP/s as w x a rank's rate, latency,
-bandwidth); the planner uses the entry of the largest measured world size not above the job's.
+bandwidth); the planner uses the entry of the largest measured world size not above the job's. At world 1
+also the bfloat16 matmul rate (256 x 256), and ``medium_compute`` is what ``fp32_matmul_prec="medium"``
+runs in on this CPU (:func:`dist_ortho.precision.medium_dtype`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dist_ortho.plan.devices import PROFILES, DeviceProfile
+from dist_ortho.precision import medium_dtype
 
 
 def _port() -> int:
@@ -39,6 +42,7 @@ def _probe(rank: int, world: int, port: int, out: dict) -> None:
         a @ b
     dist.barrier()
     rate = n * 2 * 512**3 / (time.perf_counter() - began)
+    bf16_rate = _bf16_rate() if world == 1 else None
     small, big = torch.zeros(16), torch.zeros(2**20)
     dist.barrier()
     began, n = time.perf_counter(), 200
@@ -53,10 +57,25 @@ def _probe(rank: int, world: int, port: int, out: dict) -> None:
     seconds = (time.perf_counter() - began) / n
     if rank == 0:
         out[world] = {"rate": rate, "latency": latency, "bandwidth": 2 * (world - 1) / world * big.nbytes / seconds}
+        if bf16_rate is not None:
+            out[world] = {**out[world], "bf16_rate": bf16_rate}
     dist.destroy_process_group()
 
 
-def measure(worlds: tuple[int, ...] = (1, 2, 4)) -> dict[int, dict[str, float]]:
+def _bf16_rate() -> float:
+    a, b = torch.randn(256, 256, dtype=torch.bfloat16), torch.randn(256, 256, dtype=torch.bfloat16)
+    a @ b
+    began, n = time.perf_counter(), 4
+    while True:  # emulated bf16 (AVX2) is ~66x slower than float32: time as few products as give 0.2 s
+        for _ in range(n):
+            a @ b
+        seconds = time.perf_counter() - began
+        if seconds > 0.2:
+            return n * 2 * 256**3 / seconds
+        began, n = time.perf_counter(), n * 8
+
+
+def measure(worlds: tuple[int, ...] = (1, 2, 4, 8)) -> dict[int, dict[str, float]]:
     out = mp.Manager().dict()
     for world in worlds:
         mp.spawn(_probe, args=(world, _port(), out), nprocs=world, join=True)
@@ -64,9 +83,9 @@ def measure(worlds: tuple[int, ...] = (1, 2, 4)) -> dict[int, dict[str, float]]:
 
 
 def fit(measured: dict[int, dict[str, float]], base: DeviceProfile = PROFILES["CPU"]) -> DeviceProfile:
-    """The CPU profile from :func:`measure`'s figures (bf16 keeps the base's ratio to float32)."""
+    """The CPU profile from :func:`measure`'s figures (bf16 at the measured ratio to float32)."""
     node = measured[1]["rate"]
-    ratio = base.flops_per_s["bfloat16"] / base.flops_per_s["float32"]
+    ratio = measured[1]["bf16_rate"] / measured[1]["rate"]
     per_ranks: dict[str, dict] = {}
     for world, m in sorted(measured.items()):
         node_rate = m["rate"] * world
@@ -78,5 +97,5 @@ def fit(measured: dict[int, dict[str, float]], base: DeviceProfile = PROFILES["C
     return dataclasses.replace(
         base, flops_per_s={"float32": node, "tf32": node, "bfloat16": node * ratio}, intra_latency_s=largest["latency"],
         intra_bytes_per_s=largest["bandwidth"], inter_latency_s=largest["latency"], inter_bytes_per_s=largest["bandwidth"],
-        per_ranks=per_ranks, source=f"--calibrate on this machine ({os.cpu_count()} cores, torch {torch.__version__})",
+        per_ranks=per_ranks, medium_compute=str(medium_dtype("cpu")).removeprefix("torch."), source=f"--calibrate on this machine ({os.cpu_count()} cores, torch {torch.__version__})",
     )

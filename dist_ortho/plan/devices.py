@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from dist_ortho.tp.cost import CostProfile
 
 COMPUTE_DTYPES = ("float32", "tf32", "bfloat16")
@@ -28,7 +30,9 @@ class DeviceProfile:
     between nodes; devices_per_node: devices on one intra-node fabric; launch_s: host cost of one eager
     kernel; shared_compute: the node's devices share one pool of FLOP/s (a CPU host running one process
     per rank), so a rank gets flops_per_s / ranks on the node; per_ranks: field values measured with that
-    many ranks on one node (keys are rank counts as strings; a CPU host's gloo latency grows with them)."""
+    many ranks on one node (keys are rank counts as strings; a CPU host's gloo latency grows with them);
+    medium_compute: the dtype ``fp32_matmul_prec="medium"`` runs Newton-Schulz in on this device (bfloat16 on
+    GPUs and on CPUs with a native bf16 matmul, float32 on AVX2-only CPUs: ``dist_ortho.precision``)."""
 
     name: str
     flops_per_s: dict[str, float]
@@ -42,15 +46,19 @@ class DeviceProfile:
     launch_s: float
     shared_compute: bool = False
     per_ranks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    medium_compute: str = "bfloat16"
     source: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         missing = [d for d in COMPUTE_DTYPES if d not in self.flops_per_s]
         if missing:
             raise ValueError(f"device profile {self.name!r}: flops_per_s lacks {missing} (needs {list(COMPUTE_DTYPES)})")
+        if self.medium_compute not in ("bfloat16", "float32"):
+            raise ValueError(f"device profile {self.name!r}: medium_compute must be 'bfloat16' or 'float32', "
+                             f"got {self.medium_compute!r}")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in ("name", "source", "flops_per_s", "shared_compute", "per_ranks"):
+            if f.name in ("name", "source", "flops_per_s", "shared_compute", "per_ranks", "medium_compute"):
                 continue
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"device profile {self.name!r}: {f.name} must be a positive number, got {value!r}")
@@ -81,6 +89,11 @@ class DeviceProfile:
         bandwidth, latency = self.link(span)
         return CostProfile(self.matmul_rate(compute, ranks_on_node), bandwidth, latency)
 
+    def compute(self, precision: str) -> tuple[str, torch.dtype]:
+        """(flops_per_s key, dtype) Newton-Schulz of float32 weights runs in under ``fp32_matmul_prec``."""
+        name = {"highest": "float32", "high": "tf32", "medium": self.medium_compute}[precision]
+        return name, torch.bfloat16 if name == "bfloat16" else torch.float32
+
 
 _NVLINK4, _NVLINK5 = 450e9 * 0.8, 900e9 * 0.8
 PROFILES: dict[str, DeviceProfile] = {
@@ -102,6 +115,7 @@ PROFILES: dict[str, DeviceProfile] = {
                                           "intra_latency_s": 1.82e-3, "intra_bytes_per_s": 9.28e8},
                                     "4": {"flops_per_s": {"float32": 1.57e11, "tf32": 1.57e11, "bfloat16": 2.42e9},
                                           "intra_latency_s": 5.21e-3, "intra_bytes_per_s": 6.95e8}},
+                         medium_compute="float32",
                          source="python -m dist_ortho.plan --calibrate on the 2-core AVX2 CI machine kind (docs/scale.md)"),
 }
 

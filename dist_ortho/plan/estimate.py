@@ -39,7 +39,6 @@ Arrangement = Literal["replicated", "grid"]
 Precision = Literal["highest", "high", "medium"]
 MODES = ("duplicated", "distributed", "gram", "home", "auto")
 ANCHORS = ("duplicated/per-matrix", "distributed/per-matrix")  # upstream's way: one set of collectives per matrix
-COMPUTE = {"highest": ("float32", torch.float32), "high": ("tf32", torch.float32), "medium": ("bfloat16", torch.bfloat16)}
 NS_KERNELS_PER_STEP = 5  # X X^T, A A, the polynomial's sums, B X: eager kernels of one iteration of one (batched) call
 UPDATE_KERNELS = 8  # momentum, Nesterov, scale, weight decay and the update of one weight
 UPDATE_BYTES = 24  # per element: gradient read, momentum read + write, weight read + write, NS in/out (float32)
@@ -82,7 +81,7 @@ class Settings:
 
     steps: int = 5
     coefficient_type: str = "quintic"
-    precision: Precision = "medium"  # fp32_matmul_prec: "medium" runs Newton-Schulz in bf16 (Megatron's default)
+    precision: Precision = "medium"  # fp32_matmul_prec (Megatron's default): the device's medium_compute
     param_bytes: int = 4  # the master weights / gradients Muon reads (float32)
     state_bytes: int = 4  # momentum per element
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
@@ -166,7 +165,7 @@ def _tp_step(
     in ``mode`` (or an anchor); the matrices per mode auto chose."""
     base, per_matrix = mode.split("/")[0], mode.endswith("/per-matrix")
     ns = NsSpec(s.steps, s.coefficient_type, local_gram="never", batch=False) if per_matrix else s.ns
-    compute_name, compute = COMPUTE[s.precision]
+    compute_name, compute = profile.compute(s.precision)
     dtype = torch.float32 if s.param_bytes == 4 else torch.bfloat16
     restarts = default_gram_restarts(compute, s.steps)
     ranks = [RankLoad() for _ in range(t)]
@@ -250,7 +249,7 @@ def _domain(
     if not weights:
         return RankLoad(), {}
     mats = _matrices(weights, t)
-    compute_name, _ = COMPUTE[s.precision]
+    compute_name, _ = profile.compute(s.precision)
     rate = profile.matmul_rate(compute_name, ranks_on_node)
     tp_bw, tp_lat = profile.link(t)
     dp_bw, dp_lat = profile.link(dp_span)
