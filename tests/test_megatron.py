@@ -24,7 +24,7 @@ from tests.qkv_reference import muon_on_components  # noqa: E402
 HIDDEN, HEADS, GROUPS, KV = 32, 8, 2, 4
 
 
-def _megatron(ctx, gated: bool):
+def _megatron(ctx, gated: bool, dtype: torch.dtype = torch.float32, bias: bool = True):
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -36,7 +36,8 @@ def _megatron(ctx, gated: bool):
         ps.initialize_model_parallel(tensor_model_parallel_size=ctx.world_size)
     config = TransformerConfig(
         num_layers=1, hidden_size=HIDDEN, num_attention_heads=HEADS, num_query_groups=GROUPS, kv_channels=KV,
-        use_cpu_initialization=True, attention_output_gate=gated,
+        use_cpu_initialization=True, attention_output_gate=gated, params_dtype=dtype, bf16=dtype == torch.bfloat16,
+        add_bias_linear=bias,
     )
 
     class Chunk(MegatronModule):
@@ -171,7 +172,8 @@ def _factory(ctx) -> list:
     _, _, Chunk = _megatron(ctx, False)
     chunk = Chunk()
     chunk.norm = torch.nn.LayerNorm(HIDDEN)
-    config = OptimizerConfig(optimizer="adam", lr=1e-3, bf16=False, use_distributed_optimizer=False, weight_decay=0.01)
+    config = OptimizerConfig(optimizer="adam", lr=1e-3, bf16=False, use_distributed_optimizer=False, weight_decay=0.01,
+                             muon_tp_mode="duplicated")
     opt = get_megatron_muon_optimizer(config, [chunk])
     assert isinstance(opt, MuonAdamW) and config.optimizer == "adam"
     routed = {id(p): g["use_muon"] for g in opt.param_groups for p in g["params"]}
@@ -204,3 +206,60 @@ def test_muon_args_have_megatron_names_and_defaults():
         ["--muon-no-split-qkv", "--muon-tp-mode", "gram", "--muon-coefficient-type", "polar_express", "--muon-use-syrk"]
     )
     assert not args.muon_split_qkv and args.muon_tp_mode == "gram" and args.muon_use_syrk
+
+
+def _wrapped(ctx, bf16: bool, mode: str):
+    """Megatron's own stack on CPU (tests/megatron_cpu.py): our factory with wrap=True builds the FP32Optimizer or
+    Float16OptimizerWithFloat16Params of megatron-core, chained; three steps with grad clipping active. The
+    gathered master weights must equal float64 Muon of the gathered (clipped) gradients; with bf16 the QKV
+    split reaches the fp32 master copies (it raised a ValueError) and the model weights are their bf16 copies."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig
+
+    from dist_ortho.integrations.megatron import get_megatron_muon_optimizer, megatron_qkv_split_shapes
+    from tests.megatron_cpu import megatron_on_cpu
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    _, config, Chunk = _megatron(ctx, True, dtype, bias=False)
+    chunk = Chunk()
+    chunk.ddp_config = DistributedDataParallelConfig()  # what Megatron's DDP wrapper of a chunk carries
+    weights = {"col": chunk.col.weight, "row": chunk.row.weight, "qkv": chunk.self_attention.linear_qkv.weight,
+               "proj": chunk.self_attention.linear_proj.weight}
+    hp = {"lr": 0.02, "momentum": 0.9, "weight_decay": 0.01, "nesterov": True}
+    opt_config = OptimizerConfig(optimizer="muon", lr=hp["lr"], weight_decay=hp["weight_decay"], bf16=bf16, clip_grad=0.5,
+                                 muon_momentum=hp["momentum"], muon_use_nesterov=True, muon_fp32_matmul_prec="highest",
+                                 muon_tp_mode=mode, muon_split_qkv=True)
+    full = {k: _gather(p.detach(), p.partition_dim).double() for k, p in weights.items()}
+    gen = torch.Generator().manual_seed(3)
+    grads = {k: [(torch.randn(w.shape, generator=gen) * 0.1).to(dtype).double() for _ in range(3)] for k, w in full.items()}
+    norms = [sum(grads[k][i].square().sum() for k in grads).sqrt().item() for i in range(3)]
+    clipped = {k: [g * min(1.0, 0.5 / (n + 1e-6)) for g, n in zip(v, norms)] for k, v in grads.items()}
+    with megatron_on_cpu():
+        opt = get_megatron_muon_optimizer(opt_config, [chunk], wrap=True)
+        rank, size = ctx.rank, ctx.world_size
+        reported = []
+        for step in range(3):
+            for k, p in weights.items():
+                p.grad = torch.tensor_split(grads[k][step], size, dim=p.partition_dim)[rank].to(dtype).contiguous()
+            ok, grad_norm, _ = opt.step()
+            assert ok
+            reported.append(grad_norm)
+    assert reported == pytest.approx(norms, rel=1e-5)
+    shapes = megatron_qkv_split_shapes(config)
+    worst = {}
+    for k, p in weights.items():
+        master = p.main_param if bf16 else p
+        if bf16:
+            assert torch.equal(p.detach(), master.detach().to(torch.bfloat16))
+        ref = (muon_on_components(full[k], clipped[k], shapes, hp) if k == "qkv"
+               else optim_reference.run("muon", full[k], clipped[k], hp))
+        worst[k] = ((_gather(master.detach(), p.partition_dim).double() - ref).abs().max().item(),
+                    (ref - full[k]).abs().max().item())
+    bad = {k: v for k, v in worst.items() if not optim_reference.weights_agree(*v)}
+    assert not bad, f"(err, moved) beyond tolerance: {bad}"
+
+
+@pytest.mark.parametrize("mode", ["duplicated", "home"])
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_megatron_wrapped_stack_fp32_and_bf16(world, bf16, mode):
+    world.run(_wrapped, bf16, mode)

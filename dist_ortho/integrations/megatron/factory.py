@@ -1,0 +1,141 @@
+"""megatron-core 0.16's ``get_megatron_muon_optimizer``, building dist_ortho's TensorParallelMuon.
+
+Same signature and result as megatron-core's: 2D non-embedding weights get TensorParallelMuon (dense
+and expert apart: experts on the expert TP group, their grad statistics over ``tp_ep_pp``), the rest
+megatron-core's own Adam, each wrapped as megatron-core wraps it (FP32Optimizer, or
+Float16OptimizerWithFloat16Params with bf16, whose fp32 master copies get dist_ortho's tags) and chained.
+
+``layer_wise_distributed_optimizer`` (``--optimizer dist_muon``) runs on dist_ortho's DP x TP grid:
+each matrix has one owning DP replica (``pg_collection.dp_cp``; experts ``expt_dp``), whose TP group
+orthogonalizes it once (in the chosen TP mode) and keeps its momentum; the owners' updated weights are
+all-gathered over DP after the step. Megatron's LayerWiseDistributedOptimizer instead repeats each owned
+matrix's Newton-Schulz on every rank of the owner's TP group (duplicated). Adam's parameters stay
+replicated.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dist_ortho.integrations.megatron.args import muon_settings
+from dist_ortho.integrations.megatron.optimizers import TensorParallelMuon, init_state
+from dist_ortho.integrations.megatron.params import (
+    chunks_qkv_split_shapes,
+    copy_tags_to_main_params,
+    is_matrix_param,
+    tag_megatron_params,
+)
+from dist_ortho.optim.hybrid import MuonAdamW
+
+
+def get_megatron_muon_optimizer(
+    config: Any,
+    model_chunks: list[torch.nn.Module],
+    config_overrides: dict | None = None,
+    use_gloo_process_groups: bool = True,
+    layer_wise_distributed_optimizer: bool = False,
+    pg_collection: Any = None,
+    *,
+    wrap: bool | None = None,
+) -> Any:
+    """megatron-core 0.16's factory with dist_ortho's TensorParallelMuon (see the module doc).
+
+    ``wrap`` (default: where CUDA is available, since megatron-core's wrappers allocate on CUDA): False
+    builds a :class:`~dist_ortho.MuonAdamW` of TensorParallelMuon and torch AdamW over the same groups
+    instead (CPU runs: same updates, plain ``p.grad``, no Megatron wrappers).
+    """
+    from megatron.core.optimizer import _get_param_groups
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    if config.use_distributed_optimizer:
+        raise ValueError("Muon with use_distributed_optimizer=True is not supported (as in megatron-core 0.16); "
+                         "use --optimizer dist_muon (layer-wise) to shard the optimizer over DP")
+    if config.fp16:
+        raise ValueError("Muon with fp16 is not supported (as in megatron-core); use bf16")
+    if pg_collection is None:
+        pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+    if wrap is None:
+        wrap = torch.cuda.is_available()
+
+    tag_megatron_params(model_chunks)
+    matrices, others = [], []
+    for chunk in model_chunks:
+        for _, p in chunk.named_parameters():
+            if p.requires_grad:
+                (matrices if is_matrix_param(p) else others).append(p)
+
+    def groups_of(hidden: list[torch.Tensor]) -> list[dict[str, Any]]:
+        # megatron-core builds groups from requires_grad parameters: hide the others while it does.
+        for p in hidden:
+            p.requires_grad = False
+        try:
+            return [g for g in _get_param_groups(model_chunks, config, config_overrides) if g["params"]]
+        finally:
+            for p in hidden:
+                p.requires_grad = True
+
+    kwargs = {**muon_settings(config), "qkv_split_shapes": chunks_qkv_split_shapes(model_chunks),
+              "pg_collection": pg_collection}
+    matrix_groups = groups_of(others)
+
+    def muon(groups: list[dict[str, Any]], dp_group: Any) -> TensorParallelMuon | None:
+        return TensorParallelMuon(groups, **kwargs, dp_group=dp_group) if groups else None
+
+    layer_wise = layer_wise_distributed_optimizer
+    dense_groups = [g for g in matrix_groups if not g["is_expert_parallel"]]
+    expert_groups = [g for g in matrix_groups if g["is_expert_parallel"]]
+    if not wrap:
+        if layer_wise and expert_groups:
+            raise ValueError("wrap=False with layer_wise_distributed_optimizer: expert weights need wrap=True "
+                             "(their DP group differs from the dense weights')")
+        adam_groups = groups_of(matrices)
+        adam = torch.optim.AdamW(
+            adam_groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
+            weight_decay=config.weight_decay,
+        ) if adam_groups else None
+        return MuonAdamW.combine(muon(matrix_groups, pg_collection.dp_cp if layer_wise else None), adam)
+    dense = muon(dense_groups, pg_collection.dp_cp if layer_wise else None)
+    expert = muon(expert_groups, pg_collection.expt_dp if layer_wise else None)
+    return _chain(config, model_chunks, config_overrides, use_gloo_process_groups, dense, expert, matrices, pg_collection)
+
+
+def wrap_like_megatron(opt: Any, config: Any) -> Any:
+    """FP32Optimizer, or Float16OptimizerWithFloat16Params with bf16 (its master copies tagged)."""
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params, FP32Optimizer
+
+    if config.bf16:
+        wrapped = Float16OptimizerWithFloat16Params(opt, config, None, init_state)
+        copy_tags_to_main_params(wrapped)
+        return wrapped
+    return FP32Optimizer(opt, config, init_state)
+
+
+def _chain(
+    config: Any, model_chunks: list[torch.nn.Module], config_overrides: dict | None, use_gloo_process_groups: bool,
+    dense: TensorParallelMuon | None, expert: TensorParallelMuon | None, matrices: list[torch.Tensor], pg_collection: Any,
+) -> Any:
+    from megatron.core.optimizer import get_megatron_optimizer
+    from megatron.core.optimizer.optimizer import ChainedOptimizer
+
+    optimizers = []
+    if dense is not None:
+        optimizers.append(wrap_like_megatron(dense, config))
+    if expert is not None:
+        optimizers.append(wrap_like_megatron(expert, config))
+        optimizers[-1].grad_stats_parallel_group = pg_collection.tp_ep_pp  # as megatron-core: over TP x EP x PP
+    saved_optimizer = config.optimizer
+    config.optimizer = "adam"
+    for p in matrices:
+        p.requires_grad = False
+    try:
+        chained_adam = get_megatron_optimizer(
+            config, model_chunks, config_overrides=config_overrides, use_gloo_process_groups=use_gloo_process_groups
+        )
+    finally:
+        for p in matrices:
+            p.requires_grad = True
+        config.optimizer = saved_optimizer
+    optimizers += getattr(chained_adam, "chained_optimizers", [chained_adam])
+    return ChainedOptimizer(optimizers)

@@ -1,0 +1,63 @@
+"""Run megatron-core's optimizer wrappers on CPU tensors (test fixture; listed in README.md).
+
+megatron-core 0.16's FP32Optimizer / Float16OptimizerWithFloat16Params and its grad clipping allocate
+small tensors with ``device='cuda'`` unconditionally (the loss scale of one, the multi-tensor-apply
+overflow flag, the norm buffer, the local multi-tensor L2 norm's result in megatron.core.utils) and check parameters by CUDA type names (``param.type() ==
+'torch.cuda.FloatTensor'``). Inside :func:`megatron_on_cpu`:
+- those modules see a ``torch`` whose ``tensor`` / ``zeros`` / ``ones`` / ``empty`` put ``device='cuda'``
+  on the CPU (every other attribute is torch's own);
+- ``Tensor.type()`` without arguments names a CPU float32 / bfloat16 / float16 tensor by its CUDA type name.
+Nothing else of megatron-core changes: its param groups, wrappers, clipping and chaining run as they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import types
+from collections.abc import Iterator
+
+import torch
+
+MODULES = ("megatron.core.optimizer.optimizer", "megatron.core.optimizer.clip_grads", "megatron.core.utils")
+_CUDA_NAMES = {torch.float32: "torch.cuda.FloatTensor", torch.bfloat16: "torch.cuda.BFloat16Tensor",
+               torch.float16: "torch.cuda.HalfTensor"}
+
+
+def _on_cpu(make):
+    def made(*args, **kwargs):
+        if str(kwargs.get("device", "")).startswith("cuda"):
+            kwargs["device"] = "cpu"
+        return make(*args, **kwargs)
+    return made
+
+
+def _cpu_torch() -> types.ModuleType:
+    shim = types.ModuleType("torch_on_cpu")
+    shim.__getattr__ = lambda name: getattr(torch, name)  # type: ignore[method-assign]
+    for name in ("tensor", "zeros", "ones", "empty"):
+        setattr(shim, name, _on_cpu(getattr(torch, name)))
+    return shim
+
+
+@contextlib.contextmanager
+def megatron_on_cpu() -> Iterator[None]:
+    modules = [importlib.import_module(m) for m in MODULES]
+    saved = [m.torch for m in modules]
+    original_type = torch.Tensor.type
+
+    def cuda_named_type(self, *args, **kwargs):
+        if not args and not kwargs and self.device.type == "cpu" and self.dtype in _CUDA_NAMES:
+            return _CUDA_NAMES[self.dtype]
+        return original_type(self, *args, **kwargs)
+
+    shim = _cpu_torch()
+    try:
+        for m in modules:
+            m.torch = shim
+        torch.Tensor.type = cuda_named_type
+        yield
+    finally:
+        torch.Tensor.type = original_type
+        for m, t in zip(modules, saved):
+            m.torch = t
