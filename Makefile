@@ -5,8 +5,15 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
+# megatron-core >= 0.17 (Megatron-LM main) needs Python >= 3.12: its tests run in a second venv where one exists.
+# torch for Python 3.12 from the registry is a CUDA build (it runs on the CPU; ~5.5 GB, ~2 minutes here).
+PYTHON_NEXT ?= $(shell for p in python3.12 python3.13 "$$(pyenv root 2>/dev/null)"/versions/3.1[2-9]*/bin/python3; do \
+	"$$p" -c 'import sys; assert sys.version_info >= (3, 12)' 2>/dev/null && command -v "$$p" && break; done)
+VENV_NEXT ?= .venv-next
+TORCH_NEXT_SPEC ?= torch==2.14.1
+NEXT_TESTS := tests/test_megatron.py tests/test_megatron_stack.py tests/test_megatron_upstream.py
 
-.PHONY: setup demo test bench
+.PHONY: setup setup-next demo test test-next bench
 
 setup: $(VENV)/.installed
 
@@ -19,8 +26,22 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: setup
 	PATH="$(abspath $(BIN)):$$PATH" bash launch/train_cpu.sh
 
+$(VENV_NEXT)/.installed: pyproject.toml Makefile
+	$(PYTHON_NEXT) -m venv $(VENV_NEXT)
+	$(if $(TORCH_NEXT_SPEC),$(VENV_NEXT)/bin/python -m pip install -q "$(TORCH_NEXT_SPEC)")
+	$(VENV_NEXT)/bin/python -m pip install -q -e ".[test-next]"
+	touch $@
+
+setup-next: $(VENV_NEXT)/.installed
+
 test: setup
 	$(BIN)/python -m pytest
+	@if [ -n "$(PYTHON_NEXT)" ]; then $(MAKE) --no-print-directory test-next; \
+	else echo "SKIPPED: megatron-core >= 0.17 tests ($(NEXT_TESTS)): no Python >= 3.12 on this machine"; fi
+
+# The Megatron tests again on megatron-core 0.19 (Megatron-LM main's API) and upstream's own Muon.
+test-next: setup-next
+	$(VENV_NEXT)/bin/python -m pytest $(NEXT_TESTS)
 
 bench: setup
 	$(BIN)/python scripts/bench_ns.py

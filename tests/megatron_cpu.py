@@ -2,10 +2,13 @@
 
 megatron-core 0.16's FP32Optimizer / Float16OptimizerWithFloat16Params and its grad clipping allocate
 small tensors with ``device='cuda'`` unconditionally (the loss scale of one, the multi-tensor-apply
-overflow flag, the norm buffer, the local multi-tensor L2 norm's result in megatron.core.utils) and check parameters by CUDA type names (``param.type() ==
+overflow flag, the norm buffer, the local multi-tensor L2 norm's result in megatron.core.utils; on >= 0.17
+also the grad-norm-group flag and LayerWiseDistributedOptimizer's buffers) and check parameters by CUDA type names (``param.type() ==
 'torch.cuda.FloatTensor'``). Inside :func:`megatron_on_cpu`:
 - those modules see a ``torch`` whose ``tensor`` / ``zeros`` / ``ones`` / ``empty`` put ``device='cuda'``
   on the CPU (every other attribute is torch's own);
+- their ``torch.distributed.all_gather`` accepts blocks of different sizes (LayerWiseDistributedOptimizer
+  all-gathers uneven shards, which NCCL does and gloo does not) by padding to the largest;
 - ``Tensor.type()`` without arguments names a CPU float32 / bfloat16 / float16 tensor by its CUDA type name.
 Nothing else of megatron-core changes: its param groups, wrappers, clipping and chaining run as they are.
 """
@@ -14,12 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import types
 from collections.abc import Iterator
 
 import torch
 
-MODULES = ("megatron.core.optimizer.optimizer", "megatron.core.optimizer.clip_grads", "megatron.core.utils")
+MODULES = ("megatron.core.optimizer.optimizer", "megatron.core.optimizer.clip_grads", "megatron.core.utils",
+           "megatron.core.optimizer.layer_wise_optimizer")
 _CUDA_NAMES = {torch.float32: "torch.cuda.FloatTensor", torch.bfloat16: "torch.cuda.BFloat16Tensor",
                torch.float16: "torch.cuda.HalfTensor"}
 
@@ -32,17 +37,35 @@ def _on_cpu(make):
     return made
 
 
+def _uneven_all_gather(tensor_list, tensor, group=None, async_op=False):
+    """all_gather into blocks of different sizes (NCCL does it, gloo needs equal sizes): pad to the largest."""
+    sizes = [t.numel() for t in tensor_list]
+    if len(set(sizes)) == 1:
+        return torch.distributed.all_gather(tensor_list, tensor, group=group, async_op=async_op)
+    padded = [torch.empty(max(sizes), dtype=tensor.dtype) for _ in sizes]
+    mine = torch.zeros(max(sizes), dtype=tensor.dtype)
+    mine[: tensor.numel()] = tensor.reshape(-1)
+    torch.distributed.all_gather(padded, mine, group=group)
+    for out, block, n in zip(tensor_list, padded, sizes):
+        out.reshape(-1).copy_(block[:n])
+    return None
+
+
 def _cpu_torch() -> types.ModuleType:
     shim = types.ModuleType("torch_on_cpu")
     shim.__getattr__ = lambda name: getattr(torch, name)  # type: ignore[method-assign]
     for name in ("tensor", "zeros", "ones", "empty"):
         setattr(shim, name, _on_cpu(getattr(torch, name)))
+    distributed = types.ModuleType("distributed_on_gloo")
+    distributed.__getattr__ = lambda name: getattr(torch.distributed, name)  # type: ignore[method-assign]
+    distributed.all_gather = _uneven_all_gather
+    shim.distributed = distributed
     return shim
 
 
 @contextlib.contextmanager
 def megatron_on_cpu() -> Iterator[None]:
-    modules = [importlib.import_module(m) for m in MODULES]
+    modules = [importlib.import_module(m) for m in MODULES if importlib.util.find_spec(m) is not None]
     saved = [m.torch for m in modules]
     original_type = torch.Tensor.type
 

@@ -1,14 +1,18 @@
-"""megatron-core's own optimizer stack around dist_ortho at world 4 (gloo, CPU; megatron-core 0.16).
+"""megatron-core's own optimizer stack around dist_ortho at world 4 (gloo, CPU), on both generations:
+megatron-core 0.16 (.venv) and >= 0.17 (.venv-next; ``make test`` runs this module in both).
 
 Real megatron-core layers (ColumnParallelLinear, RowParallelLinear, a local-spec SelfAttention with a
-fused GQA ``linear_qkv``, a SequentialMLP of experts), real param groups (``_get_param_groups``), real
-wrappers (FP32Optimizer, Float16OptimizerWithFloat16Params), real grad clipping and ChainedOptimizer,
-built by dist_ortho's ``get_megatron_muon_optimizer`` with ``wrap=True``. megatron-core allocates a few
+fused GQA ``linear_qkv``, a SequentialMLP of experts), real param groups, real wrappers (FP32Optimizer,
+Float16OptimizerWithFloat16Params), real grad clipping and ChainedOptimizer, built as Megatron-LM builds
+them once ``install()`` ran: on 0.16 through ``megatron.core.optimizer.muon.get_megatron_muon_optimizer``
+(dist_ortho's after install), on >= 0.17 through megatron-core's own ``get_megatron_optimizer`` and its
+registry (and its LayerWiseDistributedOptimizer for layer-wise DP). megatron-core allocates a few
 tensors on CUDA unconditionally: tests/megatron_cpu.py redirects them (listed in README.md).
 
 - Layer-wise DP (``--optimizer dist_muon``) at TP 2 x DP 2: each matrix's momentum lives on one DP
   replica (both ranks of its TP group), the weights equal float64 Muon of the gathered clipped gradients
-  on every rank.
+  on every rank. On 0.16 dist_ortho's DP x TP grid runs it; on >= 0.17 Megatron's
+  LayerWiseDistributedOptimizer shards whole matrices over DP and dist_ortho's TP mode runs inside.
 - MoE at TP 2, EP 2 (expert TP 2): the expert optimizer's grad statistics span TP x EP x PP, so the
   reported grad norm is the norm of every gradient of the model and every rank clips by the same factor;
   dense and expert weights equal the float64 reference on every rank.
@@ -114,10 +118,9 @@ def _grad(key: str, step: int, shape: tuple[int, ...], dtype: torch.dtype) -> to
 
 
 def _stack(ctx, tp: int, ep: int, bf16: bool, layer_wise: bool, mode: str) -> dict:
-    from megatron.core.optimizer import OptimizerConfig
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    from dist_ortho.integrations.megatron import get_megatron_muon_optimizer, megatron_qkv_split_shapes
+    from dist_ortho.integrations.megatron import megatron_qkv_split_shapes
     from tests.megatron_cpu import megatron_on_cpu
 
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -140,14 +143,11 @@ def _stack(ctx, tp: int, ep: int, bf16: bool, layer_wise: bool, mode: str) -> di
         grads = {n: [_grad(keys[n], step, full[n].shape, dtype) for step in range(3)] for n in weights}
         clipped = {n: [g * min(1.0, CLIP / (norm + 1e-6)) for g, norm in zip(v, norms)] for n, v in grads.items()}
 
-        opt_config = OptimizerConfig(
-            optimizer="dist_muon" if layer_wise else "muon", lr=HP["lr"], weight_decay=HP["weight_decay"], bf16=bf16,
-            clip_grad=CLIP, muon_momentum=HP["momentum"], muon_use_nesterov=True, muon_fp32_matmul_prec="highest",
-            muon_tp_mode=mode, muon_split_qkv=True,
-        )
+        hp = {"lr": HP["lr"], "weight_decay": HP["weight_decay"], "bf16": bf16, "clip_grad": CLIP,
+              "muon_momentum": HP["momentum"], "muon_tp_mode": mode, "muon_split_qkv": True}
         reported = []
         with megatron_on_cpu():
-            opt = get_megatron_muon_optimizer(opt_config, [chunk], layer_wise_distributed_optimizer=layer_wise, wrap=True)
+            opt = _build(hp, chunk, layer_wise)
             for step in range(3):
                 for n, p in weights.items():
                     rank, size = dist.get_rank(group_of[n]), dist.get_world_size(group_of[n])
@@ -156,22 +156,65 @@ def _stack(ctx, tp: int, ep: int, bf16: bool, layer_wise: bool, mode: str) -> di
                 assert ok
                 reported.append(grad_norm)
         split = megatron_qkv_split_shapes(config)
-        errors = {}
+        errors, model_weights = {}, {}
         for n, p in weights.items():
-            master = p.main_param if bf16 else p
+            model_weights[n] = _gather(p.detach(), p.partition_dim, group_of[n]).double()
+            # bf16: the fp32 master copy (on >= 0.17's layer-wise optimizer only the owner has one)
+            master = getattr(p, "main_param", None) if bf16 else p
+            if master is None:
+                continue
             if bf16:
                 assert torch.equal(p.detach(), master.detach().to(torch.bfloat16)), n
             ref = (muon_on_components(full[n], clipped[n], split, HP) if n.endswith("linear_qkv.weight")
                    else optim_reference.run("muon", full[n], clipped[n], HP))
             errors[n] = ((_gather(master.detach(), p.partition_dim, group_of[n]).double() - ref).abs().max().item(),
                          (ref - full[n]).abs().max().item())
-        muons = [o.optimizer for o in opt.chained_optimizers if type(o.optimizer).__name__ == "TensorParallelMuon"]
-        held = sorted(getattr(p, "_dist_ortho_name", "?") for m in muons for p, s in m.state.items() if s)
-    return {"reported": reported, "norms": norms, "errors": errors, "held": held, "names": sorted(weights)}
+        name_of = {id(getattr(p, "main_param", p)): n for n, p in weights.items()}
+        held = sorted(name_of[id(p)] for m in _inner(opt) for p, s in m.state.items() if s)
+    return {"reported": reported, "norms": norms, "errors": errors, "held": held, "names": sorted(weights),
+            "weights": model_weights, "ep_rank": ep_rank}
+
+
+def _build(hp: dict, chunk, layer_wise: bool):
+    """The optimizer Megatron-LM builds for ``--optimizer muon`` (``dist_muon``: layer-wise) once dist_ortho is
+    installed: megatron-core 0.16 calls get_megatron_muon_optimizer (dist_ortho's after install), >= 0.17
+    its own get_megatron_optimizer, whose registry entry builds dist_ortho's TensorParallelMuon."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from dist_ortho.integrations.megatron import install
+    from dist_ortho.integrations.megatron.optimizers import TensorParallelMuon
+
+    if install() == "0.16":
+        import megatron.core.optimizer.muon as upstream
+
+        config = OptimizerConfig(optimizer="dist_muon" if layer_wise else "muon", muon_use_nesterov=True,
+                                 muon_fp32_matmul_prec="highest", **hp)
+        opt = upstream.get_megatron_muon_optimizer(config, [chunk], layer_wise_distributed_optimizer=layer_wise, wrap=True)
+    else:
+        config = OptimizerConfig(optimizer="muon", use_layer_wise_distributed_optimizer=layer_wise, muon_nesterov=True,
+                                 muon_fp32_matmul_prec="high", **hp)  # "highest" is not among Megatron's choices
+        opt = get_megatron_optimizer(config, [chunk])
+    assert _inner(opt) and all(isinstance(m, TensorParallelMuon) for m in _inner(opt)), [type(m) for m in _inner(opt)]
+    return opt
+
+
+def _inner(opt) -> list:
+    """The torch optimizers inside megatron-core's wrappers and chains."""
+    if isinstance(opt, torch.optim.Optimizer):
+        return [opt]
+    if hasattr(opt, "chained_optimizers"):
+        return [inner for o in opt.chained_optimizers for inner in _inner(o)]
+    return [opt.optimizer] if getattr(opt, "optimizer", None) is not None else []
 
 
 def _check(results: list[dict]) -> None:
+    """Reported norms, master weights against float64, and every replica's model weights alike (the experts'
+    among ranks of one EP rank); every weight checked against float64 on some rank."""
+    checked = {(r["ep_rank"], n) for r in results for n in r["errors"]}
+    assert checked == {(r["ep_rank"], n) for r in results for n in r["names"]}
     for r in results:
+        twin = next(q for q in results if q["ep_rank"] == r["ep_rank"])
+        assert all(torch.equal(w, twin["weights"][n]) for n, w in r["weights"].items())
         assert r["reported"] == pytest.approx(r["norms"], rel=1e-5)
         bad = {n: v for n, v in r["errors"].items() if not optim_reference.weights_agree(*v)}
         assert not bad, f"(err, moved) beyond tolerance: {bad}"
@@ -180,6 +223,11 @@ def _check(results: list[dict]) -> None:
 @pytest.mark.parametrize("mode", ["home", "duplicated"])
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 def test_layer_wise_dp_owns_each_matrix_once_in_the_grid(world, bf16, mode):
+    from dist_ortho.integrations.megatron import generation
+
+    if not bf16 and generation() == "registry":
+        pytest.skip("megatron-core >= 0.17's LayerWiseDistributedOptimizer wraps its base optimizers only with bf16; "
+                    "with fp32 its ChainedOptimizer calls prepare_grads() on the bare torch optimizer (upstream's too)")
     results = world.run(_stack, 2, 1, bf16, True, mode)
     _check(results)
     # TP 2 x DP 2 (ranks 0,1 | 2,3 are TP groups): each matrix's momentum on one replica, on both its TP ranks.
@@ -197,14 +245,31 @@ def test_moe_expert_parallel_clips_by_the_norm_of_every_gradient(world, bf16):
     assert any("experts" in n for n in results[0]["names"])
 
 
+STUB = """
+import importlib.util
+if importlib.util.find_spec("megatron.core.optimizer.emerging_optimizers"):
+    from megatron.core.optimizer.emerging_optimizers import _EMERGING_OPTIMIZERS
+    from megatron.training.arguments import parse_args
+    args = parse_args()  # Megatron-LM's own parser, from sys.argv
+    print(_EMERGING_OPTIMIZERS["muon"].optimizer_cls.__module__, _EMERGING_OPTIMIZERS["adaptive_muon"].optimizer_cls.__name__,
+          args.optimizer, args.muon_tp_mode, args.muon_use_syrk)
+else:
+    import sys
+    import megatron.core.optimizer.muon as muon
+    print(muon.get_megatron_muon_optimizer.__module__, muon.TensorParallelMuon.__module__, *sys.argv[1:])
+"""
+
+
 def test_install_and_launcher_switch_megatron_without_edits(tmp_path):
+    """``python -m dist_ortho.integrations.megatron SCRIPT ARGS`` runs a script that uses Megatron as it is."""
+    from dist_ortho.integrations.megatron import generation
+
     script = tmp_path / "pretrain_stub.py"
-    script.write_text(
-        "import sys\n"
-        "import megatron.core.optimizer.muon as muon\n"
-        "print(muon.get_megatron_muon_optimizer.__module__, muon.TensorParallelMuon.__module__, sys.argv[1:])\n"
-    )
-    out = subprocess.run([sys.executable, "-m", "dist_ortho.integrations.megatron", str(script), "--optimizer", "muon"],
+    script.write_text(STUB)
+    argv = ["--optimizer", "muon", "--muon-tp-mode", "gram", "--muon-use-syrk"]
+    out = subprocess.run([sys.executable, "-m", "dist_ortho.integrations.megatron", str(script), *argv],
                          capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["dist_ortho.integrations.megatron.factory", "dist_ortho.integrations.megatron.optimizers",
-                   "['--optimizer',", "'muon']"]
+    if generation() == "registry":
+        assert out[-5:] == ["dist_ortho.integrations.megatron.optimizers", "TensorParallelAdaptiveMuon", "muon", "gram", "True"]
+    else:
+        assert out == ["dist_ortho.integrations.megatron.factory", "dist_ortho.integrations.megatron.optimizers", *argv]
