@@ -61,12 +61,12 @@ class RankContext:
 
 
 @contextlib.contextmanager
-def started_world(size: int) -> Iterator["World"]:
+def started_world(size: int, daemon: bool = True) -> Iterator["World"]:
     """A World of ``size`` ranks for the block (the test is skipped, with the reason, where it cannot run)."""
     reason = unavailable_reason(size)
     if reason:
         pytest.skip(reason)
-    world = World(size)
+    world = World(size, daemon=daemon)
     try:
         yield world
     finally:
@@ -111,9 +111,10 @@ def _worker(rank: int, size: int, port: int, backend_name: str, tasks: mp.Queue,
 class World:
     """``size`` worker processes in one process group."""
 
-    def __init__(self, size: int, timeout: float = 120.0) -> None:
+    def __init__(self, size: int, timeout: float = 120.0, daemon: bool = True) -> None:
         self.size = size
         self.timeout = timeout
+        self.daemon = daemon  # False: workers may start processes of their own (Megatron's checkpoint writers)
         self._procs: list[mp.Process] = []
         self._start()
 
@@ -124,7 +125,7 @@ class World:
         self._tasks = [ctx.Queue() for _ in range(self.size)]
         self._procs = [
             ctx.Process(
-                target=_worker, args=(r, self.size, port, backend(), self._tasks[r], self._results), daemon=True
+                target=_worker, args=(r, self.size, port, backend(), self._tasks[r], self._results), daemon=self.daemon
             )
             for r in range(self.size)
         ]

@@ -9,6 +9,8 @@ also the grad-norm-group flag and LayerWiseDistributedOptimizer's buffers) and c
   on the CPU (every other attribute is torch's own);
 - their ``torch.distributed.all_gather`` accepts blocks of different sizes (LayerWiseDistributedOptimizer
   all-gathers uneven shards, which NCCL does and gloo does not) by padding to the largest;
+- their ``torch.cuda.synchronize()`` does nothing and ``torch.cuda.current_device()`` is "cpu" (the
+  checkpoint writer's, before it copies tensors and for its failure flag);
 - ``Tensor.type()`` without arguments names a CPU float32 / bfloat16 / float16 tensor by its CUDA type name.
 Nothing else of megatron-core changes: its param groups, wrappers, clipping and chaining run as they are.
 """
@@ -24,7 +26,8 @@ from collections.abc import Iterator
 import torch
 
 MODULES = ("megatron.core.optimizer.optimizer", "megatron.core.optimizer.clip_grads", "megatron.core.utils",
-           "megatron.core.optimizer.layer_wise_optimizer")
+           "megatron.core.optimizer.layer_wise_optimizer", "megatron.core.dist_checkpointing.strategies.filesystem_async",
+           "megatron.core.dist_checkpointing.strategies.state_dict_saver")
 _CUDA_NAMES = {torch.float32: "torch.cuda.FloatTensor", torch.bfloat16: "torch.cuda.BFloat16Tensor",
                torch.float16: "torch.cuda.HalfTensor"}
 
@@ -60,6 +63,11 @@ def _cpu_torch() -> types.ModuleType:
     distributed.__getattr__ = lambda name: getattr(torch.distributed, name)  # type: ignore[method-assign]
     distributed.all_gather = _uneven_all_gather
     shim.distributed = distributed
+    cuda = types.ModuleType("cuda_on_cpu")
+    cuda.__getattr__ = lambda name: getattr(torch.cuda, name)  # type: ignore[method-assign]
+    cuda.synchronize = lambda *args, **kwargs: None
+    cuda.current_device = lambda: "cpu"
+    shim.cuda = cuda
     return shim
 
 

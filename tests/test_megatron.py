@@ -271,3 +271,31 @@ def _wrapped(ctx, bf16: bool, mode: str):
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 def test_megatron_wrapped_stack_fp32_and_bf16(world, bf16, mode):
     world.run(_wrapped, bf16, mode)
+
+
+def test_checkpoint_lacking_group_keys_loads_and_the_configuration_wins(caplog):
+    """A checkpoint of megatron-core's own Muon has none of dist_ortho's group keys (conv_mode, local_gram, ...):
+    they take the configured values; stored hyper-parameters give way to the configured ones (the command
+    line wins), except lr and weight_decay, which Megatron's scheduler sets; the momentum is kept."""
+    from dist_ortho.integrations.megatron import TensorParallelMuon
+
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8, 6, generator=gen))
+    p.grad = torch.randn(8, 6, generator=gen)
+    stored = TensorParallelMuon([p], lr=0.1, momentum=0.5, num_ns_steps=3, coefficient_type="simple", weight_decay=0.2)
+    stored.step()
+    checkpoint = stored.state_dict()
+    for group in checkpoint["param_groups"]:
+        for key in ("conv_mode", "local_gram", "nonfinite", "batch_matrices"):
+            del group[key]
+    q = torch.nn.Parameter(p.detach().clone())
+    ours = TensorParallelMuon([q], lr=0.3, momentum=0.9, num_ns_steps=5, coefficient_type="quintic", weight_decay=0.0)
+    with caplog.at_level("INFO", logger="dist_ortho.integrations.megatron.optimizers"):
+        ours.load_state_dict(checkpoint)
+    group = ours.param_groups[0]
+    assert (group["momentum"], group["num_ns_steps"], group["coefficient_type"]) == (0.9, 5, "quintic")
+    assert (group["lr"], group["weight_decay"]) == (0.1, 0.2)
+    assert group["conv_mode"] == ours.defaults["conv_mode"] and "momentum 0.5 -> 0.9" in caplog.text
+    assert torch.equal(ours.state[q]["momentum_buffer"], stored.state[p]["momentum_buffer"])
+    q.grad = p.grad.clone()
+    ours.step()  # the loaded optimizer steps

@@ -71,16 +71,9 @@ def _copy(p: torch.Tensor, split: list[int], qkv: bool) -> torch.nn.Parameter:
 def _three_steps(opt, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
     from megatron.core import parallel_state as ps
 
-    group = ps.get_tensor_model_parallel_group()
     for step in range(3):
-        for name, p in params.items():
-            full = list(p.shape)
-            full[p.partition_dim] *= 2
-            gen = torch.Generator().manual_seed(zlib.crc32(f"{name}/{step}".encode()))
-            grad = torch.randn(full, generator=gen)
-            p.grad = torch.tensor_split(grad, 2, dim=p.partition_dim)[dist.get_rank(group)].contiguous()
-        opt.step()
-    return {n: _gather(p.detach(), p.partition_dim, group).double() for n, p in params.items()}
+        _step(opt, params, step)
+    return {n: _gather(p.detach(), p.partition_dim, ps.get_tensor_model_parallel_group()).double() for n, p in params.items()}
 
 
 def _compare(ctx, gated: bool, upstream_name: str, ours: list[tuple[str, dict]], upstream_options: dict) -> dict:
@@ -144,7 +137,7 @@ def _adaptive(ctx, method: str, mode: str) -> dict:
                                          tp_mode=mode, moment2_method=method)
         got = _three_steps(opt, params)
         out = {}
-        for n, p in params.items():
+        for n in params:
             grads = []
             for step in range(3):
                 shape = list(full[n].shape)
@@ -203,3 +196,56 @@ def test_upstream_layer_wise_needs_bf16_in_this_release(world):
     """Why test_megatron_stack skips layer-wise fp32 on >= 0.17: upstream's own Muon fails there the same way.
     When this fails, upstream is fixed: drop that skip."""
     assert all("prepare_grads" in r for r in world.run(_upstream_layer_wise_fp32))
+
+
+def _resume_from_upstream(ctx) -> dict:
+    """Upstream's Muon takes 2 steps; its state_dict (no dist_ortho group keys) loads into dist_ortho's, which
+    takes the 3rd step: the weights equal upstream's after 3 steps."""
+    from megatron.core.optimizer import emerging_optimizers as registry
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from dist_ortho.integrations.megatron import TensorParallelMuon, megatron_qkv_split_shapes
+
+    with _parallel(2, 1):
+        pgs = ProcessGroupCollection.use_mpu_process_groups()
+        config, weights = _layers(False)
+        split = megatron_qkv_split_shapes(config)
+        common = {**HP, "nesterov": True, "split_qkv": True, "is_qkv_fn": lambda p: getattr(p, "is_qkv", False),
+                  "qkv_split_shapes": split, "fp32_matmul_prec": "highest", "pg_collection": pgs, "tp_mode": "duplicated"}
+        params = {n: _copy(p, split, n == "qkv") for n, p in weights.items()}
+        start = {n: _gather(p.detach(), p.partition_dim, pgs.tp).double() for n, p in params.items()}
+        upstream = registry.TensorParallelMuon(list(params.values()), **common)
+        _three_steps(upstream, params)
+        reference = {n: _gather(p.detach(), p.partition_dim, pgs.tp).double() for n, p in params.items()}
+
+        params = {n: _copy(p, split, n == "qkv") for n, p in weights.items()}
+        upstream = registry.TensorParallelMuon(list(params.values()), **common)
+        gen_steps = _two_then_save(upstream, params)
+        ours = TensorParallelMuon(list(params.values()), **{**common, "tp_mode": "home"})
+        ours.load_state_dict(gen_steps)
+        _step(ours, params, 2)
+        got = {n: _gather(p.detach(), p.partition_dim, pgs.tp).double() for n, p in params.items()}
+    return {"resumed": {n: ((got[n] - reference[n]).abs().max().item(), (reference[n] - start[n]).abs().max().item())
+                        for n in got}}
+
+
+def _step(opt, params: dict, step: int) -> None:
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_tensor_model_parallel_group()
+    for name, p in params.items():
+        full = list(p.shape)
+        full[p.partition_dim] *= 2
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{name}/{step}".encode()))
+        p.grad = torch.tensor_split(torch.randn(full, generator=gen), 2, dim=p.partition_dim)[dist.get_rank(group)].contiguous()
+    opt.step()
+
+
+def _two_then_save(opt, params: dict) -> dict:
+    for step in range(2):
+        _step(opt, params, step)
+    return opt.state_dict()
+
+
+def test_resume_from_an_upstream_muon_checkpoint(world):
+    _assert_agree(world.run(_resume_from_upstream))

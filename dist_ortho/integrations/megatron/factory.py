@@ -101,15 +101,39 @@ def get_megatron_muon_optimizer(
     return _chain(config, model_chunks, config_overrides, use_gloo_process_groups, dense, expert, matrices, pg_collection)
 
 
+class GridCheckpoint:
+    """Megatron dist-checkpointing of a grid (layer-wise) optimizer: each matrix's state is written by the
+    replica that owns it. megatron-core marks an optimizer state tensor like its parameter, whose replica
+    id carries the DP rank (only DP rank 0 writes); here an owned matrix's state gets DP replica id 0 on its
+    owner (other replicas hold none). Loading gives every rank every state, then the optimizer keeps its own."""
+
+    def sharded_state_dict(self, model_sharded_state_dict: Any, is_loading: bool = False, **kwargs: Any) -> Any:
+        sharded = super().sharded_state_dict(model_sharded_state_dict, is_loading, **kwargs)  # type: ignore[misc]
+        if not is_loading:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]  # type: ignore[attr-defined]
+            state = sharded["optimizer"]["state"] if "optimizer" in sharded else sharded["state"]
+            for index, values in state.items():
+                if isinstance(index, int) and self.optimizer.owns(params[index]):  # type: ignore[attr-defined]
+                    for value in values.values():
+                        replica = getattr(value, "replica_id", None)
+                        if replica is not None:
+                            value.replica_id = (*replica[:-1], 0) if isinstance(replica, tuple) else 0
+        return sharded
+
+
 def wrap_like_megatron(opt: Any, config: Any) -> Any:
-    """FP32Optimizer, or Float16OptimizerWithFloat16Params with bf16 (its master copies tagged)."""
+    """FP32Optimizer, or Float16OptimizerWithFloat16Params with bf16 (its master copies tagged); on the DP x
+    TP grid with :class:`GridCheckpoint` for dist-checkpointing."""
     from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params, FP32Optimizer
 
+    base = Float16OptimizerWithFloat16Params if config.bf16 else FP32Optimizer
+    if opt.dp_group is not None:
+        base = type(f"Grid{base.__name__}", (GridCheckpoint, base), {})
     if config.bf16:
-        wrapped = Float16OptimizerWithFloat16Params(opt, config, None, init_state)
+        wrapped = base(opt, config, None, init_state)
         copy_tags_to_main_params(wrapped)
         return wrapped
-    return FP32Optimizer(opt, config, init_state)
+    return base(opt, config, init_state)
 
 
 def _chain(
@@ -137,5 +161,6 @@ def _chain(
         for p in matrices:
             p.requires_grad = True
         config.optimizer = saved_optimizer
-    optimizers += getattr(chained_adam, "chained_optimizers", [chained_adam])
+    # Without non-matrix parameters megatron-core returns an Adam wrapper of no optimizer: leave it out.
+    optimizers += [o for o in getattr(chained_adam, "chained_optimizers", [chained_adam]) if o.optimizer is not None]
     return ChainedOptimizer(optimizers)

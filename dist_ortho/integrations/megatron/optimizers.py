@@ -12,11 +12,13 @@ size; ``"megatron_blockwise"`` is the same mode under a name that says whose it 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from dist_ortho import comm
 from dist_ortho.optim.adaptive import AdaptiveMuon
 from dist_ortho.optim.muon import Muon
 from dist_ortho.tp import TP_MODES
@@ -24,6 +26,9 @@ from dist_ortho.tp import TP_MODES
 MEGATRON_BLOCKWISE = ("blockwise", "megatron_blockwise")
 MEGATRON_TP_MODES: tuple[str, ...] = tuple(m for m in TP_MODES if m != "blockwise") + MEGATRON_BLOCKWISE
 _UNSET: Any = object()
+# Megatron's OptimizerParamScheduler sets these in every group at every step (and when it is loaded).
+SCHEDULED = ("lr", "weight_decay")
+logger = logging.getLogger(__name__)
 
 
 def _one_of(new_name: str, new: Any, old_name: str, old: Any, default: Any) -> Any:
@@ -60,7 +65,43 @@ def _muon_options(
     }
 
 
-class TensorParallelMuon(Muon):
+class MegatronResume:
+    """How Megatron's optimizers load a checkpoint, for dist_ortho's.
+
+    - Group options the checkpoint lacks (one written by megatron-core's own Muon has none of dist_ortho's,
+      e.g. ``conv_mode``) take the values configured now, and so do options it has: the command line wins
+      over stored hyper-parameters (momentum, tp_mode, Newton-Schulz steps, ...), except ``lr`` and
+      ``weight_decay``, which Megatron's scheduler owns. Replaced stored values are logged.
+    - On the DP x TP grid (layer-wise), state loaded for matrices another replica owns is dropped.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        replaced: dict[str, tuple[Any, Any]] = {}
+        for group, now in zip(self.param_groups, configured):
+            for key, value in now.items():
+                if key in SCHEDULED and key in group:
+                    continue
+                if key in group and not _same(group[key], value):
+                    replaced[key] = (group[key], value)
+                group[key] = value
+        if replaced:
+            logger.info("%s: the configured values replace the checkpoint's: %s", type(self).__name__,
+                        ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(replaced.items())))
+        if comm.group_size(self.dp_group) > 1:
+            for p in [p for p in self.state if not self.owns(p)]:
+                del self.state[p]
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except (RuntimeError, TypeError, ValueError):
+        return a is b
+
+
+class TensorParallelMuon(MegatronResume, Muon):
     """megatron-core's ``TensorParallelMuon`` (either generation's keywords), exact under TP.
 
     Differences from megatron-core: every dist_ortho TP mode; fused QKV split exactly also when
@@ -105,7 +146,7 @@ class TensorParallelMuon(Muon):
         )
 
 
-class TensorParallelAdaptiveMuon(AdaptiveMuon):
+class TensorParallelAdaptiveMuon(MegatronResume, AdaptiveMuon):
     """megatron-core >= 0.17's ``TensorParallelAdaptiveMuon``: Muon's keywords plus ``moment2_method``
     ("adamuon" or "normuon"; dist_ortho also has "namo"), ``beta2`` and ``eps``."""
 
