@@ -273,3 +273,52 @@ def test_install_and_launcher_switch_megatron_without_edits(tmp_path):
         assert out[-5:] == ["dist_ortho.integrations.megatron.optimizers", "TensorParallelAdaptiveMuon", "muon", "gram", "True"]
     else:
         assert out == ["dist_ortho.integrations.megatron.factory", "dist_ortho.integrations.megatron.optimizers", *argv]
+
+
+def _documented_command_lines() -> list[list[str]]:
+    """The Megatron arguments of every command line in launch/megatron_lm.md (after ``pretrain_gpt.py``, or
+    between the ``...`` of a fragment), shell variables replaced by a word."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "launch" / "megatron_lm.md").read_text()
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for command in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(re.sub(r"\$\w+", "x", command.split("#")[0]))
+            if "pretrain_gpt.py" in words:
+                lines.append(words[words.index("pretrain_gpt.py") + 1:])
+            elif words[:1] == ["..."]:
+                lines.append([w for w in words if w != "..."])
+    return lines
+
+
+def test_megatron_parser_takes_dist_ortho_flags_and_every_documented_command_line():
+    """Megatron-LM's own argument parser (megatron.training, in megatron-core >= 0.17's package) after install()."""
+    import argparse
+    import importlib.util
+
+    if importlib.util.find_spec("megatron.training") is None:
+        pytest.skip("this megatron-core package has no megatron.training (its 0.16 wheel); the parser is tested "
+                    "with megatron-core >= 0.17 (make test-next)")
+    import megatron.training.arguments as arguments
+
+    from dist_ortho.integrations.megatron import install
+
+    def parse(argv: list[str]) -> argparse.Namespace:
+        return arguments.add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)).parse_args(argv)
+
+    install()
+    install()  # idempotent: no flag added twice
+    lines = _documented_command_lines()
+    assert len(lines) >= 3
+    for argv in lines:
+        parse(argv)
+    args = parse(["--muon-tp-mode", "home", "--muon-use-syrk", "--muon-coefficient-type", "polar_express"])
+    assert (args.muon_tp_mode, args.muon_use_syrk, args.muon_coefficient_type) == ("home", True, "polar_express")
+    default = arguments.add_megatron_arguments.__wrapped__(argparse.ArgumentParser(allow_abbrev=False)).parse_args([])
+    ours = parse([])
+    assert {k: v for k, v in vars(ours).items() if k in vars(default)} == vars(default)  # Megatron's defaults kept
+    with pytest.raises(SystemExit):
+        parse(["--muon-tp-mode", "fastest"])
