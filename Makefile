@@ -11,7 +11,8 @@ PYTHON_NEXT ?= $(shell for p in python3.12 python3.13 "$$(pyenv root 2>/dev/null
 	"$$p" -c 'import sys; assert sys.version_info >= (3, 12)' 2>/dev/null && command -v "$$p" && break; done)
 VENV_NEXT ?= .venv-next
 TORCH_NEXT_SPEC ?= torch==2.14.1
-NEXT_TESTS := tests/test_megatron.py tests/test_megatron_stack.py tests/test_megatron_checkpoint.py tests/test_megatron_upstream.py
+NEXT_TESTS := tests/test_megatron.py tests/test_megatron_stack.py tests/test_megatron_checkpoint.py tests/test_megatron_gpt.py \
+	tests/test_megatron_upstream.py
 
 .PHONY: setup setup-next demo test test-next bench
 

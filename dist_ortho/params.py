@@ -5,6 +5,12 @@ Both set ``tensor_model_parallel`` (bool), ``partition_dim`` (0 rows, 1 columns,
 and ``partition_dim`` is 0 or 1: TE sets partition_dim 0 even for ``parallel_mode=None``, and Megatron
 sets tensor_model_parallel False on its duplicated TE linears. Megatron marks expert weights with
 ``expert_tp = True``: they are sharded over the expert TP group instead of the TP group.
+
+``partition_stride`` s > 1 (Megatron's gated fc1: each shard holds its block of the gate rows, then its
+block of the up rows) makes the shards, concatenated, a row (column) permutation P of the global matrix.
+Every update of the family is equivariant to it (NS(P G) = P NS(G); norms, means over the other dim and the
+shape scale are unchanged), so each shard's update is exactly its rows of the global update: such weights
+are handled as contiguous blocks. Only a fused QKV weight, split by its row layout, must have stride 1.
 """
 
 from __future__ import annotations
@@ -55,10 +61,10 @@ def shard_spec(
         return REPLICATED
     label = f"parameter {name!r}" if name else f"a parameter of shape {tuple(p.shape)}"
     stride = getattr(p, "partition_stride", 1)
-    if stride != 1:
+    if stride != 1 and getattr(p, "is_qkv", False):
         raise ValueError(
-            f"{label} has partition_stride={stride}: its shard is not one contiguous block of the global matrix, "
-            "which dist_ortho cannot orthogonalize exactly; use partition_stride=1 or route it to the fallback"
+            f"{label} is a fused QKV weight with partition_stride={stride}: its Q/K/V rows are not laid out per query "
+            "group in the shards, so they cannot be split; use partition_stride=1 or split_qkv=False"
         )
     if getattr(p, "expert_tp", False):
         if expert_tp_group is None and tp_group is not None:

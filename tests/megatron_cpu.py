@@ -11,6 +11,10 @@ also the grad-norm-group flag and LayerWiseDistributedOptimizer's buffers) and c
   all-gathers uneven shards, which NCCL does and gloo does not) by padding to the largest;
 - their ``torch.cuda.synchronize()`` does nothing and ``torch.cuda.current_device()`` is "cpu" (the
   checkpoint writer's, before it copies tensors and for its failure flag);
+- the model-parallel CUDA RNG tracker's ``fork()`` (around attention dropout) does nothing: the tests
+  use no dropout;
+- megatron-core 0.16.1's MoE router refers to ``te_general_gemm``, left undefined without
+  TransformerEngine: it is set to None, so that the router's own (non-TE) path runs;
 - ``Tensor.type()`` without arguments names a CPU float32 / bfloat16 / float16 tensor by its CUDA type name.
 Nothing else of megatron-core changes: its param groups, wrappers, clipping and chaining run as they are.
 """
@@ -27,7 +31,8 @@ import torch
 
 MODULES = ("megatron.core.optimizer.optimizer", "megatron.core.optimizer.clip_grads", "megatron.core.utils",
            "megatron.core.optimizer.layer_wise_optimizer", "megatron.core.dist_checkpointing.strategies.filesystem_async",
-           "megatron.core.dist_checkpointing.strategies.state_dict_saver")
+           "megatron.core.dist_checkpointing.strategies.state_dict_saver", "megatron.core.transformer.moe.router",
+           "megatron.core.tensor_parallel.mappings")
 _CUDA_NAMES = {torch.float32: "torch.cuda.FloatTensor", torch.bfloat16: "torch.cuda.BFloat16Tensor",
                torch.float16: "torch.cuda.HalfTensor"}
 
@@ -83,12 +88,20 @@ def megatron_on_cpu() -> Iterator[None]:
         return original_type(self, *args, **kwargs)
 
     shim = _cpu_torch()
+    random = importlib.import_module("megatron.core.tensor_parallel.random")
+    tracker = random.get_cuda_rng_tracker()
+    original_fork = tracker.fork
+    moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
+    if not hasattr(moe_utils, "te_general_gemm"):  # 0.16.1 names it without TransformerEngine: its fallback runs
+        moe_utils.te_general_gemm = None
     try:
         for m in modules:
             m.torch = shim
         torch.Tensor.type = cuda_named_type
+        tracker.fork = lambda *args, **kwargs: contextlib.nullcontext()
         yield
     finally:
+        tracker.fork = original_fork
         torch.Tensor.type = original_type
         for m, t in zip(modules, saved):
             m.torch = t

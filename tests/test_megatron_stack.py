@@ -170,7 +170,7 @@ def _stack(ctx, tp: int, ep: int, bf16: bool, layer_wise: bool, mode: str) -> di
             errors[n] = ((_gather(master.detach(), p.partition_dim, group_of[n]).double() - ref).abs().max().item(),
                          (ref - full[n]).abs().max().item())
         name_of = {id(getattr(p, "main_param", p)): n for n, p in weights.items()}
-        held = sorted(name_of[id(p)] for m in _inner(opt) for p, s in m.state.items() if s)
+        held = sorted(name_of[id(p)] for m in _muons(opt) for p, s in m.state.items() if s)
     return {"reported": reported, "norms": norms, "errors": errors, "held": held, "names": sorted(weights),
             "weights": model_weights, "ep_rank": ep_rank}
 
@@ -194,8 +194,15 @@ def _build(hp: dict, chunk, layer_wise: bool):
         config = OptimizerConfig(optimizer="muon", use_layer_wise_distributed_optimizer=layer_wise, muon_nesterov=True,
                                  muon_fp32_matmul_prec="high", **hp)  # "highest" is not among Megatron's choices
         opt = get_megatron_optimizer(config, [chunk])
-    assert _inner(opt) and all(isinstance(m, TensorParallelMuon) for m in _inner(opt)), [type(m) for m in _inner(opt)]
+    assert any(isinstance(m, TensorParallelMuon) for m in _inner(opt)), [type(m) for m in _inner(opt)]
     return opt
+
+
+def _muons(opt) -> list:
+    """dist_ortho's optimizers inside megatron-core's wrappers and chains."""
+    from dist_ortho.integrations.megatron import TensorParallelMuon
+
+    return [m for m in _inner(opt) if isinstance(m, TensorParallelMuon)]
 
 
 def _inner(opt) -> list:
