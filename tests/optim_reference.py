@@ -30,7 +30,8 @@ def weights_agree(err: float, moved: float, min_moved: float = 1e-3) -> bool:
 
 
 def run(kind: str, W: torch.Tensor, grads: list[torch.Tensor], hp: dict) -> torch.Tensor:
-    """W after len(grads) steps of optimizer ``kind`` with hyperparameters ``hp``."""
+    """W after len(grads) steps of optimizer ``kind`` with hyperparameters ``hp`` (``hp["lr_schedule"]``: the lr
+    of each step, as a scheduler set it, instead of ``hp["lr"]``)."""
     W = W.double().clone()
     lr, beta, wd = hp.get("lr", 3e-4), hp.get("momentum", 0.95), hp.get("weight_decay", 0.01)
     method, nesterov = hp.get("weight_decay_method", "decoupled"), hp.get("nesterov", False)
@@ -45,7 +46,10 @@ def run(kind: str, W: torch.Tensor, grads: list[torch.Tensor], hp: dict) -> torc
     if kind == "muon_hyperball":
         radius = hp.get("hyperball_radius") or W.norm().item()
         W = W * (radius / W.norm())
-    for g in grads:
+    schedule = hp.get("lr_schedule")
+    for step, g in enumerate(grads):
+        if schedule is not None:
+            lr = schedule[step]
         g = g.double()
         if method == "l2":
             g = g + wd * W

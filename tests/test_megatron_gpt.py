@@ -8,13 +8,13 @@ parallelism for MoE with TP, which the local spec's torch LayerNorm does not sup
 test_megatron_stack.py). bf16 runs wrap the model in Float16Module, as Megatron-LM does. The optimizer is the one
 Megatron-LM builds for ``--optimizer muon`` after ``install()`` (test_megatron_stack._build: megatron-core's
 param groups, Adam for embeddings / norms / output layer, FP32Optimizer or Float16OptimizerWithFloat16Params,
-grad clipping at 1.0, ChainedOptimizer), fp32 and bf16. Every DP replica trains on the same batch, so the
+grad clipping at 1.0, ChainedOptimizer) with Megatron's OptimizerParamScheduler (cosine lr), fp32 and bf16. Every DP replica trains on the same batch, so the
 gradients are what Megatron's DDP would average (its CUDA buffers are not used here); sequence-parallel
 weights' gradients are summed over TP as Megatron's finalize_model_grads does.
 
 At every step each Muon matrix (gathered over its TP group; fused QKV split into Q, K, V and the gate) must
 equal float64 Muon of the gathered, clipped gradients it received (clip factor from the grad norm Megatron
-reports, the same on every rank), within tolerance (see _agree); and the loss must fall.
+reports, the same on every rank; each step's lr as the scheduler set it), within tolerance (see _agree); and the loss must fall.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ def _gpt(dtype: torch.dtype, gated: bool, experts: bool, tp: int, ep: int):
 
 
 def _train(ctx, gated: bool, bf16: bool, experts: bool) -> dict:
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     from dist_ortho.integrations.megatron import megatron_qkv_split_shapes
@@ -72,11 +73,15 @@ def _train(ctx, gated: bool, bf16: bool, experts: bool) -> dict:
     dtype = torch.bfloat16 if bf16 else torch.float32
     tp, ep = (1, 2) if experts else (2, 1)  # MoE with TP needs sequence parallel, which torch's LayerNorm lacks
     hp = {"lr": HP["lr"], "weight_decay": HP["weight_decay"], "bf16": bf16, "clip_grad": CLIP,
-          "muon_momentum": HP["momentum"], "muon_tp_mode": "home", "muon_split_qkv": True}
+          "muon_momentum": HP["momentum"], "muon_tp_mode": "home", "muon_split_qkv": True, "min_lr": HP["lr"] / 10}
     with _parallel(tp, ep), megatron_on_cpu():
         pgs = ProcessGroupCollection.use_mpu_process_groups()
         config, model = _gpt(dtype, gated, experts, tp, ep)
         opt = _build(hp, model, layer_wise=False)
+        scheduler = OptimizerParamScheduler(  # Megatron's: sets every group's lr (cosine) and weight decay per step
+            opt, init_lr=0.0, max_lr=HP["lr"], min_lr=HP["lr"] / 10, lr_warmup_steps=0, lr_decay_steps=STEPS,
+            lr_decay_style="cosine", start_wd=HP["weight_decay"], end_wd=HP["weight_decay"], wd_incr_steps=STEPS,
+            wd_incr_style="constant")
         # The Muon optimizers' parameters by name (with bf16 they hold the model parameters' fp32 master copies).
         names = {id(getattr(p, "main_param", p)): n for n, p in model.named_parameters()}
         matrices = {names[id(p)]: p for m in _muons(opt) for g in m.param_groups for p in g["params"]}
@@ -96,7 +101,7 @@ def _train(ctx, gated: bool, bf16: bool, experts: bool) -> dict:
         tokens = torch.randint(0, VOCAB, (2, SEQ), generator=gen)
         position = torch.arange(SEQ).expand(2, SEQ)
         mask = torch.tril(torch.ones(SEQ, SEQ, dtype=torch.bool)).logical_not()[None, None]
-        losses, norms, grads, weights = [], [], {n: [] for n in matrices}, {n: [] for n in matrices}
+        losses, norms, lrs, grads, weights = [], [], [], {n: [] for n in matrices}, {n: [] for n in matrices}
         for _ in range(STEPS):
             opt.zero_grad()
             loss = model(tokens, position, mask, labels=tokens).float().mean()
@@ -106,20 +111,24 @@ def _train(ctx, gated: bool, bf16: bool, experts: bool) -> dict:
                     dist.all_reduce(p.grad, group=pgs.tp)
             for n in matrices:
                 grads[n].append(full(n, params[n].grad))
+            lrs.append(_muons(opt)[0].param_groups[0]["lr"])
             ok, norm, _ = opt.step()
             assert ok
+            scheduler.step(1)
             losses.append(loss.item())
             norms.append(norm)
             for n, p in matrices.items():
                 weights[n].append(full(n, p))
         split = megatron_qkv_split_shapes(config)
+        assert lrs[-1] < lrs[1] < lrs[0], lrs  # the schedule moved the lr
+        hp_steps = {**HP, "lr_schedule": lrs}
         errors = {}
         for n in matrices:
             clipped = [g * min(1.0, CLIP / (norm + 1e-6)) for g, norm in zip(grads[n], norms)]
             worst = (0.0, float("inf"))
             for step in range(STEPS):
-                ref = (muon_on_components(start[n], clipped[: step + 1], split, HP) if n.endswith("linear_qkv.weight")
-                       else optim_reference.run("muon", start[n], clipped[: step + 1], HP))
+                ref = (muon_on_components(start[n], clipped[: step + 1], split, hp_steps) if n.endswith("linear_qkv.weight")
+                       else optim_reference.run("muon", start[n], clipped[: step + 1], hp_steps))
                 err, moved = (weights[n][step] - ref).abs().max().item(), (ref - start[n]).abs().max().item()
                 if err - 1e-4 * moved > worst[0] - 1e-4 * worst[1]:
                     worst = (err, moved)

@@ -291,7 +291,7 @@ def _documented_command_lines() -> list[list[str]]:
 
     text = (Path(__file__).parents[1] / "launch" / "megatron_lm.md").read_text()
     lines = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL):
         for command in block.replace("\\\n", " ").splitlines():
             words = shlex.split(re.sub(r"\$\w+", "x", command.split("#")[0]))
             if "pretrain_gpt.py" in words:
@@ -309,7 +309,7 @@ def test_megatron_parser_takes_dist_ortho_flags_and_every_documented_command_lin
     if importlib.util.find_spec("megatron.training") is None:
         pytest.skip("this megatron-core package has no megatron.training (its 0.16 wheel); the parser is tested "
                     "with megatron-core >= 0.17 (make test-next)")
-    import megatron.training.arguments as arguments
+    from megatron.training import arguments
 
     from dist_ortho.integrations.megatron import install
 

@@ -5,8 +5,8 @@ SelfAttention's fused GQA ``linear_qkv``, with and without the output gate).
 Upstream's ``TensorParallelMuon`` in ``duplicated`` mode is the reference: after 3 steps (Nesterov, weight
 decay, a different seeded gradient every step) dist_ortho's TensorParallelMuon gives the same weights in
 every exact mode; in ``blockwise`` it equals upstream's blockwise (each shard alone, scaled by the shard's
-shape). TensorParallelAdaptiveMuon is compared with float64 (upstream's cannot step in 0.19.2). Both run in float32 ("highest"), so they
-agree to float32 rounding of 5 Newton-Schulz iterations (optim_reference.weights_agree).
+shape). TensorParallelAdaptiveMuon is compared with float64 (upstream's cannot step in 0.19.2). Both run
+in float32 ("highest"), so they agree to float32 rounding of 5 Newton-Schulz iterations (optim_reference.weights_agree).
 Skipped where megatron-core < 0.17: ``make test`` runs it in .venv-next (Python 3.12).
 """
 
@@ -23,6 +23,7 @@ pytest.importorskip("megatron.core.optimizer.emerging_optimizers",
                            "`make test` runs this module in .venv-next where a Python 3.12 exists)")
 pytest.importorskip("emerging_optimizers", reason="emerging-optimizers is not installed (megatron-core's Muon needs it)")
 
+from dist_ortho.integrations.megatron.install import upstream
 from tests import optim_reference
 from tests.harness import started_world
 from tests.test_megatron_stack import _gather, _parallel
@@ -83,7 +84,8 @@ def _compare(ctx, gated: bool, upstream_name: str, ours: list[tuple[str, dict]],
     from dist_ortho.integrations import megatron as ours_module
     from dist_ortho.integrations.megatron import megatron_qkv_split_shapes
 
-    upstream_cls = {"muon": registry.TensorParallelMuon, "adaptive_muon": registry.TensorParallelAdaptiveMuon}[upstream_name]
+    name = {"muon": "TensorParallelMuon", "adaptive_muon": "TensorParallelAdaptiveMuon"}[upstream_name]
+    upstream_cls = upstream(registry.__name__, name)
     assert upstream_cls.__module__ == "megatron.core.optimizer.emerging_optimizers"  # the registry's own, not ours
     out = {}
     with _parallel(2, 1):
@@ -160,8 +162,8 @@ def test_upstream_adaptive_muon_cannot_step_in_this_release():
     """Pins an upstream defect this comparison works around: megatron-core 0.19.2's TensorParallelAdaptiveMuon
     calls TensorParallelMuon.__init__ only, so emerging-optimizers 0.3.0's AdaptiveMuon.step finds no
     ``scale_mode``. When this fails, upstream is fixed: compare against it as for Muon."""
-    from megatron.core.optimizer.emerging_optimizers import TensorParallelAdaptiveMuon
-
+    TensorParallelAdaptiveMuon = upstream("megatron.core.optimizer.emerging_optimizers", "TensorParallelAdaptiveMuon")
+    assert TensorParallelAdaptiveMuon.__module__ == "megatron.core.optimizer.emerging_optimizers"
     p = torch.nn.Parameter(torch.randn(8, 4))
     p.grad = torch.randn(8, 4)
     with pytest.raises(AttributeError, match="scale_mode"):
@@ -214,13 +216,12 @@ def _resume_from_upstream(ctx) -> dict:
                   "qkv_split_shapes": split, "fp32_matmul_prec": "highest", "pg_collection": pgs, "tp_mode": "duplicated"}
         params = {n: _copy(p, split, n == "qkv") for n, p in weights.items()}
         start = {n: _gather(p.detach(), p.partition_dim, pgs.tp).double() for n, p in params.items()}
-        upstream = registry.TensorParallelMuon(list(params.values()), **common)
-        _three_steps(upstream, params)
+        reference_cls = upstream(registry.__name__, "TensorParallelMuon")
+        _three_steps(reference_cls(list(params.values()), **common), params)
         reference = {n: _gather(p.detach(), p.partition_dim, pgs.tp).double() for n, p in params.items()}
 
         params = {n: _copy(p, split, n == "qkv") for n, p in weights.items()}
-        upstream = registry.TensorParallelMuon(list(params.values()), **common)
-        gen_steps = _two_then_save(upstream, params)
+        gen_steps = _two_then_save(reference_cls(list(params.values()), **common), params)
         ours = TensorParallelMuon(list(params.values()), **{**common, "tp_mode": "home"})
         ours.load_state_dict(gen_steps)
         _step(ours, params, 2)

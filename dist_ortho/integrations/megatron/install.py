@@ -40,6 +40,20 @@ def _registry_kwargs(adaptive: bool):
     return config_to_kwargs
 
 
+# What install() replaced, by (module, name), so that megatron-core's own stays reachable (upstream()).
+_REPLACED: dict[tuple[str, str], Any] = {}
+
+
+def _replace(module: Any, name: str, value: Any) -> None:
+    _REPLACED.setdefault((module.__name__, name), getattr(module, name))
+    setattr(module, name, value)
+
+
+def upstream(module: str, name: str) -> Any:
+    """megatron-core's own ``module.name`` (e.g. its TensorParallelMuon), also after install() replaced it."""
+    return _REPLACED.get((module, name)) or getattr(importlib.import_module(module), name)
+
+
 def _install_registry() -> None:
     registry = importlib.import_module("megatron.core.optimizer.emerging_optimizers")
     for name, cls, adaptive in (("muon", TensorParallelMuon, False), ("adaptive_muon", TensorParallelAdaptiveMuon, True)):
@@ -51,17 +65,17 @@ def _install_registry() -> None:
             optimizer_cls=cls, init_state_fn=init_state, config_to_kwargs=_registry_kwargs(adaptive),
             default_param_overrides=upstream.default_param_overrides,
         )
-    registry.TensorParallelMuon = TensorParallelMuon
-    registry.TensorParallelAdaptiveMuon = TensorParallelAdaptiveMuon
+    # The module's own class names stay megatron-core's: its TensorParallelAdaptiveMuon calls
+    # TensorParallelMuon.__init__ by that name.
 
 
 def _install_016() -> None:
-    upstream = importlib.import_module("megatron.core.optimizer.muon")
-    upstream.get_megatron_muon_optimizer = get_megatron_muon_optimizer
-    upstream.TensorParallelMuon = TensorParallelMuon
+    muon = importlib.import_module("megatron.core.optimizer.muon")
+    _replace(muon, "get_megatron_muon_optimizer", get_megatron_muon_optimizer)
+    _replace(muon, "TensorParallelMuon", TensorParallelMuon)
     training = sys.modules.get("megatron.training.training")
     if training is not None and hasattr(training, "get_megatron_muon_optimizer"):
-        training.get_megatron_muon_optimizer = get_megatron_muon_optimizer
+        _replace(training, "get_megatron_muon_optimizer", get_megatron_muon_optimizer)
 
 
 def _install_args() -> None:
