@@ -32,7 +32,7 @@ import torch
 MODULES = ("megatron.core.optimizer.optimizer", "megatron.core.optimizer.clip_grads", "megatron.core.utils",
            "megatron.core.optimizer.layer_wise_optimizer", "megatron.core.dist_checkpointing.strategies.filesystem_async",
            "megatron.core.dist_checkpointing.strategies.state_dict_saver", "megatron.core.transformer.moe.router",
-           "megatron.core.tensor_parallel.mappings")
+           "megatron.core.tensor_parallel.mappings", "megatron.core.optimizer.grad_scaler")
 _CUDA_NAMES = {torch.float32: "torch.cuda.FloatTensor", torch.bfloat16: "torch.cuda.BFloat16Tensor",
                torch.float16: "torch.cuda.HalfTensor"}
 

@@ -37,6 +37,7 @@ def _megatron(ctx, gated: bool, dtype: torch.dtype = torch.float32, bias: bool =
     config = TransformerConfig(
         num_layers=1, hidden_size=HIDDEN, num_attention_heads=HEADS, num_query_groups=GROUPS, kv_channels=KV,
         use_cpu_initialization=True, attention_output_gate=gated, params_dtype=dtype, bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
         add_bias_linear=bias,
     )
 
@@ -215,49 +216,64 @@ def test_muon_args_have_megatron_names_and_defaults():
     assert not args.muon_split_qkv and args.muon_tp_mode == "gram" and args.muon_use_syrk
 
 
-def _wrapped(ctx, bf16: bool, mode: str):
+SCALE = 1024.0  # fp16: megatron-core's constant loss scale; the gradients it receives are scaled by it
+
+
+def _wrapped(ctx, precision: str, mode: str):
     """Megatron's own stack on CPU (tests/megatron_cpu.py): our factory with wrap=True builds the FP32Optimizer or
-    Float16OptimizerWithFloat16Params of megatron-core, chained; three steps with grad clipping active. The
-    gathered master weights must equal float64 Muon of the gathered (clipped) gradients; with bf16 the QKV
-    split reaches the fp32 master copies (it raised a ValueError) and the model weights are their bf16 copies."""
+    Float16OptimizerWithFloat16Params of megatron-core (fp16: with its loss scaler), chained; three steps with
+    grad clipping active. The gathered master weights must equal float64 Muon of the gathered (clipped)
+    gradients; with bf16 / fp16 the QKV split reaches the fp32 master copies (it raised a ValueError) and the
+    model weights are their half copies; fp16 gradients arrive scaled by the loss scale and are unscaled, and
+    a step with an inf gradient is skipped."""
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig
 
     from dist_ortho.integrations.megatron import get_megatron_muon_optimizer, megatron_qkv_split_shapes
     from tests.megatron_cpu import megatron_on_cpu
 
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    half, scale = dtype != torch.float32, SCALE if dtype == torch.float16 else 1.0
     _, config, Chunk = _megatron(ctx, True, dtype, bias=False)
     chunk = Chunk()
     chunk.ddp_config = DistributedDataParallelConfig()  # what Megatron's DDP wrapper of a chunk carries
     weights = {"col": chunk.col.weight, "row": chunk.row.weight, "qkv": chunk.self_attention.linear_qkv.weight,
                "proj": chunk.self_attention.linear_proj.weight}
     hp = {"lr": 0.02, "momentum": 0.9, "weight_decay": 0.01, "nesterov": True}
-    opt_config = OptimizerConfig(optimizer="muon", lr=hp["lr"], weight_decay=hp["weight_decay"], bf16=bf16, clip_grad=0.5,
-                                 muon_momentum=hp["momentum"], muon_use_nesterov=True, muon_fp32_matmul_prec="highest",
-                                 muon_tp_mode=mode, muon_split_qkv=True)
+    opt_config = OptimizerConfig(optimizer="muon", lr=hp["lr"], weight_decay=hp["weight_decay"], bf16=precision == "bf16",
+                                 fp16=precision == "fp16", loss_scale=SCALE if precision == "fp16" else None,
+                                 clip_grad=0.5, muon_momentum=hp["momentum"], muon_use_nesterov=True,
+                                 muon_fp32_matmul_prec="highest", muon_tp_mode=mode, muon_split_qkv=True)
     full = {k: _gather(p.detach(), p.partition_dim).double() for k, p in weights.items()}
     gen = torch.Generator().manual_seed(3)
     grads = {k: [(torch.randn(w.shape, generator=gen) * 0.1).to(dtype).double() for _ in range(3)] for k, w in full.items()}
     norms = [sum(grads[k][i].square().sum() for k in grads).sqrt().item() for i in range(3)]
     clipped = {k: [g * min(1.0, 0.5 / (n + 1e-6)) for g, n in zip(v, norms)] for k, v in grads.items()}
+    rank, size = ctx.rank, ctx.world_size
     with megatron_on_cpu():
         opt = get_megatron_muon_optimizer(opt_config, [chunk], wrap=True)
-        rank, size = ctx.rank, ctx.world_size
         reported = []
         for step in range(3):
             for k, p in weights.items():
-                p.grad = torch.tensor_split(grads[k][step], size, dim=p.partition_dim)[rank].to(dtype).contiguous()
+                shard = torch.tensor_split(grads[k][step] * scale, size, dim=p.partition_dim)[rank]
+                p.grad = shard.to(dtype).contiguous()
             ok, grad_norm, _ = opt.step()
             assert ok
             reported.append(grad_norm)
+        if precision == "fp16":  # an overflow: the step is skipped, nothing moves
+            before = {k: (p.main_param.detach().clone(), p.detach().clone()) for k, p in weights.items()}
+            for k, p in weights.items():
+                p.grad = torch.full_like(p, float("inf"))
+            ok, _, _ = opt.step()
+            assert not ok and all(torch.equal(p.main_param, before[k][0]) and torch.equal(p.detach(), before[k][1])
+                                  for k, p in weights.items())
     assert reported == pytest.approx(norms, rel=1e-5)
     shapes = megatron_qkv_split_shapes(config)
     worst = {}
     for k, p in weights.items():
-        master = p.main_param if bf16 else p
-        if bf16:
-            assert torch.equal(p.detach(), master.detach().to(torch.bfloat16))
+        master = p.main_param if half else p
+        if half:
+            assert torch.equal(p.detach(), master.detach().to(dtype))
         ref = (muon_on_components(full[k], clipped[k], shapes, hp) if k == "qkv"
                else optim_reference.run("muon", full[k], clipped[k], hp))
         worst[k] = ((_gather(master.detach(), p.partition_dim).double() - ref).abs().max().item(),
@@ -268,9 +284,9 @@ def _wrapped(ctx, bf16: bool, mode: str):
 
 @NEXT
 @pytest.mark.parametrize("mode", ["duplicated", "home"])
-@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-def test_megatron_wrapped_stack_fp32_and_bf16(world, bf16, mode):
-    world.run(_wrapped, bf16, mode)
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_megatron_wrapped_stack_fp32_bf16_fp16(world, precision, mode):
+    world.run(_wrapped, precision, mode)
 
 
 def test_checkpoint_lacking_group_keys_loads_and_the_configuration_wins(caplog):

@@ -250,3 +250,16 @@ def _two_then_save(opt, params: dict) -> dict:
 
 def test_resume_from_an_upstream_muon_checkpoint(world):
     _assert_agree(world.run(_resume_from_upstream))
+
+
+def test_megatron_refuses_fp16_for_emerging_optimizers_before_dist_ortho():
+    """On >= 0.17 megatron-core's own factory refuses fp16 for Muon before any optimizer is built, so fp16
+    with dist_ortho works on megatron-core 0.16 only (tests/test_megatron.py); bf16 works on both."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from dist_ortho.integrations.megatron import install
+
+    install()
+    config = OptimizerConfig(optimizer="muon", fp16=True, lr=0.01)
+    with pytest.raises(ValueError, match="fp16 is not supported"):
+        get_megatron_optimizer(config, [torch.nn.Linear(4, 4)])

@@ -4,6 +4,8 @@ Same signature and result as megatron-core's: 2D non-embedding weights get Tenso
 and expert apart: experts on the expert TP group, their grad statistics over ``tp_ep_pp``), the rest
 megatron-core's own Adam, each wrapped as megatron-core wraps it (FP32Optimizer, or
 Float16OptimizerWithFloat16Params with bf16, whose fp32 master copies get dist_ortho's tags) and chained.
+fp16 works too (megatron-core's own Muon refuses it): Float16OptimizerWithFloat16Params with megatron-core's
+loss scaler, which unscales the gradients, skips steps with inf/NaN and adjusts the scale.
 
 ``layer_wise_distributed_optimizer`` (``--optimizer dist_muon``) runs on dist_ortho's DP x TP grid:
 each matrix has one owning DP replica (``pg_collection.dp_cp``; experts ``expt_dp``), whose TP group
@@ -52,8 +54,6 @@ def get_megatron_muon_optimizer(
     if config.use_distributed_optimizer:
         raise ValueError("Muon with use_distributed_optimizer=True is not supported (as in megatron-core 0.16); "
                          "use --optimizer dist_muon (layer-wise) to shard the optimizer over DP")
-    if config.fp16:
-        raise ValueError("Muon with fp16 is not supported (as in megatron-core); use bf16")
     if pg_collection is None:
         pg_collection = ProcessGroupCollection.use_mpu_process_groups()
     if wrap is None:
@@ -121,16 +121,31 @@ class GridCheckpoint:
         return sharded
 
 
+def grad_scaler(config: Any) -> Any:
+    """megatron-core's loss scaler for the config, as its own factory makes it: constant with ``loss_scale``,
+    dynamic with fp16, none with bf16 / fp32."""
+    from megatron.core.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
+
+    if config.loss_scale:
+        return ConstantGradScaler(config.loss_scale)
+    if config.fp16:
+        return DynamicGradScaler(initial_scale=config.initial_loss_scale, min_scale=config.min_loss_scale,
+                                 growth_factor=2.0, backoff_factor=0.5, growth_interval=config.loss_scale_window,
+                                 hysteresis=config.hysteresis)
+    return None
+
+
 def wrap_like_megatron(opt: Any, config: Any) -> Any:
-    """FP32Optimizer, or Float16OptimizerWithFloat16Params with bf16 (its master copies tagged); on the DP x
-    TP grid with :class:`GridCheckpoint` for dist-checkpointing."""
+    """FP32Optimizer, or Float16OptimizerWithFloat16Params with bf16 / fp16 (its master copies tagged; fp16
+    with megatron-core's loss scaler); on the DP x TP grid with :class:`GridCheckpoint` for dist-checkpointing."""
     from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params, FP32Optimizer
 
-    base = Float16OptimizerWithFloat16Params if config.bf16 else FP32Optimizer
+    half = config.bf16 or config.fp16
+    base = Float16OptimizerWithFloat16Params if half else FP32Optimizer
     if opt.dp_group is not None:
         base = type(f"Grid{base.__name__}", (GridCheckpoint, base), {})
-    if config.bf16:
-        wrapped = base(opt, config, None, init_state)
+    if half:
+        wrapped = base(opt, config, grad_scaler(config), init_state)
         copy_tags_to_main_params(wrapped)
         return wrapped
     return base(opt, config, init_state)
