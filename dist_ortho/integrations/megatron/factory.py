@@ -21,14 +21,9 @@ from typing import Any
 
 import torch
 
-from dist_ortho.integrations.megatron.args import muon_settings
+from dist_ortho.integrations.megatron.args import optimizer_kwargs
 from dist_ortho.integrations.megatron.optimizers import TensorParallelMuon, init_state
-from dist_ortho.integrations.megatron.params import (
-    chunks_qkv_split_shapes,
-    copy_tags_to_main_params,
-    is_matrix_param,
-    tag_megatron_params,
-)
+from dist_ortho.integrations.megatron.params import copy_tags_to_main_params, is_matrix_param, tag_megatron_params
 from dist_ortho.optim.hybrid import MuonAdamW
 
 
@@ -76,8 +71,7 @@ def get_megatron_muon_optimizer(
             for p in hidden:
                 p.requires_grad = True
 
-    kwargs = {**muon_settings(config), "qkv_split_shapes": chunks_qkv_split_shapes(model_chunks),
-              "pg_collection": pg_collection}
+    kwargs = optimizer_kwargs(config, model_chunks, pg_collection)
     matrix_groups = groups_of(others)
 
     def muon(groups: list[dict[str, Any]], dp_group: Any) -> TensorParallelMuon | None:

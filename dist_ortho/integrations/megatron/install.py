@@ -20,10 +20,10 @@ import importlib.util
 import sys
 from typing import Any
 
-from dist_ortho.integrations.megatron.args import adaptive_muon_settings, add_muon_args, muon_settings
+from dist_ortho.integrations.megatron.args import adaptive_muon_settings, add_muon_args, optimizer_kwargs
 from dist_ortho.integrations.megatron.factory import get_megatron_muon_optimizer
 from dist_ortho.integrations.megatron.optimizers import TensorParallelAdaptiveMuon, TensorParallelMuon, init_state
-from dist_ortho.integrations.megatron.params import chunks_qkv_split_shapes, tag_megatron_params
+from dist_ortho.integrations.megatron.params import tag_megatron_params
 
 
 def generation() -> str:
@@ -34,8 +34,7 @@ def generation() -> str:
 def _registry_kwargs(adaptive: bool):
     def config_to_kwargs(config: Any, model_chunks: list, pg_collection: Any) -> dict[str, Any]:
         tag_megatron_params(model_chunks)  # QKV also where TP > query groups (megatron-core skips those)
-        kwargs = {**muon_settings(config), "qkv_split_shapes": chunks_qkv_split_shapes(model_chunks),
-                  "pg_collection": pg_collection}
+        kwargs = optimizer_kwargs(config, model_chunks, pg_collection)
         return {**kwargs, **adaptive_muon_settings(config)} if adaptive else kwargs
     return config_to_kwargs
 
@@ -57,13 +56,13 @@ def upstream(module: str, name: str) -> Any:
 def _install_registry() -> None:
     registry = importlib.import_module("megatron.core.optimizer.emerging_optimizers")
     for name, cls, adaptive in (("muon", TensorParallelMuon, False), ("adaptive_muon", TensorParallelAdaptiveMuon, True)):
-        upstream = registry._EMERGING_OPTIMIZERS.get(name)
-        if upstream is None:
+        entry = registry._EMERGING_OPTIMIZERS.get(name)
+        if entry is None:
             raise RuntimeError(f"megatron-core's emerging-optimizer registry has no {name!r} entry: "
                                "is emerging-optimizers installed (pip install emerging-optimizers)?")
         registry._EMERGING_OPTIMIZERS[name] = registry.EmergingOptimizerEntry(
             optimizer_cls=cls, init_state_fn=init_state, config_to_kwargs=_registry_kwargs(adaptive),
-            default_param_overrides=upstream.default_param_overrides,
+            default_param_overrides=entry.default_param_overrides,
         )
     # The module's own class names stay megatron-core's: its TensorParallelAdaptiveMuon calls
     # TensorParallelMuon.__init__ by that name.
