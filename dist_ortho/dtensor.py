@@ -108,7 +108,8 @@ def _dim(placement: object, role: str, label: str) -> int | None:
 
 
 def find_holdings(
-    params: Sequence[DTensor], tp_group: comm.ProcessGroup | None, dp_group: comm.ProcessGroup | None
+    params: Sequence[DTensor], tp_group: comm.ProcessGroup | None, dp_group: comm.ProcessGroup | None,
+    names: Sequence[str | None] | None = None,
 ) -> list[DTensorHolding]:
     """The holding of each DTensor parameter: placements read locally, the DP pieces found by one
     all-gather over ``dp_group`` of every rank's (offset, shape); raises ValueError (alike on every rank
@@ -116,8 +117,8 @@ def find_holdings(
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     found, rows = [], []
-    for p in params:
-        label = f"parameter {getattr(p, '_dist_ortho_name', None)!r}" if hasattr(p, "_dist_ortho_name") else f"a DTensor of shape {tuple(p.shape)}"
+    for p, name in zip(params, names if names is not None else [None] * len(params)):
+        label = f"parameter {name!r}" if name else f"a DTensor of shape {tuple(p.shape)}"
         if p.ndim != 2:
             raise ValueError(f"{label} is a DTensor with {p.ndim} dims: only 2D DTensor weights are orthogonalized; route it to the fallback")
         roles = _roles(p, tp_group, dp_group, label)
@@ -220,3 +221,65 @@ def scatter_blocks(
             src, mine = owners[i], local(params[i])
             mine.copy_(received[src][offsets[src] : offsets[src] + mine.numel()].view(mine.shape))
             offsets[src] += mine.numel()
+
+
+class DTensorParams:
+    """An optimizer's DTensor parameters: how each is held, a shape-only stand-in of this rank's TP block (with
+    the TE attributes that say how it is sharded over TP), and, on the owner during a step, the gathered
+    block's values and gradient (buffers reused from step to step)."""
+
+    def __init__(self) -> None:
+        self.holdings: dict[torch.Tensor, DTensorHolding] = {}
+        self.standins: dict[torch.Tensor, torch.Tensor] = {}
+        self.blocks: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __contains__(self, p: object) -> bool:
+        return p in self.holdings
+
+    def add(self, params: Sequence[torch.Tensor], tp_group: comm.ProcessGroup | None,
+            dp_group: comm.ProcessGroup | None, names: Sequence[str | None]) -> None:
+        """Find the holdings of the DTensors among ``params`` (one all-gather over DP when DP-sharded)."""
+        found = [(p, name) for p, name in zip(params, names) if is_dtensor(p)]
+        if not found:
+            return
+        dtensors = [p for p, _ in found]
+        for p, holding in zip(dtensors, find_holdings(dtensors, tp_group, dp_group, [n for _, n in found])):
+            standin = torch.zeros((), dtype=p.dtype, device=local(p).device).expand(holding.block_shape)
+            if holding.tp_dim is not None:
+                standin.tensor_model_parallel, standin.partition_dim = True, holding.tp_dim
+            for attribute in ("is_qkv", "qkv_split_shapes"):
+                if hasattr(p, attribute):
+                    setattr(standin, attribute, getattr(p, attribute))
+            self.holdings[p], self.standins[p] = holding, standin
+
+    def dp_sharded(self, p: torch.Tensor) -> bool:
+        """Whether p's TP block is split over DP (gathered to its owner for the step)."""
+        holding = self.holdings.get(p)
+        return holding is not None and holding.dp_dim is not None
+
+    def source(self, p: torch.Tensor) -> torch.Tensor:
+        """What p's layout is read from: the stand-in of a DTensor, else p."""
+        return self.standins.get(p, p)
+
+    def value(self, p: torch.Tensor) -> torch.Tensor:
+        """The tensor the step updates for p: p itself, a DTensor's local tensor, or (DP-sharded) its TP block:
+        the owner's buffer that each step gathers into, else the stand-in."""
+        if p in self.blocks:
+            return self.blocks[p][0]
+        holding = self.holdings.get(p)
+        if holding is not None and holding.dp_dim is None:
+            return local(p)
+        return self.standins.get(p, p)
+
+    def grad(self, p: torch.Tensor) -> torch.Tensor | None:
+        if p in self.blocks:
+            return self.blocks[p][1]
+        return local(p.grad) if p.grad is not None else None
+
+    def gather(self, params: Sequence[torch.Tensor], owners: Sequence[int], dp_group: comm.ProcessGroup | None) -> None:
+        """Every DP piece of ``params`` (DP-sharded) to its owner, as one TP block: see :func:`gather_blocks`."""
+        gather_blocks(params, [self.holdings[p] for p in params], owners, dp_group, self.blocks)
+
+    def scatter(self, params: Sequence[torch.Tensor], owners: Sequence[int], dp_group: comm.ProcessGroup | None) -> None:
+        """The owners' updated blocks back to every DP rank's piece: see :func:`scatter_blocks`."""
+        scatter_blocks(params, [self.holdings[p] for p in params], owners, dp_group, self.blocks)

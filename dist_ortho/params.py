@@ -177,22 +177,24 @@ def find_layouts(
     tp_group: comm.ProcessGroup | None,
     expert_tp_group: comm.ProcessGroup | None = None,
     shard_local: Sequence[bool] | None = None,
+    names: Sequence[str | None] | None = None,
 ) -> list[MatrixLayout]:
     """The layout of each (parameter, matrix view of it): one shape exchange per process group.
 
     ``shard_local[i]``: view i may be treated as a whole matrix when its group is missing (see shard_spec).
+    ``names[i]``: the parameter's name, for messages.
     Raises the same ValueError on every rank when the ranks' shards do not fit one global matrix.
     """
     local = shard_local if shard_local is not None else [False] * len(views)
-    specs = [shard_spec(p, tp_group, expert_tp_group, getattr(p, "_dist_ortho_name", None), ok)
-             for (p, _), ok in zip(views, local)]
+    labels = list(names) if names is not None else [None] * len(views)
+    specs = [shard_spec(p, tp_group, expert_tp_group, name, ok) for (p, _), ok, name in zip(views, local, labels)]
     layouts: list[MatrixLayout | None] = [None] * len(views)
     by_group: dict[int, list[int]] = {}
     for i, ((p, view), spec) in enumerate(zip(views, specs)):
         if spec.partition_dim is None or spec.size == 1:
             layouts[i] = MatrixLayout(REPLICATED, None, tuple(view.shape))
         elif p.ndim != 2:
-            name = getattr(p, "_dist_ortho_name", None) or f"a parameter of shape {tuple(p.shape)}"
+            name = labels[i] or f"a parameter of shape {tuple(p.shape)}"
             raise ValueError(f"{name} is tensor-parallel with {p.ndim} dims: only 2D weights can be sharded")
         else:
             by_group.setdefault(id(spec.group), []).append(i)

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from dist_ortho import comm
+from dist_ortho.params import MatrixLayout
+
 
 @dataclass(frozen=True)
 class QkvPart:
@@ -62,3 +65,26 @@ def qkv_parts(
         parts.append(QkvPart(index, sizes, total // group_rows * rows))
         offset += rows
     return parts
+
+
+def split_layout(
+    layout: MatrixLayout, local_rows: int, split_shapes: Sequence[int], per_head: bool, name: str
+) -> list[tuple[torch.Tensor, MatrixLayout]]:
+    """The components of a fused QKV weight of ``layout`` (this rank holding ``local_rows`` rows): for each, this
+    rank's row indices and the component's own global layout. ``per_head``: every head (``split_shapes[-1]``
+    rows, the kv_channels) is a component of its own."""
+    if layout.partition_dim == 0:
+        rank_rows, rank = list(layout.sizes), comm.group_rank(layout.spec.group)
+    else:
+        rank_rows, rank = [local_rows], 0
+    shapes = list(split_shapes)
+    if per_head:  # every head its own matrix: one "group" of head-sized pieces
+        head, rows = shapes[-1], sum(rank_rows)
+        if rows % head:
+            raise ValueError(f"{name} has {rows} rows, not a multiple of the head size {head}")
+        shapes = [head] * (rows // head)
+    return [
+        (part.index, MatrixLayout(layout.spec, tuple(part.sizes) if layout.partition_dim == 0 else layout.sizes,
+                                  (part.rows, layout.cols)))
+        for part in qkv_parts(rank_rows, rank, shapes, name)
+    ]

@@ -54,7 +54,6 @@ def _dtensor_params(mesh, tp: int) -> list[torch.nn.Parameter]:
         placements = (dp, Shard(pd)) if tp > 1 else (dp,)
         p = torch.nn.Parameter(_as_dtensor(full, mesh, placements))
         p.grad = _as_dtensor(grad, mesh, placements)
-        p._dist_ortho_name = name
         if "qkv" in name:
             p.is_qkv, p.qkv_split_shapes = True, qkv_split_shapes(HEADS, GROUPS, HIDDEN // HEADS)
         params.append(p)

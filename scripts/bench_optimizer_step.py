@@ -68,7 +68,6 @@ def _params(rank: int, world: int) -> list[torch.nn.Parameter]:
         p = torch.nn.Parameter(torch.tensor_split(full, world, dim=pd)[rank].clone())
         p.grad = torch.tensor_split(grad, world, dim=pd)[rank].clone()
         p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, pd, 1
-        p._dist_ortho_name = name
         if "qkv" in name:
             p.is_qkv, p.qkv_split_shapes = True, split
         params.append(p)
@@ -128,7 +127,8 @@ def _measure(rank: int, world: int, port: int, args: argparse.Namespace, out: di
     for label, mode, coalesce, options in CONFIGS:
         errors[label] = _update_error(rank, world, mode, coalesce, options, args.precision)
         params = _params(rank, world)
-        opt = Muon(params, lr=1e-3, tp_group=dist.group.WORLD, tp_mode=mode, coalesce=coalesce,
+        named = list(zip((name for name, _, _ in parameter_set()), params))
+        opt = Muon(named, lr=1e-3, tp_group=dist.group.WORLD, tp_mode=mode, coalesce=coalesce,
                    fp32_matmul_prec=args.precision, **options)
         opt.step()  # finds the layouts (one all-gather of shapes) and warms up
         optimizers[label] = opt

@@ -60,11 +60,10 @@ def _exact(ctx, kind: str, mode: str, dp: int, tp: int, dp_sharded: bool, reduce
     fulls = [torch.randn(shape, generator=gen) for shape in SHAPES]
     placements = [_placements(mesh, pl, dp_sharded) for pl in TP_PLACEMENTS]
     params = [torch.nn.Parameter(_dtensor(f, mesh, pls)) for f, pls in zip(fulls, placements)]
-    for i, p in enumerate(params):
-        p._dist_ortho_name = f"w{i}"
+    names = [f"w{i}" for i in range(len(params))]
     ref = [torch.nn.Parameter(f.clone()) for f in fulls]
     hp = {"lr": 0.02, "fp32_matmul_prec": "highest"}
-    opt = get_optimizer(kind)(params, device_mesh=mesh, tp_mode=mode, reduce_grads=reduce_grads, **hp)
+    opt = get_optimizer(kind)(list(zip(names, params)), device_mesh=mesh, tp_mode=mode, reduce_grads=reduce_grads, **hp)
     ref_opt = get_optimizer(kind)(ref, **hp)
 
     def feed(step: int) -> None:
@@ -76,11 +75,11 @@ def _exact(ctx, kind: str, mode: str, dp: int, tp: int, dp_sharded: bool, reduce
 
     calls = step_pair(opt, ref_opt, feed)
     bad = {}
-    for p, q, f in zip(params, ref, fulls):
+    for name, p, q, f in zip(names, params, ref, fulls):
         moved = (q.detach() - f).abs().max().item()
         err = (p.detach().full_tensor() - q.detach()).abs().max().item()
         if not optim_reference.weights_agree(err, moved):
-            bad[p._dist_ortho_name] = (err, moved)
+            bad[name] = (err, moved)
     assert not bad, bad
     state = sum(t.numel() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
     return calls.total_calls, state
@@ -122,10 +121,9 @@ def _raised(ctx, what: str):
                   "3d": (Shard(0), Shard(2))}[what]
     full = torch.randn(8, 6, 2) if what == "3d" else torch.randn(8, 6)
     p = torch.nn.Parameter(_dtensor(full, mesh, placements))
-    p._dist_ortho_name = "w"
     groups = {"tp_group": mesh["tp"].get_group()} if what == "unknown dim" else {"device_mesh": mesh}
     try:
-        opt = get_optimizer("muon")([p], lr=0.02, conv_mode="flatten", **groups)
+        opt = get_optimizer("muon")([("w", p)], lr=0.02, conv_mode="flatten", **groups)
         p.grad = _dtensor(torch.randn(full.shape), mesh, placements)
         opt.step()
     except ValueError as e:

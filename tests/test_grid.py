@@ -61,7 +61,6 @@ def _params(spec, tp_rank: int, tp: int, seed: int = 0):
     for name, shape, pd, split in spec:
         full = torch.randn(shape, generator=gen)
         p = sharded(block(full, pd, tp_rank, tp), pd)
-        p._dist_ortho_name = name
         if split:
             p.is_qkv, p.qkv_split_shapes = True, split
         fulls.append(full)

@@ -105,10 +105,9 @@ def _bad_qkv(ctx) -> str:
     w = nn.Parameter(torch.randn(3, 8))  # 3 * world rows: never a multiple of 8
     w.tensor_model_parallel, w.partition_dim, w.partition_stride = True, 0, 1
     w.is_qkv, w.qkv_split_shapes = True, [4, 2, 2]
-    w._dist_ortho_name = "decoder.layers.0.self_attention.linear_qkv.weight"
     from dist_ortho import Muon
 
-    opt = Muon([w], tp_group=ctx.group)
+    opt = Muon([("decoder.layers.0.self_attention.linear_qkv.weight", w)], tp_group=ctx.group)
     w.grad = torch.randn_like(w)
     try:
         opt.step()

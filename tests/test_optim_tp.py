@@ -165,10 +165,10 @@ def _plan(ctx) -> str:
     from dist_ortho.qkv import qkv_split_shapes
 
     qkv = sharded(block(torch.randn(2 * 192, 256), 0, ctx.rank, ctx.world_size), 0)
-    qkv.is_qkv, qkv.qkv_split_shapes, qkv._dist_ortho_name = True, qkv_split_shapes(8, 2, 32), "linear_qkv.weight"
+    qkv.is_qkv, qkv.qkv_split_shapes = True, qkv_split_shapes(8, 2, 32)
     fc1 = sharded(block(torch.randn(1024, 256), 0, ctx.rank, ctx.world_size), 0)
-    fc1._dist_ortho_name = "fc1.weight"
-    return get_optimizer("muon")([qkv, fc1], tp_group=ctx.group, tp_mode="auto").tp_plan()
+    named = [("linear_qkv.weight", qkv), ("fc1.weight", fc1)]
+    return get_optimizer("muon")(named, tp_group=ctx.group, tp_mode="auto").tp_plan()
 
 
 def test_auto_plan_is_printable_and_avoids_singular_gram(world):

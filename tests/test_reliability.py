@@ -21,9 +21,7 @@ def _named_params(ctx, order=None, seed=0):
     params = {}
     for name, full in fulls.items():
         pd = 0 if name != "c.weight" else 1
-        p = sharded(block(full, pd, ctx.rank, ctx.world_size), pd)
-        p._dist_ortho_name = name
-        params[name] = p
+        params[name] = sharded(block(full, pd, ctx.rank, ctx.world_size), pd)
     names = order or list(params)
     return [params[n] for n in names], fulls
 
@@ -36,7 +34,8 @@ def _disagreement(ctx, case: str) -> str:
     params, _ = _named_params(ctx, order)
     if case == "mode" and ctx.rank == 1:
         mode = "home"
-    opt = get_optimizer("muon")(params, tp_group=ctx.group, tp_mode=mode)
+    names = dict(zip(order or ["a.weight", "b.weight", "c.weight"], params))
+    opt = get_optimizer("muon")(params, tp_group=ctx.group, tp_mode=mode, param_names=names)
     try:
         for step in range(2):
             for p in params:
@@ -99,7 +98,8 @@ def test_a_missing_gradient_on_one_rank_counts_as_zero(world, mode):
 
 def _nan_in_one_shard(ctx, mode: str, policy: str) -> tuple:
     params, _ = _named_params(ctx)
-    opt = get_optimizer("muon")(params, tp_group=ctx.group, tp_mode=mode, nonfinite=policy)
+    opt = get_optimizer("muon")(params, tp_group=ctx.group, tp_mode=mode, nonfinite=policy,
+                                param_names=dict(zip(["a.weight", "b.weight", "c.weight"], params)))
     for p in params:
         p.grad = torch.ones_like(p)
     opt.step()
@@ -169,9 +169,8 @@ def test_zero_gradients_stay_finite(world, kind):
 
 def test_a_sharded_parameter_without_its_group_is_an_error():
     p = sharded(torch.randn(8, 6), 0)
-    p._dist_ortho_name = "fc1.weight"
     with pytest.raises(ValueError, match="fc1.weight.*no tp_group was given.*blockwise"):
-        get_optimizer("muon")([p]).tp_plan()
+        get_optimizer("muon")([("fc1.weight", p)]).tp_plan()
     with pytest.raises(ValueError, match="no tp_group"):
         get_optimizer("muon_adamw")([("fc1.weight", p)])
     expert = sharded(torch.randn(8, 6), 1)

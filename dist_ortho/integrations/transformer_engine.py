@@ -42,8 +42,6 @@ def tag_transformer_engine_model(
         )
     for module_name, module in model.named_modules():
         own = list(module.named_parameters(recurse=False))
-        for name, p in own:
-            p._dist_ortho_name = f"{module_name}.{name}" if module_name else name
         if isinstance(module, torch.nn.Embedding):
             module.weight.is_embedding_or_output_parameter = True
         if hasattr(module, "parallel_mode") and module.parallel_mode is None:

@@ -1,7 +1,7 @@
 """The orthogonalized optimizer family, exact under tensor parallelism."""
 
 from dist_ortho.optim.adaptive import MOMENT2_METHODS, AdaptiveMuon
-from dist_ortho.optim.base import OrthogonalizedOptimizer, param_names
+from dist_ortho.optim.base import OrthogonalizedOptimizer
 from dist_ortho.optim.hybrid import MuonAdamW
 from dist_ortho.optim.mop import MOP
 from dist_ortho.optim.muon import Muon, MuonHyperball
@@ -15,6 +15,6 @@ from dist_ortho.optim.scion import Scion
 
 __all__ = [
     "MOMENT2_METHODS", "MOP", "OPTIMIZERS", "SCALE_MODES", "AdaptiveMuon", "Muon", "MuonAdamW", "MuonHyperball",
-    "OrthogonalizedOptimizer", "PolarGrad", "Scion", "get_optimizer", "muon_scale", "param_names",
+    "OrthogonalizedOptimizer", "PolarGrad", "Scion", "get_optimizer", "muon_scale",
     "register_optimizer", "route",
 ]

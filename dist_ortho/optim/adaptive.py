@@ -29,6 +29,8 @@ MOMENT2_METHODS: tuple[str, ...] = get_args(Moment2Method)
 
 
 class AdaptiveMuon(Muon):
+    """Muon with a second-moment normalization of the orthogonalized update (see the module doc); 2D only."""
+
     def __init__(
         self,
         params: ParamsT,
@@ -77,21 +79,20 @@ class AdaptiveMuon(Muon):
         O, state, options = ctx.orthogonalized, ctx.state, ctx.options
         method, beta2, eps = options["moment2_method"], options["beta2"], options["eps"]
         if method == "adamuon":
-            v = state.setdefault("moment2", torch.zeros_like(O))
-            v.lerp_(O.square(), 1 - beta2)
+            v = state.setdefault("moment2", torch.zeros_like(O)).lerp(O.square(), 1 - beta2)
             update = O / (v.sqrt() + eps)
         elif method == "normuon":
             mean = (yield from ctx.mean_over(O.square(), self.normuon_dim(ctx.layout))).to(O.dtype)
-            v = state.setdefault("moment2", torch.zeros_like(mean))
-            v.lerp_(mean, 1 - beta2)
+            v = state.setdefault("moment2", torch.zeros_like(mean)).lerp(mean, 1 - beta2)
             update = O * v.clamp_min(eps).rsqrt()
             norm_o = yield from ctx.norm(O)
             norm_update = yield from ctx.norm(update)
-            update = update * (norm_o / norm_update.clamp_min(1e-30)).to(O.dtype)
+            update = update * (norm_o / norm_update.clamp_min(1e-30)).to(O.dtype)[..., None, None]
         else:
-            v = state.setdefault("moment2", torch.zeros((), dtype=ctx.param.dtype, device=O.device))
             grad_sq = yield from ctx.sum_of_squares(ctx.grad)
-            v.lerp_(grad_sq.to(v.dtype), 1 - beta2)
+            v = state.setdefault("moment2", torch.zeros(grad_sq.shape, dtype=ctx.param.dtype, device=O.device))
+            v = v.lerp(grad_sq.to(v.dtype), 1 - beta2)
             norm_direction = yield from ctx.norm(ctx.direction)
-            update = O * (norm_direction / (v.double().sqrt() + eps)).to(O.dtype)
+            update = O * (norm_direction / (v.double().sqrt() + eps)).to(O.dtype)[..., None, None]
+        ctx.set_state("moment2", v)
         return update * ctx.shape_scale()

@@ -28,7 +28,6 @@ never on the number of matrices.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, get_args
 
@@ -36,17 +35,21 @@ import torch
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from dist_ortho import comm
-from dist_ortho.coalesce import DEFAULT_BUCKET_BYTES, Program, run, run_many, under_precision
+from dist_ortho.coalesce import DEFAULT_BUCKET_BYTES, Program, run
 from dist_ortho.coefficients import get_coefficients
-from dist_ortho.dtensor import DTensorHolding, find_holdings, gather_blocks, is_dtensor, local, scatter_blocks
-from dist_ortho.grid import assign_owners, check_grid, reduce_to_owners, share_program
+from dist_ortho.dtensor import local
+from dist_ortho.grid import reduce_to_owners, share_program
 from dist_ortho.optim.context import MatrixContext
+from dist_ortho.optim.groups import ParamStack, Part
+from dist_ortho.optim.layouts import ParamLayouts
+from dist_ortho.optim.nonfinite import NONFINITE, Nonfinite
 from dist_ortho.optim.options import accepted_keywords, check_choice, check_number, reject_unknown
-from dist_ortho.params import Held, MatrixLayout, find_layouts
-from dist_ortho.precision import MATMUL_PRECISIONS, MatmulPrecision, matmul_precision
-from dist_ortho.qkv import qkv_parts
-from dist_ortho.tp import TP_MODES, MatrixJob, NsSpec, orthogonalize_many
-from dist_ortho.tp.cost import format_plan, plan_row, resolve
+from dist_ortho.optim.planning import StepPlan, batching_keys, build_stacks, plan_table, refresh_states, resolve_modes
+from dist_ortho.optim.step import GroupStep, run_phase
+from dist_ortho.params import Held, MatrixLayout
+from dist_ortho.precision import MATMUL_PRECISIONS, MatmulPrecision
+from dist_ortho.tp import TP_MODES, NsSpec, batching
+from dist_ortho.tp.batching import BatchMatrices
 from dist_ortho.tp.local import LOCAL_GRAM, LocalGram
 
 logger = logging.getLogger(__name__)
@@ -55,26 +58,13 @@ WeightDecayMethod = Literal["decoupled", "independent", "l2", "palm"]
 WEIGHT_DECAY_METHODS: tuple[str, ...] = get_args(WeightDecayMethod)
 ConvMode = Literal["flatten", "batched"]
 CONV_MODES: tuple[str, ...] = get_args(ConvMode)
-Nonfinite = Literal["raise", "skip", "ignore"]
-NONFINITE: tuple[str, ...] = get_args(Nonfinite)
-__all__ = ["MatmulPrecision", "OrthogonalizedOptimizer", "check_choice", "check_number", "param_names"]
-
-
-def matrix_view(t: torch.Tensor, conv_mode: str | None) -> torch.Tensor:
-    """t as a matrix (2D) or, for ``conv_mode="batched"``, a batch of (out, in) matrices per spatial position."""
-    if t.ndim == 2:
-        return t
-    if conv_mode == "flatten":
-        return t.reshape(t.size(0), -1)
-    return t.flatten(2).permute(2, 0, 1)
-
-
-def from_matrix_view(u: torch.Tensor, like: torch.Tensor, conv_mode: str | None) -> torch.Tensor:
-    if like.ndim == 2:
-        return u
-    if conv_mode == "flatten":
-        return u.reshape(like.shape)
-    return u.permute(1, 2, 0).reshape(like.shape)
+# Group options that shape a step's plan (its stacks, modes and collectives); the others (lr, momentum, ...)
+# are read at every step.
+STRUCTURAL_OPTIONS = (
+    "tp_mode", "coalesce", "fp32_matmul_prec", "local_gram", "batch_matrices", "nonfinite", "conv_mode", "split_qkv",
+    "qkv_split_shapes", "qkv_per_head", "num_ns_steps", "coefficient_type", "custom_coefficient_sets", "use_syrk",
+)
+__all__ = ["MatmulPrecision", "OrthogonalizedOptimizer", "check_choice", "check_number"]
 
 
 class OrthogonalizedOptimizer(Optimizer):
@@ -104,13 +94,21 @@ class OrthogonalizedOptimizer(Optimizer):
             query head, and each group's key and value head: kv_channels rows) as its own matrix.
         local_gram: where a whole matrix is orthogonalized on one rank (duplicated, home, unsharded): "auto"
             runs the Gram-space recursion where it is cheaper (dist_ortho.tp.local), "always", "never".
-        batch_matrices: same-shape whole matrices on one rank run as one batched iteration (False keeps
-            home bit-identical to duplicated: a batched matmul may round differently).
+        batch_matrices: whether same-shape whole matrices on one rank run Newton-Schulz as one batched
+            iteration: "auto" (where it pays on this device, dist_ortho.tp.batching), True, or False (keeps home
+            bit-identical to duplicated: a batched matmul may round differently).
         nonfinite: what a step does when an update is not finite (a NaN or Inf in some rank's gradient):
             "raise" (default, as Megatron-LM raises on NaN gradients) a FloatingPointError naming the parameter
             and step, "skip" the step on every rank (weights and state untouched, counted in
-            ``skipped_steps``), "ignore" (write it). The check runs on results every rank of a group shares,
-            so all ranks decide alike; nothing is written before it.
+            ``skipped_steps``), "ignore" (write it). One check over the whole step (dist_ortho.optim.nonfinite),
+            on results every rank of a group shares, so all ranks decide alike; nothing is written before it.
+            Default None: "raise", or "skip" when ``capturable``.
+        capturable: keep the steady-state step free of host syncs, so that it can be captured in a CUDA graph
+            (torch's name): ``lr`` is kept as a device tensor (a float given is converted; LR schedulers set it
+            in place), a "skip" is committed on the device, and anything that must sync ("raise", MOP's SVD,
+            a non-tensor lr set later) is refused with a ValueError naming it.
+        param_names: a mapping (or (name, tensor) pairs) naming parameters in messages and plans; names also come
+            from torch's own named parameters (``model.named_parameters()`` passed as ``params``).
         dp_group: the data-parallel group that replicates the TP groups (gradients already averaged over it,
             e.g. by DDP). Each parameter is then updated by one owner replica only (dist_ortho.grid), which
             alone keeps its state, and shared with the others after the step.
@@ -131,11 +129,17 @@ class OrthogonalizedOptimizer(Optimizer):
     forwarded_options = frozenset({
         "tp_group", "tp_mode", "expert_tp_group", "conv_mode", "split_qkv", "qkv_split_shapes", "is_qkv_fn",
         "qkv_per_head", "coalesce", "bucket_bytes", "local_gram", "batch_matrices", "nonfinite", "dp_group",
-        "reduce_grads", "device_mesh",
+        "reduce_grads", "device_mesh", "capturable", "param_names",
     })
     # Members whose update reads ctx.orthogonalized: the step runs Newton-Schulz of every direction
     # first, for all matrices together.
     uses_newton_schulz = False
+    # Members whose update is written over a batch (a leading dim, one matrix per member of a group; norms and
+    # the like per matrix). False (a member written for one matrix, or scaled_orthogonalize_fn): every
+    # parameter is its own group and the contexts carry its matrix alone.
+    batched = False
+    # Members whose update makes a host sync (an SVD): refused with capturable=True.
+    syncs_host = False
 
     def __new__(cls, *args: Any, **kwargs: Any) -> OrthogonalizedOptimizer:
         # Before any __init__ runs: a misspelled or fixed keyword is a TypeError naming it and the accepted ones.
@@ -164,11 +168,13 @@ class OrthogonalizedOptimizer(Optimizer):
         coalesce: bool = True,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         local_gram: LocalGram = "auto",
-        batch_matrices: bool = True,
-        nonfinite: Nonfinite = "raise",
+        batch_matrices: BatchMatrices = "auto",
+        nonfinite: Nonfinite | None = None,
         dp_group: comm.ProcessGroup | None = None,
         reduce_grads: bool = False,
         device_mesh: Any = None,
+        capturable: bool = False,
+        param_names: Any = None,
         **member_options: Any,
     ) -> None:
         if device_mesh is not None:
@@ -188,7 +194,7 @@ class OrthogonalizedOptimizer(Optimizer):
             coalesce=coalesce,
             local_gram=local_gram,
             batch_matrices=batch_matrices,
-            nonfinite=nonfinite,
+            nonfinite=nonfinite if nonfinite is not None else ("skip" if capturable else "raise"),
             **member_options,
         )
         if scaled_orthogonalize_fn is None and type(self).update is OrthogonalizedOptimizer.update:
@@ -201,25 +207,51 @@ class OrthogonalizedOptimizer(Optimizer):
         self.is_qkv_fn = is_qkv_fn
         self.bucket_bytes = bucket_bytes
         # Derived once from the parameters (their shapes on every rank), never changed after:
-        self._layouts: dict[torch.Tensor, MatrixLayout] = {}
-        self._parts: dict[torch.Tensor, list[tuple[torch.Tensor, MatrixLayout]]] = {}
-        self._owners: dict[torch.Tensor, int] = {}  # DP owner of each parameter (with dp_group)
-        # DTensor parameters: how they are held, a shape-only stand-in of this rank's TP block, and (on the
-        # owner, during a step) the block's values and gradient.
-        self._holdings: dict[torch.Tensor, DTensorHolding] = {}
-        self._standins: dict[torch.Tensor, torch.Tensor] = {}
-        self._blocks: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.layouts = ParamLayouts(tp_group, expert_tp_group, dp_group, self.is_qkv)
         self._logged_plan: str | None = None
         self._agreed_plans: list[tuple] = []  # the last few plans all ranks agreed on
         self._step_count = 0
         self._grads_reduced = False  # reduce_gradients() ran since the last step
         self.skipped_steps = 0  # steps skipped for a non-finite update (nonfinite="skip")
+        self.capturable = capturable
+        self.names: dict[torch.Tensor, str] = {}  # parameter -> name, for messages and plans
+        self._given: list[tuple[dict[str, Any], list[torch.Tensor]]] = []  # each group's parameters as given
+        self._without_grad: dict[torch.Tensor, bool] = {}  # steps with a zero gradient when it has none
+        self._plans: dict[tuple, StepPlan] = {}
+        self._state_seen: Any = None
+        self._plan_seen: StepPlan | None = None
+        self._engine = GroupStep(self)
         super().__init__(params, defaults)
+        if param_names is not None:
+            self.name_params(param_names.items() if isinstance(param_names, dict) else param_names)
+
+    # -- names --
+    def name_params(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Name parameters (``model.named_parameters()``) for messages and plans; unknown tensors are ignored."""
+        mine = {p for group in self.param_groups for p in group["params"]}
+        for name, p in named:
+            if p in mine:
+                self.names[p] = name
+
+    def _carry_names(self) -> None:
+        """Names of parameters that a wrapper replaced in their group after construction (megatron-core's
+        fp32 master copies of bf16 weights) pass to the tensors that took their place."""
+        for group, given in self._given:
+            for old, new in zip(given, group["params"]):
+                if new is not old and old in self.names and new not in self.names:
+                    self.names[new] = self.names[old]
+
+    def name_of(self, p: torch.Tensor) -> str:
+        """The parameter's name, or its shape when it has none."""
+        return self.names.get(p) or f"a parameter of shape {tuple(p.shape)}"
 
     # -- construction-time checks, per group (so that per-group overrides are checked too) --
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        self.check_group(self.param_groups[-1])
+        group = self.param_groups[-1]
+        self.names.update(zip(group["params"], group.get("param_names", ())))
+        self._given.append((group, list(group["params"])))
+        self.check_group(group)
 
     def check_group(self, group: dict[str, Any]) -> None:
         """Validate a param group's options; members extend this (call super)."""
@@ -231,6 +263,10 @@ class OrthogonalizedOptimizer(Optimizer):
         check_choice("tp_mode", group["tp_mode"], TP_MODES)
         check_choice("local_gram", group["local_gram"], LOCAL_GRAM)
         check_choice("nonfinite", group["nonfinite"], NONFINITE)
+        if not isinstance(group["batch_matrices"], bool) and group["batch_matrices"] != "auto":
+            raise ValueError(f"batch_matrices must be 'auto', True or False, got {group['batch_matrices']!r}")
+        if self.capturable:
+            self._check_capturable(group)
         if group["conv_mode"] is not None:
             check_choice("conv_mode", group["conv_mode"], CONV_MODES)
         if "coefficient_type" in group:  # members that run Newton-Schulz
@@ -239,6 +275,18 @@ class OrthogonalizedOptimizer(Optimizer):
             check_number("extra_scale_factor", group["extra_scale_factor"])
         for p in group["params"]:
             self.check_param(p, group)
+
+    def _check_capturable(self, group: dict[str, Any]) -> None:
+        """capturable=True: refuse what would sync with the host in every step; lr becomes a device tensor."""
+        what = None
+        if group["nonfinite"] == "raise":
+            what = "nonfinite='raise' reads the finite check on the host: pass nonfinite='skip' (on the device) or 'ignore'"
+        elif self.syncs_host:
+            what = f"{type(self).__name__}'s update syncs with the host (an SVD)"
+        if what is not None:
+            raise ValueError(f"capturable=True: {what}")
+        if not isinstance(group["lr"], torch.Tensor) and group["params"]:
+            group["lr"] = torch.tensor(float(group["lr"]), device=local(group["params"][0]).device)
 
     def check_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         if p.ndim == 2 or (p.ndim > 2 and group["conv_mode"] is not None):
@@ -250,97 +298,22 @@ class OrthogonalizedOptimizer(Optimizer):
         )
         raise ValueError(f"{type(self).__name__} orthogonalizes matrices; got a parameter of shape {tuple(p.shape)}: {hint}")
 
-    # -- tensor-parallel layout of each parameter, found once for all of them --
+    # -- how each parameter is held (dist_ortho.optim.layouts), found once for all of them --
     def layout(self, p: torch.Tensor) -> MatrixLayout:
         """The global layout of p's matrix view."""
-        if p not in self._layouts:
-            self._find_layouts()
-        return self._layouts[p]
+        if p not in self.layouts:
+            self._carry_names()
+            new = [(q, group) for group in self.param_groups for q in group["params"] if q not in self.layouts]
+            self.layouts.find(new, self.names.get)
+        return self.layouts.layouts[p]
 
     def part_layouts(self, p: torch.Tensor) -> list[MatrixLayout]:
         """Layouts of the components of a split fused weight, in state-key order part0, part1, ... (else [])."""
         self.layout(p)
-        return [layout for _, layout in self._parts.get(p, [])]
+        return [layout for _, layout in self.layouts.parts.get(p, [])]
 
     def is_qkv(self, p: torch.Tensor) -> bool:
         return bool(self.is_qkv_fn(p)) if self.is_qkv_fn is not None else getattr(p, "is_qkv", False) is True
-
-    def _split_fused(self, p: torch.Tensor, group: dict[str, Any]) -> None:
-        """The components of a fused QKV weight, each with its own global layout (after _find_layouts)."""
-        shapes = getattr(p, "qkv_split_shapes", None) or group["qkv_split_shapes"]
-        name = getattr(p, "_dist_ortho_name", None) or f"fused QKV weight of shape {tuple(p.shape)}"
-        if shapes is None:
-            raise ValueError(f"{name} is marked as fused QKV but has no qkv_split_shapes (set it on the parameter or pass qkv_split_shapes=)")
-        if p.ndim != 2:
-            raise ValueError(f"{name}: a fused QKV weight must be 2D, got shape {tuple(p.shape)}")
-        layout = self._layouts[p]
-        if layout.partition_dim == 0:
-            rank_rows, rank = list(layout.sizes), comm.group_rank(layout.spec.group)
-        else:
-            rank_rows, rank = [self._standins.get(p, p).size(0)], 0
-        if group["qkv_per_head"]:  # every head its own matrix: one "group" of head-sized pieces
-            head, rows = shapes[-1], sum(rank_rows)
-            if rows % head:
-                raise ValueError(f"{name} has {rows} rows, not a multiple of the head size {head}")
-            shapes = [head] * (rows // head)
-        self._parts[p] = [
-            (part.index, MatrixLayout(layout.spec, tuple(part.sizes) if layout.partition_dim == 0 else layout.sizes,
-                                      (part.rows, layout.cols)))
-            for part in qkv_parts(rank_rows, rank, shapes, name)
-        ]
-
-    def _find_layouts(self) -> None:
-        """Read every new parameter's shard spec and check its shapes across ranks: one collective per group."""
-        if not self._layouts:
-            check_grid(self.tp_group, self.dp_group)
-        new = [(p, group) for group in self.param_groups for p in group["params"] if p not in self._layouts]
-        self._find_holdings([p for p, _ in new])
-        views = [(q, matrix_view(q.detach(), group["conv_mode"])) for q, group in ((self._standins.get(p, p), g) for p, g in new)]
-        blockwise = [group["tp_mode"] == "blockwise" for _, group in new]
-        for (p, group), layout in zip(new, find_layouts(views, self.tp_group, self.expert_tp_group, blockwise)):
-            if p in self._holdings and layout.shape != tuple(p.shape):
-                raise ValueError(f"{self._standins[p]._dist_ortho_name}: its TP blocks make a {layout.shape} matrix, "
-                                 f"not its global shape {tuple(p.shape)}: placements that dist_ortho cannot reassemble")
-            self._layouts[p] = layout
-        for p, group in new:  # every rank has the same layouts now, so errors here are alike
-            if group["split_qkv"] and self.is_qkv(p):
-                self._split_fused(p, group)
-        def shapes(p: torch.Tensor) -> list[tuple[int, ...]]:
-            return [layout.shape for _, layout in self._parts.get(p, [])] or [self._layouts[p].shape]
-
-        taken = [(shapes(p), owner) for p, owner in self._owners.items()]
-        owners = assign_owners([shapes(p) for p, _ in new], comm.group_size(self.dp_group), taken)
-        self._owners.update(zip((p for p, _ in new), owners))
-
-    def _find_holdings(self, params: Sequence[torch.Tensor]) -> None:
-        """Holdings and TP-block stand-ins of new DTensor parameters (one all-gather over DP, when sharded).
-        A stand-in has the block's shape, dtype and TE attributes, and no storage of its own."""
-        dtensors = [p for p in params if is_dtensor(p)]
-        if not dtensors:
-            return
-        for p, holding in zip(dtensors, find_holdings(dtensors, self.tp_group, self.dp_group)):
-            standin = torch.zeros((), dtype=p.dtype, device=local(p).device).expand(holding.block_shape)
-            if holding.tp_dim is not None:
-                standin.tensor_model_parallel, standin.partition_dim = True, holding.tp_dim
-            standin._dist_ortho_name = getattr(p, "_dist_ortho_name", None) or f"DTensor {tuple(p.shape)}"
-            for attribute in ("is_qkv", "qkv_split_shapes"):
-                if hasattr(p, attribute):
-                    setattr(standin, attribute, getattr(p, attribute))
-            self._holdings[p], self._standins[p] = holding, standin
-
-    def _value(self, p: torch.Tensor) -> torch.Tensor:
-        """The tensor the step updates for p: p itself, a DTensor's local tensor, or (DP-sharded DTensor) its TP
-        block: the owner's buffer that each step gathers into, else a shape-only stand-in."""
-        if p in self._blocks:
-            return self._blocks[p][0]
-        if p in self._holdings and self._holdings[p].dp_dim is None:
-            return local(p)
-        return self._standins.get(p, p)
-
-    def _grad(self, p: torch.Tensor) -> torch.Tensor | None:
-        if p in self._blocks:
-            return self._blocks[p][1]
-        return local(p.grad) if p.grad is not None else None
 
     # -- how each state tensor is held (read by checkpoints) --
     def state_holding(self, p: torch.Tensor, path: Sequence[str]) -> Held:
@@ -373,7 +346,7 @@ class OrthogonalizedOptimizer(Optimizer):
 
     def init_state_program(self, ctx: MatrixContext) -> Program[None]:
         """Program run at a parameter's first step, for all new parameters together (default: init_state)."""
-        self.init_state(ctx.param, ctx.param_state, ctx.options)
+        self.init_state(ctx.param, ctx.state, ctx.options)
         yield from ()
 
     def update(self, ctx: MatrixContext) -> Program[torch.Tensor]:
@@ -384,20 +357,31 @@ class OrthogonalizedOptimizer(Optimizer):
         return ctx.own_block(self.scaled_orthogonalize_fn(full))
 
     def pre_weight_update(self, ctx: MatrixContext, update: torch.Tensor) -> Program[None]:
-        """Program run with a parameter's whole update before W <- W - lr * update."""
-        self.pre_weight_update_fn_inplace(ctx.param, update)
+        """Program run with the whole update before W <- W - lr * update (a batch: the group's weights)."""
+        if type(self).pre_weight_update_fn_inplace is not OrthogonalizedOptimizer.pre_weight_update_fn_inplace:
+            for p, u in zip(*self._members(ctx, ctx.param, update)):
+                self.pre_weight_update_fn_inplace(p, u)
         yield from ()
 
     def post_weight_update(self, ctx: MatrixContext) -> Program[None]:
         """Program run after the update."""
-        self.post_weight_update_fn_inplace(ctx.param)
+        if type(self).post_weight_update_fn_inplace is not OrthogonalizedOptimizer.post_weight_update_fn_inplace:
+            for (p,) in zip(*self._members(ctx, ctx.param)):
+                self.post_weight_update_fn_inplace(p)
         yield from ()
 
+    @staticmethod
+    def _members(ctx: MatrixContext, *batches: torch.Tensor) -> list[Sequence[torch.Tensor]]:
+        """Each batch as one tensor per member (the members' matrix views), for per-parameter hooks."""
+        count = len(ctx.names) if ctx.batched else 1
+        return [list(t.chunk(count)) if ctx.batched and count != t.size(0) else (list(t) if ctx.batched else [t])
+                for t in batches]
+
     def pre_weight_update_fn_inplace(self, p: torch.Tensor, update: torch.Tensor) -> None:
-        """Called with the update before W <- W - lr * update (local, no collectives)."""
+        """Called with one weight's update (its matrix view) before W <- W - lr * update (no collectives)."""
 
     def post_weight_update_fn_inplace(self, p: torch.Tensor) -> None:
-        """Called after the update (local, no collectives)."""
+        """Called with one weight (its matrix view) after the update (no collectives)."""
 
     @staticmethod
     def _l2(group: dict[str, Any]) -> bool:
@@ -412,122 +396,34 @@ class OrthogonalizedOptimizer(Optimizer):
         p.mul_(1 - factor)
 
     # -- Newton-Schulz jobs and the plan they follow --
-    @staticmethod
-    def ns_spec(group: dict[str, Any]) -> NsSpec:
+    def ns_spec(self, group: dict[str, Any]) -> NsSpec | None:
+        """The group's Newton-Schulz spec (None for members that run none)."""
+        if "num_ns_steps" not in group:
+            return None
         custom = group.get("custom_coefficient_sets")
         return NsSpec(
             group["num_ns_steps"], group["coefficient_type"], tuple(map(tuple, custom)) if custom else None,
             use_syrk=group.get("use_syrk", False), local_gram=group["local_gram"], batch=group["batch_matrices"],
+            sync_free=self.capturable,
         )
 
-    def _job(self, ctx: MatrixContext, x: torch.Tensor, sharing: int = 1) -> MatrixJob:
-        """The Newton-Schulz job of a matrix, its mode resolved (auto) under the group's precision."""
-        layout, options = ctx.layout, ctx.options
-        job = MatrixJob(x, layout.partition_dim, layout.group, list(layout.sizes) if layout.sizes else None,
-                        options["tp_mode"], self.ns_spec(options))
-        with matmul_precision(options["fp32_matmul_prec"]):
-            return resolve(job, sharing)
-
-    @staticmethod
-    def _sharing(contexts: Sequence[MatrixContext]) -> list[int]:
-        """Per matrix, how many sharded matrices run coalesced with it in its TP group (auto's latency share)."""
-        def key(ctx: MatrixContext) -> tuple | None:
-            sharded = ctx.layout.partition_dim is not None and ctx.layout.group is not None
-            return (id(ctx.layout.group), ctx.options["fp32_matmul_prec"]) if sharded and ctx.options["coalesce"] else None
-
-        keys = [key(ctx) for ctx in contexts]
-        counts = Counter(keys)
-        return [counts[k] if k is not None else 1 for k in keys]
-
-    def _jobs(self, contexts: Sequence[MatrixContext]) -> list[MatrixJob]:
-        return [self._job(ctx, ctx.direction, n) for ctx, n in zip(contexts, self._sharing(contexts))]
-
-    def _plan(self, contexts: Sequence[MatrixContext], jobs: Sequence[MatrixJob]) -> str:
-        rows = []
-        for ctx, job, n in zip(contexts, jobs, self._sharing(contexts)):
-            with matmul_precision(ctx.options["fp32_matmul_prec"]):
-                rows.append(plan_row(self._label(ctx), job, n))
-        return format_plan(rows)
-
-    def _label(self, ctx: MatrixContext) -> str:
-        name = getattr(ctx.key, "_dist_ortho_name", None) or f"param {tuple(ctx.key.shape)}"
-        if ctx.part is None:
-            return name
-        count = len(self._parts[ctx.key])
-        parts = {3: "qkv", 4: "qgkv"}.get(count) if not ctx.options["qkv_per_head"] else None
-        return f"{name} [{parts[ctx.part] if parts else f'head {ctx.part}'}]"
-
-    def tp_plan(self) -> str:
-        """Each matrix (and fused-QKV component) with its global shape, the mode the step runs for it and the
-        predicted cost per mode (the same resolution as the step's)."""
-        contexts = [ctx for group in self.param_groups for p in group["params"]
-                    for ctx in self._matrices(self._context(p, group, self._value(p), self._value(p)))]
-        return self._plan(contexts, self._jobs(contexts))
-
     # -- the step --
-    def _context(self, p: torch.Tensor, group: dict[str, Any], grad: torch.Tensor, direction: torch.Tensor) -> MatrixContext:
-        conv_mode = group["conv_mode"]
-        return MatrixContext(self._value(p), group, self.layout(p), self.state[p], matrix_view(grad, conv_mode),
-                             matrix_view(direction, conv_mode), source=p)
-
-    def _matrices(self, ctx: MatrixContext) -> list[MatrixContext]:
-        """The matrices of a parameter: itself, or each component of a split fused weight."""
-        if ctx.key not in self._parts:
-            return [ctx]
-        return [
-            MatrixContext(ctx.param, ctx.options, layout, ctx.param_state, ctx.grad[index], ctx.direction[index], part=i,
-                          source=ctx.source)
-            for i, (index, layout) in enumerate(self._parts[ctx.key])
-        ]
-
-    def _run(self, contexts: Sequence[MatrixContext], programs: Sequence[Program[Any]]) -> list[Any]:
-        """Run one phase: each program under its group's precision; the coalesced ones in lockstep."""
-        wrapped = [under_precision(program, ctx.options["fp32_matmul_prec"]) for ctx, program in zip(contexts, programs)]
-        together = [i for i, ctx in enumerate(contexts) if ctx.options["coalesce"]]
-        results: list[Any] = [None] * len(wrapped)
-        for i, value in zip(together, run_many([wrapped[i] for i in together], self.bucket_bytes)):
-            results[i] = value
-        for i, ctx in enumerate(contexts):
-            if not ctx.options["coalesce"]:
-                results[i] = run(wrapped[i])
-        return results
-
-    def _newton_schulz(self, matrices: Sequence[MatrixContext]) -> None:
-        """ctx.orthogonalized for every matrix: one coalesced run per fp32 matmul precision."""
-        jobs = self._jobs(matrices)
-        plan = self._plan(matrices, jobs) if any(ctx.options["tp_mode"] == "auto" for ctx in matrices) else None
-        if plan is not None and plan != self._logged_plan:
-            logger.info("%s: tp_mode='auto' plan (predicted ms per mode):\n%s", type(self).__name__, plan)
-            self._logged_plan = plan
-        batches: dict[tuple[str, bool], list[int]] = {}
-        for i, ctx in enumerate(matrices):
-            batches.setdefault((ctx.options["fp32_matmul_prec"], ctx.options["coalesce"]), []).append(i)
-        for (precision, coalesce), members in batches.items():
-            with matmul_precision(precision):
-                if coalesce:
-                    results = orthogonalize_many([jobs[i] for i in members], self.bucket_bytes)
-                else:
-                    results = [orthogonalize_many([jobs[i]])[0] for i in members]
-            for i, result in zip(members, results):
-                matrices[i].orthogonalized = result
-
-    def _apply(self, ctx: MatrixContext, update: torch.Tensor) -> Program[None]:
-        yield from self.pre_weight_update(ctx, update)
-        ctx.param.add_(update, alpha=-ctx.options["lr"])
-        yield from self.post_weight_update(ctx)
-
-    def _taking_part(self) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    def _taking_part(self) -> list[torch.Tensor]:
         """The parameters this step updates: those with a gradient, and every tensor-parallel one that
         requires one (a missing gradient of a shard counts as zero, on every rank alike, so that the
         shards of one matrix always step together; Megatron's gradient buffers are never None either)."""
         out = []
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None and p.grad.is_sparse:
-                    raise TypeError(f"{type(self).__name__} does not support sparse gradients")
-                if p.grad is not None or (p.requires_grad and (self.layout(p).group is not None or p in self._holdings)):
-                    out.append((p, group))
+                if p.grad is not None or self._steps_without_grad(p):
+                    out.append(p)
         return out
+
+    def _steps_without_grad(self, p: torch.Tensor) -> bool:
+        known = self._without_grad.get(p)
+        if known is None:
+            known = self._without_grad[p] = p.requires_grad and (self.layout(p).group is not None or p in self.layouts.dtensors)
+        return known
 
     def _plan_entry(self, p: torch.Tensor, group: dict[str, Any]) -> tuple:
         """What every rank must agree on about one parameter of the step (it decides the collectives)."""
@@ -535,9 +431,9 @@ class OrthogonalizedOptimizer(Optimizer):
         ns = (group.get("num_ns_steps"), group.get("coefficient_type"), group.get("custom_coefficient_sets"))
         kind = None if layout.group is None else ("expert" if layout.group is self.expert_tp_group else "dense")
         return (
-            getattr(p, "_dist_ortho_name", None), tuple(layout.shape), layout.partition_dim, kind, str(p.dtype),
+            self.names.get(p), tuple(layout.shape), layout.partition_dim, kind, str(p.dtype),
             group["tp_mode"], ns, group["coalesce"], group["fp32_matmul_prec"], group["local_gram"],
-            group["batch_matrices"], group["nonfinite"], len(self._parts.get(p, ())),
+            group["batch_matrices"], group["nonfinite"], len(self.layouts.parts.get(p, ())),
         )
 
     def _agree(self, params: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> None:
@@ -548,7 +444,7 @@ class OrthogonalizedOptimizer(Optimizer):
         key = (type(self).__name__, tuple(entries))
         if key in self._agreed_plans:
             return
-        labels = [getattr(p, "_dist_ortho_name", None) or f"param {i} {tuple(p.shape)}" for i, (p, _) in enumerate(params)]
+        labels = [self.names.get(p) or f"param {i} {tuple(p.shape)}" for i, (p, _) in enumerate(params)]
         what = (f"the {type(self).__name__} step's plan (entry: name, global shape, partition_dim, group, dtype, "
                 "tp_mode, (steps, coefficients), coalesce, fp32_matmul_prec, local_gram, batch_matrices, "
                 "nonfinite, QKV parts)")
@@ -556,29 +452,6 @@ class OrthogonalizedOptimizer(Optimizer):
             if comm.group_size(group) > 1:
                 comm.agree([(type(self).__name__, *e) for e in entries], labels, group, what)
         self._agreed_plans = [*self._agreed_plans[-3:], key]
-
-    def _check_finite(self, matrices: Sequence[MatrixContext], results: Sequence[torch.Tensor]) -> bool:
-        """True when every result is finite; else raise, or False to skip, per ``nonfinite``.
-
-        The results are Newton-Schulz outputs or updates of whole global matrices, which carry a NaN of any
-        rank's shard to every rank of the group through their collectives, so every rank decides alike."""
-        for ctx, result in zip(matrices, results):
-            if bool(torch.isfinite(result).all()):
-                continue
-            policy = ctx.options["nonfinite"]
-            if policy == "ignore":
-                continue
-            if policy == "raise":
-                raise FloatingPointError(
-                    f"{type(self).__name__} step {self._step_count}: the update of {ctx.name} is not finite (a NaN "
-                    "or Inf in its gradient or momentum on some rank). Nothing was written. Pass nonfinite='skip' "
-                    "to skip such steps, or 'ignore' to write them."
-                )
-            logger.warning("%s step %d: skipped (the update of %s is not finite); weights and state untouched",
-                           type(self).__name__, self._step_count, ctx.name)
-            self.skipped_steps += 1
-            return False
-        return True
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -595,14 +468,14 @@ class OrthogonalizedOptimizer(Optimizer):
     def owner(self, p: torch.Tensor) -> int:
         """The DP rank that updates ``p`` and keeps its state (0 without dp_group)."""
         self.layout(p)
-        return self._owners[p]
+        return self.layouts.owners[p]
 
     def owns(self, p: torch.Tensor) -> bool:
         """Whether this rank's replica updates ``p`` and keeps its state."""
         return self.owner(p) == comm.group_rank(self.dp_group)
 
     def _dp_sharded(self, p: torch.Tensor) -> bool:
-        return p in self._holdings and self._holdings[p].dp_dim is not None
+        return self.layouts.dtensors.dp_sharded(p)
 
     def reduce_gradients(self) -> None:
         """With ``reduce_grads``: average the gradients into their owners now (the step does it otherwise;
@@ -640,61 +513,102 @@ class OrthogonalizedOptimizer(Optimizer):
                     total += grad.double().square().sum().cpu()
         return total
 
+    def _step_plan(self, params: list[torch.Tensor]) -> StepPlan:
+        """The plan of a step with these parameters and options: made (and agreed on by every rank) when new,
+        then reused while the parameters taking part and the options that shape the step are unchanged."""
+        key = (tuple(map(id, params)),
+               tuple((id(g), tuple(repr(g.get(k)) for k in STRUCTURAL_OPTIONS)) for g in self.param_groups))
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+        taking_part = [(p, group_of[id(p)]) for p in params]
+        for p in params:
+            if p.grad is not None and p.grad.is_sparse:
+                raise TypeError(f"{type(self).__name__} does not support sparse gradients")
+        self._agree(taking_part)
+        dp_rank = comm.group_rank(self.dp_group)
+        owned = [(p, group) for p, group in taking_part if self.owner(p) == dp_rank]
+        sharded = [p for p in params if self._dp_sharded(p)]
+        replicated = [p for p in params if not self._dp_sharded(p)]
+        stacks = build_stacks(owned, self.layouts, self.state, self.name_of, type(self).batched)
+        rows = resolve_modes(stacks, self.ns_spec, self._local)
+        if any(stack.options["tp_mode"] == "auto" for stack in stacks):
+            printed = plan_table(rows, self._label)
+            if printed != self._logged_plan:
+                logger.info("%s: tp_mode='auto' plan (predicted ms per mode):\n%s", type(self).__name__, printed)
+                self._logged_plan = printed
+        self._agree_batching(batching_keys(stacks, self._local))
+        plan = StepPlan(owned, stacks, sharded, [self.owner(p) for p in sharded], replicated,
+                        [self.owner(p) for p in replicated])
+        self._plans = {key: plan}  # the latest plan only: a changed plan is made anew
+        return plan
+
+    def _local(self, stack: ParamStack) -> torch.Tensor:
+        """A member's local tensor (shape, dtype and device of the stack's members)."""
+        return self.layouts.dtensors.value(stack.params[0])
+
+    def _agree_batching(self, keys: Sequence[batching.Key]) -> None:
+        """Measure, where no choice is recorded yet, whether whole-matrix Newton-Schulz of these shapes pays
+        batched on this device (dist_ortho.tp.batching), and agree with every rank that computes the same
+        matrices (a majority over each TP group: one small all-reduce, only when there is something new)."""
+        new = batching.needs_measuring(keys)
+        if not new:
+            return
+        flags = torch.tensor([batching.measure(k) for k in new], dtype=torch.int64)
+        for group in (self.tp_group, self.expert_tp_group):
+            if comm.group_size(group) > 1:
+                votes = comm.all_reduce(flags.to(comm.collective_device(group)), group).cpu()
+                flags = (2 * votes >= comm.group_size(group)).to(torch.int64)
+        batching.record({k: bool(f) for k, f in zip(new, flags.tolist())})
+
     def _step(self) -> None:
         self.reduce_gradients()
         self._grads_reduced = False
-        taking_part = self._taking_part()
-        self._agree(taking_part)
-        dp_rank = comm.group_rank(self.dp_group)
-        sharded = [p for p, _ in taking_part if self._dp_sharded(p)]
-        if sharded:  # DP pieces of DTensor parameters to their owners, each as one TP block
-            owners = [self.owner(p) for p in sharded]
-            gather_blocks(sharded, [self._holdings[p] for p in sharded], owners, self.dp_group, self._blocks)
-        self._update([(p, group) for p, group in taking_part if self.owner(p) == dp_rank])
-        if sharded:
-            scatter_blocks(sharded, [self._holdings[p] for p in sharded], owners, self.dp_group, self._blocks)
-        replicated = [p for p, _ in taking_part if not self._dp_sharded(p)]
-        if comm.group_size(self.dp_group) > 1 and replicated:
-            run(share_program([self._value(p) for p in replicated], [self.owner(p) for p in replicated], self.dp_group))
+        plan = self._step_plan(self._taking_part())
+        fresh = False
+        if self.state is not self._state_seen or plan is not self._plan_seen:  # new state dicts, or a new plan
+            refresh_states(plan.stacks)
+            self._state_seen, self._plan_seen = self.state, plan
+            fresh = True
+        dtensors = self.layouts.dtensors
+        if plan.sharded:  # DP pieces of DTensor parameters to their owners, each as one TP block
+            dtensors.gather(plan.sharded, plan.sharded_owners, self.dp_group)
+        if fresh:  # parameters may be at their first step
+            self._init_fresh([p for p, _ in plan.owned])
+        self._engine.run(plan.stacks)
+        if plan.sharded:
+            dtensors.scatter(plan.sharded, plan.sharded_owners, self.dp_group)
+        if comm.group_size(self.dp_group) > 1 and plan.replicated:
+            run(share_program([dtensors.value(p) for p in plan.replicated], plan.replicated_owners, self.dp_group))
 
-    def _update(self, params: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> None:
-        """The step of the parameters this replica owns (all of them without dp_group)."""
-        fresh = [MatrixContext(self._value(p), group, self.layout(p), self.state[p], source=p)
-                 for p, group in params if not self.state[p]]
-        self._run(fresh, [self.init_state_program(ctx) for ctx in fresh])
-        wholes, momenta = [], []
-        for p, group in params:
-            value, raw = self._value(p), self._grad(p)
-            raw = raw if raw is not None else torch.zeros_like(value)
-            grad = raw.add(value, alpha=group["weight_decay"]) if self._l2(group) else raw
-            momentum = self.state[p]["momentum_buffer"].lerp(grad, 1 - group["momentum"])
-            direction = grad.lerp(momentum, group["momentum"]) if group["nesterov"] else momentum
-            wholes.append(self._context(p, group, grad, direction))
-            momenta.append(momentum)
-        matrices = [ctx for whole in wholes for ctx in self._matrices(whole)]
-        if self.uses_newton_schulz:
-            self._newton_schulz(matrices)
-            if not self._check_finite(matrices, [ctx.orthogonalized for ctx in matrices]):
-                return
-        pieces = self._run(matrices, [self.update(ctx) for ctx in matrices])
-        if not self._check_finite(matrices, pieces):
+    def _init_fresh(self, params: Sequence[torch.Tensor]) -> None:
+        """Fill the state of those ``params`` that have none (their first step): init_state_program, one
+        matrix per context, all together."""
+        fresh = [p for p in params if not self.state[p]]
+        if not fresh:
             return
-        pieces = iter(pieces)
-        updates = []
-        for whole, momentum in zip(wholes, momenta):
-            p, conv_mode = whole.param, whole.options["conv_mode"]
-            if whole.key in self._parts:
-                update = torch.empty(whole.direction.shape, dtype=p.dtype, device=p.device)
-                for index, _ in self._parts[whole.key]:
-                    update[index] = next(pieces).to(p.dtype)
-            else:
-                update = next(pieces)
-            if p.ndim > 2 and conv_mode == "batched":
-                update = update * (update.size(0) ** -0.5)
-            updates.append(from_matrix_view(update, p, conv_mode).to(p.dtype))
-            whole.param_state["momentum_buffer"].copy_(momentum)
-            self.apply_weight_decay(p, whole.options)
-        self._run(wholes, [self._apply(whole, update) for whole, update in zip(wholes, updates)])
+        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+        contexts = [MatrixContext(self.layouts.dtensors.value(p), group_of[id(p)], self.layout(p), self.state[p],
+                                  names=[self.name_of(p)], batched=False) for p in fresh]
+        run_phase(contexts, [self.init_state_program(ctx) for ctx in contexts], self.bucket_bytes)
+
+    def _label(self, p: torch.Tensor, part: Part, group: dict[str, Any]) -> str:
+        name = self.name_of(p)
+        if part.number is None:
+            return name
+        count = len(self.layouts.parts[p])
+        parts = {3: "qkv", 4: "qgkv"}.get(count) if not group["qkv_per_head"] else None
+        return f"{name} [{parts[part.number] if parts else f'head {part.number}'}]"
+
+    def tp_plan(self) -> str:
+        """Each matrix (and fused-QKV component) with its global shape, the mode the step runs for it and the
+        predicted cost per mode (the same resolution as the step's)."""
+        every = [(p, group) for group in self.param_groups for p in group["params"]]
+        for p, _ in every:
+            self.layout(p)
+        stacks = build_stacks(every, self.layouts, self.state, self.name_of, type(self).batched)
+        return plan_table(resolve_modes(stacks, self.ns_spec, self._local), self._label)
 
 
 def mesh_groups(mesh: Any, tp_group: comm.ProcessGroup | None, dp_group: comm.ProcessGroup | None
@@ -716,10 +630,3 @@ def call_closure(closure: Callable[[], float] | None) -> float | None:
         return None
     with torch.enable_grad():
         return closure()
-
-
-def param_names(named: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Tag parameters with their names, so that error messages and routing logs can name them."""
-    for name, p in named:
-        p._dist_ortho_name = name  # type: ignore[attr-defined]
-

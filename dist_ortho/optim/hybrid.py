@@ -29,12 +29,9 @@ _ROUTING_KEYS = ("use_muon", "use_fallback")
 _ADAMW_KEYS = {"adamw_lr": "lr", "adamw_betas": "betas", "adamw_eps": "eps", "adamw_weight_decay": "weight_decay"}
 
 
-def _named(params: Any) -> list[tuple[str, torch.Tensor]]:
-    out = []
-    for i, item in enumerate(params):
-        name, p = item if isinstance(item, tuple) else (getattr(item, "_dist_ortho_name", f"param{i}"), item)
-        out.append((name, p))
-    return out
+def _named(params: Any) -> list[tuple[str | None, torch.Tensor]]:
+    """(name, tensor) of each item of ``params`` (None for a tensor given without a name)."""
+    return [item if isinstance(item, tuple) else (None, item) for item in params]
 
 
 class MuonAdamW(Optimizer):
@@ -81,9 +78,9 @@ class MuonAdamW(Optimizer):
             options = {k: v for k, v in group.items() if k != "params" and k not in _ROUTING_KEYS and k not in _ADAMW_KEYS}
             flags = {k: group.get(k) for k in _ROUTING_KEYS}
             matrices, others = [], []
-            for name, p in named:
+            for i, (name, p) in enumerate(named):
                 decision = route(p, **flags, dims=dims.get(p), min_dim=min_dim, max_aspect_ratio=max_aspect_ratio)
-                log_routing(name, p, decision, verbose)
+                log_routing(name or f"param{i}", p, decision, verbose)
                 (matrices if decision.use_muon else others).append(p)
             if matrices:
                 matrix_groups.append({"params": matrices, "use_muon": True, **options})
@@ -92,6 +89,8 @@ class MuonAdamW(Optimizer):
                 adamw.update({_ADAMW_KEYS[k]: v for k, v in group.items() if k in _ADAMW_KEYS})
                 fallback_groups.append({"params": others, "use_muon": False, **adamw})
         self.tp_group, self.dp_group = tp_group, dp_group
+        names = {name: p for named in named_groups for name, p in named if name is not None}
+        kwargs.setdefault("param_names", names)
         self._assemble(
             matrix_cls(matrix_groups, conv_mode=conv_mode, **kwargs) if matrix_groups else None,
             torch.optim.AdamW(fallback_groups) if fallback_groups else None,

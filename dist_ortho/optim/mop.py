@@ -20,6 +20,9 @@ MOP_SCALE_MODES = ("nuclear_norm", *SCALE_MODES)
 
 
 class MOP(OrthogonalizedOptimizer):
+    batched = True
+    syncs_host = True  # torch.linalg.svd checks for convergence on the host
+
     def __init__(
         self,
         params: ParamsT,

@@ -26,6 +26,7 @@ class Muon(OrthogonalizedOptimizer):
     """Muon: momentum, Newton-Schulz, shape scale. Arguments as emerging_optimizers' Muon, plus TP ones."""
 
     uses_newton_schulz = True
+    batched = True
 
     def __init__(
         self,
@@ -92,16 +93,16 @@ class MuonHyperball(Muon):
     def init_state_program(self, ctx: MatrixContext) -> Program[None]:
         yield from super().init_state_program(ctx)
         p = ctx.param
-        norm = (yield from ctx.norm(p)).item()
-        if norm == 0:
+        norm = yield from ctx.norm(p)  # one per matrix (of an expert weight), or the weight's
+        if bool((norm == 0).any()):  # the first step only
             raise ValueError(
                 f"MuonHyperball: {ctx.name} has zero norm; it has no sphere to stay on "
                 "(initialize it, or optimize it with another optimizer)"
             )
         if self.hyperball_radius is not None:
-            p.mul_(self.hyperball_radius / norm)
-        radius = self.hyperball_radius if self.hyperball_radius is not None else norm
-        ctx.state["hyperball_radius"] = torch.tensor(radius, dtype=p.dtype, device=p.device)
+            p.mul_((self.hyperball_radius / norm).to(p.dtype)[..., None, None] if ctx.batched else self.hyperball_radius / norm.item())
+        radius = torch.full_like(norm, self.hyperball_radius) if self.hyperball_radius is not None else norm
+        ctx.state["hyperball_radius"] = radius.to(dtype=p.dtype, device=p.device)
 
     def held_state(self, key: str, layout: MatrixLayout, group: dict[str, Any]) -> Held | None:
         return REPLICATED_HELD if key == "hyperball_radius" else super().held_state(key, layout, group)
@@ -109,7 +110,7 @@ class MuonHyperball(Muon):
     def _to_sphere(self, ctx: MatrixContext, x: torch.Tensor) -> Program[None]:
         radius = ctx.state["hyperball_radius"].double()
         norm = yield from ctx.norm(x)
-        x.mul_((radius / (norm + self.hyperball_eps)).to(x.dtype))
+        x.mul_((radius / (norm + self.hyperball_eps)).to(x.dtype)[..., None, None])
 
     def pre_weight_update(self, ctx: MatrixContext, update: torch.Tensor) -> Program[None]:
         yield from self._to_sphere(ctx, update)

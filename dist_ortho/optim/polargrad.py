@@ -18,6 +18,7 @@ from dist_ortho.optim.context import MatrixContext
 
 class PolarGrad(OrthogonalizedOptimizer):
     uses_newton_schulz = True
+    batched = True
 
     def __init__(
         self,

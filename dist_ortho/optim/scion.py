@@ -22,6 +22,7 @@ from dist_ortho.optim.scale import muon_scale
 
 class Scion(OrthogonalizedOptimizer):
     uses_newton_schulz = True
+    batched = True
 
     def __init__(
         self,

@@ -58,6 +58,7 @@ def gram_newton_schulz(
     restarts: Sequence[int] = (),
     use_syrk: bool = False,
     global_cols: int | None = None,
+    sync_free: bool = False,
 ) -> Program[torch.Tensor]:
     """Program: Gram-space Newton-Schulz of x (k x n_l, its columns sharded over tp_group).
 
@@ -68,6 +69,9 @@ def gram_newton_schulz(
     R is singular and the recursion amplifies rounding in its null space by up to prod(a_j), so the
     products with X_l then also run at "highest" precision: that case costs float32 k^2 n products
     and k^3 work on the larger side, and ``tp_mode="auto"`` does not pick gram for it.
+
+    ``sync_free``: X is always normalized with a float64 norm first (one more all-reduce), instead of testing
+    trace(R_0) on the host, so that the program never waits for the device (capturable steps).
     """
     dtype = compute_dtype(x.dtype, x.device)
     small = torch.promote_types(dtype, torch.float32)
@@ -85,16 +89,17 @@ def gram_newton_schulz(
     # The iterate is Q X scale; R is always the Gram matrix of exactly the X held (in its dtype), since
     # any mismatch between the two lands in R's null space and is amplified when k > n.
     X = x.to(dtype)
-    R = yield AllReduce(local_gram(X), tp_group)
-    trace = R.diagonal(dim1=-2, dim2=-1).double().sum(-1)
+    if not sync_free:
+        R = yield AllReduce(local_gram(X), tp_group)
+        trace = R.diagonal(dim1=-2, dim2=-1).double().sum(-1)
     low, high = GRAM_TRACE_BAND
-    if bool(((trace < low) | (trace > high)).any()):
+    if sync_free or bool(((trace < low) | (trace > high)).any()):
         # Entries too small or large for a Gram matrix in this dtype (squares of 1e-30 underflow to a zero
         # trace), or a zero matrix: normalize with a float64 norm first (zero stays zero), then re-form R.
         # R is the same on every rank, so every rank takes this branch together.
         X = scale_to_unit(x, (yield from reductions.sum_of_squares(x, tp_group)), eps).to(dtype)
         R = yield AllReduce(local_gram(X), tp_group)
-        scale = torch.ones_like(trace, dtype=small)[..., None, None]
+        scale = torch.ones(R.shape[:-2], dtype=small, device=R.device)[..., None, None]
     else:
         scale = (1.0 / (trace.sqrt() + eps)).to(small)[..., None, None]
         R = R * scale.square()
@@ -118,7 +123,7 @@ def program(job: MatrixJob) -> Program[torch.Tensor]:
     X = job.x.mT if job.partition_dim == 0 else job.x  # the sharded dim becomes the contraction dim
     ns = job.ns
     out = yield from gram_newton_schulz(
-        X, ns.coefficients, ns.eps, job.group, restarts_of(job), ns.use_syrk, sum(job.shard_sizes)
+        X, ns.coefficients, ns.eps, job.group, restarts_of(job), ns.use_syrk, sum(job.shard_sizes), ns.sync_free
     )
     out = out.to(job.x.dtype)
     return (out.mT if job.partition_dim == 0 else out).contiguous()

@@ -7,11 +7,14 @@ each rank its block. Per-rank compute is about total / t (not t-fold redundant a
 communication is two all-to-alls for all the matrices of a step, and the result is bit-identical to
 duplicated mode when same-shape matrices are not batched (``NsSpec.batch=False``: the same one-device
 iteration on the same gathered matrix); batched, the two agree to rounding (a batched matmul may round
-differently from single ones, and the batches differ: a home batches only the matrices it owns). Extra memory on a home: its matrices, whole.
+differently from single ones, and the batches differ: a home batches only the matrices it owns). A batch of
+matrices (a 3D job: a group of same-shape weights, or experts) is spread over the homes matrix by matrix.
+Extra memory on a home: its matrices, whole.
 """
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 from collections.abc import Sequence
@@ -43,10 +46,26 @@ def assign_homes(costs: Sequence[float], size: int, loads: Sequence[float] | Non
     return homes
 
 
-def _shard_shape(x: torch.Tensor, dim: int, size_along: int) -> list[int]:
-    shape = list(x.shape)
-    shape[dim] = size_along
-    return shape
+@functools.lru_cache(maxsize=64)
+def _homes(matrices: tuple[tuple[int, int, int], ...], size: int) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """Per job (global rows, cols, batch count), per rank: the job's matrices whose home it is (balanced over all
+    matrices of all jobs by :func:`assign_homes`; cached, since a step's jobs repeat)."""
+    costs = [float(max(m, n) * min(m, n) ** 2) for m, n, count in matrices for _ in range(count)]
+    flat = assign_homes(costs, size)
+    out, start = [], 0
+    for _, _, count in matrices:
+        mine = flat[start : start + count]
+        out.append(tuple(tuple(b for b, h in enumerate(mine) if h == r) for r in range(size)))
+        start += count
+    return tuple(out)
+
+
+def _index(which: Sequence[int], device: torch.device) -> slice | torch.Tensor:
+    """Batch positions ``which`` as a slice where they are evenly spaced (a view), else an index tensor."""
+    step = which[1] - which[0] if len(which) > 1 else 1
+    if step > 0 and all(b - a == step for a, b in zip(which, which[1:])):
+        return slice(which[0], which[-1] + 1, step)
+    return torch.tensor(which, device=device)
 
 
 def _flat(parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -54,26 +73,34 @@ def _flat(parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
 
 
 def program(jobs: Sequence[MatrixJob]) -> Program[list[torch.Tensor]]:
-    """Program orthogonalizing the jobs of one group and dtype at their home ranks; their blocks, in order."""
+    """Program orthogonalizing the jobs of one group and dtype at their home ranks; their blocks, in order.
+
+    A job may be a batch (3D): each of its matrices has a home of its own."""
     group = jobs[0].group
     size, rank = comm.group_size(group), comm.group_rank(group)
-    dims = [tensor_dim(job.x, job.partition_dim) for job in jobs]
+    xs = [job.x if job.x.ndim == 3 else job.x.unsqueeze(0) for job in jobs]
+    dims = [1 + job.partition_dim for job in jobs]  # the sharded tensor dim of each 3D x
     sizes = [job.shard_sizes for job in jobs]
-    shapes = [_shard_shape(job.x, d, sum(s)) for job, d, s in zip(jobs, dims, sizes)]
-    homes = assign_homes([ns_cost(s) for s in shapes], size)
-    mine = [i for i, h in enumerate(homes) if h == rank]
-    like = jobs[0].x
+    shapes = [list(x.shape) for x in xs]
+    for shape, d, s in zip(shapes, dims, sizes):
+        shape[d] = sum(s)
+    homes = _homes(tuple((sh[1], sh[2], sh[0]) for sh in shapes), size)
+    like = xs[0]
 
-    send = [_flat([job.x for job, h in zip(jobs, homes) if h == j], like) for j in range(size)]
-    recv = [sum(math.prod(_shard_shape(jobs[i].x, dims[i], sizes[i][j])) for i in mine) for j in range(size)]
+    def shard_numel(i: int, r: int) -> int:  # elements of one matrix of job i held by rank r
+        return math.prod(shapes[i][1:]) // shapes[i][dims[i]] * sizes[i][r]
+
+    send = [_flat([x[_index(homes[i][j], x.device)] for i, x in enumerate(xs) if homes[i][j]], like) for j in range(size)]
+    recv = [sum(len(homes[i][rank]) * shard_numel(i, j) for i in range(len(jobs))) for j in range(size)]
     received = yield AllToAll(send, recv, group)
 
-    fulls = []
-    offsets = [0] * size
+    mine = [i for i in range(len(jobs)) if homes[i][rank]]
+    fulls, offsets = [], [0] * size
     for i in mine:
-        pieces = []
+        count, pieces = len(homes[i][rank]), []
         for j in range(size):
-            shape = _shard_shape(jobs[i].x, dims[i], sizes[i][j])
+            shape = list(shapes[i])
+            shape[0], shape[dims[i]] = count, sizes[i][j]
             n = math.prod(shape)
             pieces.append(received[j][offsets[j] : offsets[j] + n].view(shape))
             offsets[j] += n
@@ -81,15 +108,21 @@ def program(jobs: Sequence[MatrixJob]) -> Program[list[torch.Tensor]]:
     outs = dict(zip(mine, local_many(fulls, [jobs[i].ns for i in mine])))
 
     back = [_flat([own_block(outs[i], jobs[i].partition_dim, j, sizes[i]) for i in mine], like) for j in range(size)]
-    back_recv = [sum(job.x.numel() for job, h in zip(jobs, homes) if h == j) for j in range(size)]
+    back_recv = [sum(len(homes[i][h]) * shard_numel(i, rank) for i in range(len(jobs))) for h in range(size)]
     received = yield AllToAll(back, back_recv, group)
 
-    results = []
-    offsets = [0] * size
-    for job, h in zip(jobs, homes):
-        n = job.x.numel()
-        results.append(received[h][offsets[h] : offsets[h] + n].view(job.x.shape).clone())
-        offsets[h] += n
+    results, offsets = [], [0] * size
+    for i, x in enumerate(xs):
+        out = torch.empty_like(x)
+        for h in range(size):
+            which = homes[i][h]
+            if not which:
+                continue
+            n = len(which) * x[0].numel()
+            piece = received[h][offsets[h] : offsets[h] + n].view(len(which), *x.shape[1:])
+            offsets[h] += n
+            out[_index(which, x.device)] = piece
+        results.append(out if jobs[i].x.ndim == 3 else out[0])
     return results
 
 

@@ -16,6 +16,7 @@ from dist_ortho import comm
 from dist_ortho.coalesce import AllGather, Program, run
 from dist_ortho.coefficients import Triple, get_coefficients
 from dist_ortho.iteration import DEFAULT_EPS
+from dist_ortho.tp.batching import BatchMatrices
 
 TpMode = Literal["duplicated", "distributed", "gram", "home", "auto", "blockwise"]
 TP_MODES: tuple[str, ...] = get_args(TpMode)
@@ -33,7 +34,8 @@ class NsSpec:
     use_syrk: bool = False
     gram_restarts: tuple[int, ...] | None = None
     local_gram: str = "auto"  # whole matrices on one rank: "auto" (dist_ortho.tp.local.use_gram), "always", "never"
-    batch: bool = True  # same-shape whole matrices on one rank run as one batched iteration
+    batch: BatchMatrices = "auto"  # same-shape whole matrices on one rank as one batched iteration (tp.batching)
+    sync_free: bool = False  # no host sync (capturable steps): gram mode normalizes with a float64 norm first
     coefficients: list[Triple] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:

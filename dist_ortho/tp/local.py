@@ -23,6 +23,7 @@ import torch
 from dist_ortho.coalesce import run
 from dist_ortho.iteration import orthogonalize
 from dist_ortho.precision import compute_dtype
+from dist_ortho.tp import batching
 from dist_ortho.tp.gram import gram_newton_schulz
 from dist_ortho.tp.jobs import NsSpec
 
@@ -87,29 +88,41 @@ def use_gram(shape: Sequence[int], ns: NsSpec, dtype: torch.dtype, device: torch
     )
 
 
-def local_newton_schulz(x: torch.Tensor, ns: NsSpec) -> torch.Tensor:
-    """Newton-Schulz of a whole matrix (or batch) on this device: Gram recursion or plain iteration."""
+def _one_device(x: torch.Tensor, ns: NsSpec) -> torch.Tensor:
     if not use_gram(x.shape, ns, x.dtype, x.device):
         return orthogonalize(x, ns.coefficients, ns.eps, None, ns.use_syrk)
     transpose = x.size(-2) > x.size(-1)
     X = x.mT if transpose else x
-    out = run(gram_newton_schulz(X, ns.coefficients, ns.eps, None, (), ns.use_syrk)).to(x.dtype)
+    out = run(gram_newton_schulz(X, ns.coefficients, ns.eps, None, (), ns.use_syrk, sync_free=ns.sync_free)).to(x.dtype)
     return (out.mT if transpose else out).contiguous()
 
 
+def local_newton_schulz(x: torch.Tensor, ns: NsSpec) -> torch.Tensor:
+    """Newton-Schulz of a whole matrix (or batch) on this device: Gram recursion or plain iteration; a batch
+    runs as one batched iteration or one matrix at a time, as :func:`dist_ortho.tp.batching.batched` says."""
+    if x.ndim == 2 or batching.batched(x.shape, x.dtype, x.device, ns.batch):
+        return _one_device(x, ns)
+    flat = x.reshape(-1, *x.shape[-2:])
+    out = torch.empty_like(flat)
+    for i in range(flat.size(0)):
+        out[i] = _one_device(flat[i], ns)
+    return out.view(x.shape)
+
+
 def local_many(xs: Sequence[torch.Tensor], specs: Sequence[NsSpec]) -> list[torch.Tensor]:
-    """``local_newton_schulz`` of each matrix; matrices of one shape, dtype and spec with ``spec.batch`` run
-    as one batched iteration (a batched matmul may round differently from single ones)."""
+    """``local_newton_schulz`` of each matrix (2D) or batch (3D); those of one matrix shape, dtype and spec run
+    as one batch where batching pays (:mod:`dist_ortho.tp.batching`; a batched matmul may round differently
+    from single ones), else one matrix at a time."""
     out: list[torch.Tensor | None] = [None] * len(xs)
     same: dict[tuple, list[int]] = {}
     for i, (x, ns) in enumerate(zip(xs, specs)):
-        same.setdefault((tuple(x.shape), x.dtype, x.device, ns), []).append(i)
-    for members in same.values():
-        if len(members) == 1 or xs[members[0]].ndim != 2 or not specs[members[0]].batch:
+        same.setdefault((tuple(x.shape[-2:]), x.dtype, x.device, ns), []).append(i)
+    for (shape, dtype, device, ns), members in same.items():
+        if len(members) == 1 or not batching.batched(shape, dtype, device, ns.batch):
             for i in members:
-                out[i] = local_newton_schulz(xs[i], specs[i])
+                out[i] = local_newton_schulz(xs[i], ns)
             continue
-        stacked = local_newton_schulz(torch.stack([xs[i] for i in members]), specs[members[0]])
-        for i, result in zip(members, stacked.unbind(0)):
-            out[i] = result
+        stacked = local_newton_schulz(torch.cat([xs[i].reshape(-1, *shape) for i in members]), ns)
+        for i, result in zip(members, stacked.split([xs[i].numel() // (shape[0] * shape[1]) for i in members])):
+            out[i] = result.view(xs[i].shape)
     return out  # type: ignore[return-value]

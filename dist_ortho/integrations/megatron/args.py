@@ -14,7 +14,7 @@ from typing import Any
 
 from dist_ortho.coefficients import COEFFICIENT_TYPES
 from dist_ortho.integrations.megatron.optimizers import MEGATRON_TP_MODES
-from dist_ortho.integrations.megatron.params import chunks_qkv_split_shapes
+from dist_ortho.integrations.megatron.params import chunks_qkv_split_shapes, megatron_param_names
 from dist_ortho.optim.scale import SCALE_MODES
 from dist_ortho.tp import TP_MODES
 
@@ -90,7 +90,7 @@ def muon_settings(config: Any) -> dict[str, Any]:
 def optimizer_kwargs(config: Any, model_chunks: Sequence[Any], pg_collection: Any) -> dict[str, Any]:
     """TensorParallelMuon's keywords for a model: :func:`muon_settings`, the model's QKV split, the groups."""
     return {**muon_settings(config), "qkv_split_shapes": chunks_qkv_split_shapes(model_chunks),
-            "pg_collection": pg_collection}
+            "pg_collection": pg_collection, "param_names": megatron_param_names(model_chunks)}
 
 
 def adaptive_muon_settings(config: Any) -> dict[str, Any]:

@@ -4,7 +4,7 @@ megatron-core's master copies lose.
 Megatron marks its TP shards itself (``tensor_model_parallel``, ``partition_dim``); dist_ortho adds
 ``is_qkv`` / ``qkv_split_shapes`` on ``linear_qkv.weight`` (split from the model config: heads, query
 groups, kv_channels, output gate), ``expert_tp`` on expert weights (a name with "experts" and not
-"shared", megatron-core's rule) and ``_dist_ortho_name``.
+"shared", megatron-core's rule). :func:`megatron_param_names` names the parameters for the optimizer.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dist_ortho.qkv import qkv_split_shapes
 
 # What tag_megatron_params sets. megatron-core's fp32 master copies (Float16OptimizerWithFloat16Params)
 # copy only its own tensor-parallel attributes, so copy_tags_to_main_params copies these onto them.
-TAGS = ("_dist_ortho_name", "expert_tp", "is_qkv", "qkv_split_shapes")
+TAGS = ("expert_tp", "is_qkv", "qkv_split_shapes")
 
 
 def megatron_qkv_split_shapes(config: Any) -> list[int]:
@@ -35,8 +35,15 @@ def chunks_qkv_split_shapes(model_chunks: Sequence[torch.nn.Module]) -> list[int
     return megatron_qkv_split_shapes(configs[0]) if configs else None
 
 
+def megatron_param_names(model_chunks: Sequence[torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """{name: parameter} of every chunk (prefixed "chunk<i>." when there are several), for ``param_names=``."""
+    prefix = len(model_chunks) > 1
+    return {(f"chunk{i}." if prefix else "") + name: p
+            for i, chunk in enumerate(model_chunks) for name, p in chunk.named_parameters()}
+
+
 def tag_megatron_params(model_chunks: Iterable[torch.nn.Module]) -> None:
-    """Mark fused QKV weights (with their split) and expert weights, and name every parameter.
+    """Mark fused QKV weights (with their split) and expert weights.
 
     ``linear_qkv.weight`` -> ``is_qkv=True`` and ``qkv_split_shapes`` from the chunk's config; a name
     containing "experts" but not "shared" -> ``expert_tp=True`` (the expert TP group is used for it).
@@ -45,7 +52,6 @@ def tag_megatron_params(model_chunks: Iterable[torch.nn.Module]) -> None:
         config = getattr(chunk, "config", None)
         shapes = megatron_qkv_split_shapes(config) if config is not None else None
         for name, p in chunk.named_parameters():
-            p._dist_ortho_name = name
             if "experts" in name and "shared" not in name:
                 p.expert_tp = True
             if name.endswith("linear_qkv.weight") and p.ndim == 2:

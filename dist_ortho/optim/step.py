@@ -1,0 +1,246 @@
+"""The step of an OrthogonalizedOptimizer, over groups of same-shape parameters (dist_ortho.optim.groups).
+
+For every :class:`~dist_ortho.optim.groups.ParamStack` of the step, with W, G, M its members' stacked
+weights, gradients and momenta:
+
+    G <- G + wd * W                                  (l2 weight decay)
+    M' = M.lerp(G, 1 - beta);  D = G.lerp(M', beta) (Nesterov) or M'
+    O  = Newton-Schulz(D)       all stacks together: one coalesced run per fp32 matmul precision
+    U  = update(context)        the member's program, once per stack (per fused-QKV part), coalesced
+    one finite check over every U, M' and new member state (dist_ortho.optim.nonfinite)
+    M <- M';  W <- W - lr * wd * W (decoupled, ...);  pre-hook(U);  W <- W - lr * U;  post-hook(W)
+
+so the step issues a number of host operations and collectives that depends on the number of groups, not of
+matrices. Nothing is written before the check; a capturable step (``capturable=True``) makes no host sync:
+lr may be a device tensor and a "skip" is committed through ``torch.where``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dist_ortho.coalesce import Program, run, run_many, under_precision
+from dist_ortho.optim.context import MatrixContext
+from dist_ortho.optim.groups import ParamStack
+from dist_ortho.optim.nonfinite import all_finite, commit, first_nonfinite
+from dist_ortho.precision import matmul_precision
+from dist_ortho.tp import MatrixJob, orthogonalize_many
+
+logger = logging.getLogger(__name__)
+
+
+def run_phase(contexts: Sequence[MatrixContext], programs: Sequence[Program[Any]], bucket_bytes: int) -> list[Any]:
+    """Run one phase: each program under its group's precision; the coalesced ones in lockstep."""
+    wrapped = [under_precision(program, ctx.options["fp32_matmul_prec"]) for ctx, program in zip(contexts, programs)]
+    together = [i for i, ctx in enumerate(contexts) if ctx.options["coalesce"]]
+    results: list[Any] = [None] * len(wrapped)
+    for i, value in zip(together, run_many([wrapped[i] for i in together], bucket_bytes)):
+        results[i] = value
+    for i, ctx in enumerate(contexts):
+        if not ctx.options["coalesce"]:
+            results[i] = run(wrapped[i])
+    return results
+
+
+@dataclass
+class _Work:
+    """One stack's tensors during a step."""
+
+    stack: ParamStack
+    values: list[torch.Tensor]
+    weights: torch.Tensor  # stacked (size, *local shape), written back to ``values`` at the end
+    views: list[torch.Tensor] | None  # None: ``weights`` is a view of the one member's weight
+    momentum: torch.Tensor
+    new_momentum: torch.Tensor
+    contexts: list[MatrixContext]
+    update: torch.Tensor | None = None
+
+
+class GroupStep:
+    """Runs a step of ``optimizer`` (an OrthogonalizedOptimizer) over its stacks; see the module doc."""
+
+    def __init__(self, optimizer: Any) -> None:
+        self.opt = optimizer
+
+    # -- per step: the members' tensors --
+    def _values(self, stack: ParamStack) -> list[torch.Tensor]:
+        return [self.opt.layouts.dtensors.value(p) for p in stack.params] if stack.dtensors else stack.params
+
+    def _grad(self, stack: ParamStack, values: list[torch.Tensor]) -> torch.Tensor:
+        """The members' gradients, stacked (a tensor-parallel shard without one steps with zeros)."""
+        grads = [self.opt.layouts.dtensors.grad(p) for p in stack.params] if stack.dtensors else [p.grad for p in stack.params]
+        try:
+            return torch.stack(grads)
+        except TypeError:  # some gradient is None
+            return torch.stack([g if g is not None else torch.zeros_like(v) for g, v in zip(grads, values)])
+
+    def _prepare(self, stack: ParamStack) -> _Work:
+        opt, options = self.opt, stack.options
+        values = self._values(stack)
+        if len(values) == 1 and not (self.opt.capturable and options["nonfinite"] == "skip"):
+            weights, views = values[0].unsqueeze(0), None  # the weight itself: nothing to write back
+        else:
+            weights, views = stack.weights.stack(values)
+        grad = self._grad(stack, values)
+        if options["weight_decay_method"] == "l2" and options["weight_decay"] != 0:
+            grad = grad.add(weights, alpha=options["weight_decay"])
+        try:
+            momentum = stack.state["momentum_buffer"]
+        except KeyError:  # state cleared since the last step: the members start afresh
+            opt._init_fresh(stack.params)
+            momentum = stack.state["momentum_buffer"]
+        new_momentum = momentum.lerp(grad, 1 - options["momentum"])
+        direction = grad.lerp(new_momentum, options["momentum"]) if options["nesterov"] else new_momentum
+        grads, directions = stack.matrices(grad), stack.matrices(direction)
+        contexts = []
+        for part in stack.parts:
+            g, d = (grads, directions) if part.index is None else (grads.index_select(-2, part.index),
+                                                                   directions.index_select(-2, part.index))
+            state = part.state if part.state is not None else stack.state
+            if not stack.batched:
+                entry = opt.state[stack.params[0]]
+                state = entry if part.number is None else entry.setdefault(f"part{part.number}", {})
+            suffix = "" if part.number is None else f" [part {part.number}]"
+            contexts.append(MatrixContext(stack.view(stack.matrices(weights)), options, part.layout, state,
+                                          grad=stack.view(g), direction=stack.view(d),
+                                          names=[n + suffix for n in stack.names], batched=stack.batched))
+        return _Work(stack, values, weights, views, momentum, new_momentum, contexts)
+
+    def _newton_schulz(self, works: Sequence[_Work]) -> None:
+        """ctx.orthogonalized of every context: one coalesced run per fp32 matmul precision. A batch is cut into
+        jobs of at most ``bucket_bytes`` (of one matrix each without ``coalesce``: the anchors' way)."""
+        pairs = [(ctx, part) for work in works for ctx, part in zip(work.contexts, work.stack.parts)]
+        batches: dict[tuple[str, bool], list[int]] = {}
+        for i, (ctx, _) in enumerate(pairs):
+            batches.setdefault((ctx.options["fp32_matmul_prec"], ctx.options["coalesce"]), []).append(i)
+        for (precision, coalesce), members in batches.items():
+            jobs, pieces = [], []
+            for i in members:
+                ctx, part = pairs[i]
+                layout, x = ctx.layout, ctx.direction
+                chunks = [x]
+                if ctx.batched and x.size(0) > 1:
+                    per_matrix = max(1, x[0].numel() * x.element_size())
+                    chunks = list(x.split(max(1, self.opt.bucket_bytes // per_matrix) if coalesce else 1))
+                pieces.append(len(chunks))
+                jobs += [MatrixJob(c, layout.partition_dim, layout.group, list(layout.sizes) if layout.sizes else None,
+                                   part.mode, part.ns) for c in chunks]
+            with matmul_precision(precision):
+                if coalesce:
+                    results = orthogonalize_many(jobs, self.opt.bucket_bytes)
+                else:
+                    results = [orthogonalize_many([job])[0] for job in jobs]
+            start = 0
+            for i, count in zip(members, pieces):
+                done = results[start : start + count]
+                pairs[i][0].orthogonalized = done[0] if count == 1 else torch.cat(done)
+                start += count
+
+    def _updates(self, works: Sequence[_Work]) -> None:
+        """Each stack's update U (its weights' shape), from the members' programs."""
+        contexts = [ctx for work in works for ctx in work.contexts]
+        results = iter(run_phase(contexts, [self.opt.update(ctx) for ctx in contexts], self.opt.bucket_bytes))
+        for work in works:
+            stack = work.stack
+            parts = []
+            for ctx in work.contexts:
+                result = next(results)
+                if not isinstance(result, torch.Tensor) or result.shape != ctx.direction.shape:
+                    got = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
+                    raise ValueError(
+                        f"{type(self.opt).__name__}.update returned {got} for {ctx.name}, expected the direction's "
+                        f"shape {tuple(ctx.direction.shape)}"
+                        + (": a member written for one matrix must set batched = False" if ctx.batched else "")
+                    )
+                parts.append(stack.unview(result).to(work.weights.dtype))
+            if stack.split:
+                update = torch.empty_like(stack.matrices(work.weights))
+                for part, piece in zip(stack.parts, parts):
+                    update.index_copy_(-2, part.index, piece)
+            else:
+                update = parts[0]
+            if stack.kind == "conv_batched":
+                update = update * (update.size(0) ** -0.5)
+            work.update = update  # matrices
+
+    def _finite(self, works: Sequence[_Work]) -> torch.Tensor | bool | None:
+        """The step's finite check: True / False on the host, a device bool (capturable), or None (no check:
+        every group "ignore")."""
+        checked = [work for work in works if work.stack.options["nonfinite"] != "ignore"]
+        if not checked:
+            return None
+
+        def tensors(work: _Work) -> list[torch.Tensor]:  # a non-finite momentum makes the update non-finite
+            return [work.update, *(v for ctx in work.contexts for v in ctx.staged.values())]
+
+        ok = all_finite([t for work in checked for t in tensors(work)])
+        if self.opt.capturable:
+            return ok
+        if bool(ok):
+            return True
+        for work in checked:  # the first matrix that is not finite, for the message
+            bad = next((b for b in map(first_nonfinite, tensors(work)) if b is not None), None)
+            if bad is None:
+                continue
+            stack = work.stack
+            name = stack.names[min(bad // stack.count, len(stack.names) - 1) if stack.batched else 0]
+            policy, step = stack.options["nonfinite"], self.opt._step_count
+            if policy == "raise":
+                raise FloatingPointError(
+                    f"{type(self.opt).__name__} step {step}: the update of {name} is not finite (a NaN or Inf in its "
+                    "gradient or momentum on some rank). Nothing was written. Pass nonfinite='skip' to skip such "
+                    "steps, or 'ignore' to write them."
+                )
+            logger.warning("%s step %d: skipped (the update of %s is not finite); weights and state untouched",
+                           type(self.opt).__name__, step, name)
+            break
+        self.opt.skipped_steps += 1
+        return False
+
+    def _apply(self, work: _Work, ctx: MatrixContext, update: torch.Tensor) -> Program[None]:
+        opt = self.opt
+        yield from opt.pre_weight_update(ctx, update)
+        lr = ctx.options["lr"]
+        if isinstance(lr, torch.Tensor):
+            ctx.param.sub_(update * lr.to(update.dtype))
+        else:
+            ctx.param.add_(update, alpha=-lr)
+        yield from opt.post_weight_update(ctx)
+
+    def _commit(self, works: Sequence[_Work], ok: torch.Tensor | None) -> None:
+        contexts, programs = [], []
+        for work in works:
+            stack = work.stack
+            commit(work.momentum, work.new_momentum, ok)
+            for ctx in work.contexts:
+                for key, value in ctx.staged.items():
+                    commit(ctx.state[key], value, ok)
+            matrices = stack.matrices(work.weights)
+            self.opt.apply_weight_decay(matrices, stack.options)
+            state = stack.state if stack.batched else self.opt.state[stack.params[0]]
+            whole = MatrixContext(stack.view(matrices), stack.options, stack.layout, state, names=stack.names,
+                                  batched=stack.batched)
+            contexts.append(whole)
+            programs.append(self._apply(work, whole, stack.view(work.update)))
+        run_phase(contexts, programs, self.opt.bucket_bytes)
+        for work in works:
+            if work.views is None:
+                continue
+            if ok is not None:
+                work.weights.copy_(torch.where(ok, work.weights, torch.stack(work.values)))
+            torch._foreach_copy_(work.values, work.views)
+
+    def run(self, stacks: Sequence[ParamStack]) -> None:
+        works = [self._prepare(stack) for stack in stacks]
+        if self.opt.uses_newton_schulz:
+            self._newton_schulz(works)
+        self._updates(works)
+        ok = self._finite(works)
+        if ok is False:
+            return
+        self._commit(works, ok if isinstance(ok, torch.Tensor) else None)
