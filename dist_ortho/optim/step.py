@@ -34,6 +34,21 @@ from dist_ortho.tp import MatrixJob, orthogonalize_many
 logger = logging.getLogger(__name__)
 
 
+def momentum_direction(grad: torch.Tensor, momentum: torch.Tensor, beta: float, nesterov: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """M' = M.lerp(G, 1 - beta) and the direction D = G.lerp(M', beta) (Nesterov) or M', out of place."""
+    new_momentum = momentum.lerp(grad, 1 - beta)
+    return new_momentum, grad.lerp(new_momentum, beta) if nesterov else new_momentum
+
+
+def descend(weights: torch.Tensor, update: torch.Tensor, lr: float | torch.Tensor) -> None:
+    """W <- W - lr * U in place; lr a number, or a device tensor (capturable steps: no host sync)."""
+    if isinstance(lr, torch.Tensor):
+        weights.sub_(update * lr.to(update.dtype))
+    else:
+        weights.add_(update, alpha=-lr)
+
+
 def run_phase(contexts: Sequence[MatrixContext], programs: Sequence[Program[Any]], bucket_bytes: int) -> list[Any]:
     """Run one phase: each program under its group's precision; the coalesced ones in lockstep."""
     wrapped = [under_precision(program, ctx.options["fp32_matmul_prec"]) for ctx, program in zip(contexts, programs)]
@@ -94,8 +109,7 @@ class GroupStep:
         except KeyError:  # state cleared since the last step: the members start afresh
             opt._init_fresh(stack.params)
             momentum = stack.state["momentum_buffer"]
-        new_momentum = momentum.lerp(grad, 1 - options["momentum"])
-        direction = grad.lerp(new_momentum, options["momentum"]) if options["nesterov"] else new_momentum
+        new_momentum, direction = momentum_direction(grad, momentum, options["momentum"], options["nesterov"])
         grads, directions = stack.matrices(grad), stack.matrices(direction)
         contexts = []
         for part in stack.parts:
@@ -113,7 +127,8 @@ class GroupStep:
 
     def _newton_schulz(self, works: Sequence[_Work]) -> None:
         """ctx.orthogonalized of every context: one coalesced run per fp32 matmul precision. A batch is cut into
-        jobs of at most ``bucket_bytes`` (of one matrix each without ``coalesce``: the anchors' way)."""
+        jobs of at most ``bucket_bytes``, or of one matrix each without ``coalesce`` (the anchors' way) and with
+        ``batch_matrices=False`` (every matrix's iteration alone, as the per-matrix path runs it)."""
         pairs = [(ctx, part) for work in works for ctx, part in zip(work.contexts, work.stack.parts)]
         batches: dict[tuple[str, bool], list[int]] = {}
         for i, (ctx, _) in enumerate(pairs):
@@ -123,11 +138,13 @@ class GroupStep:
             for i in members:
                 ctx, part = pairs[i]
                 layout, x = ctx.layout, ctx.direction
-                chunks = [x]
-                if ctx.batched and x.size(0) > 1:
+                chunks, alone = [x], ctx.batched and (not coalesce or part.ns.batch is False)
+                if alone:  # one 2D job per matrix, in its own memory: exactly the per-matrix path's iteration (a
+                    chunks = [m.clone() for m in x.unbind(0)]  # BLAS may round by the address's alignment)
+                elif ctx.batched and x.size(0) > 1:
                     per_matrix = max(1, x[0].numel() * x.element_size())
-                    chunks = list(x.split(max(1, self.opt.bucket_bytes // per_matrix) if coalesce else 1))
-                pieces.append(len(chunks))
+                    chunks = list(x.split(max(1, self.opt.bucket_bytes // per_matrix)))
+                pieces.append((len(chunks), alone))
                 jobs += [MatrixJob(c, layout.partition_dim, layout.group, list(layout.sizes) if layout.sizes else None,
                                    part.mode, part.ns) for c in chunks]
             with matmul_precision(precision):
@@ -136,9 +153,9 @@ class GroupStep:
                 else:
                     results = [orthogonalize_many([job])[0] for job in jobs]
             start = 0
-            for i, count in zip(members, pieces):
+            for i, (count, alone) in zip(members, pieces):
                 done = results[start : start + count]
-                pairs[i][0].orthogonalized = done[0] if count == 1 else torch.cat(done)
+                pairs[i][0].orthogonalized = torch.stack(done) if alone else done[0] if count == 1 else torch.cat(done)
                 start += count
 
     def _updates(self, works: Sequence[_Work]) -> None:
@@ -205,11 +222,7 @@ class GroupStep:
     def _apply(self, work: _Work, ctx: MatrixContext, update: torch.Tensor) -> Program[None]:
         opt = self.opt
         yield from opt.pre_weight_update(ctx, update)
-        lr = ctx.options["lr"]
-        if isinstance(lr, torch.Tensor):
-            ctx.param.sub_(update * lr.to(update.dtype))
-        else:
-            ctx.param.add_(update, alpha=-lr)
+        descend(ctx.param, update, ctx.options["lr"])
         yield from opt.post_weight_update(ctx)
 
     def _commit(self, works: Sequence[_Work], ok: torch.Tensor | None) -> None:

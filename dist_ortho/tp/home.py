@@ -60,8 +60,10 @@ def _homes(matrices: tuple[tuple[int, int, int], ...], size: int) -> tuple[tuple
     return tuple(out)
 
 
-def _index(which: Sequence[int], device: torch.device) -> slice | torch.Tensor:
-    """Batch positions ``which`` as a slice where they are evenly spaced (a view), else an index tensor."""
+@functools.lru_cache(maxsize=4096)
+def _index(which: tuple[int, ...], device: torch.device) -> slice | torch.Tensor:
+    """Batch positions ``which`` as a slice where they are evenly spaced (a view), else an index tensor (made
+    once: a step then copies nothing from the host)."""
     step = which[1] - which[0] if len(which) > 1 else 1
     if step > 0 and all(b - a == step for a, b in zip(which, which[1:])):
         return slice(which[0], which[-1] + 1, step)

@@ -104,8 +104,8 @@ def local_newton_schulz(x: torch.Tensor, ns: NsSpec) -> torch.Tensor:
         return _one_device(x, ns)
     flat = x.reshape(-1, *x.shape[-2:])
     out = torch.empty_like(flat)
-    for i in range(flat.size(0)):
-        out[i] = _one_device(flat[i], ns)
+    for i in range(flat.size(0)):  # each in its own memory: a BLAS may round by the address's alignment
+        out[i] = _one_device(flat[i].clone(), ns)
     return out.view(x.shape)
 
 
