@@ -80,6 +80,12 @@ def compute_dtype(dtype: torch.dtype, device: torch.device | str | None = None) 
     float32 under "high" / "highest". bfloat16, float16 and float64 run in their own dtype. Results are
     always returned in the input's dtype.
     """
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "medium":
+    if dtype == torch.float32 and _medium_precision():
         return medium_dtype(device)
     return dtype
+
+
+@torch.compiler.assume_constant_result
+def _medium_precision() -> bool:
+    """torch's fp32 matmul precision is "medium" (a constant to torch.compile: it is read when tracing)."""
+    return torch.get_float32_matmul_precision() == "medium"

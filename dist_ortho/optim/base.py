@@ -212,7 +212,8 @@ class OrthogonalizedOptimizer(Optimizer):
         self._agreed_plans: list[tuple] = []  # the last few plans all ranks agreed on
         self._step_count = 0
         self._grads_reduced = False  # reduce_gradients() ran since the last step
-        self.skipped_steps = 0  # steps skipped for a non-finite update (nonfinite="skip")
+        self._skipped = 0  # steps skipped for a non-finite update (nonfinite="skip")
+        self._skipped_on_device: torch.Tensor | None = None  # the same, counted on the device (capturable)
         self.capturable = capturable
         self.names: dict[torch.Tensor, str] = {}  # parameter -> name, for messages and plans
         self._given: list[tuple[dict[str, Any], list[torch.Tensor]]] = []  # each group's parameters as given
@@ -224,6 +225,21 @@ class OrthogonalizedOptimizer(Optimizer):
         super().__init__(params, defaults)
         if param_names is not None:
             self.name_params(param_names.items() if isinstance(param_names, dict) else param_names)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for a non-finite update (``nonfinite="skip"``; reading it syncs a capturable step's count)."""
+        on_device = int(self._skipped_on_device) if self._skipped_on_device is not None else 0
+        return self._skipped + on_device
+
+    def _count_skip(self, ok: torch.Tensor | None = None) -> None:
+        """One more skipped step, or (capturable) one where the device bool ``ok`` is False."""
+        if ok is None:
+            self._skipped += 1
+            return
+        if self._skipped_on_device is None:
+            self._skipped_on_device = torch.zeros((), dtype=torch.int64, device=ok.device)
+        self._skipped_on_device.add_((~ok).to(torch.int64))
 
     # -- names --
     def name_params(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:

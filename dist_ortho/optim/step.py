@@ -197,6 +197,8 @@ class GroupStep:
 
         ok = all_finite([t for work in checked for t in tensors(work)])
         if self.opt.capturable:
+            if any(work.stack.options["nonfinite"] == "skip" for work in checked):
+                self.opt._count_skip(ok)
             return ok
         if bool(ok):
             return True
@@ -216,7 +218,7 @@ class GroupStep:
             logger.warning("%s step %d: skipped (the update of %s is not finite); weights and state untouched",
                            type(self.opt).__name__, step, name)
             break
-        self.opt.skipped_steps += 1
+        self.opt._count_skip()
         return False
 
     def _apply(self, work: _Work, ctx: MatrixContext, update: torch.Tensor) -> Program[None]:
