@@ -37,7 +37,9 @@ class DTensorHolding:
     tp_dim: int | None
     dp_dim: int | None
     pieces: tuple[int, ...]  # per DP rank, its extent along dp_dim (the whole block's when dp_dim is None)
-    block_shape: tuple[int, int]
+    block_shape: tuple[int, ...]
+    dp_local: bool = False  # an expert weight split over DP by whole experts: each DP rank updates its own
+    expert_tp: bool = False  # an expert weight whose TP dim is the optimizer's expert_tp_group
 
     def piece_numel(self, dp_rank: int) -> int:
         other = self.block_shape[1 - self.dp_dim] if self.dp_dim is not None else self.block_shape[1]
@@ -141,6 +143,82 @@ def find_holdings(
     return holdings
 
 
+_ROLES = {"tp": "tp_group", "dp": "dp_group"}
+
+
+def groups_from_meshes(params: Sequence[torch.Tensor], experts: Sequence[bool]) -> dict[str, comm.ProcessGroup | None]:
+    """tp_group, dp_group and expert_tp_group read from the DTensor parameters' meshes, whose dims of size > 1
+    must be named "tp", "dp" (or "ep", the experts' own); a 3D expert weight's "tp" is the expert TP group when
+    it differs from the dense weights'. Raises ValueError (alike on every rank: meshes are global) when a dim is
+    unnamed or named otherwise, or when two parameters disagree, saying which argument to pass instead."""
+    found: dict[str, tuple[tuple[int, ...], comm.ProcessGroup]] = {}
+    for p, expert in zip(params, experts):
+        if not is_dtensor(p):
+            continue
+        mesh = p.device_mesh
+        for i in range(mesh.ndim):
+            if mesh.size(i) == 1:
+                continue
+            name = (mesh.mesh_dim_names or (None,) * mesh.ndim)[i]
+            if name == "ep":
+                continue
+            if name not in _ROLES:
+                raise ValueError(
+                    f"a DTensor parameter of shape {tuple(p.shape)} is on a mesh dim {name!r}, which does not say "
+                    "whether it is tensor or data parallel: name the mesh dims 'tp', 'dp' (and 'ep'), or pass "
+                    "device_mesh= (dims 'dp' and 'tp') or tp_group= / dp_group="
+                )
+            role = "expert_tp_group" if expert and name == "tp" else _ROLES[name]
+            group = mesh.get_group(i)
+            ranks = tuple(dist.get_process_group_ranks(group))
+            if role in found and found[role][0] != ranks:
+                raise ValueError(f"the DTensor parameters' '{name}' mesh dims are different groups "
+                                 f"({list(found[role][0])} and {list(ranks)}): pass {role}= explicitly")
+            found[role] = (ranks, group)
+    groups = {role: value[1] for role, value in found.items()}
+    if "expert_tp_group" in groups and "tp_group" in found and found["tp_group"][0] == found["expert_tp_group"][0]:
+        del groups["expert_tp_group"]  # the experts' TP is the dense one
+    return groups
+
+
+def expert_holding(
+    p: DTensor, tp_group: comm.ProcessGroup | None, expert_tp_group: comm.ProcessGroup | None,
+    dp_group: comm.ProcessGroup | None, name: str | None,
+) -> DTensorHolding:
+    """How this rank holds a 3D expert weight [E, out, in]: expert-major placements only. Along a mesh dim named
+    "ep", Shard(0) (each rank its own experts, nothing to exchange); along the TP (or expert TP) group, Shard(1|2)
+    (its matrices' rows or columns) or Replicate; along the DP group (or a dim named "dp"), Shard(0) (whole
+    experts per DP rank: each updates its own) or Replicate (one owner replica, as a 2D weight)."""
+    label = f"parameter {name!r}" if name else f"a DTensor of shape {tuple(p.shape)}"
+    mesh = p.device_mesh
+    names = mesh.mesh_dim_names or tuple(str(i) for i in range(mesh.ndim))
+    tp_dim, dp_local, expert_tp = None, False, False
+    for i, placement in enumerate(p.placements):
+        if mesh.size(i) == 1:
+            continue
+        ranks = tuple(dist.get_process_group_ranks(mesh.get_group(i)))
+        dim = getattr(placement, "dim", None) if placement.is_shard() else None
+        where = f"{label} (an expert weight [E, out, in]) has {placement} on mesh dim {names[i]!r}"
+        if names[i] == "ep":
+            if dim != 0 or type(placement).__name__ == "_StridedShard":
+                raise ValueError(f"{where}: over experts it must be Shard(0), whole experts per rank (expert-major)")
+        elif ranks in (_ranks(tp_group), _ranks(expert_tp_group)) or names[i] in ("tp", "etp"):
+            if not placement.is_replicate() and dim not in (1, 2):
+                raise ValueError(f"{where}: over TP it must be Replicate, Shard(1) or Shard(2) (rows or columns)")
+            tp_dim = None if placement.is_replicate() else dim - 1
+            expert_tp = expert_tp_group is not None and ranks == _ranks(expert_tp_group)
+        elif ranks == _ranks(dp_group) or names[i] == "dp":
+            if not placement.is_replicate() and (dim != 0 or type(placement).__name__ == "_StridedShard"):
+                raise ValueError(f"{where}: over DP it must be Shard(0) (whole experts per rank: expert-major) or "
+                                 "Replicate")
+            dp_local = dp_local or not placement.is_replicate()
+        else:
+            raise ValueError(f"{where}, which is neither 'ep', the TP group nor the DP group: name the mesh dims "
+                             "'ep', 'tp', 'dp', or pass tp_group= / dp_group= (or device_mesh=)")
+    shape = tuple(local(p).shape)
+    return DTensorHolding(tp_dim, None, (shape[0],), shape, dp_local=dp_local, expert_tp=expert_tp)
+
+
 def _check_pieces(pieces: list[list[int]], d: int, label: str) -> tuple[int, ...]:
     """Each DP rank's extent along d, after checking that the non-empty pieces tile one block in rank order."""
     other = 1 - d
@@ -237,20 +315,35 @@ class DTensorParams:
         return p in self.holdings
 
     def add(self, params: Sequence[torch.Tensor], tp_group: comm.ProcessGroup | None,
-            dp_group: comm.ProcessGroup | None, names: Sequence[str | None]) -> None:
-        """Find the holdings of the DTensors among ``params`` (one all-gather over DP when DP-sharded)."""
-        found = [(p, name) for p, name in zip(params, names) if is_dtensor(p)]
-        if not found:
-            return
-        dtensors = [p for p, _ in found]
-        for p, holding in zip(dtensors, find_holdings(dtensors, tp_group, dp_group, [n for _, n in found])):
+            dp_group: comm.ProcessGroup | None, names: Sequence[str | None],
+            expert_tp_group: comm.ProcessGroup | None = None, experts: Sequence[bool] | None = None) -> None:
+        """Find the holdings of the DTensors among ``params`` (one all-gather over DP when DP-sharded); those
+        flagged in ``experts`` are 3D expert weights (:func:`expert_holding`)."""
+        flags = list(experts) if experts is not None else [False] * len(params)
+        found = [(p, name) for p, name, expert in zip(params, names, flags) if is_dtensor(p) and not expert]
+        stacks = [(p, name) for p, name, expert in zip(params, names, flags) if is_dtensor(p) and expert]
+        holdings = list(zip([p for p, _ in found], find_holdings([p for p, _ in found], tp_group, dp_group,
+                                                                 [n for _, n in found]) if found else []))
+        holdings += [(p, expert_holding(p, tp_group, expert_tp_group, dp_group, name)) for p, name in stacks]
+        for p, holding in holdings:
             standin = torch.zeros((), dtype=p.dtype, device=local(p).device).expand(holding.block_shape)
             if holding.tp_dim is not None:
                 standin.tensor_model_parallel, standin.partition_dim = True, holding.tp_dim
+                standin.expert_tp = holding.expert_tp
             for attribute in ("is_qkv", "qkv_split_shapes"):
                 if hasattr(p, attribute):
                     setattr(standin, attribute, getattr(p, attribute))
             self.holdings[p], self.standins[p] = holding, standin
+
+    def dp_local(self, p: torch.Tensor) -> bool:
+        """Whether p is an expert weight whose DP ranks each hold (and update) experts of their own."""
+        holding = self.holdings.get(p)
+        return holding is not None and holding.dp_local
+
+    @staticmethod
+    def is_expert_stack(p: torch.Tensor) -> bool:
+        """A 3D DTensor on a mesh with a dim named "ep": a weight [E, out, in] of experts."""
+        return is_dtensor(p) and p.ndim == 3 and "ep" in (p.device_mesh.mesh_dim_names or ())
 
     def dp_sharded(self, p: torch.Tensor) -> bool:
         """Whether p's TP block is split over DP (gathered to its owner for the step)."""

@@ -42,6 +42,17 @@ class ShardSpec:
 REPLICATED = ShardSpec(None, None)
 
 
+def is_expert_stack(p: torch.Tensor, name: str | None = None) -> bool:
+    """A 3D weight [E, out, in] that holds E expert matrices (torchtitan's GroupedExperts, TE's GroupedLinear in
+    single-parameter mode): marked ``expert_stack=True``, or named like Megatron's experts ("experts" and not
+    "shared"). Its ``partition_dim`` (TE/Megatron attributes) is a tensor dim, 1 (rows) or 2 (columns)."""
+    if p.ndim != 3:
+        return False
+    if getattr(p, "expert_stack", False) is True:
+        return True
+    return name is not None and "experts" in name and "shared" not in name
+
+
 def is_sharded(p: torch.Tensor) -> bool:
     return getattr(p, "tensor_model_parallel", False) is True and getattr(p, "partition_dim", -1) in (0, 1)
 
@@ -193,7 +204,7 @@ def find_layouts(
     for i, ((p, view), spec) in enumerate(zip(views, specs)):
         if spec.partition_dim is None or spec.size == 1:
             layouts[i] = MatrixLayout(REPLICATED, None, tuple(view.shape))
-        elif p.ndim != 2:
+        elif p.ndim != 2 and not getattr(p, "matrix_batch", False):
             name = labels[i] or f"a parameter of shape {tuple(p.shape)}"
             raise ValueError(f"{name} is tensor-parallel with {p.ndim} dims: only 2D weights can be sharded")
         else:

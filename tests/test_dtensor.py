@@ -53,7 +53,8 @@ def _placements(mesh, tp_placement, dp_sharded: bool):
     return {("dp",): (dp,), ("tp",): (tp_placement,), ("dp", "tp"): (dp, tp_placement)}[mesh.mesh_dim_names]
 
 
-def _exact(ctx, kind: str, mode: str, dp: int, tp: int, dp_sharded: bool, reduce_grads: bool = False):
+def _exact(ctx, kind: str, mode: str, dp: int, tp: int, dp_sharded: bool, reduce_grads: bool = False,
+           mesh_given: bool = True):
     mesh = _mesh(dp, tp)
     dp_rank = mesh.get_local_rank("dp") if "dp" in mesh.mesh_dim_names else 0
     gen = torch.Generator().manual_seed(0)
@@ -63,7 +64,8 @@ def _exact(ctx, kind: str, mode: str, dp: int, tp: int, dp_sharded: bool, reduce
     names = [f"w{i}" for i in range(len(params))]
     ref = [torch.nn.Parameter(f.clone()) for f in fulls]
     hp = {"lr": 0.02, "fp32_matmul_prec": "highest"}
-    opt = get_optimizer(kind)(list(zip(names, params)), device_mesh=mesh, tp_mode=mode, reduce_grads=reduce_grads, **hp)
+    groups = {"device_mesh": mesh} if mesh_given else {}  # else read from the parameters' mesh dim names
+    opt = get_optimizer(kind)(list(zip(names, params)), **groups, tp_mode=mode, reduce_grads=reduce_grads, **hp)
     ref_opt = get_optimizer(kind)(ref, **hp)
 
     def feed(step: int) -> None:
@@ -99,6 +101,12 @@ def test_fsdp_and_tp_dtensors_equal_one_process(world, kind, mode):
 def test_one_dimensional_meshes_and_replicated_dp(world, dp, tp, dp_sharded):
     """FSDP only (dp=4), torch TP only (tp=4), and DTensors replicated over DP (DDP / HSDP replicas)."""
     world.run(_exact, "muon", "home", dp, tp, dp_sharded)
+
+
+@pytest.mark.parametrize("dp,tp,dp_sharded", [(2, 2, True), (4, 1, True), (1, 4, False)])
+def test_groups_are_read_from_the_mesh_dim_names(world, dp, tp, dp_sharded):
+    """No device_mesh= and no groups: the DTensors' mesh dims named 'dp' and 'tp' say them."""
+    world.run(_exact, "muon", "home", dp, tp, dp_sharded, False, False)
 
 
 @pytest.mark.parametrize("dp,tp", [(2, 2), (4, 1)])

@@ -57,7 +57,7 @@ class AdaptiveMuon(Muon):
             )
 
     def check_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
-        if p.ndim != 2:
+        if p.ndim != 2 and not self.is_expert_stack(p):
             raise ValueError(f"AdaptiveMuon supports 2D parameters only; got shape {tuple(p.shape)}: route it to AdamW")
 
     @staticmethod

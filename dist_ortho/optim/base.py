@@ -37,7 +37,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 from dist_ortho import comm
 from dist_ortho.coalesce import DEFAULT_BUCKET_BYTES, Program, run
 from dist_ortho.coefficients import get_coefficients
-from dist_ortho.dtensor import local
+from dist_ortho.dtensor import DTensorParams, groups_from_meshes, local
 from dist_ortho.grid import reduce_to_owners, share_program
 from dist_ortho.optim.context import MatrixContext
 from dist_ortho.optim.groups import ParamStack, Part
@@ -46,7 +46,7 @@ from dist_ortho.optim.nonfinite import NONFINITE, Nonfinite
 from dist_ortho.optim.options import accepted_keywords, check_choice, check_number, reject_unknown
 from dist_ortho.optim.planning import StepPlan, batching_keys, build_stacks, plan_table, refresh_states, resolve_modes
 from dist_ortho.optim.step import GroupStep, run_phase
-from dist_ortho.params import Held, MatrixLayout
+from dist_ortho.params import Held, MatrixLayout, is_expert_stack
 from dist_ortho.precision import MATMUL_PRECISIONS, MatmulPrecision
 from dist_ortho.tp import TP_MODES, NsSpec, batching
 from dist_ortho.tp.batching import BatchMatrices
@@ -222,9 +222,12 @@ class OrthogonalizedOptimizer(Optimizer):
         self._state_seen: Any = None
         self._plan_seen: StepPlan | None = None
         self._engine = GroupStep(self)
+        if param_names is not None:  # before the groups are checked, so that checks can name parameters
+            named = param_names.items() if isinstance(param_names, dict) else param_names
+            self.names.update((p, name) for name, p in named)
         super().__init__(params, defaults)
-        if param_names is not None:
-            self.name_params(param_names.items() if isinstance(param_names, dict) else param_names)
+        if device_mesh is None and tp_group is None and dp_group is None and expert_tp_group is None:
+            self._groups_from_meshes()
 
     @property
     def skipped_steps(self) -> int:
@@ -240,6 +243,14 @@ class OrthogonalizedOptimizer(Optimizer):
         if self._skipped_on_device is None:
             self._skipped_on_device = torch.zeros((), dtype=torch.int64, device=ok.device)
         self._skipped_on_device.add_((~ok).to(torch.int64))
+
+    def _groups_from_meshes(self) -> None:
+        """Without device_mesh= or groups: read them from DTensor parameters' named mesh dims, if any."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        found = groups_from_meshes(params, [p.ndim == 3 and self.is_expert_stack(p) for p in params])
+        self.tp_group = self.layouts.tp_group = found.get("tp_group")
+        self.dp_group = self.layouts.dp_group = found.get("dp_group")
+        self.expert_tp_group = self.layouts.expert_tp_group = found.get("expert_tp_group")
 
     # -- names --
     def name_params(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -304,11 +315,17 @@ class OrthogonalizedOptimizer(Optimizer):
         if not isinstance(group["lr"], torch.Tensor) and group["params"]:
             group["lr"] = torch.tensor(float(group["lr"]), device=local(group["params"][0]).device)
 
+    def is_expert_stack(self, p: torch.Tensor) -> bool:
+        """A 3D weight [E, out, in] of E expert matrices (dist_ortho.params.is_expert_stack, or a DTensor on a mesh
+        with an "ep" dim)."""
+        return is_expert_stack(p, self.names.get(p)) or DTensorParams.is_expert_stack(p)
+
     def check_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
-        if p.ndim == 2 or (p.ndim > 2 and group["conv_mode"] is not None):
+        if p.ndim == 2 or (p.ndim > 2 and group["conv_mode"] is not None) or self.is_expert_stack(p):
             return
         hint = (
-            "pass conv_mode='flatten' or 'batched' for convolution weights"
+            "pass conv_mode='flatten' or 'batched' for convolution weights, or mark a 3D weight [E, out, in] of "
+            "experts with expert_stack=True (names with 'experts' are read so)"
             if p.ndim > 2
             else "route it to AdamW: use dist_ortho.MuonAdamW (automatic routing), or give its group use_fallback=True there"
         )
@@ -446,8 +463,9 @@ class OrthogonalizedOptimizer(Optimizer):
         layout = self.layout(p)
         ns = (group.get("num_ns_steps"), group.get("coefficient_type"), group.get("custom_coefficient_sets"))
         kind = None if layout.group is None else ("expert" if layout.group is self.expert_tp_group else "dense")
+        shape = layout.shape[1:] if self.layouts.dtensors.dp_local(p) else layout.shape  # DP ranks: their own experts
         return (
-            self.names.get(p), tuple(layout.shape), layout.partition_dim, kind, str(p.dtype),
+            self.names.get(p), tuple(shape), layout.partition_dim, kind, str(p.dtype),
             group["tp_mode"], ns, group["coalesce"], group["fp32_matmul_prec"], group["local_gram"],
             group["batch_matrices"], group["nonfinite"], len(self.layouts.parts.get(p, ())),
         )
@@ -493,13 +511,19 @@ class OrthogonalizedOptimizer(Optimizer):
     def _dp_sharded(self, p: torch.Tensor) -> bool:
         return self.layouts.dtensors.dp_sharded(p)
 
+    def _dp_own(self, p: torch.Tensor) -> bool:
+        """p's DP ranks each hold a piece of their own (DP-sharded, or experts split over DP): never shared."""
+        return self.layouts.dtensors.dp_sharded(p) or self.layouts.dtensors.dp_local(p)
+
     def reduce_gradients(self) -> None:
         """With ``reduce_grads``: average the gradients into their owners now (the step does it otherwise;
         call it before reading gradients across the grid, e.g. :meth:`grad_sum_of_squares`)."""
         if not self.reduce_grads or comm.group_size(self.dp_group) == 1 or self._grads_reduced:
             return
-        every = [(p, group) for group in self.param_groups for p in group["params"]
-                 if p.requires_grad and not self._dp_sharded(p)]
+        every = [(p, group) for group in self.param_groups for p in group["params"] if p.requires_grad]
+        for p, _ in every:
+            self.layout(p)  # holdings known: DTensors whose DP ranks hold pieces of their own are left as they are
+        every = [(p, group) for p, group in every if not self._dp_own(p)]
         self._agree(every)  # the reduce-scatter's buffers follow the plan: agree first
         params = [p for p, _ in every]
         grads = [local(p.grad) if p.grad is not None else None for p in params]
@@ -525,7 +549,7 @@ class OrthogonalizedOptimizer(Optimizer):
                 grad = local(p.grad) if p.grad is not None else None
                 if grad is None or (self.layout(p).group is None and tp_rank != 0):
                     continue
-                if self._dp_sharded(p) or self.owns(p):
+                if self._dp_own(p) or self.owns(p):
                     total += grad.double().square().sum().cpu()
         return total
 
@@ -546,7 +570,7 @@ class OrthogonalizedOptimizer(Optimizer):
         dp_rank = comm.group_rank(self.dp_group)
         owned = [(p, group) for p, group in taking_part if self.owner(p) == dp_rank]
         sharded = [p for p in params if self._dp_sharded(p)]
-        replicated = [p for p in params if not self._dp_sharded(p)]
+        replicated = [p for p in params if not self._dp_own(p)]
         stacks = build_stacks(owned, self.layouts, self.state, self.name_of, type(self).batched)
         rows = resolve_modes(stacks, self.ns_spec, self._local)
         if any(stack.options["tp_mode"] == "auto" for stack in stacks):
@@ -606,7 +630,7 @@ class OrthogonalizedOptimizer(Optimizer):
             return
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
         contexts = [MatrixContext(self.layouts.dtensors.value(p), group_of[id(p)], self.layout(p), self.state[p],
-                                  names=[self.name_of(p)], batched=False) for p in fresh]
+                                  names=[self.name_of(p)], batched=p in self.layouts.experts) for p in fresh]
         run_phase(contexts, [self.init_state_program(ctx) for ctx in contexts], self.bucket_bytes)
 
     def _label(self, p: torch.Tensor, part: Part, group: dict[str, Any]) -> str:

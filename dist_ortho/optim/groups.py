@@ -178,6 +178,11 @@ class ParamStack:
     weights: Scratch = field(default_factory=Scratch)
 
     @property
+    def matrix_state(self) -> GroupState:
+        """The state the weight-update phase reads: the matrices' (the whole weights' when split)."""
+        return self.state if self.split else self.parts[0].state  # type: ignore[return-value]
+
+    @property
     def split(self) -> bool:
         """The members are fused QKV weights, orthogonalized part by part."""
         return self.parts[0].index is not None

@@ -23,7 +23,7 @@ from dist_ortho.optim.base import OrthogonalizedOptimizer, call_closure, mesh_gr
 from dist_ortho.optim.options import accepted_keywords, check_number, reject_unknown
 from dist_ortho.optim.registry import get_optimizer
 from dist_ortho.optim.routing import log_routing, needs_shape, route
-from dist_ortho.params import REPLICATED_HELD, Held, find_layouts, held_like_param, is_sharded
+from dist_ortho.params import REPLICATED_HELD, Held, find_layouts, held_like_param, is_expert_stack, is_sharded
 
 _ROUTING_KEYS = ("use_muon", "use_fallback")
 _ADAMW_KEYS = {"adamw_lr": "lr", "adamw_betas": "betas", "adamw_eps": "eps", "adamw_weight_decay": "weight_decay"}
@@ -95,6 +95,8 @@ class MuonAdamW(Optimizer):
             matrix_cls(matrix_groups, conv_mode=conv_mode, **kwargs) if matrix_groups else None,
             torch.optim.AdamW(fallback_groups) if fallback_groups else None,
         )
+        if self.matrix_optimizer is not None:  # its groups, read from DTensor meshes when none were given
+            self.tp_group, self.dp_group = self.matrix_optimizer.tp_group, self.matrix_optimizer.dp_group
 
     @classmethod
     def combine(cls, matrix_optimizer: Optimizer | None, fallback_optimizer: Optimizer | None) -> MuonAdamW:
@@ -224,11 +226,18 @@ def _global_dims(
     blockwise: bool,
 ) -> dict[torch.Tensor, tuple[int, int]]:
     """(rows, cols) of the global matrix of every parameter whose routing depends on it (one exchange per group)."""
-    candidates = [(p, blockwise or group.get("tp_mode") == "blockwise")
-                  for group, named in zip(groups, named_groups) for _, p in named
+    candidates = [(p, blockwise or group.get("tp_mode") == "blockwise", is_expert_stack(p, name))
+                  for group, named in zip(groups, named_groups) for name, p in named
                   if needs_shape(p, **{k: group.get(k) for k in _ROUTING_KEYS})]
-    dims = {p: (p.size(0), math.prod(p.shape[1:])) for p, _ in candidates if is_dtensor(p)}  # a DTensor's shape is global
-    candidates = [(p, local) for p, local in candidates if not is_dtensor(p)]
+    dims = {p: (p.size(-2), p.size(-1)) if expert else (p.size(0), math.prod(p.shape[1:]))
+            for p, _, expert in candidates if is_dtensor(p)}  # a DTensor's shape is global
+    for p, _, expert in candidates:  # experts: their matrices' dims (TE attributes: equal shards)
+        if expert and not is_dtensor(p):
+            rows, cols = p.shape[-2:]
+            group = expert_tp_group if getattr(p, "expert_tp", False) else tp_group
+            scale = comm.group_size(group) if is_sharded(p) else 1
+            dims[p] = (rows * scale, cols) if getattr(p, "partition_dim", -1) == 1 else (rows, cols * scale)
+    candidates = [(p, local) for p, local, expert in candidates if not is_dtensor(p) and not expert]
     views = [(p, p.detach().reshape(p.size(0), -1)) for p, _ in candidates]
     layouts = find_layouts(views, tp_group, expert_tp_group, [local for _, local in candidates])
     return dims | {p: (layout.rows, layout.cols) for (p, _), layout in zip(candidates, layouts)}

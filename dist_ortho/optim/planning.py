@@ -42,7 +42,9 @@ def build_stacks(params: Sequence[tuple[torch.Tensor, dict[str, Any]]], layouts:
     same: dict[tuple, ParamStack] = {}
     for p, group in params:
         value, layout, parts = layouts.dtensors.value(p), layouts.layouts[p], layouts.parts.get(p)
-        kind = "conv_batched" if p.ndim > 2 and group["conv_mode"] == "batched" else "flatten" if p.ndim > 2 else "matrix"
+        kind = ("experts" if p in layouts.experts else "conv_batched" if p.ndim > 2 and group["conv_mode"] == "batched"
+                else "flatten" if p.ndim > 2 else "matrix")
+        count = value.size(0) if kind == "experts" else 1
         stacked = batched and kind != "conv_batched"
         signature = tuple((tuple(index.tolist()), part) for index, part in parts) if parts else None
         key = (id(group), tuple(value.shape), value.dtype, value.device, layout, signature, kind)
@@ -55,15 +57,16 @@ def build_stacks(params: Sequence[tuple[torch.Tensor, dict[str, Any]]], layouts:
             continue
         members: list[torch.Tensor] = [p]
         stack = ParamStack(members, group, layout, GroupState(lambda members=members: [state[q] for q in members]),
-                           [], kind=kind, batched=stacked, names=[name_of(p)], dtensors=dtensor)
+                           [], kind=kind, count=count, batched=stacked, names=[name_of(p)], dtensors=dtensor)
         if parts:
             stack.parts = [
                 Part(index, part, GroupState(lambda members=members, i=i: [state[q].setdefault(f"part{i}", {})
                                                                           for q in members]), number=i)
                 for i, (index, part) in enumerate(parts)
             ]
-        else:
-            stack.parts = [Part(None, layout)]
+        else:  # the matrices' own state: the weights' (count E for experts: one slice per matrix)
+            own = stack.state if count == 1 else GroupState(lambda members=members: [state[q] for q in members], count)
+            stack.parts = [Part(None, layout, own)]
         stacks.append(stack)
         if stacked:
             same[key] = stack

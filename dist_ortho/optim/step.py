@@ -115,7 +115,7 @@ class GroupStep:
         for part in stack.parts:
             g, d = (grads, directions) if part.index is None else (grads.index_select(-2, part.index),
                                                                    directions.index_select(-2, part.index))
-            state = part.state if part.state is not None else stack.state
+            state = part.state
             if not stack.batched:
                 entry = opt.state[stack.params[0]]
                 state = entry if part.number is None else entry.setdefault(f"part{part.number}", {})
@@ -237,7 +237,7 @@ class GroupStep:
                     commit(ctx.state[key], value, ok)
             matrices = stack.matrices(work.weights)
             self.opt.apply_weight_decay(matrices, stack.options)
-            state = stack.state if stack.batched else self.opt.state[stack.params[0]]
+            state = stack.matrix_state if stack.batched else self.opt.state[stack.params[0]]
             whole = MatrixContext(stack.view(matrices), stack.options, stack.layout, state, names=stack.names,
                                   batched=stack.batched)
             contexts.append(whole)
