@@ -1,6 +1,6 @@
 """The optimizer step's host cost per matrix: many small matrices, one process and TP 2.
 
-    python scripts/bench_host.py [--repeats 7] [--sections single tp2 host] [--device cpu] [--json out.json]
+    python scripts/bench_host.py [--repeats 7] [--sections single tp2 host experts] [--device cpu|cuda] [--json out.json]
 
 Run it in .venv-next to include emerging_optimizers' Muon (it needs Python >= 3.12); elsewhere that column is
 "-". Every optimizer runs Newton-Schulz in float32 at "highest" (5 quintic steps), one thread per process,
@@ -16,6 +16,12 @@ Sections:
 - host: the step's host time alone: 4 x 4 matrices (no work to speak of) in 1, 8 and 64 shapes of 64 to
   4,096 matrices; a least-squares fit of seconds = per step + per group x groups + per matrix x matrices
   (the planner's host model, dist_ortho.plan).
+- experts: Qwen3-30B-A3B's expert weights at TP 1 (48 layers x 128 experts x gate, up, down = 18,432
+  matrices), as 2D weights (Megatron's SequentialMLP / TE GroupedLinear) and as 3D weights [128, out, in]
+  (torchtitan's GroupedExperts): the real shapes (768 x 2048, 2048 x 768) for as many layers as fit
+  ``--memory-gib`` (CUDA only), and all 18,432 at 1/16 of each dim (the host time at the full count).
+On CUDA (``--device cuda``) every dist_ortho step is also timed captured in a CUDA graph (capturable=True,
+replayed): the host time that capture removes.
 Times are microseconds per matrix per step (per rank at TP 2).
 """
 
@@ -89,11 +95,28 @@ def _floor_single(n: int, size: int, device: str) -> Callable[[], object]:
     return step
 
 
+def captured(params: list[torch.nn.Parameter], **options: object) -> Callable[[], object]:
+    """A capturable dist_ortho Muon step over ``params`` captured in a CUDA graph: its replay."""
+    opt = Muon(params, lr=1e-3, capturable=True, **options)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # plan, state and scratch buffers outside the graph
+            opt.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    return graph.replay
+
+
 def single(repeats: int, device: str) -> list[dict]:
     rows = []
     for n, size in SINGLE:
         steps: dict[str, Callable[[], object]] = {}
         steps["dist_ortho"] = Muon(_matrices(n, size, device), lr=1e-3, fp32_matmul_prec="highest").step
+        if device == "cuda":
+            steps["dist_ortho, CUDA graph"] = captured(_matrices(n, size, device), fp32_matmul_prec="highest")
         if EOMuon is not None:
             steps["emerging_optimizers"] = EOMuon(_matrices(n, size, device), lr=1e-3, fp32_matmul_prec="highest").step
         steps["torch.optim.Muon"] = torch.optim.Muon(_matrices(n, size, device), lr=1e-3).step
@@ -173,11 +196,57 @@ def host(repeats: int, device: str) -> dict:
     return {"samples": samples, "per_step_us": 1e6 * fit[0], "per_group_us": 1e6 * fit[1], "per_matrix_us": 1e6 * fit[2]}
 
 
+def _experts(layers: int, scale: int, stacked: bool, device: str, dtype: torch.dtype) -> list[torch.nn.Parameter]:
+    """Qwen3-30B-A3B's expert weights of ``layers`` layers, each dim / ``scale``, as 2D or 3D (stacked) weights."""
+    experts, hidden, ffn = 128, 2048 // scale, 768 // scale
+    params = []
+    for _ in range(layers):
+        for out, inp in ((ffn, hidden), (ffn, hidden), (hidden, ffn)):  # gate, up, down
+            if stacked:
+                p = torch.nn.Parameter(torch.randn(experts, out, inp, device=device, dtype=dtype))
+                p.expert_stack = True
+                p.grad = torch.randn_like(p)
+                params.append(p)
+            else:
+                for _ in range(experts):
+                    p = torch.nn.Parameter(torch.randn(out, inp, device=device, dtype=dtype))
+                    p.grad = torch.randn_like(p)
+                    params.append(p)
+    return params
+
+
+def experts(repeats: int, device: str, memory_gib: float) -> list[dict]:
+    """Per matrix and step: dist_ortho's Muon (fp32_matmul_prec "medium", Megatron's default) on the expert set."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    full_layers = 48
+    element = 2 * 3 + 4 * 3  # bf16 weight, grad, momentum; float32 Newton-Schulz working copies
+    real_layers = min(full_layers, int(memory_gib * 2**30 / (128 * 3 * 768 * 2048 * element))) if device == "cuda" else 0
+    rows = []
+    for label, layers, scale in (("real shapes", real_layers, 1), ("all 18,432 at 1/16 of each dim", full_layers, 16)):
+        if layers == 0:
+            continue
+        for stacked in (False, True):
+            steps: dict[str, Callable[[], object]] = {}
+            steps["dist_ortho"] = Muon(_experts(layers, scale, stacked, device, dtype), lr=1e-3).step
+            if device == "cuda":
+                steps["dist_ortho, CUDA graph"] = captured(_experts(layers, scale, stacked, device, dtype))
+            n = layers * 3 * 128
+            for optimizer, seconds in timed(steps, repeats, device).items():
+                rows.append({"matrices": n, "shape": f"experts {label}, {'3D' if stacked else '2D'} weights",
+                             "optimizer": optimizer, "us_per_matrix": 1e6 * seconds / n, "step_ms": 1e3 * seconds})
+            del steps
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--sections", nargs="+", default=["single", "tp2", "host"], choices=["single", "tp2", "host"])
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sections", nargs="+", default=["single", "tp2", "host"],
+                        choices=["single", "tp2", "host", "experts"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--memory-gib", type=float, default=60.0, help="experts on CUDA: memory for the real shapes")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -190,6 +259,12 @@ def main() -> None:
         report["rows"] += single(args.repeats, args.device)
     if "tp2" in args.sections:
         report["rows"] += run_worlds(_tp2, [2], args)[2]["rows"]
+    if "experts" in args.sections:
+        report["experts"] = experts(args.repeats, args.device, args.memory_gib)
+        print("| matrices | expert set | optimizer | us per matrix per step | step ms |\n|---|---|---|---|---|")
+        for row in report["experts"]:
+            print(f"| {row['matrices']:,} | {row['shape']} | {row['optimizer']} | {row['us_per_matrix']:.2f} | "
+                  f"{row['step_ms']:.1f} |")
     if report["rows"]:
         print("| matrices | shape | optimizer | us per matrix per step | vs floor |")
         print("|---|---|---|---|---|")

@@ -30,3 +30,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_runtest_setup(item):
+    """Tests marked gpu are skipped, with the reason printed, where CUDA is not available."""
+    if "gpu" in item.keywords:
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("gpu test: torch.cuda.is_available() is False (scripts/gpu_check.sh runs them on a GPU)")

@@ -155,6 +155,10 @@ def test_published_setting_runs_one_call_pair_per_domain_for_home():
     rows = {r["dist_ortho mode"]: r for r in compare_6676()}
     assert rows["home"]["predicted calls"] == 4  # the 4 NCCL calls: two all-to-alls per domain
     assert rows["duplicated/per-matrix"]["predicted vs layer-sharded"] > 1
+    # dist_ortho's grouped step: launches per group, its host time counted; a CUDA graph leaves one replay
+    grouped, captured = rows["home, grouped step"], rows["home, grouped step, CUDA graph"]
+    assert captured["predicted ms"] < grouped["predicted ms"] < rows["home"]["predicted ms"]
+    assert grouped["predicted calls"] == captured["predicted calls"] == 4
 
 
 def test_calibrate_writes_a_profile_the_planner_loads(tmp_path, capsys):

@@ -39,8 +39,10 @@ from dist_ortho.coalesce import DEFAULT_BUCKET_BYTES, Program, run
 from dist_ortho.coefficients import get_coefficients
 from dist_ortho.dtensor import DTensorParams, groups_from_meshes, local
 from dist_ortho.grid import reduce_to_owners, share_program
+from dist_ortho.optim.agreement import PlanAgreement, plan_entry
 from dist_ortho.optim.context import MatrixContext
 from dist_ortho.optim.groups import ParamStack, Part
+from dist_ortho.optim.holding import part_of
 from dist_ortho.optim.layouts import ParamLayouts
 from dist_ortho.optim.nonfinite import NONFINITE, Nonfinite
 from dist_ortho.optim.options import accepted_keywords, check_choice, check_number, reject_unknown
@@ -209,7 +211,7 @@ class OrthogonalizedOptimizer(Optimizer):
         # Derived once from the parameters (their shapes on every rank), never changed after:
         self.layouts = ParamLayouts(tp_group, expert_tp_group, dp_group, self.is_qkv)
         self._logged_plan: str | None = None
-        self._agreed_plans: list[tuple] = []  # the last few plans all ranks agreed on
+        self._agreement = PlanAgreement(type(self).__name__)
         self._step_count = 0
         self._grads_reduced = False  # reduce_gradients() ran since the last step
         self._skipped = 0  # steps skipped for a non-finite update (nonfinite="skip")
@@ -354,8 +356,9 @@ class OrthogonalizedOptimizer(Optimizer):
 
         Members declare their own keys in :meth:`held_state`; an undeclared key is an error."""
         layout = self.layout(p)
-        if len(path) == 2 and path[0].startswith("part"):
-            layout = self.part_layouts(p)[int(path[0].removeprefix("part"))]
+        part = part_of(path)
+        if part is not None:
+            layout = self.part_layouts(p)[part]
         group = self._group_of(p)
         held = self.held_state(path[-1], layout, group)
         if held is None:
@@ -458,34 +461,16 @@ class OrthogonalizedOptimizer(Optimizer):
             known = self._without_grad[p] = p.requires_grad and (self.layout(p).group is not None or p in self.layouts.dtensors)
         return known
 
-    def _plan_entry(self, p: torch.Tensor, group: dict[str, Any]) -> tuple:
-        """What every rank must agree on about one parameter of the step (it decides the collectives)."""
-        layout = self.layout(p)
-        ns = (group.get("num_ns_steps"), group.get("coefficient_type"), group.get("custom_coefficient_sets"))
-        kind = None if layout.group is None else ("expert" if layout.group is self.expert_tp_group else "dense")
-        shape = layout.shape[1:] if self.layouts.dtensors.dp_local(p) else layout.shape  # DP ranks: their own experts
-        return (
-            self.names.get(p), tuple(shape), layout.partition_dim, kind, str(p.dtype),
-            group["tp_mode"], ns, group["coalesce"], group["fp32_matmul_prec"], group["local_gram"],
-            group["batch_matrices"], group["nonfinite"], len(self.layouts.parts.get(p, ())),
-        )
-
     def _agree(self, params: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> None:
-        """Check that every rank runs the same plan (parameters in order, global shapes, dims, dtypes, modes,
-        Newton-Schulz options; names where known): one 16-byte all-gather per group when the plan is new
-        to this rank, none while it is unchanged. A disagreement raises the same ValueError on every rank."""
-        entries = [self._plan_entry(p, group) for p, group in params]
-        key = (type(self).__name__, tuple(entries))
-        if key in self._agreed_plans:
-            return
+        """Every rank runs the same plan (dist_ortho.optim.agreement), or the same ValueError on every rank."""
+        entries = []
+        for p, group in params:
+            layout = self.layout(p)
+            kind = None if layout.group is None else ("expert" if layout.group is self.expert_tp_group else "dense")
+            entries.append(plan_entry(self.names.get(p), layout, kind, p.dtype, group, len(self.layouts.parts.get(p, ())),
+                                      self.layouts.dtensors.dp_local(p)))
         labels = [self.names.get(p) or f"param {i} {tuple(p.shape)}" for i, (p, _) in enumerate(params)]
-        what = (f"the {type(self).__name__} step's plan (entry: name, global shape, partition_dim, group, dtype, "
-                "tp_mode, (steps, coefficients), coalesce, fp32_matmul_prec, local_gram, batch_matrices, "
-                "nonfinite, QKV parts)")
-        for group in (self.tp_group, self.expert_tp_group, self.dp_group):
-            if comm.group_size(group) > 1:
-                comm.agree([(type(self).__name__, *e) for e in entries], labels, group, what)
-        self._agreed_plans = [*self._agreed_plans[-3:], key]
+        self._agreement.check(entries, labels, (self.tp_group, self.expert_tp_group, self.dp_group))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:

@@ -23,7 +23,8 @@ from dist_ortho.optim.base import OrthogonalizedOptimizer, call_closure, mesh_gr
 from dist_ortho.optim.options import accepted_keywords, check_number, reject_unknown
 from dist_ortho.optim.registry import get_optimizer
 from dist_ortho.optim.routing import log_routing, needs_shape, route
-from dist_ortho.params import REPLICATED_HELD, Held, find_layouts, held_like_param, is_expert_stack, is_sharded
+from dist_ortho.optim.holding import fallback_holding
+from dist_ortho.params import Held, find_layouts, is_expert_stack, is_sharded
 
 _ROUTING_KEYS = ("use_muon", "use_fallback")
 _ADAMW_KEYS = {"adamw_lr": "lr", "adamw_betas": "betas", "adamw_eps": "eps", "adamw_weight_decay": "weight_decay"}
@@ -214,11 +215,6 @@ def counted_here(p: torch.Tensor, tp_group: comm.ProcessGroup | None, dp_group: 
         if comm.group_size(group) > 1 and tuple(dist.get_process_group_ranks(group)) not in spans and comm.group_rank(group):
             return False
     return all(c == 0 for c, placement in zip(coordinate, p.placements) if placement.is_replicate())
-
-
-def fallback_holding(p: torch.Tensor, path: Sequence[str], tp_group: comm.ProcessGroup | None) -> Held:
-    """How a torch optimizer's (AdamW's) state of ``p`` is held: ``step`` replicated, the rest like p."""
-    return REPLICATED_HELD if path[-1] == "step" else held_like_param(p, tp_group)
 
 
 def _global_dims(

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from dist_ortho.optim.groups import GroupState, ParamStack, Part
+from dist_ortho.optim.holding import part_key
 from dist_ortho.optim.layouts import ParamLayouts
 from dist_ortho.precision import matmul_precision
 from dist_ortho.tp import MatrixJob, NsSpec, batching
@@ -60,7 +61,7 @@ def build_stacks(params: Sequence[tuple[torch.Tensor, dict[str, Any]]], layouts:
                            [], kind=kind, count=count, batched=stacked, names=[name_of(p)], dtensors=dtensor)
         if parts:
             stack.parts = [
-                Part(index, part, GroupState(lambda members=members, i=i: [state[q].setdefault(f"part{i}", {})
+                Part(index, part, GroupState(lambda members=members, i=i: [state[q].setdefault(part_key(i), {})
                                                                           for q in members]), number=i)
                 for i, (index, part) in enumerate(parts)
             ]

@@ -7,7 +7,7 @@ weights, gradients and momenta:
     M' = M.lerp(G, 1 - beta);  D = G.lerp(M', beta) (Nesterov) or M'
     O  = Newton-Schulz(D)       all stacks together: one coalesced run per fp32 matmul precision
     U  = update(context)        the member's program, once per stack (per fused-QKV part), coalesced
-    one finite check over every U, M' and new member state (dist_ortho.optim.nonfinite)
+    one finite check over every U and new member state (dist_ortho.optim.nonfinite; a non-finite M' makes U so)
     M <- M';  W <- W - lr * wd * W (decoupled, ...);  pre-hook(U);  W <- W - lr * U;  post-hook(W)
 
 so the step issues a number of host operations and collectives that depends on the number of groups, not of
@@ -27,6 +27,7 @@ import torch
 from dist_ortho.coalesce import Program, run, run_many, under_precision
 from dist_ortho.optim.context import MatrixContext
 from dist_ortho.optim.groups import ParamStack
+from dist_ortho.optim.holding import part_key
 from dist_ortho.optim.nonfinite import all_finite, commit, first_nonfinite
 from dist_ortho.precision import matmul_precision
 from dist_ortho.tp import MatrixJob, orthogonalize_many
@@ -118,7 +119,7 @@ class GroupStep:
             state = part.state
             if not stack.batched:
                 entry = opt.state[stack.params[0]]
-                state = entry if part.number is None else entry.setdefault(f"part{part.number}", {})
+                state = entry if part.number is None else entry.setdefault(part_key(part.number), {})
             suffix = "" if part.number is None else f" [part {part.number}]"
             contexts.append(MatrixContext(stack.view(stack.matrices(weights)), options, part.layout, state,
                                           grad=stack.view(g), direction=stack.view(d),

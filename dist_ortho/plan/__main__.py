@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="with --calibrate: write the fitted profile as JSON here")
     p.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4, 8],
                    help="with --calibrate: the world sizes to probe (1 is needed)")
+    p.add_argument("--calibrate-device", default="cpu", choices=["cpu", "cuda"],
+                   help="with --calibrate: cuda fits this GPU (matmul rates, memory bandwidth, launch and host time; "
+                        "links from --device)")
+    p.add_argument("--capture", action="store_true", help="the step captured in a CUDA graph (capturable=True)")
     p.add_argument("--published", action="store_true", help="Megatron-LM issue 6676: predicted vs published")
     return p
 
@@ -128,12 +132,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     try:
         if a.calibrate:
-            from dist_ortho.plan.calibrate import fit, measure
+            from dist_ortho.plan.calibrate import fit, fit_cuda, measure, measure_cuda
 
-            if 1 not in a.worlds or min(a.worlds) < 1:
-                raise ValueError(f"--worlds: positive world sizes including 1, got {a.worlds}")
-            measured = measure(tuple(sorted(set(a.worlds))))
-            profile = fit(measured)
+            if a.calibrate_device == "cuda":
+                measured = {1: measure_cuda()}
+                profile = fit_cuda(measured[1], load_profile(a.device))
+            else:
+                if 1 not in a.worlds or min(a.worlds) < 1:
+                    raise ValueError(f"--worlds: positive world sizes including 1, got {a.worlds}")
+                measured = measure(tuple(sorted(set(a.worlds))))
+                profile = fit(measured)
             text = json.dumps(dataclasses.asdict(profile), indent=1)
             print("measured per world size:", json.dumps({str(k): v for k, v in sorted(measured.items())}))
             print(text)
@@ -151,14 +159,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             keys = list(rows[0])
             print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
             for r in rows:
-                print("| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+                print("| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else "-" if v is None else str(v)
+                                        for v in r.values()) + " |")
             print(f"PR 6683 (setting not published): {PR_6683_RATIO:.2f}x faster")
             return 0
         model, meg = _model(a)
         sizes = {k: v for k, v in {"tp": a.tp, "dp": a.dp, "ep": a.ep, "etp": a.etp, "pp": a.pp}.items() if v is not None}
         layout = Layout(**{"tp": 1, "dp": 1, **{k: v for k, v in meg.items() if v is not None}, **sizes})
         profile = load_profile(a.device, _overrides(a.set))
-        settings = Settings(steps=a.steps, coefficient_type=a.coefficients, precision=a.precision)
+        settings = Settings(steps=a.steps, coefficient_type=a.coefficients, precision=a.precision, capture=a.capture)
         rows = estimate(model, layout, profile, settings)
         if a.json:
             print(json.dumps({"model": dataclasses.asdict(model), "layout": dataclasses.asdict(layout),

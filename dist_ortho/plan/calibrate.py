@@ -1,4 +1,5 @@
-"""``--calibrate``: fit the CPU profile on this machine in about 20 seconds.
+"""``--calibrate``: fit the CPU profile on this machine in about 20 seconds, or (``--calibrate-device cuda``) this
+GPU's in about 30.
 
 Per world size 1, 2, 4 and 8 (gloo on loopback, one process per rank, torch threads = cores / world as the
 benchmarks set them): a rank's float32 matmul rate on 512 x 512 products while every rank multiplies, the
@@ -7,6 +8,11 @@ The profile keeps each world size's figures (``per_ranks``: the node's FLOP/s as
 bandwidth); the planner uses the entry of the largest measured world size not above the job's. At world 1
 also the bfloat16 matmul rate (256 x 256), and ``medium_compute`` is what ``fp32_matmul_prec="medium"``
 runs in on this CPU (:func:`dist_ortho.precision.medium_dtype`).
+
+On a GPU (:func:`measure_cuda`, one device): the dense matmul rate in float32, tf32 and bfloat16 (8192^3 products;
+``matmul_efficiency`` 1, the rates being what the device reaches), the memory bandwidth of a 2 GiB copy, an eager
+kernel's launch cost, and dist_ortho's own host time per step, group and matrix (Muon on tiny matrices in 1 or 8
+shapes of 64 to 2,048, least squares). Links are kept from the base profile (one device cannot measure them).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dist_ortho.plan.devices import PROFILES, DeviceProfile
-from dist_ortho.precision import medium_dtype
+from dist_ortho.precision import matmul_precision, medium_dtype
 
 
 def _port() -> int:
@@ -98,4 +104,56 @@ def fit(measured: dict[int, dict[str, float]], base: DeviceProfile = PROFILES["C
         base, flops_per_s={"float32": node, "tf32": node, "bfloat16": node * ratio}, intra_latency_s=largest["latency"],
         intra_bytes_per_s=largest["bandwidth"], inter_latency_s=largest["latency"], inter_bytes_per_s=largest["bandwidth"],
         per_ranks=per_ranks, medium_compute=str(medium_dtype("cpu")).removeprefix("torch."), source=f"--calibrate on this machine ({os.cpu_count()} cores, torch {torch.__version__})",
+    )
+
+
+def _cuda_seconds(fn, repeats: int = 10) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    began = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - began) / repeats
+
+
+def measure_cuda() -> dict[str, float]:
+    """This GPU's figures (see the module doc)."""
+    from dist_ortho.optim.muon import Muon
+
+    out: dict[str, float] = {}
+    n = 8192
+    for name, dtype, precision in (("float32", torch.float32, "highest"), ("tf32", torch.float32, "high"),
+                                   ("bfloat16", torch.bfloat16, "highest")):
+        a, b = torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
+        with matmul_precision(precision):
+            out[name] = 2 * n**3 / _cuda_seconds(lambda: a @ b)
+    big = torch.empty(2**29, dtype=torch.float32, device="cuda")
+    out["memory"] = 2 * big.nbytes / _cuda_seconds(lambda: big.clone())
+    tiny = torch.zeros(1, device="cuda")
+    out["launch"] = _cuda_seconds(lambda: [tiny.add_(1) for _ in range(100)]) / 100
+    rows, times = [], []
+    for shapes in (1, 8):
+        for count in (64, 512, 2048):
+            params = [torch.nn.Parameter(torch.randn(4 + i % shapes, 4, device="cuda")) for i in range(count)]
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt = Muon(params, lr=1e-3)
+            rows.append([1.0, shapes, count])
+            times.append(_cuda_seconds(opt.step, repeats=5))
+    fit_ = torch.linalg.lstsq(torch.tensor(rows, dtype=torch.float64), torch.tensor(times, dtype=torch.float64)[:, None])
+    out["host_step"], out["host_group"], out["host_matrix"] = (max(v, 1e-9) for v in fit_.solution.flatten().tolist())
+    return out
+
+
+def fit_cuda(measured: dict[str, float], base: DeviceProfile) -> DeviceProfile:
+    """``base`` (for its links and node size) with this GPU's measured figures."""
+    return dataclasses.replace(
+        base, name=torch.cuda.get_device_name(), matmul_efficiency=1.0,
+        flops_per_s={k: measured[k] for k in ("float32", "tf32", "bfloat16")}, memory_bytes_per_s=measured["memory"],
+        launch_s=measured["launch"], host_step_s=measured["host_step"], host_group_s=measured["host_group"],
+        host_matrix_s=measured["host_matrix"], per_ranks={},
+        source=f"--calibrate --calibrate-device cuda on {torch.cuda.get_device_name()} (torch {torch.__version__}); "
+               f"links from {base.name}",
     )

@@ -18,6 +18,9 @@ import torch
 from dist_ortho.tp.cost import CostProfile
 
 COMPUTE_DTYPES = ("float32", "tf32", "bfloat16")
+# The step's host time, fitted by scripts/bench_host.py (host section) on the CI machine kind (2-core AMD EPYC,
+# AVX2, torch 2.13 CPU): the default of every profile (a GPU server's host CPU is likely faster).
+HOST_STEP_S, HOST_GROUP_S, HOST_MATRIX_S = 4e-4, 1e-4, 1.5e-6
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,10 @@ class DeviceProfile:
     per rank), so a rank gets flops_per_s / ranks on the node; per_ranks: field values measured with that
     many ranks on one node (keys are rank counts as strings; a CPU host's gloo latency grows with them);
     medium_compute: the dtype ``fp32_matmul_prec="medium"`` runs Newton-Schulz in on this device (bfloat16 on
-    GPUs and on CPUs with a native bf16 matmul, float32 on AVX2-only CPUs: ``dist_ortho.precision``)."""
+    GPUs and on CPUs with a native bf16 matmul, float32 on AVX2-only CPUs: ``dist_ortho.precision``);
+    host_step_s, host_group_s, host_matrix_s: the optimizer's own host time per step, per group of same-shape
+    matrices and per matrix (Python, outside the kernels: scripts/bench_host.py's fit); replay_s: the host time
+    of a step captured in a CUDA graph (one replay; ``capturable=True``)."""
 
     name: str
     flops_per_s: dict[str, float]
@@ -47,6 +53,10 @@ class DeviceProfile:
     shared_compute: bool = False
     per_ranks: dict[str, dict[str, Any]] = field(default_factory=dict)
     medium_compute: str = "bfloat16"
+    host_step_s: float = HOST_STEP_S
+    host_group_s: float = HOST_GROUP_S
+    host_matrix_s: float = HOST_MATRIX_S
+    replay_s: float = 2e-5
     source: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:

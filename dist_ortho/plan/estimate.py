@@ -85,6 +85,8 @@ class Settings:
     param_bytes: int = 4  # the master weights / gradients Muon reads (float32)
     state_bytes: int = 4  # momentum per element
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    capture: bool = False  # the step captured in a CUDA graph (capturable=True): host time one replay
+    grouped: bool = True  # dist_ortho's grouped step; False: a step per weight (upstream's, and ours before groups)
 
     @property
     def ns(self) -> NsSpec:
@@ -188,8 +190,8 @@ def _tp_step(
         by_mode.setdefault(chosen, []).append(m)
     e = s.param_bytes
 
-    def batched(group: Sequence[_Matrix]) -> int:  # calls of local_many: one per shape when batching
-        return len({m.shape for m in group}) if ns.batch else len(group)
+    def batched(group: Sequence[_Matrix]) -> int:  # batched iterations: one per shape (per matrix: anchors)
+        return len({m.shape for m in group}) if ns.batch is not False else len(group)
 
     for chosen, group in by_mode.items():
         if chosen == "local":
@@ -209,6 +211,9 @@ def _tp_step(
                     ranks[r].bytes += e * ((m.shape[0] * m.shape[1] - shard) if h == r else shard)
             rounds.add(0, "all_to_all", 2, e * sum(m.shape[0] * m.shape[1] / t for m in group))
             continue
+        if chosen in ("distributed", "gram"):  # one batched program per group of a shape (per matrix: anchors)
+            for r in range(t):
+                launches[r] += (batched(group) if s.grouped else len(group)) * NS_KERNELS_PER_STEP * s.steps
         for m in group:
             u = m.shape[1 - m.partition_dim]
             counts = matrix_counts(m.shape, m.partition_dim, m.sizes, ns, dtype, compute, restarts, whole[m])[chosen]
@@ -220,8 +225,6 @@ def _tp_step(
                 else:
                     ranks[r].flops += counts.flops
                 ranks[r].bytes += counts.bytes
-                if chosen != "duplicated":  # duplicated's iterations are batched: counted per group below
-                    launches[r] += NS_KERNELS_PER_STEP * s.steps
             if per_matrix:
                 anchors_calls += counts.calls
             elif chosen == "duplicated":
@@ -266,10 +269,14 @@ def _domain(
         loads, chosen, launches = _tp_step(mine, t, mode, s, profile, ranks_on_node)
         for k, v in chosen.items():
             chosen_all[k] = chosen_all.get(k, 0) + v
-        n_owned = sum(1 for o in owners if o == d)
+        owned = [w for w, o in zip(weights, owners) if o == d]
+        per_weight = mode.endswith("/per-matrix") or not s.grouped  # a kernel of each kind per weight
+        groups = len(owned) if per_weight else len({(w.shape, w.partition_dim, w.qkv_split) for w in owned})
+        host = _host_seconds(profile, s, groups, len(mine), per_weight)
         for r, load in enumerate(loads):
-            seconds = (load.flops / rate + load.calls * tp_lat + load.bytes / tp_bw + launches[r] * profile.launch_s
-                       + held[d][r] * UPDATE_BYTES / profile.memory_bytes_per_s + n_owned * UPDATE_KERNELS * profile.launch_s)
+            kernels = 0.0 if s.capture and not per_weight else (launches[r] + groups * UPDATE_KERNELS) * profile.launch_s
+            seconds = (load.flops / rate + load.calls * tp_lat + load.bytes / tp_bw + kernels + host
+                       + held[d][r] * UPDATE_BYTES / profile.memory_bytes_per_s)
             load.state_bytes = held[d][r] * s.state_bytes
             if dp > 1:  # the owners' updated weights to every replica: one all-gather over DP
                 longest = max(held[o][r] for o in range(dp)) * s.param_bytes
@@ -281,6 +288,16 @@ def _domain(
             worst = RankLoad(max(worst.flops, load.flops), max(worst.bytes, load.bytes), max(worst.calls, load.calls),
                              max(worst.seconds, load.seconds), max(worst.state_bytes, load.state_bytes))
     return worst, chosen_all
+
+
+def _host_seconds(profile: DeviceProfile, s: Settings, groups: int, matrices: int, per_weight: bool) -> float:
+    """dist_ortho's host time for a rank's groups and matrices (none modelled for a step per weight, upstream's,
+    whose host cost is its own); one graph replay when captured."""
+    if per_weight:
+        return 0.0
+    if s.capture:
+        return profile.replay_s
+    return profile.host_step_s + groups * profile.host_group_s + matrices * profile.host_matrix_s
 
 
 def estimate(

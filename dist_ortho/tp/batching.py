@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 BatchMatrices = Literal["auto"] | bool
 BATCH_ENV = "DIST_ORTHO_BATCH"
 PROBE_BATCH = 4
-PROBE_MAX_NUMEL = 256 * 1024
+PROBE_MAX_NUMEL = 64 * 1024
 _REPEATS = 3
 
 Key = tuple[str, int, int, str]  # (device type, k = the short side, n = the long side, compute dtype)

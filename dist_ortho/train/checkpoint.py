@@ -24,8 +24,8 @@ import torch.distributed.checkpoint as dcp
 
 from dist_ortho import comm
 from dist_ortho.dtensor import full_tensor, is_dtensor, local, piece_of
-from dist_ortho.optim.hybrid import fallback_holding
-from dist_ortho.params import Held, held_like_param
+from dist_ortho.optim.holding import declares, holding, owns, state_tensors
+from dist_ortho.params import held_like_param
 
 
 def sharded(model: torch.nn.Module) -> None:
@@ -36,35 +36,18 @@ def sharded(model: torch.nn.Module) -> None:
         reshard()
 
 
-def _holding(optimizer: torch.optim.Optimizer, p: torch.Tensor, path: list[str], group: Any) -> Held:
-    """How the optimizer says it holds state ``path`` of ``p`` (dist_ortho's optimizers declare it; a torch
-    optimizer's state is held like the parameter, its ``step`` replicated)."""
-    declared = getattr(optimizer, "state_holding", None)
-    return declared(p, path) if declared is not None else fallback_holding(p, path, group)
-
-
-def _state_tensors(state: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[list[str], Any]]:
-    out = []
-    for key, value in state.items():
-        if isinstance(value, dict):  # a component of a split fused weight: key part<i>
-            out += _state_tensors(value, (*prefix, key))
-        else:
-            out.append(([*prefix, key], value))
-    return out
-
-
 def global_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, group: Any) -> dict[str, Any]:
     """Weights and optimizer state as global tensors, keyed by parameter name (never by rank)."""
     sharded(model)
     model_sd, optim_sd = {}, {}
     for name, p in model.named_parameters():
         model_sd[name] = full_tensor(p.detach()) if is_dtensor(p) else held_like_param(p, group).to_global(p.detach())
-        for path, value in _state_tensors(optimizer.state[p]):
+        for path, value in state_tensors(optimizer.state[p]):
             t = value if torch.is_tensor(value) else torch.tensor(value)
             if is_dtensor(t):  # a torch optimizer's state of a DTensor parameter (AdamW under FSDP2)
                 optim_sd["/".join([name, *path])] = full_tensor(t)
                 continue
-            optim_sd["/".join([name, *path])] = _holding(optimizer, p, path, group).to_global(t)
+            optim_sd["/".join([name, *path])] = holding(optimizer, p, path, group).to_global(t)
     return {"model": model_sd, "optim": optim_sd}
 
 
@@ -147,11 +130,10 @@ def load(
     metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
     sharded(model)
     params = dict(model.named_parameters())
-    owns = getattr(optimizer, "owns", lambda p: True)
     state: dict[str, dict[str, torch.Tensor]] = {"model": {}, "optim": {}}
     for key, meta in metadata.items():
         section, name = key.split(".", 1)
-        if section == "optim" and name.split("/")[0] in params and not owns(params[name.split("/")[0]]):
+        if section == "optim" and name.split("/")[0] in params and not owns(optimizer, params[name.split("/")[0]]):
             continue
         state[section][name] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
     dcp.load(state, checkpoint_id=str(checkpoint), process_group=run_group)
@@ -176,17 +158,11 @@ def load(
         target = optimizer.state[p]
         for part in path[:-1]:
             target = target.setdefault(part, {})
-        if is_dtensor(p) and not _declares(optimizer, p) and tuple(value.shape) == tuple(p.shape):
+        if is_dtensor(p) and not declares(optimizer, p) and tuple(value.shape) == tuple(p.shape):
             from torch.distributed.tensor import DTensor
 
             target[path[-1]] = DTensor.from_local(piece_of(value, p.device_mesh, p.placements).clone().to(local(p).device), p.device_mesh, p.placements,
                                                   shape=p.shape, stride=p.stride())
             continue
-        target[path[-1]] = _holding(optimizer, p, path, group).to_local(value).to(p.device)
+        target[path[-1]] = holding(optimizer, p, path, group).to_local(value).to(p.device)
 
-
-def _declares(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> bool:
-    """Whether a dist_ortho optimizer (not a torch one) holds ``p``'s state."""
-    of = getattr(optimizer, "optimizer_of", None)
-    inner = of(p) if of is not None else optimizer
-    return hasattr(inner, "held_state")

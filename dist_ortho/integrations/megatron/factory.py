@@ -24,6 +24,7 @@ import torch
 from dist_ortho.integrations.megatron.args import optimizer_kwargs
 from dist_ortho.integrations.megatron.optimizers import TensorParallelMuon, init_state
 from dist_ortho.integrations.megatron.params import copy_tags_to_main_params, is_matrix_param, tag_megatron_params
+from dist_ortho.optim.holding import owns
 from dist_ortho.optim.hybrid import MuonAdamW
 
 
@@ -107,7 +108,7 @@ class GridCheckpoint:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]  # type: ignore[attr-defined]
             state = sharded["optimizer"]["state"] if "optimizer" in sharded else sharded["state"]
             for index, values in state.items():
-                if isinstance(index, int) and self.optimizer.owns(params[index]):  # type: ignore[attr-defined]
+                if isinstance(index, int) and owns(self.optimizer, params[index]):  # type: ignore[attr-defined]
                     for value in values.values():
                         replica = getattr(value, "replica_id", None)
                         if replica is not None:

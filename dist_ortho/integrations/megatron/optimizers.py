@@ -20,6 +20,7 @@ import torch
 
 from dist_ortho import comm
 from dist_ortho.optim.adaptive import AdaptiveMuon
+from dist_ortho.optim.holding import owns
 from dist_ortho.optim.muon import Muon
 from dist_ortho.tp import TP_MODES
 
@@ -90,7 +91,7 @@ class MegatronResume:
             logger.info("%s: the configured values replace the checkpoint's: %s", type(self).__name__,
                         ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(replaced.items())))
         if comm.group_size(self.dp_group) > 1:
-            for p in [p for p in self.state if not self.owns(p)]:
+            for p in [p for p in self.state if not owns(self, p)]:
                 del self.state[p]
 
 

@@ -1,0 +1,48 @@
+"""Cross-rank agreement on a step's plan: every rank of every group the step talks over must run the same plan
+(parameters in order, global shapes, dims, dtypes, modes, Newton-Schulz options; names where known), or the
+coalesced collectives would not match. :class:`PlanAgreement` checks it with one 16-byte all-gather per group
+when the plan is new to this rank (none while it is unchanged); a disagreement raises the same ValueError on
+every rank, naming the first differing entry (dist_ortho.comm.agree).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from dist_ortho import comm
+from dist_ortho.params import MatrixLayout
+
+ENTRY = ("name, global shape, partition_dim, group, dtype, tp_mode, (steps, coefficients), coalesce, "
+         "fp32_matmul_prec, local_gram, batch_matrices, nonfinite, QKV parts")
+
+
+def plan_entry(name: str | None, layout: MatrixLayout, kind: str | None, dtype: Any, group: dict[str, Any],
+               parts: int, dp_local: bool = False) -> tuple:
+    """What every rank must agree on about one parameter of the step (it decides the collectives). ``kind``:
+    "dense" or "expert" (its TP group), None when not sharded; ``dp_local``: experts split over DP ranks,
+    whose count (the layout's leading dim) each DP rank has of its own."""
+    ns = (group.get("num_ns_steps"), group.get("coefficient_type"), group.get("custom_coefficient_sets"))
+    shape = layout.shape[1:] if dp_local else layout.shape
+    return (
+        name, tuple(shape), layout.partition_dim, kind, str(dtype), group["tp_mode"], ns, group["coalesce"],
+        group["fp32_matmul_prec"], group["local_gram"], group["batch_matrices"], group["nonfinite"], parts,
+    )
+
+
+class PlanAgreement:
+    """Remembers the last few plans every rank agreed on (a plan that comes back costs nothing)."""
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self._agreed: list[tuple] = []
+
+    def check(self, entries: Sequence[tuple], labels: Sequence[str], groups: Sequence[comm.ProcessGroup | None]) -> None:
+        key = tuple(entries)
+        if key in self._agreed:
+            return
+        what = f"the {self.owner} step's plan (entry: {ENTRY})"
+        for group in groups:
+            if comm.group_size(group) > 1:
+                comm.agree([(self.owner, *e) for e in entries], list(labels), group, what)
+        self._agreed = [*self._agreed[-3:], key]
