@@ -36,7 +36,7 @@ class MatrixContext:
     state: MutableMapping[str, Any]  # the matrices' state: stacked tensors (batched) or one state dict
     grad: torch.Tensor | None = None  # this rank's block of the gradient (weight decay applied)
     direction: torch.Tensor | None = None  # this rank's block of the momentum direction
-    orthogonalized: torch.Tensor | None = None  # Newton-Schulz of ``direction`` (members that ask for it)
+    orthogonalized: torch.Tensor | None = None  # Newton-Schulz of ``direction``: the step's own, update() may change it
     names: list[str] = field(default_factory=list)  # the members' names, in batch order
     batched: bool = True  # tensors carry a leading batch dim (one matrix per member)
     staged: dict[str, torch.Tensor] = field(default_factory=dict)  # state set this step, committed after the check

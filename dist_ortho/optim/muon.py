@@ -71,7 +71,7 @@ class Muon(OrthogonalizedOptimizer):
 
     def update(self, ctx: MatrixContext) -> Program[torch.Tensor]:
         yield from ()
-        return ctx.orthogonalized * ctx.shape_scale()
+        return ctx.orthogonalized.mul_(ctx.shape_scale())  # the step's own tensor: scaled in place
 
 
 class MuonHyperball(Muon):

@@ -19,11 +19,20 @@ Nonfinite = Literal["raise", "skip", "ignore"]
 NONFINITE: tuple[str, ...] = get_args(Nonfinite)
 
 
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    """t's elements all finite, as a device bool: its min and max in one pass (both propagate NaN and +-Inf),
+    without a boolean temporary as large as t."""
+    if t.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=t.device)
+    low, high = torch.aminmax(t)
+    return torch.isfinite(low) & torch.isfinite(high)
+
+
 def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """A device bool: every element of every tensor is finite (one reduction per tensor, one stack)."""
     if not tensors:
         return torch.ones((), dtype=torch.bool)
-    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+    return torch.stack([_finite(t) for t in tensors]).all()
 
 
 def first_nonfinite(batch: torch.Tensor) -> int | None:

@@ -35,11 +35,15 @@ from dist_ortho.tp import MatrixJob, orthogonalize_many
 logger = logging.getLogger(__name__)
 
 
-def momentum_direction(grad: torch.Tensor, momentum: torch.Tensor, beta: float, nesterov: bool
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """M' = M.lerp(G, 1 - beta) and the direction D = G.lerp(M', beta) (Nesterov) or M', out of place."""
-    new_momentum = momentum.lerp(grad, 1 - beta)
-    return new_momentum, grad.lerp(new_momentum, beta) if nesterov else new_momentum
+def momentum_direction(grad: torch.Tensor, momentum: torch.Tensor, beta: float, nesterov: bool,
+                       out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """M' = M.lerp(G, 1 - beta) and the direction D = G.lerp(M', beta) (Nesterov) or M', out of place (into
+    ``out``'s two tensors when given)."""
+    if out is None:
+        new_momentum = momentum.lerp(grad, 1 - beta)
+        return new_momentum, grad.lerp(new_momentum, beta) if nesterov else new_momentum
+    new_momentum = torch.lerp(momentum, grad, 1 - beta, out=out[0])
+    return new_momentum, torch.lerp(grad, new_momentum, beta, out=out[1]) if nesterov else new_momentum
 
 
 def descend(weights: torch.Tensor, update: torch.Tensor, lr: float | torch.Tensor) -> None:
@@ -90,10 +94,12 @@ class GroupStep:
     def _grad(self, stack: ParamStack, values: list[torch.Tensor]) -> torch.Tensor:
         """The members' gradients, stacked (a tensor-parallel shard without one steps with zeros)."""
         grads = [self.opt.layouts.dtensors.grad(p) for p in stack.params] if stack.dtensors else [p.grad for p in stack.params]
+        first = values[0]
+        out = stack.buffers.get("grad", (len(values), *first.shape), first.dtype, first.device)
         try:
-            return torch.stack(grads)
+            return torch.stack(grads, out=out)
         except TypeError:  # some gradient is None
-            return torch.stack([g if g is not None else torch.zeros_like(v) for g, v in zip(grads, values)])
+            return torch.stack([g if g is not None else torch.zeros_like(v) for g, v in zip(grads, values)], out=out)
 
     def _prepare(self, stack: ParamStack) -> _Work:
         opt, options = self.opt, stack.options
@@ -104,13 +110,15 @@ class GroupStep:
             weights, views = stack.weights.stack(values)
         grad = self._grad(stack, values)
         if options["weight_decay_method"] == "l2" and options["weight_decay"] != 0:
-            grad = grad.add(weights, alpha=options["weight_decay"])
+            grad.add_(weights, alpha=options["weight_decay"])
         try:
             momentum = stack.state["momentum_buffer"]
         except KeyError:  # state cleared since the last step: the members start afresh
             opt._init_fresh(stack.params)
             momentum = stack.state["momentum_buffer"]
-        new_momentum, direction = momentum_direction(grad, momentum, options["momentum"], options["nesterov"])
+        out = tuple(stack.buffers.get(role, momentum.shape, momentum.dtype, momentum.device)
+                    for role in ("momentum", "direction"))
+        new_momentum, direction = momentum_direction(grad, momentum, options["momentum"], options["nesterov"], out)
         grads, directions = stack.matrices(grad), stack.matrices(direction)
         contexts = []
         for part in stack.parts:

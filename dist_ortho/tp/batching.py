@@ -2,14 +2,16 @@
 
 Batching pays where a device's per-call cost dominates (every GPU; small matrices on a CPU) and can lose
 where a CPU's BLAS runs one large ``mm`` faster than its batched kernel (measured on an AVX-512 CPU: a batch
-of 128 x 128 matrices 1.4-1.75x slower than a loop, of 32 x 32 2.2x faster; on an AVX2 CPU the batch won
-at every size from 8 to 256). So the choice is made per device class and matrix size:
+of 128 x 128 matrices 1.4-1.75x slower than a loop, of 32 x 32 2.2x faster). On a CPU a batch also loses once
+its working set leaves the cache (measured on an AVX2 AMD EPYC, float32, per matrix: 128 x 128 in batches of
+4 or 16 930 us, of 64 or 256 1,200-1,320 us, one at a time 1,020 us; 32 x 32: 22-58 us batched, 120 us
+alone). So the choice is made per device class and matrix size:
 
-- CUDA (any non-CPU device): batch.
-- CPU: a one-time micro-measurement per (k, n, compute dtype) (:func:`measure`, a few ms): one
-  Newton-Schulz step on :data:`PROBE_BATCH` matrices batched and looped, the faster wins. Matrices with
-  more than :data:`PROBE_MAX_NUMEL` elements are not timed: each is big enough that a loop costs nothing
-  extra, so they run one at a time.
+- CUDA (any non-CPU device): batch, all the matrices at once.
+- CPU: batches of :func:`chunk` matrices (:data:`CPU_CHUNK_BYTES` of them), where a one-time
+  micro-measurement per (k, n, compute dtype) (:func:`measure`, a few ms) finds one Newton-Schulz step on such
+  a batch faster than on its matrices one at a time; else one at a time. Matrices with more than
+  :data:`PROBE_MAX_NUMEL` elements are not timed: each is big enough that a loop costs nothing extra.
 
 A measured choice can differ between processes (timing noise), and ranks that compute the same replicated
 matrix must round alike, so the optimizer measures, then agrees on the choices over its process groups
@@ -37,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 BatchMatrices = Literal["auto"] | bool
 BATCH_ENV = "DIST_ORTHO_BATCH"
-PROBE_BATCH = 4
+CPU_CHUNK_BYTES = 256 * 1024
 PROBE_MAX_NUMEL = 64 * 1024
 _REPEATS = 3
 
@@ -82,6 +84,15 @@ def batched(shape: Sequence[int], dtype: torch.dtype, device: torch.device | str
     return choice
 
 
+def chunk(shape: Sequence[int], dtype: torch.dtype, device: torch.device | str) -> int | None:
+    """Matrices of ``shape`` per batched call: None (all of them) on a GPU, :data:`CPU_CHUNK_BYTES` of them
+    (at least 1) on a CPU."""
+    if torch.device(device).type != "cpu":
+        return None
+    itemsize = compute_dtype(dtype, device).itemsize
+    return max(1, CPU_CHUNK_BYTES // (shape[-2] * shape[-1] * itemsize))
+
+
 def needs_measuring(keys: Iterable[Key]) -> list[Key]:
     """The keys (in first-seen order) with no recorded choice, where no override decides."""
     if _forced() is not None:
@@ -109,10 +120,12 @@ def measure(k: Key) -> bool:
     device, rows, cols, dtype_name = k
     if device != "cpu":
         return True
-    if rows * cols > PROBE_MAX_NUMEL:
+    dtype = getattr(torch, dtype_name)
+    size = chunk((rows, cols), dtype, device) or 1
+    if rows * cols > PROBE_MAX_NUMEL or size == 1:
         return False
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(PROBE_BATCH, rows, cols, generator=generator).to(getattr(torch, dtype_name)) / (rows * cols) ** 0.5
+    x = torch.randn(size, rows, cols, generator=generator).to(dtype) / (rows * cols) ** 0.5
     _probe_seconds(x, True)  # warm both paths
     _probe_seconds(x, False)
     return _probe_seconds(x, True) <= _probe_seconds(x, False)

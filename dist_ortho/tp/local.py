@@ -100,12 +100,19 @@ def _one_device(x: torch.Tensor, ns: NsSpec) -> torch.Tensor:
 
 def local_newton_schulz(x: torch.Tensor, ns: NsSpec) -> torch.Tensor:
     """Newton-Schulz of a whole matrix (or batch) on this device: Gram recursion or plain iteration; a batch
-    runs as one batched iteration or one matrix at a time, as :func:`dist_ortho.tp.batching.batched` says."""
-    if x.ndim == 2 or batching.batched(x.shape, x.dtype, x.device, ns.batch):
+    runs in batched iterations of :func:`dist_ortho.tp.batching.chunk` matrices, or one matrix at a time, as
+    :func:`dist_ortho.tp.batching.batched` says."""
+    if x.ndim == 2:
         return _one_device(x, ns)
     flat = x.reshape(-1, *x.shape[-2:])
+    count = flat.size(0)
+    if batching.batched(x.shape, x.dtype, x.device, ns.batch):
+        size = batching.chunk(x.shape, x.dtype, x.device)
+        if size is None or size >= count:
+            return _one_device(x, ns)
+        return torch.cat([_one_device(flat[i : i + size], ns) for i in range(0, count, size)]).view(x.shape)
     out = torch.empty_like(flat)
-    for i in range(flat.size(0)):  # each in its own memory: a BLAS may round by the address's alignment
+    for i in range(count):  # each in its own memory: a BLAS may round by the address's alignment
         out[i] = _one_device(flat[i].clone(), ns)
     return out.view(x.shape)
 
