@@ -14,8 +14,8 @@ Sections:
   anchors' way (momentum and newton_schulz_tp per matrix, duplicated: one all-gather each), and the floor:
   momentum, one all-gather of all shards, one batched Newton-Schulz.
 - host: the step's host time alone: 4 x 4 matrices (no work to speak of) in 1, 8 and 64 shapes of 64 to
-  4,096 matrices; a least-squares fit of seconds = per step + per group x groups + per matrix x matrices
-  (the planner's host model, dist_ortho.plan).
+  4,096 matrices, and the planner's host model (dist_ortho.plan) fitted to it: per matrix, the slope over the
+  matrix count of one group; per group, the slope over the group count at 64 matrices; per step, what is left.
 - experts: Qwen3-30B-A3B's expert weights at TP 1 (48 layers x 128 experts x gate, up, down = 18,432
   matrices), as 2D weights (Megatron's SequentialMLP / TE GroupedLinear) and as 3D weights [128, out, in]
   (torchtitan's GroupedExperts): the real shapes (768 x 2048, 2048 x 768) for as many layers as fit
@@ -190,9 +190,15 @@ def host(repeats: int, device: str) -> dict:
             opt = Muon(params, lr=1e-3, fp32_matmul_prec="highest")
             seconds = timed({"step": opt.step}, repeats, device)["step"]
             samples.append({"groups": shapes, "matrices": n, "seconds": seconds})
-    a = torch.tensor([[1.0, s["groups"], s["matrices"]] for s in samples], dtype=torch.float64)
-    b = torch.tensor([s["seconds"] for s in samples], dtype=torch.float64)
-    fit = torch.linalg.lstsq(a, b[:, None]).solution.flatten().tolist()
+    def line(points: list[tuple[float, float]]) -> tuple[float, float]:  # least squares: (intercept, slope)
+        x = torch.tensor([[1.0, u] for u, _ in points], dtype=torch.float64)
+        y = torch.tensor([[v] for _, v in points], dtype=torch.float64)
+        return tuple(torch.linalg.lstsq(x, y).solution.flatten().tolist())  # type: ignore[return-value]
+
+    one_group = line([(s["matrices"], s["seconds"]) for s in samples if s["groups"] == 1])
+    fewest = min(s["matrices"] for s in samples)
+    by_groups = line([(s["groups"], s["seconds"] - s["matrices"] * one_group[1]) for s in samples if s["matrices"] == fewest])
+    fit = [max(one_group[0] - by_groups[1], 0.0), by_groups[1], one_group[1]]
     return {"samples": samples, "per_step_us": 1e6 * fit[0], "per_group_us": 1e6 * fit[1], "per_matrix_us": 1e6 * fit[2]}
 
 
@@ -277,7 +283,7 @@ def main() -> None:
     if "host" in args.sections:
         report["host"] = host(args.repeats, args.device)
         h = report["host"]
-        print(f"\nhost model (4 x 4 matrices, least squares over {len(h['samples'])} runs): "
+        print(f"\nhost model (4 x 4 matrices, {len(h['samples'])} runs): "
               f"{h['per_step_us']:.0f} us per step + {h['per_group_us']:.1f} us per group + "
               f"{h['per_matrix_us']:.2f} us per matrix")
     if args.json:

@@ -18,9 +18,10 @@ import torch
 from dist_ortho.tp.cost import CostProfile
 
 COMPUTE_DTYPES = ("float32", "tf32", "bfloat16")
-# The step's host time, fitted by scripts/bench_host.py (host section) on the CI machine kind (2-core AMD EPYC,
-# AVX2, torch 2.13 CPU): the default of every profile (a GPU server's host CPU is likely faster).
-HOST_STEP_S, HOST_GROUP_S, HOST_MATRIX_S = 4e-4, 1e-4, 1.5e-6
+# The step's host time, from scripts/bench_host.py's host section on the CI machine kind (2-core AMD EPYC, AVX2,
+# torch 2.13 CPU: 0.77 ms per group, 3.4 us per matrix, docs/benchmarks.md), less the kernels the planner counts
+# apart (33 per group at launch_s 10 us): the default of every profile (a GPU server's host CPU is likely faster).
+HOST_STEP_S, HOST_GROUP_S, HOST_MATRIX_S = 1e-4, 4.4e-4, 3.4e-6
 
 
 @dataclass(frozen=True)
