@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -144,6 +145,19 @@ def find_holdings(
 
 
 _ROLES = {"tp": "tp_group", "dp": "dp_group"}
+
+
+def mesh_groups(mesh: Any, tp_group: comm.ProcessGroup | None, dp_group: comm.ProcessGroup | None
+                ) -> tuple[comm.ProcessGroup | None, comm.ProcessGroup | None]:
+    """(tp_group, dp_group) of a DeviceMesh with dims named "tp" and "dp" (either may be absent)."""
+    names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
+    if not names or set(names) - {"tp", "dp"}:
+        raise ValueError(f"device_mesh must have dims named 'dp' and/or 'tp', got {names or 'unnamed dims'}; "
+                         "or pass tp_group= and dp_group= instead")
+    if tp_group is not None or dp_group is not None:
+        raise ValueError("pass either device_mesh= or tp_group=/dp_group=, not both")
+    group = {name: mesh[name].get_group() if mesh.ndim > 1 else mesh.get_group() for name in names}
+    return group.get("tp"), group.get("dp")
 
 
 def groups_from_meshes(params: Sequence[torch.Tensor], experts: Sequence[bool]) -> dict[str, comm.ProcessGroup | None]:

@@ -2,7 +2,8 @@
 (parameters in order, global shapes, dims, dtypes, modes, Newton-Schulz options; names where known), or the
 coalesced collectives would not match. :class:`PlanAgreement` checks it with one 16-byte all-gather per group
 when the plan is new to this rank (none while it is unchanged); a disagreement raises the same ValueError on
-every rank, naming the first differing entry (dist_ortho.comm.agree).
+every rank, naming the first differing entry (dist_ortho.comm.agree). :func:`agree_batching` makes ranks that
+compute the same whole matrices batch them alike.
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from dist_ortho import comm
 from dist_ortho.params import MatrixLayout
+from dist_ortho.tp import batching
 
 ENTRY = ("name, global shape, partition_dim, group, dtype, tp_mode, (steps, coefficients), coalesce, "
          "fp32_matmul_prec, local_gram, batch_matrices, nonfinite, QKV parts")
@@ -46,3 +50,20 @@ class PlanAgreement:
             if comm.group_size(group) > 1:
                 comm.agree([(self.owner, *e) for e in entries], list(labels), group, what)
         self._agreed = [*self._agreed[-3:], key]
+
+
+def agree_batching(keys: Sequence[batching.Key], groups: Sequence[comm.ProcessGroup | None]) -> None:
+    """Measure, where no choice is recorded yet, whether whole-matrix Newton-Schulz of these shapes pays batched
+    on this device (dist_ortho.tp.batching), and agree with every rank that computes the same matrices (the
+    majority over each of ``groups``: one small all-reduce each, only when there is something new; the plan
+    is agreed, so every rank of a group has the same keys): ranks that orthogonalize a replicated matrix must
+    round alike."""
+    new = batching.needs_measuring(keys)
+    if not new:
+        return
+    flags = torch.tensor([batching.measure(k) for k in new], dtype=torch.int64)
+    for group in groups:
+        if comm.group_size(group) > 1:
+            votes = comm.all_reduce(flags.to(comm.collective_device(group)), group).cpu()
+            flags = (2 * votes >= comm.group_size(group)).to(torch.int64)
+    batching.record({k: bool(f) for k, f in zip(new, flags.tolist())})

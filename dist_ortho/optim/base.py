@@ -37,10 +37,11 @@ from torch.optim.optimizer import Optimizer, ParamsT
 from dist_ortho import comm
 from dist_ortho.coalesce import DEFAULT_BUCKET_BYTES, Program, run
 from dist_ortho.coefficients import get_coefficients
-from dist_ortho.dtensor import DTensorParams, groups_from_meshes, local
-from dist_ortho.grid import reduce_to_owners, share_program
-from dist_ortho.optim.agreement import PlanAgreement, plan_entry
+from dist_ortho.dtensor import DTensorParams, groups_from_meshes, local, mesh_groups
+from dist_ortho.grid import share_program
+from dist_ortho.optim.agreement import PlanAgreement, agree_batching, plan_entry
 from dist_ortho.optim.context import MatrixContext
+from dist_ortho.optim.gradients import dp_own, reduce_into_owners, sum_of_squares
 from dist_ortho.optim.groups import ParamStack, Part
 from dist_ortho.optim.holding import part_of
 from dist_ortho.optim.layouts import ParamLayouts
@@ -50,7 +51,7 @@ from dist_ortho.optim.planning import StepPlan, batching_keys, build_stacks, pla
 from dist_ortho.optim.step import GroupStep, run_phase
 from dist_ortho.params import Held, MatrixLayout, is_expert_stack
 from dist_ortho.precision import MATMUL_PRECISIONS, MatmulPrecision
-from dist_ortho.tp import TP_MODES, NsSpec, batching
+from dist_ortho.tp import TP_MODES, NsSpec
 from dist_ortho.tp.batching import BatchMatrices
 from dist_ortho.tp.local import LOCAL_GRAM, LocalGram
 
@@ -493,13 +494,6 @@ class OrthogonalizedOptimizer(Optimizer):
         """Whether this rank's replica updates ``p`` and keeps its state."""
         return self.owner(p) == comm.group_rank(self.dp_group)
 
-    def _dp_sharded(self, p: torch.Tensor) -> bool:
-        return self.layouts.dtensors.dp_sharded(p)
-
-    def _dp_own(self, p: torch.Tensor) -> bool:
-        """p's DP ranks each hold a piece of their own (DP-sharded, or experts split over DP): never shared."""
-        return self.layouts.dtensors.dp_sharded(p) or self.layouts.dtensors.dp_local(p)
-
     def reduce_gradients(self) -> None:
         """With ``reduce_grads``: average the gradients into their owners now (the step does it otherwise;
         call it before reading gradients across the grid, e.g. :meth:`grad_sum_of_squares`)."""
@@ -508,35 +502,20 @@ class OrthogonalizedOptimizer(Optimizer):
         every = [(p, group) for group in self.param_groups for p in group["params"] if p.requires_grad]
         for p, _ in every:
             self.layout(p)  # holdings known: DTensors whose DP ranks hold pieces of their own are left as they are
-        every = [(p, group) for p, group in every if not self._dp_own(p)]
+        every = [(p, group) for p, group in every if not dp_own(self.layouts, p)]
         self._agree(every)  # the reduce-scatter's buffers follow the plan: agree first
-        params = [p for p, _ in every]
-        grads = [local(p.grad) if p.grad is not None else None for p in params]
-        averaged = reduce_to_owners(grads, [local(p) for p in params], [self.owner(p) for p in params], self.dp_group)
-        for p, grad in zip(params, averaged):
-            if grad is None:
-                continue
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            local(p.grad).copy_(grad)  # in place: a DTensor's gradient keeps its placements
+        reduce_into_owners([p for p, _ in every], [self.owner(p) for p, _ in every], self.dp_group)
         self._grads_reduced = True
 
     def grad_sum_of_squares(self) -> torch.Tensor:
-        """This rank's share of sum(g^2) over every gradient of the optimizer, float64: each element of the
-        global gradients counted on exactly one rank of the DP x TP grid (a shard by its TP rank on the
-        owner replica, a TP-replicated matrix by TP rank 0 of it, a DP piece of a DTensor by its DP rank), so
-        that the sum over the grid is the single-process value (gradients averaged over DP, or reduced)."""
+        """This rank's share of sum(g^2) over every gradient of the optimizer, float64, each element counted on
+        one rank of the DP x TP grid (dist_ortho.optim.gradients), so that the sum over the grid is the
+        single-process value (gradients averaged over DP, or reduced)."""
         self.reduce_gradients()
-        total = torch.zeros((), dtype=torch.float64)
-        tp_rank = comm.group_rank(self.tp_group)
-        for group in self.param_groups:
-            for p in group["params"]:
-                grad = local(p.grad) if p.grad is not None else None
-                if grad is None or (self.layout(p).group is None and tp_rank != 0):
-                    continue
-                if self._dp_own(p) or self.owns(p):
-                    total += grad.double().square().sum().cpu()
-        return total
+        params = [p for group in self.param_groups for p in group["params"]]
+        for p in params:
+            self.layout(p)
+        return sum_of_squares(params, self.layouts, self.owns, self.tp_group)
 
     def _step_plan(self, params: list[torch.Tensor]) -> StepPlan:
         """The plan of a step with these parameters and options: made (and agreed on by every rank) when new,
@@ -554,8 +533,8 @@ class OrthogonalizedOptimizer(Optimizer):
         self._agree(taking_part)
         dp_rank = comm.group_rank(self.dp_group)
         owned = [(p, group) for p, group in taking_part if self.owner(p) == dp_rank]
-        sharded = [p for p in params if self._dp_sharded(p)]
-        replicated = [p for p in params if not self._dp_own(p)]
+        sharded = [p for p in params if self.layouts.dtensors.dp_sharded(p)]
+        replicated = [p for p in params if not dp_own(self.layouts, p)]
         stacks = build_stacks(owned, self.layouts, self.state, self.name_of, type(self).batched)
         rows = resolve_modes(stacks, self.ns_spec, self._local)
         if any(stack.options["tp_mode"] == "auto" for stack in stacks):
@@ -563,7 +542,7 @@ class OrthogonalizedOptimizer(Optimizer):
             if printed != self._logged_plan:
                 logger.info("%s: tp_mode='auto' plan (predicted ms per mode):\n%s", type(self).__name__, printed)
                 self._logged_plan = printed
-        self._agree_batching(batching_keys(stacks, self._local))
+        agree_batching(batching_keys(stacks, self._local), (self.tp_group, self.expert_tp_group))
         plan = StepPlan(owned, stacks, sharded, [self.owner(p) for p in sharded], replicated,
                         [self.owner(p) for p in replicated])
         self._plans = {key: plan}  # the latest plan only: a changed plan is made anew
@@ -572,20 +551,6 @@ class OrthogonalizedOptimizer(Optimizer):
     def _local(self, stack: ParamStack) -> torch.Tensor:
         """A member's local tensor (shape, dtype and device of the stack's members)."""
         return self.layouts.dtensors.value(stack.params[0])
-
-    def _agree_batching(self, keys: Sequence[batching.Key]) -> None:
-        """Measure, where no choice is recorded yet, whether whole-matrix Newton-Schulz of these shapes pays
-        batched on this device (dist_ortho.tp.batching), and agree with every rank that computes the same
-        matrices (a majority over each TP group: one small all-reduce, only when there is something new)."""
-        new = batching.needs_measuring(keys)
-        if not new:
-            return
-        flags = torch.tensor([batching.measure(k) for k in new], dtype=torch.int64)
-        for group in (self.tp_group, self.expert_tp_group):
-            if comm.group_size(group) > 1:
-                votes = comm.all_reduce(flags.to(comm.collective_device(group)), group).cpu()
-                flags = (2 * votes >= comm.group_size(group)).to(torch.int64)
-        batching.record({k: bool(f) for k, f in zip(new, flags.tolist())})
 
     def _step(self) -> None:
         self.reduce_gradients()
@@ -634,19 +599,6 @@ class OrthogonalizedOptimizer(Optimizer):
             self.layout(p)
         stacks = build_stacks(every, self.layouts, self.state, self.name_of, type(self).batched)
         return plan_table(resolve_modes(stacks, self.ns_spec, self._local), self._label)
-
-
-def mesh_groups(mesh: Any, tp_group: comm.ProcessGroup | None, dp_group: comm.ProcessGroup | None
-                ) -> tuple[comm.ProcessGroup | None, comm.ProcessGroup | None]:
-    """(tp_group, dp_group) of a DeviceMesh with dims named "tp" and "dp" (either may be absent)."""
-    names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
-    if not names or set(names) - {"tp", "dp"}:
-        raise ValueError(f"device_mesh must have dims named 'dp' and/or 'tp', got {names or 'unnamed dims'}; "
-                         "or pass tp_group= and dp_group= instead")
-    if tp_group is not None or dp_group is not None:
-        raise ValueError("pass either device_mesh= or tp_group=/dp_group=, not both")
-    group = {name: mesh[name].get_group() if mesh.ndim > 1 else mesh.get_group() for name in names}
-    return group.get("tp"), group.get("dp")
 
 
 def call_closure(closure: Callable[[], float] | None) -> float | None:

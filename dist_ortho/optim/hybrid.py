@@ -19,7 +19,8 @@ from torch.optim.optimizer import Optimizer
 from dist_ortho import comm
 from dist_ortho.dtensor import is_dtensor, local
 from dist_ortho.grid import grid_sum
-from dist_ortho.optim.base import OrthogonalizedOptimizer, call_closure, mesh_groups
+from dist_ortho.dtensor import mesh_groups
+from dist_ortho.optim.base import OrthogonalizedOptimizer, call_closure
 from dist_ortho.optim.options import accepted_keywords, check_number, reject_unknown
 from dist_ortho.optim.registry import get_optimizer
 from dist_ortho.optim.routing import log_routing, needs_shape, route

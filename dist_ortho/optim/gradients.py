@@ -1,0 +1,52 @@
+"""Gradients on the DP x TP grid (dist_ortho.grid): averaged into their owners (``reduce_grads=True``), and each
+element counted once in a grid-wide sum of squares (clipping), whatever the layout.
+
+A parameter's DP ranks either replicate it (one owner replica updates it; its gradient is averaged into the
+owner) or hold pieces of their own (FSDP2's DP-sharded DTensors, experts split over DP: their gradients are
+already each rank's own, and left as they are).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from dist_ortho import comm
+from dist_ortho.dtensor import local
+from dist_ortho.grid import reduce_to_owners
+from dist_ortho.optim.layouts import ParamLayouts
+
+
+def dp_own(layouts: ParamLayouts, p: torch.Tensor) -> bool:
+    """p's DP ranks each hold a piece of their own (DP-sharded, or experts split over DP): never shared."""
+    return layouts.dtensors.dp_sharded(p) or layouts.dtensors.dp_local(p)
+
+
+def reduce_into_owners(params: Sequence[torch.Tensor], owners: Sequence[int], dp_group: comm.ProcessGroup | None) -> None:
+    """Average every parameter's gradient over ``dp_group`` into its owner's (one reduce-scatter per dtype),
+    in place: a DTensor's gradient keeps its placements; a missing gradient counts as zeros."""
+    grads = [local(p.grad) if p.grad is not None else None for p in params]
+    averaged = reduce_to_owners(grads, [local(p) for p in params], owners, dp_group)
+    for p, grad in zip(params, averaged):
+        if grad is None:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        local(p.grad).copy_(grad)
+
+
+def sum_of_squares(params: Sequence[torch.Tensor], layouts: ParamLayouts, owns: Callable[[torch.Tensor], bool],
+                   tp_group: comm.ProcessGroup | None) -> torch.Tensor:
+    """This rank's share of sum(g^2) over ``params``' gradients, float64: each element of the global gradients
+    counted on exactly one rank of the grid (a shard by its TP rank on the owner replica, a TP-replicated matrix
+    by TP rank 0 of it, a piece of its own by its DP rank)."""
+    total = torch.zeros((), dtype=torch.float64)
+    tp_rank = comm.group_rank(tp_group)
+    for p in params:
+        grad = local(p.grad) if p.grad is not None else None
+        if grad is None or (layouts.layouts[p].group is None and tp_rank != 0):
+            continue
+        if dp_own(layouts, p) or owns(p):
+            total += grad.double().square().sum().cpu()
+    return total
