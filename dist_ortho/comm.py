@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import hashlib
 import os
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,15 +28,23 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 
 @dataclass
 class CommStats:
-    """Collectives seen while a :func:`count_collectives` block was open, on this rank."""
+    """Collectives seen while a :func:`count_collectives` block was open, on this rank: calls and bytes sent by
+    kind, and the time this rank spent blocked waiting for them (``wait_s``: from the wait's start to the
+    collective's completion, not the time a collective ran while the rank did other work)."""
 
     calls: Counter = field(default_factory=Counter)
     bytes_sent: int = 0
     bytes_by_call: Counter = field(default_factory=Counter)
+    wait_s: float = 0.0
+    wait_by_call: Counter = field(default_factory=Counter)
 
     @property
     def total_calls(self) -> int:
         return sum(self.calls.values())
+
+    @property
+    def wait_ms(self) -> float:
+        return 1e3 * self.wait_s
 
 
 _active_stats: list[CommStats] = []
@@ -93,11 +102,16 @@ def timeout_s() -> float:
 
 def _wait(op: str, work: Any, nbytes: int) -> None:
     seconds = timeout_s()
+    began = time.perf_counter()
     try:
         if seconds > 0:
             work.wait(datetime.timedelta(seconds=seconds))
         else:
             work.wait()
+        for stats in _active_stats:
+            blocked = time.perf_counter() - began
+            stats.wait_s += blocked
+            stats.wait_by_call[op] += blocked
     except Exception as e:  # noqa: BLE001 - every backend failure becomes one error type naming the call
         raise CollectiveError(
             f"{op} of {nbytes} bytes did not complete (timeout {seconds:g} s): another rank raised, died, or "

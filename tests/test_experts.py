@@ -119,8 +119,7 @@ def _te_expert_tp(ctx, kind: str, partition_dim: int):
     return _compare(opt, params, fulls, grads, kind, as_local, to_full)
 
 
-@pytest.mark.parametrize("kind", ["muon", "normuon", "muon_hyperball"])
-@pytest.mark.parametrize("partition_dim", [1, 2])
+@pytest.mark.parametrize("kind,partition_dim", [("muon", 1), ("muon", 2), ("normuon", 2), ("muon_hyperball", 1)])
 def test_expert_tp_with_te_attributes_is_exact(world, kind, partition_dim):
     for bad in world.run(_te_expert_tp, kind, partition_dim):
         assert not bad, bad
@@ -151,8 +150,10 @@ def _dtensor_experts(ctx, kind: str, layout: str, hybrid: bool):
                     lambda p: p.detach().full_tensor())
 
 
-@pytest.mark.parametrize("layout", sorted(MESHES))
-@pytest.mark.parametrize("kind", ["muon", "adamuon", "normuon"])
+EP_CASES = [("muon", layout) for layout in sorted(MESHES)] + [("adamuon", "ep x tp"), ("normuon", "ep x tp, columns")]
+
+
+@pytest.mark.parametrize("kind,layout", EP_CASES, ids=[f"{k}-{m}" for k, m in EP_CASES])
 def test_dtensor_expert_parallel_is_exact_with_groups_read_from_the_mesh(world4, layout, kind):
     for bad in world4.run(_dtensor_experts, kind, layout, False):
         assert not bad, bad

@@ -205,10 +205,14 @@ def _tp_grouped(ctx, mode: str, partition_dim: int, kind: str):
     return same, calls["grouped"], calls["per-matrix"]
 
 
-@pytest.mark.parametrize("kind", ["muon", "normuon", "polargrad", "muon_hyperball"])
-@pytest.mark.parametrize("mode", ["duplicated", "distributed", "gram", "home", "auto"])
-@pytest.mark.parametrize("partition_dim", [0, 1])
+TP_CASES = ([("muon", mode, pd) for mode in ("duplicated", "distributed", "gram", "home", "auto") for pd in (0, 1)]
+            + [(kind, mode, 0) for kind in ("normuon", "polargrad", "muon_hyperball") for mode in ("distributed", "home")])
+
+
+@pytest.mark.parametrize("kind,mode,partition_dim", TP_CASES, ids=[f"{k}-{m}-{pd}" for k, m, pd in TP_CASES])
 def test_grouped_equals_per_matrix_under_tp(world, mode, partition_dim, kind):
+    """Muon in every mode and both partition dims; the members with cross-rank quantities (means, inner products,
+    norms) in a per-matrix-collective mode and home."""
     for same, grouped, single in world.run(_tp_grouped, mode, partition_dim, kind):
         assert same
         assert grouped <= single, (grouped, single)

@@ -198,3 +198,34 @@ def test_tp_must_be_positive_and_the_seed_is_checked_on_resume(world, tmp_path):
     world.run(_bad, str(tmp_path / "seed"), ["--stop-after", "2"])
     messages = world.run(_bad, str(tmp_path / "seed"), ["--resume", "--seed", "5"])
     assert len(set(messages)) == 1 and "seed 0" in messages[0] and "seed 5" in messages[0], messages
+
+
+def _eval_only_at_the_end(ctx, out: str):
+    losses = _run(_args("--out", out, "--eval-interval", "0"), ctx.group)
+    dist.barrier()
+    rows = [json.loads(line) for line in (Path(out) / "muon" / "log.jsonl").read_text().splitlines()]
+    return len(losses), [r["step"] for r in rows if "eval_loss" in r], [r["comm_wait_ms"] >= 0 for r in rows]
+
+
+def test_eval_interval_0_evaluates_only_at_the_end_and_the_log_has_comm_waits(world, tmp_path):
+    """--eval-interval 0 (it divided by zero) evaluates at the last step only, as --save-interval 0 saves; every
+    step's record holds comm_wait_ms, the time this rank spent blocked on the step's collectives."""
+    steps, evaluated, waits = world.run(_eval_only_at_the_end, str(tmp_path))[0]
+    assert steps == 12 and evaluated == [12] and len(waits) == 12 and all(waits)
+    from dist_ortho.train.cli import parser
+
+    for flag in ("--eval-interval", "--save-interval"):
+        with pytest.raises(SystemExit):
+            parser().parse_args([flag, "-1"])
+
+
+def test_a_line_that_every_rank_would_print_is_printed_once(tmp_path):
+    """The main job at world 2 through torchrun: its summary and the library's INFO lines come from rank 0 only."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "dist_ortho.train", *SMALL, "--steps", "4", "--tp", "2", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line.split(" ", 2)[2] for line in (proc.stdout + proc.stderr).splitlines() if " dist_ortho." in line]
+    assert sum("final train loss" in line for line in lines) == 1, lines
+    assert len(lines) == len(set(lines)), lines  # before: each line once per rank

@@ -225,6 +225,7 @@ class OrthogonalizedOptimizer(Optimizer):
         self._state_seen: Any = None
         self._plan_seen: StepPlan | None = None
         self._engine = GroupStep(self)
+        self._last_comm = comm.CommStats()
         if param_names is not None:  # before the groups are checked, so that checks can name parameters
             named = param_names.items() if isinstance(param_names, dict) else param_names
             self.names.update((p, name) for name, p in named)
@@ -480,10 +481,17 @@ class OrthogonalizedOptimizer(Optimizer):
         loss = call_closure(closure)
         self._step_count += 1
         try:
-            self._step()
+            with comm.count_collectives() as stats:
+                self._step()
         except comm.CollectiveError as e:
             raise comm.CollectiveError(f"{type(self).__name__} step {self._step_count}: {e}") from e
+        self._last_comm = stats
         return loss
+
+    def comm_stats(self) -> comm.CommStats:
+        """The last step's collectives on this rank: calls and bytes by kind, and ``wait_ms``, the time it spent
+        blocked waiting for them (dist_ortho.comm.CommStats)."""
+        return self._last_comm
 
     def owner(self, p: torch.Tensor) -> int:
         """The DP rank that updates ``p`` and keeps its state (0 without dp_group)."""

@@ -169,6 +169,11 @@ class MuonAdamW(Optimizer):
             optimizer.step()
         return loss
 
+    def comm_stats(self) -> comm.CommStats:
+        """The last step's collectives of the matrix optimizer (AdamW's step makes none): see
+        OrthogonalizedOptimizer.comm_stats."""
+        return self.matrix_optimizer.comm_stats() if self.matrix_optimizer is not None else comm.CommStats()
+
     def state_dict(self) -> dict[str, Any]:
         return {key: optimizer.state_dict() for key, optimizer in self._inner()}
 

@@ -53,12 +53,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tp", type=positive_int, default=None, help="tensor-parallel size (default: the world size)")
     p.add_argument("--optimizer", default="muon", choices=MATRIX_OPTIMIZERS + ["adamw"])
     p.add_argument("--compare", default=None, choices=MATRIX_OPTIMIZERS + ["adamw"], help="also train with this one")
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=positive_int, default=200)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
@@ -70,9 +77,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--adamw-lr", type=float, default=1e-3, help="AdamW's: the baseline's and for embeddings/norms")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--eval-interval", type=int, default=25)
-    p.add_argument("--eval-batches", type=int, default=4)
-    p.add_argument("--save-interval", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--eval-interval", type=nonnegative_int, default=25, help="evaluate every N steps (0: only at the end)")
+    p.add_argument("--eval-batches", type=positive_int, default=4)
+    p.add_argument("--save-interval", type=nonnegative_int, default=0, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/NAME/ckpt/latest")
     p.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after this step; "
                    "the schedule still runs to --steps, so --resume continues exactly")
@@ -224,17 +231,19 @@ def train_one(
                            for t in data.batch(step, args.batch_size))
         loss = model(tokens, targets)
         loss.backward()
-        average_gradients(averaged, dp_group)
-        loss = comm.all_reduce(loss.detach().clone(), dp_group) / dp_size
-        opt_began = time.perf_counter()
-        optimizer.step()
+        with comm.count_collectives() as waits:  # the step's collectives: gradients, loss, the optimizer's
+            average_gradients(averaged, dp_group)
+            loss = comm.all_reduce(loss.detach().clone(), dp_group) / dp_size
+            opt_began = time.perf_counter()
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - began
         opt_time += time.perf_counter() - opt_began
         total_time += elapsed
         record = {"step": step + 1, "loss": loss.item(), "lr_factor": lr_factor(step, args),
-                  "tokens_per_s": tokens_per_step / elapsed, "optimizer_share": opt_time / total_time}
-        if (step + 1) % args.eval_interval == 0 or step + 1 == args.steps:
+                  "tokens_per_s": tokens_per_step / elapsed, "optimizer_share": opt_time / total_time,
+                  "comm_wait_ms": waits.wait_ms, "optimizer_comm_wait_ms": _optimizer_wait_ms(optimizer)}
+        if args.eval_interval and (step + 1) % args.eval_interval == 0 or step + 1 == args.steps:
             record["eval_loss"] = evaluate(model, data, args, device)
         if args.save_interval and (step + 1) % args.save_interval == 0 or step + 1 == stop:
             losses = {"train_loss": record["loss"], "eval_loss": record.get("eval_loss", result.get("eval_loss"))}
@@ -254,6 +263,12 @@ def train_one(
     if log:
         log.close()
     return result
+
+
+def _optimizer_wait_ms(optimizer: Any) -> float:
+    """Milliseconds the optimizer's last step spent blocked on its collectives (0 for a torch optimizer)."""
+    stats = getattr(optimizer, "comm_stats", None)
+    return stats().wait_ms if stats is not None else 0.0
 
 
 def _resume_from(ckpt_dir: Path) -> Path:
@@ -343,6 +358,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    if dist.get_rank() != 0:  # every rank decides alike: one copy of each line, from rank 0; errors are per rank
+        logging.getLogger().setLevel(logging.ERROR)
     code = 0
     try:
         group, dp_group = parallel_groups(args.tp if args.tp is not None else dist.get_world_size())
