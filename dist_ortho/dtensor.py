@@ -16,7 +16,7 @@ with one more; nothing else about DTensor reaches the optimizer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -296,23 +296,40 @@ def gather_blocks(
 def scatter_blocks(
     params: Sequence[DTensor], holdings: Sequence[DTensorHolding], owners: Sequence[int],
     dp_group: comm.ProcessGroup | None, blocks: dict[DTensor, tuple[torch.Tensor, torch.Tensor]],
-) -> None:
-    """Write every DP rank's piece of the updated blocks (held by their owners) into its local tensor:
-    one all-to-all per dtype."""
+    sources: dict[torch.Tensor, torch.Tensor] | None = None, flag: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, Callable[[torch.Tensor | None], None]]:
+    """Send every DP rank its piece of the updated blocks (``sources[p]``, default the owner's block): one
+    all-to-all per dtype; with ``flag`` also that value to every rank in the first one. Returns (the flags by
+    DP rank, or None; ``write(ok)``, which writes the received pieces into the local tensors: only where the
+    device bool ``ok`` is true when given)."""
     size, rank = comm.group_size(dp_group), comm.group_rank(dp_group)
+    received_by_dtype, flags = [], None
     for members in _by_dtype(params):
         owned = [i for i in members if owners[i] == rank]
         chunks = []
         for dest in range(size):
-            sent = [_piece(blocks[params[i]][0], holdings[i], dest).reshape(-1) for i in owned]
+            sent = [_piece(sources[params[i]] if sources is not None else blocks[params[i]][0], holdings[i], dest).reshape(-1)
+                    for i in owned]
             chunks.append(torch.cat(sent) if sent else local(params[members[0]]).new_empty(0))
         recv = [sum(local(params[i]).numel() for i in members if owners[i] == src) for src in range(size)]
+        if flag is not None and not received_by_dtype:
+            chunks = [torch.cat([c, flag.reshape(1).to(c.dtype)]) for c in chunks]
+            recv = [n + 1 for n in recv]
         received = comm.all_to_all(chunks, recv, dp_group)
-        offsets = [0] * size
-        for i in members:
-            src, mine = owners[i], local(params[i])
-            mine.copy_(received[src][offsets[src] : offsets[src] + mine.numel()].view(mine.shape))
-            offsets[src] += mine.numel()
+        if flag is not None and not received_by_dtype:
+            flags = torch.stack([r[-1] for r in received])
+        received_by_dtype.append((members, received))
+
+    def write(ok: torch.Tensor | None = None) -> None:
+        for members, received in received_by_dtype:
+            offsets = [0] * size
+            for i in members:
+                src, mine = owners[i], local(params[i])
+                piece = received[src][offsets[src] : offsets[src] + mine.numel()].view(mine.shape)
+                mine.copy_(piece if ok is None else torch.where(ok, piece, mine))
+                offsets[src] += mine.numel()
+
+    return flags, write
 
 
 class DTensorParams:
@@ -387,6 +404,8 @@ class DTensorParams:
         """Every DP piece of ``params`` (DP-sharded) to its owner, as one TP block: see :func:`gather_blocks`."""
         gather_blocks(params, [self.holdings[p] for p in params], owners, dp_group, self.blocks)
 
-    def scatter(self, params: Sequence[torch.Tensor], owners: Sequence[int], dp_group: comm.ProcessGroup | None) -> None:
+    def scatter(self, params: Sequence[torch.Tensor], owners: Sequence[int], dp_group: comm.ProcessGroup | None,
+                sources: dict[torch.Tensor, torch.Tensor] | None = None, flag: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor | None, Callable[[torch.Tensor | None], None]]:
         """The owners' updated blocks back to every DP rank's piece: see :func:`scatter_blocks`."""
-        scatter_blocks(params, [self.holdings[p] for p in params], owners, dp_group, self.blocks)
+        return scatter_blocks(params, [self.holdings[p] for p in params], owners, dp_group, self.blocks, sources, flag)

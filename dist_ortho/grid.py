@@ -12,7 +12,8 @@ about total / (DP x TP), and optimizer state about 1 / DP of the unsharded optim
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -81,25 +82,46 @@ def _flat(tensors: list[torch.Tensor], like: torch.Tensor, length: int) -> torch
     return torch.cat([flat, flat.new_zeros(length - flat.numel())])
 
 
-def share_program(params: Sequence[torch.Tensor], owners: Sequence[int], dp_group: comm.ProcessGroup | None) -> Program[None]:
-    """Program: every parameter takes its owner's values (one all-gather per dtype over ``dp_group``).
+Writer = Callable[[Optional[torch.Tensor]], None]
 
-    Each rank sends the flat concatenation of the parameters it owns, padded to the largest such buffer."""
+
+def share_program(
+    params: Sequence[torch.Tensor], owners: Sequence[int], dp_group: comm.ProcessGroup | None,
+    sources: Sequence[torch.Tensor | None] | None = None, flag: torch.Tensor | None = None,
+) -> Program[tuple[torch.Tensor | None, Writer]]:
+    """Program: every parameter's owner values to every DP rank (one all-gather per dtype over ``dp_group``).
+
+    Each rank sends the flat concatenation of what it owns (``sources[i]``, default ``params[i]``), padded to
+    the largest such buffer; with ``flag`` (a 0-dim tensor) also that value, in the first buffer, so that
+    every rank learns every rank's flag (the step's finite decision) in the same call. Returns (the flags by
+    DP rank, or None; ``write(ok)``, which copies the owners' values into the parameters this rank does not
+    own: only where the device bool ``ok`` is true when given)."""
     size, rank = comm.group_size(dp_group), comm.group_rank(dp_group)
+    sent = sources if sources is not None else params
     requests, layouts = [], []
     for members in _by_dtype(params):
         numel = [sum(params[i].numel() for i in members if owners[i] == r) for r in range(size)]
-        mine = [params[i].detach() for i in members if owners[i] == rank]
-        requests.append(AllGather(_flat(mine, params[members[0]], max(numel)), dp_group))
+        mine = [sent[i].detach() for i in members if owners[i] == rank]
+        flat = _flat(mine, params[members[0]], max(numel))
+        if flag is not None and not requests:
+            flat = torch.cat([flat, flag.reshape(1).to(flat.dtype)])
+        requests.append(AllGather(flat, dp_group))
         layouts.append(members)
     gathered = yield requests
-    for members, stacked in zip(layouts, gathered):
-        offsets = [0] * size
-        for i in members:
-            owner, n = owners[i], params[i].numel()
-            if owner != rank:
-                params[i].detach().copy_(stacked[owner, offsets[owner] : offsets[owner] + n].view_as(params[i]))
-            offsets[owner] += n
+    flags = gathered[0][:, -1] if flag is not None and gathered else None
+
+    def write(ok: torch.Tensor | None = None) -> None:
+        for members, stacked in zip(layouts, gathered):
+            offsets = [0] * size
+            for i in members:
+                owner, n = owners[i], params[i].numel()
+                if owner != rank:
+                    received = stacked[owner, offsets[owner] : offsets[owner] + n].view_as(params[i])
+                    target = params[i].detach()
+                    target.copy_(received if ok is None else torch.where(ok, received, target))
+                offsets[owner] += n
+
+    return flags, write
 
 
 def reduce_to_owners(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard
 from torch.utils.flop_counter import FlopCounterMode
 
 from dist_ortho import count_collectives, get_optimizer
@@ -255,3 +256,67 @@ def _clipped(ctx, reduce_grads: bool):
 def test_clip_grad_norm_is_the_one_process_norm(world, reduce_grads):
     for norms in world.run(_clipped, reduce_grads):
         assert all(abs(mine - ref) <= 1e-6 * ref and ref > 1.0 for mine, ref in norms), norms
+
+
+def _nan_on_one_owner(ctx, policy: str, tp: int, dtensors: bool):
+    """A NaN in one matrix's gradient (on every replica, as DDP's average spreads it; or, FSDP2, in one DP rank's
+    piece): only its owner computes that update, yet every replica decides alike before anything is written."""
+    names = ["a", "b", "c", "d"]
+    gen = torch.Generator().manual_seed(1)
+    fulls = [torch.randn(12, 8, generator=gen) for _ in names]
+    if dtensors:
+        from tests.test_dtensor import _dtensor, _mesh, _placements
+
+        mesh = _mesh(ctx.world_size // tp, tp)
+        placements = _placements(mesh, Shard(0), True)
+        params = [torch.nn.Parameter(_dtensor(f, mesh, placements)) for f in fulls]
+        groups = {"device_mesh": mesh}
+    else:
+        tp_group, dp_group, tp_rank = _grid(ctx, tp)
+        params = [sharded(block(f, 0, tp_rank, tp), 0) for f in fulls]
+        groups = {"tp_group": tp_group, "dp_group": dp_group}
+    opt = get_optimizer("muon")(list(zip(names, params)), lr=0.02, nonfinite=policy, tp_mode="home", **groups)
+
+    def feed(nan: bool) -> None:
+        for p, f in zip(params, fulls):
+            g = torch.ones_like(f)
+            if nan and p is params[1]:
+                g[0, 0] = float("nan")
+            p.grad = _dtensor(g, mesh, placements) if dtensors else block(g, 0, ctx.rank % tp, tp)
+
+    def local(t):
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    feed(False)
+    opt.step()
+    before = [local(p.detach()).clone() for p in params]
+    momenta = {i: local(opt.state[p]["momentum_buffer"]).clone() for i, p in enumerate(params) if opt.state[p]}
+    feed(True)
+    try:
+        opt.step()
+        outcome = "stepped"
+    except FloatingPointError as e:
+        outcome = str(e)
+    untouched = all(torch.equal(local(p.detach()), b) for p, b in zip(params, before)) and all(
+        torch.equal(local(opt.state[params[i]]["momentum_buffer"]), m) for i, m in momenta.items())
+    return outcome, untouched, opt.skipped_steps, opt.owner(params[1]) == comm_rank(opt.dp_group)
+
+
+@pytest.mark.parametrize("dtensors,tp", [(False, 2), (False, 1), (True, 1)], ids=["dp2xtp2", "dp4", "fsdp2-dp4"])
+@pytest.mark.parametrize("policy", ["raise", "skip", "ignore"])
+def test_the_nonfinite_decision_is_shared_by_every_replica(world, policy, dtensors, tp):
+    """Before: "raise" raised on the owner only (the other replicas then timed out in the share) and "skip"
+    skipped the owner's matrices while the others applied theirs. Now the verdict travels in the step's first DP
+    collective: every replica raises the same error or skips, and nothing is written anywhere."""
+    results = world.run(_nan_on_one_owner, policy, tp, dtensors)
+    outcomes = {r[0] for r in results}
+    assert len(outcomes) == 1, outcomes
+    outcome = outcomes.pop()
+    assert sum(r[3] for r in results) == tp  # one replica (its TP group) owns the matrix
+    if policy == "raise":
+        assert "not finite" in outcome and "DP rank(s)" in outcome and "Nothing was written" in outcome
+        assert all(r[1] for r in results)
+    elif policy == "skip":
+        assert outcome == "stepped" and all(r[1] and r[2] == 1 for r in results)
+    else:
+        assert outcome == "stepped" and not any(r[1] for r in results)

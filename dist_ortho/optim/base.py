@@ -48,7 +48,7 @@ from dist_ortho.optim.layouts import ParamLayouts
 from dist_ortho.optim.nonfinite import NONFINITE, Nonfinite
 from dist_ortho.optim.options import accepted_keywords, check_choice, check_number, reject_unknown
 from dist_ortho.optim.planning import StepPlan, batching_keys, build_stacks, plan_table, refresh_states, resolve_modes
-from dist_ortho.optim.step import GroupStep, run_phase
+from dist_ortho.optim.step import GroupStep, Pending, Verdict, run_phase, shared_verdict
 from dist_ortho.params import Held, MatrixLayout, is_expert_stack
 from dist_ortho.precision import MATMUL_PRECISIONS, MatmulPrecision
 from dist_ortho.tp import TP_MODES, NsSpec
@@ -574,11 +574,38 @@ class OrthogonalizedOptimizer(Optimizer):
             dtensors.gather(plan.sharded, plan.sharded_owners, self.dp_group)
         if fresh:  # parameters may be at their first step
             self._init_fresh([p for p, _ in plan.owned])
-        self._engine.run(plan.stacks)
+        shared = comm.group_size(self.dp_group) > 1 and (plan.sharded or plan.replicated)
+        if not shared:
+            self._engine.run(plan.stacks)
+            return
+        self._share(plan, self._engine.run(plan.stacks, defer=True))
+
+    def _share(self, plan: StepPlan, pending: Pending) -> None:
+        """On the DP x TP grid: the owners' new values to every replica, each replica's finite verdict in the
+        same first call (the pieces' all-to-all, or the all-gather); then every replica commits, or all raise
+        or skip with the same message (nothing written), as one process would."""
+        values, dtensors = pending.new_values(), self.layouts.dtensors
+        flag = pending.verdict.flag(local((plan.sharded or plan.replicated)[0]).device)
+        flags, writers = None, []
         if plan.sharded:
-            dtensors.scatter(plan.sharded, plan.sharded_owners, self.dp_group)
-        if comm.group_size(self.dp_group) > 1 and plan.replicated:
-            run(share_program([dtensors.value(p) for p in plan.replicated], plan.replicated_owners, self.dp_group))
+            flags, write = dtensors.scatter(plan.sharded, plan.sharded_owners, self.dp_group, values, flag)
+            writers.append(write)
+        if plan.replicated:
+            sources = [values.get(p) for p in plan.replicated]
+            found, write = run(share_program([dtensors.value(p) for p in plan.replicated], plan.replicated_owners,
+                                             self.dp_group, sources, flag if flags is None else None))
+            flags = flags if flags is not None else found
+            writers.append(write)
+        assert flags is not None
+        if self.capturable:
+            ok = self._engine.decide(Verdict(flags.min() > 0, skips=pending.verdict.skips))
+        else:
+            ok = self._engine.decide(shared_verdict(pending.verdict, flags.tolist(), type(self).__name__))
+        if ok is False:
+            return
+        pending.commit(ok)
+        for write in writers:
+            write(ok)
 
     def _init_fresh(self, params: Sequence[torch.Tensor]) -> None:
         """Fill the state of those ``params`` that have none (their first step): init_state_program, one

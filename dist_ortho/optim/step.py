@@ -101,10 +101,10 @@ class GroupStep:
         except TypeError:  # some gradient is None
             return torch.stack([g if g is not None else torch.zeros_like(v) for g, v in zip(grads, values)], out=out)
 
-    def _prepare(self, stack: ParamStack) -> _Work:
+    def _prepare(self, stack: ParamStack, copy_weights: bool = False) -> _Work:
         opt, options = self.opt, stack.options
         values = self._values(stack)
-        if len(values) == 1 and not (self.opt.capturable and options["nonfinite"] == "skip"):
+        if len(values) == 1 and not copy_weights and not (self.opt.capturable and options["nonfinite"] == "skip"):
             weights, views = values[0].unsqueeze(0), None  # the weight itself: nothing to write back
         else:
             weights, views = stack.weights.stack(values)
@@ -194,39 +194,47 @@ class GroupStep:
                 update = update * (update.size(0) ** -0.5)
             work.update = update  # matrices
 
-    def _finite(self, works: Sequence[_Work]) -> torch.Tensor | bool | None:
-        """The step's finite check: True / False on the host, a device bool (capturable), or None (no check:
-        every group "ignore")."""
+    def _check(self, works: Sequence[_Work]) -> Verdict:
+        """The step's finite check over every update and new state tensor (one reduction): its verdict here."""
         checked = [work for work in works if work.stack.options["nonfinite"] != "ignore"]
         if not checked:
-            return None
+            return Verdict(None)
 
         def tensors(work: _Work) -> list[torch.Tensor]:  # a non-finite momentum makes the update non-finite
             return [work.update, *(v for ctx in work.contexts for v in ctx.staged.values())]
 
         ok = all_finite([t for work in checked for t in tensors(work)])
+        skips = any(work.stack.options["nonfinite"] == "skip" for work in checked)
         if self.opt.capturable:
-            if any(work.stack.options["nonfinite"] == "skip" for work in checked):
-                self.opt._count_skip(ok)
-            return ok
+            return Verdict(ok, skips=skips)
         if bool(ok):
-            return True
+            return Verdict(True)
         for work in checked:  # the first matrix that is not finite, for the message
             bad = next((b for b in map(first_nonfinite, tensors(work)) if b is not None), None)
-            if bad is None:
-                continue
-            stack = work.stack
-            name = stack.names[min(bad // stack.count, len(stack.names) - 1) if stack.batched else 0]
-            policy, step = stack.options["nonfinite"], self.opt._step_count
-            if policy == "raise":
-                raise FloatingPointError(
-                    f"{type(self.opt).__name__} step {step}: the update of {name} is not finite (a NaN or Inf in its "
-                    "gradient or momentum on some rank). Nothing was written. Pass nonfinite='skip' to skip such "
-                    "steps, or 'ignore' to write them."
-                )
-            logger.warning("%s step %d: skipped (the update of %s is not finite); weights and state untouched",
-                           type(self.opt).__name__, step, name)
-            break
+            if bad is not None:
+                stack = work.stack
+                name = stack.names[min(bad // stack.count, len(stack.names) - 1) if stack.batched else 0]
+                return Verdict(False, name, stack.options["nonfinite"])
+        return Verdict(False, "a matrix", "skip")
+
+    def decide(self, verdict: Verdict, where: str = "") -> torch.Tensor | bool | None:
+        """Act on a verdict: raise ("raise"), count and log a skip ("skip"), or go on. Returns what commits take:
+        None (write), False (write nothing), or a device bool (capturable: write where true)."""
+        if isinstance(verdict.ok, torch.Tensor):
+            if verdict.skips:
+                self.opt._count_skip(verdict.ok)
+            return verdict.ok
+        if verdict.ok is not False:
+            return None
+        name, step = verdict.name or "a matrix", self.opt._step_count
+        if verdict.policy == "raise":
+            raise FloatingPointError(
+                f"{type(self.opt).__name__} step {step}: the update of {name}{where} is not finite (a NaN or Inf in "
+                "its gradient or momentum on some rank). Nothing was written. Pass nonfinite='skip' to skip such "
+                "steps, or 'ignore' to write them."
+            )
+        logger.warning("%s step %d: skipped (the update of %s%s is not finite); weights and state untouched",
+                       type(self.opt).__name__, step, name, where)
         self.opt._count_skip()
         return False
 
@@ -236,14 +244,11 @@ class GroupStep:
         descend(ctx.param, update, ctx.options["lr"])
         yield from opt.post_weight_update(ctx)
 
-    def _commit(self, works: Sequence[_Work], ok: torch.Tensor | None) -> None:
+    def _new_weights(self, works: Sequence[_Work]) -> None:
+        """Each stack's new weights in its stacked buffer: weight decay, the pre-hook, W - lr U, the post-hook."""
         contexts, programs = [], []
         for work in works:
             stack = work.stack
-            commit(work.momentum, work.new_momentum, ok)
-            for ctx in work.contexts:
-                for key, value in ctx.staged.items():
-                    commit(ctx.state[key], value, ok)
             matrices = stack.matrices(work.weights)
             self.opt.apply_weight_decay(matrices, stack.options)
             state = stack.matrix_state if stack.batched else self.opt.state[stack.params[0]]
@@ -252,19 +257,79 @@ class GroupStep:
             contexts.append(whole)
             programs.append(self._apply(work, whole, stack.view(work.update)))
         run_phase(contexts, programs, self.opt.bucket_bytes)
+
+    @staticmethod
+    def _write(works: Sequence[_Work], ok: torch.Tensor | None) -> None:
+        """Commit: momentum, the members' new state, the weights (only where the device bool ``ok`` is true)."""
         for work in works:
+            commit(work.momentum, work.new_momentum, ok)
+            for ctx in work.contexts:
+                for key, value in ctx.staged.items():
+                    commit(ctx.state[key], value, ok)
             if work.views is None:
                 continue
             if ok is not None:
                 work.weights.copy_(torch.where(ok, work.weights, torch.stack(work.values)))
             torch._foreach_copy_(work.values, work.views)
 
-    def run(self, stacks: Sequence[ParamStack]) -> None:
-        works = [self._prepare(stack) for stack in stacks]
+    def run(self, stacks: Sequence[ParamStack], defer: bool = False) -> Pending | None:
+        """The step of ``stacks``. ``defer``: compute the new weights and state and leave them uncommitted, with
+        this rank's verdict (:class:`Pending`), for replicas that decide together (dist_ortho.optim.base)."""
+        works = [self._prepare(stack, copy_weights=defer) for stack in stacks]
         if self.opt.uses_newton_schulz:
             self._newton_schulz(works)
         self._updates(works)
-        ok = self._finite(works)
-        if ok is False:
-            return
-        self._commit(works, ok if isinstance(ok, torch.Tensor) else None)
+        verdict = self._check(works)
+        if not defer:
+            ok = self.decide(verdict)
+            if ok is not False:
+                self._new_weights(works)
+                self._write(works, ok)
+            return None
+        if verdict.ok is not False:  # a TP group decides alike: all its ranks skip this together
+            self._new_weights(works)
+        return Pending(works, verdict)
+
+
+@dataclass
+class Verdict:
+    """A step's finite check here: ``ok`` True / False (host), a device bool (capturable), None (not checked);
+    the first non-finite matrix's name and policy; whether a group skips (capturable)."""
+
+    ok: torch.Tensor | bool | None
+    name: str | None = None
+    policy: str | None = None
+    skips: bool = False
+
+    def flag(self, device: torch.device) -> torch.Tensor:
+        """What replicas exchange: 1 finite (or unchecked), 0 not ("skip"), -1 not ("raise"); capturable: the
+        device bool as 1 / 0."""
+        if isinstance(self.ok, torch.Tensor):
+            return self.ok.to(torch.float32)
+        return torch.tensor(1.0 if self.ok is not False else -1.0 if self.policy == "raise" else 0.0, device=device)
+
+
+def shared_verdict(mine: Verdict, flags: Sequence[float], owner: str) -> Verdict:
+    """The replicas' common verdict from every DP rank's flag (:meth:`Verdict.flag`): the same on every rank,
+    naming the DP ranks that found a non-finite update (each logs its own matrix's name)."""
+    failing = [r for r, f in enumerate(flags) if f < 1]
+    if not failing:
+        return Verdict(True)
+    if mine.ok is False:
+        logger.error("%s: the update of %s is not finite on this rank", owner, mine.name)
+    return Verdict(False, f"a parameter owned by DP rank(s) {failing}", "raise" if min(flags) < 0 else "skip")
+
+
+@dataclass
+class Pending:
+    """A step computed on this rank and not yet committed (see GroupStep.run's ``defer``)."""
+
+    works: list[_Work]
+    verdict: Verdict
+
+    def new_values(self) -> dict[torch.Tensor, torch.Tensor]:
+        """Each member parameter's new value (its slice of the stack's new weights)."""
+        return {p: view for work in self.works for p, view in zip(work.stack.params, work.views or ())}
+
+    def commit(self, ok: torch.Tensor | None) -> None:
+        GroupStep._write(self.works, ok)
