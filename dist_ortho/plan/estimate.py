@@ -279,7 +279,8 @@ def _domain(
                        + held[d][r] * UPDATE_BYTES / profile.memory_bytes_per_s)
             load.state_bytes = held[d][r] * s.state_bytes
             if dp > 1:  # the owners' updated weights to every replica: one all-gather over DP
-                longest = max(held[o][r] for o in range(dp)) * s.param_bytes
+                # the owners' weights, and each replica's finite verdict in the same buffer (one element)
+                longest = (max(held[o][r] for o in range(dp)) + 1) * s.param_bytes
                 share_calls = max(1, math.ceil(longest / s.bucket_bytes))
                 load.bytes += (dp - 1) * longest
                 load.calls += share_calls
