@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import torch
 
+from dist_ortho.optim.layouts import matrix_view
 from dist_ortho.params import MatrixLayout
 from dist_ortho.tp import NsSpec
 
@@ -213,7 +214,7 @@ class ParamStack:
         if self.kind == "experts":
             return t.reshape(-1, *t.shape[-2:])
         if self.kind == "conv_batched":
-            return t[0].flatten(2).permute(2, 0, 1)
+            return matrix_view(t[0], "batched")
         return t
 
     def view_shape(self, local_shape: Sequence[int]) -> tuple[int, ...]:

@@ -109,7 +109,7 @@ class GroupStep:
         else:
             weights, views = stack.weights.stack(values)
         grad = self._grad(stack, values)
-        if options["weight_decay_method"] == "l2" and options["weight_decay"] != 0:
+        if opt._l2(options):
             grad.add_(weights, alpha=options["weight_decay"])
         try:
             momentum = stack.state["momentum_buffer"]

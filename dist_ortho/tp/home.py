@@ -23,7 +23,7 @@ import torch
 
 from dist_ortho import comm
 from dist_ortho.coalesce import AllToAll, Program
-from dist_ortho.tp.jobs import MatrixJob, own_block, tensor_dim
+from dist_ortho.tp.jobs import MatrixJob, own_block
 from dist_ortho.tp.local import local_many
 
 
