@@ -192,3 +192,22 @@ def _bad_placement(ctx, case: str):
 def test_placements_that_are_not_expert_major_are_errors_on_every_rank(world4, case, needle):
     messages = world4.run(_bad_placement, case)
     assert len(set(messages)) == 1 and needle in messages[0], messages
+
+
+def test_the_te_tagger_marks_a_grouped_3d_weight_as_experts():
+    from dist_ortho.integrations.transformer_engine import tag_transformer_engine_model
+
+    class GroupedLinear(torch.nn.Module):  # TE's name; single-parameter mode: one 3D weight
+        def __init__(self):
+            super().__init__()
+            self.parallel_mode = "column"
+            self.weight = torch.nn.Parameter(torch.randn(EXPERTS, OUT, IN))
+
+    model = torch.nn.ModuleDict({"experts": GroupedLinear()})
+    tag_transformer_engine_model(model)
+    p = model["experts"].weight
+    assert p.expert_stack is True and p.expert_tp is True
+    opt = get_optimizer("muon")([p], lr=0.02)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.state[p]["momentum_buffer"].shape == (EXPERTS, OUT, IN)

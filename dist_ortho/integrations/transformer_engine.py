@@ -7,7 +7,10 @@ including None (not sharded). :func:`tag_transformer_engine_model` therefore rea
 
 - fused QKV (``MultiheadAttention`` with fused, interleaved QKV: ``layernorm_qkv.weight`` or
   ``qkv.weight``): ``is_qkv=True`` with ``qkv_split_shapes`` per query group;
-- ``GroupedLinear`` weights ``weight0..weightN-1`` (one per expert): ``expert_tp=True``;
+- ``GroupedLinear`` weights ``weight0..weightN-1`` (one per expert): ``expert_tp=True``; a 3D weight [E, out, in]
+  of one (single-parameter mode) also ``expert_stack=True``: E matrices (its ``partition_dim`` must then be a
+  tensor dim of the matrices, 1 or 2, else the optimizer raises a ValueError: TE's convention for it is not
+  verified here, TE being absent);
 - embeddings (``torch.nn.Embedding``): ``is_embedding_or_output_parameter=True`` (AdamW in MuonAdamW).
 
 LayerNormMLP's ``fc1_weight`` (rows sharded) and ``fc2_weight`` (columns sharded) need nothing more.
@@ -49,8 +52,10 @@ def tag_transformer_engine_model(
                 p.tensor_model_parallel = False
         if type(module).__name__ == "GroupedLinear":
             for name, p in own:
-                if _EXPERT_WEIGHT.match(name):
+                if _EXPERT_WEIGHT.match(name) or (name == "weight" and p.ndim == 3):
                     p.expert_tp = True
+                if p.ndim == 3:
+                    p.expert_stack = True
         if module_name.rsplit(".", 1)[-1] in _QKV_NAMES:
             weight = dict(own).get("weight")
             if weight is not None and weight.ndim == 2:
