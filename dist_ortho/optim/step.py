@@ -17,6 +17,7 @@ lr may be a device tensor and a "skip" is committed through ``torch.where``.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,9 +37,9 @@ logger = logging.getLogger(__name__)
 
 
 def momentum_direction(grad: torch.Tensor, momentum: torch.Tensor, beta: float, nesterov: bool,
-                       out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       out: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """M' = M.lerp(G, 1 - beta) and the direction D = G.lerp(M', beta) (Nesterov) or M', out of place (into
-    ``out``'s two tensors when given)."""
+    ``out``'s tensors when given: M', then D's with Nesterov)."""
     if out is None:
         new_momentum = momentum.lerp(grad, 1 - beta)
         return new_momentum, grad.lerp(new_momentum, beta) if nesterov else new_momentum
@@ -116,8 +117,8 @@ class GroupStep:
         except KeyError:  # state cleared since the last step: the members start afresh
             opt._init_fresh(stack.params)
             momentum = stack.state["momentum_buffer"]
-        out = tuple(stack.buffers.get(role, momentum.shape, momentum.dtype, momentum.device)
-                    for role in ("momentum", "direction"))
+        buffer = functools.partial(stack.buffers.get, shape=momentum.shape, dtype=momentum.dtype, device=momentum.device)
+        out = (buffer("momentum"), buffer("direction") if options["nesterov"] else None)
         new_momentum, direction = momentum_direction(grad, momentum, options["momentum"], options["nesterov"], out)
         grads, directions = stack.matrices(grad), stack.matrices(direction)
         contexts = []
