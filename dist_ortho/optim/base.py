@@ -543,7 +543,7 @@ class OrthogonalizedOptimizer(Optimizer):
         owned = [(p, group) for p, group in taking_part if self.owner(p) == dp_rank]
         sharded = [p for p in params if self.layouts.dtensors.dp_sharded(p)]
         replicated = [p for p in params if not dp_own(self.layouts, p)]
-        stacks = build_stacks(owned, self.layouts, self.state, self.name_of, type(self).batched)
+        stacks = build_stacks(owned, self.layouts, lambda: self.state, self.name_of, type(self).batched)
         rows = resolve_modes(stacks, self.ns_spec, self._local)
         if any(stack.options["tp_mode"] == "auto" for stack in stacks):
             printed = plan_table(rows, self._label)
@@ -632,7 +632,7 @@ class OrthogonalizedOptimizer(Optimizer):
         every = [(p, group) for group in self.param_groups for p in group["params"]]
         for p, _ in every:
             self.layout(p)
-        stacks = build_stacks(every, self.layouts, self.state, self.name_of, type(self).batched)
+        stacks = build_stacks(every, self.layouts, lambda: self.state, self.name_of, type(self).batched)
         return plan_table(resolve_modes(stacks, self.ns_spec, self._local), self._label)
 
 

@@ -36,9 +36,10 @@ class StepPlan:
     replicated_owners: list[int]
 
 
-def build_stacks(params: Sequence[tuple[torch.Tensor, dict[str, Any]]], layouts: ParamLayouts, state: Any,
+def build_stacks(params: Sequence[tuple[torch.Tensor, dict[str, Any]]], layouts: ParamLayouts, states: Callable[[], Any],
                  name_of: Callable[[torch.Tensor], str], batched: bool) -> list[ParamStack]:
-    """The parameters as stacks of same-shape ones (one each when the member is not ``batched``)."""
+    """The parameters as stacks of same-shape ones (one each when the member is not ``batched``); ``states()``
+    is the optimizer's state mapping (read anew at each refresh: load_state_dict replaces it)."""
     stacks: list[ParamStack] = []
     same: dict[tuple, ParamStack] = {}
     for p, group in params:
@@ -57,16 +58,16 @@ def build_stacks(params: Sequence[tuple[torch.Tensor, dict[str, Any]]], layouts:
             stack.dtensors = stack.dtensors or dtensor
             continue
         members: list[torch.Tensor] = [p]
-        stack = ParamStack(members, group, layout, GroupState(lambda members=members: [state[q] for q in members]),
+        stack = ParamStack(members, group, layout, GroupState(lambda members=members: [states()[q] for q in members]),
                            [], kind=kind, count=count, batched=stacked, names=[name_of(p)], dtensors=dtensor)
         if parts:
             stack.parts = [
-                Part(index, part, GroupState(lambda members=members, i=i: [state[q].setdefault(part_key(i), {})
+                Part(index, part, GroupState(lambda members=members, i=i: [states()[q].setdefault(part_key(i), {})
                                                                           for q in members]), number=i)
                 for i, (index, part) in enumerate(parts)
             ]
         else:  # the matrices' own state: the weights' (count E for experts: one slice per matrix)
-            own = stack.state if count == 1 else GroupState(lambda members=members: [state[q] for q in members], count)
+            own = stack.state if count == 1 else GroupState(lambda members=members: [states()[q] for q in members], count)
             stack.parts = [Part(None, layout, own)]
         stacks.append(stack)
         if stacked:
