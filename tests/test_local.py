@@ -85,3 +85,24 @@ def test_same_shape_matrices_batch_within_rounding():
     alone = local_many(xs, [NsSpec(5, "quintic", batch=False)] * 4)
     for a, b in zip(batched, alone):
         assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_the_batching_override_forces_either_choice_and_rejects_others(monkeypatch):
+    from dist_ortho.tp import batching
+
+    shape = (4, 8, 8)
+    try:
+        batching.set_batching("never")
+        assert batching.batched(shape, torch.float32, "cpu") is False
+        assert batching.batched(shape, torch.float32, "cpu", True) is True  # an explicit choice wins
+        batching.set_batching("always")
+        assert batching.batched(shape, torch.float32, "cpu") is True
+    finally:
+        batching.set_batching(None)
+    monkeypatch.setenv(batching.BATCH_ENV, "never")
+    assert batching.batched(shape, torch.float32, "cpu") is False
+    monkeypatch.setenv(batching.BATCH_ENV, "sometimes")
+    with pytest.raises(ValueError, match="DIST_ORTHO_BATCH"):
+        batching.batched(shape, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="set_batching"):
+        batching.set_batching("maybe")

@@ -16,19 +16,21 @@ known finite (``nonfinite``). A tensor-parallel parameter whose ``.grad`` is Non
 (on every rank alike); any other parameter without a gradient is left alone, as torch.optim does.
 
 A member defines :meth:`update`: a program (dist_ortho.coalesce) that reads one explicit
-:class:`~dist_ortho.optim.context.MatrixContext` (layout, state, gradient, direction and, when the member
-sets ``uses_newton_schulz``, the Newton-Schulz result of the direction) and returns the update of that
-matrix. Every cross-rank quantity it needs (norms, inner products, means, a gather) is a ``yield from`` of
-the context's helpers. The step runs in phases, each over all matrices in lockstep with coalesced
-collectives: state initialization, Newton-Schulz of every direction, the members' updates, and the
-weight-update hooks. So a step issues a number of collectives that depends on the member and mode,
-never on the number of matrices.
+:class:`~dist_ortho.optim.context.MatrixContext` (a batch of same-shape matrices with ``batched = True``:
+layout, state, gradient, direction and, when the member sets ``uses_newton_schulz``, the Newton-Schulz result
+of the direction) and returns their update. Every cross-rank quantity it needs (norms, inner products, means,
+a gather) is a ``yield from`` of the context's helpers. The step (dist_ortho.optim.step) runs over groups of
+same-shape parameters (dist_ortho.optim.groups) in phases, each in lockstep with coalesced collectives: state
+initialization, Newton-Schulz of every direction, the members' updates, one finite check, the weight-update
+hooks. So a step's collectives depend on the member and mode, and its host work on the number of groups, never
+on the number of matrices. This module keeps the member contract and step(); how parameters are held, the plan,
+agreement, gradients and checkpoints live in the modules beside it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, get_args
 
 import torch
@@ -221,7 +223,7 @@ class OrthogonalizedOptimizer(Optimizer):
         self.names: dict[torch.Tensor, str] = {}  # parameter -> name, for messages and plans
         self._given: list[tuple[dict[str, Any], list[torch.Tensor]]] = []  # each group's parameters as given
         self._without_grad: dict[torch.Tensor, bool] = {}  # steps with a zero gradient when it has none
-        self._plans: dict[tuple, StepPlan] = {}
+        self._plan: tuple[tuple, StepPlan] | None = None  # the latest plan and its key (a changed one is made anew)
         self._state_seen: Any = None
         self._plan_seen: StepPlan | None = None
         self._engine = GroupStep(self)
@@ -257,13 +259,6 @@ class OrthogonalizedOptimizer(Optimizer):
         self.expert_tp_group = self.layouts.expert_tp_group = found.get("expert_tp_group")
 
     # -- names --
-    def name_params(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Name parameters (``model.named_parameters()``) for messages and plans; unknown tensors are ignored."""
-        mine = {p for group in self.param_groups for p in group["params"]}
-        for name, p in named:
-            if p in mine:
-                self.names[p] = name
-
     def _carry_names(self) -> None:
         """Names of parameters that a wrapper replaced in their group after construction (megatron-core's
         fp32 master copies of bf16 weights) pass to the tensors that took their place."""
@@ -530,9 +525,8 @@ class OrthogonalizedOptimizer(Optimizer):
         then reused while the parameters taking part and the options that shape the step are unchanged."""
         key = (tuple(map(id, params)),
                tuple((id(g), tuple(repr(g.get(k)) for k in STRUCTURAL_OPTIONS)) for g in self.param_groups))
-        plan = self._plans.get(key)
-        if plan is not None:
-            return plan
+        if self._plan is not None and self._plan[0] == key:
+            return self._plan[1]
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
         taking_part = [(p, group_of[id(p)]) for p in params]
         for p in params:
@@ -553,7 +547,7 @@ class OrthogonalizedOptimizer(Optimizer):
         agree_batching(batching_keys(stacks, self._local), (self.tp_group, self.expert_tp_group))
         plan = StepPlan(owned, stacks, sharded, [self.owner(p) for p in sharded], replicated,
                         [self.owner(p) for p in replicated])
-        self._plans = {key: plan}  # the latest plan only: a changed plan is made anew
+        self._plan = (key, plan)
         return plan
 
     def _local(self, stack: ParamStack) -> torch.Tensor:

@@ -52,10 +52,6 @@ class GroupState(MutableMapping):
         """Read the members' state dicts again at the next use (load_state_dict replaces them)."""
         self._read = None
 
-    def holds(self, key: str) -> bool:
-        """Whether ``key`` is held stacked, every member's entry still a view of it."""
-        return self._held(key) is not None
-
     def _views(self, buffer: torch.Tensor) -> list[torch.Tensor]:
         if self.count == 1:
             return list(buffer.unbind(0))
@@ -229,12 +225,6 @@ class ParamStack:
         else:
             shape = (size, *local_shape)
         return shape if self.batched or self.kind in ("conv_batched", "experts") else shape[1:]
-
-    def from_matrices(self, u: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """The inverse of :meth:`matrices`, into the shape of ``like`` (size, *local shape)."""
-        if self.kind == "conv_batched":
-            return u.permute(1, 2, 0).reshape(like.shape)
-        return u.reshape(like.shape)
 
     def view(self, matrices: torch.Tensor) -> torch.Tensor:
         """What a context carries: the batch (batched), or one member's matrix or matrices."""
