@@ -11,7 +11,7 @@ A group of one needs no communication; its requests are answered locally.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -79,44 +79,75 @@ def run_many(programs: Sequence[Program[Any]], bucket_bytes: int = DEFAULT_BUCKE
 
     A program may yield one request or a list of requests (its reply is then the list of replies); every
     request of a round is bucketed with the other programs' requests of the same kind, group and dtype."""
-    results: list[Any] = [None] * len(programs)
-    waiting: dict[int, Request | list[Request]] = {}
+    return start_many(programs, bucket_bytes).wait()
 
-    def advance(i: int, reply: Any) -> None:
+
+class InFlight:
+    """Programs whose first round of collectives is in flight (:func:`start_many`): :meth:`wait` completes
+    that round, runs the remaining rounds (blocking) and returns the programs' values; later calls return them
+    again. :meth:`done` says whether that happened."""
+
+    def __init__(self, programs: Sequence[Program[Any]], bucket_bytes: int) -> None:
+        self._programs, self._bucket_bytes = programs, bucket_bytes
+        self._results: list[Any] = [None] * len(programs)
+        self._waiting: dict[int, Request | list[Request]] = {}
+        for i in range(len(programs)):
+            self._advance(i, None)
+        self._round = self._issue_round()
+        self._finished = False
+
+    def _advance(self, i: int, reply: Any) -> None:
         try:
-            waiting[i] = programs[i].send(reply)
+            self._waiting[i] = self._programs[i].send(reply)
         except StopIteration as done:
-            results[i] = done.value
+            self._results[i] = done.value
 
-    for i in range(len(programs)):
-        advance(i, None)
-    while waiting:
-        batch = [((i, j), request) for i, pending in sorted(waiting.items())
+    def _issue_round(self) -> tuple[dict[int, bool], list[comm.Handle[list[tuple[Any, Any]]]]] | None:
+        if not self._waiting:
+            return None
+        batch = [((i, j), request) for i, pending in sorted(self._waiting.items())
                  for j, request in enumerate(pending if isinstance(pending, list) else [pending])]
-        shapes = {i: isinstance(pending, list) for i, pending in waiting.items()}
-        waiting.clear()
-        replies: dict[int, dict[int, Any]] = {}
-        for (i, j), reply in _serve(batch, bucket_bytes):
-            replies.setdefault(i, {})[j] = reply
-        for i, is_list in shapes.items():
-            by_index = replies.get(i, {})
-            advance(i, [by_index[j] for j in range(len(by_index))] if is_list else by_index[0])
-    return results
+        shapes = {i: isinstance(pending, list) for i, pending in self._waiting.items()}
+        self._waiting.clear()
+        return shapes, _start(batch, self._bucket_bytes)
+
+    def done(self) -> bool:
+        return self._finished
+
+    def wait(self) -> list[Any]:
+        while self._round is not None:
+            shapes, handles = self._round
+            replies: dict[int, dict[int, Any]] = {}
+            for handle in handles:
+                for (i, j), reply in handle.wait():
+                    replies.setdefault(i, {})[j] = reply
+            for i, is_list in shapes.items():
+                by_index = replies.get(i, {})
+                self._advance(i, [by_index[j] for j in range(len(by_index))] if is_list else by_index[0])
+            self._round = self._issue_round()
+        self._finished = True
+        return self._results
 
 
-def _serve(batch: list[tuple[Any, Request]], bucket_bytes: int) -> list[tuple[Any, Any]]:
-    replies: list[tuple[Any, Any]] = []
+def start_many(programs: Sequence[Program[Any]], bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> InFlight:
+    """Advance ``programs`` to their first collectives and issue them (coalesced as in :func:`run_many`)
+    without waiting: the caller computes meanwhile and calls ``wait()`` on the result for the values."""
+    return InFlight(programs, bucket_bytes)
+
+
+def _start(batch: list[tuple[Any, Request]], bucket_bytes: int) -> list[comm.Handle[list[tuple[Any, Any]]]]:
+    handles: list[comm.Handle[list[tuple[Any, Any]]]] = []
+    local = [(i, _local_reply(request)) for i, request in batch if comm.group_size(request.group) == 1]
+    if local:
+        handles.append(comm.Handle("local", None, 0, lambda: local))
     keys: dict[tuple, list[tuple[Any, Request]]] = {}
     for i, request in batch:
-        if comm.group_size(request.group) == 1:
-            replies.append((i, _local_reply(request)))
-            continue
-        key = (type(request).__name__, id(request.group), request.tensor.dtype, request.tensor.device)
-        keys.setdefault(key, []).append((i, request))
+        if comm.group_size(request.group) > 1:
+            key = (type(request).__name__, id(request.group), request.tensor.dtype, request.tensor.device)
+            keys.setdefault(key, []).append((i, request))
     for entries in keys.values():
-        for bucket in _buckets(entries, bucket_bytes):
-            replies.extend(_issue(bucket))
-    return replies
+        handles.extend(_issue(bucket) for bucket in _buckets(entries, bucket_bytes))
+    return handles
 
 
 def _local_reply(request: Request) -> Any:
@@ -146,21 +177,45 @@ def _buckets(entries: list[tuple[Any, Request]], bucket_bytes: int) -> list[list
     return buckets
 
 
-def _issue(bucket: list[tuple[Any, Request]]) -> list[tuple[Any, Any]]:
+def _issue(bucket: list[tuple[Any, Request]]) -> comm.Handle[list[tuple[Any, Any]]]:
     first = bucket[0][1]
     group = first.group
     if isinstance(first, AllReduce):
         flat = torch.cat([r.tensor.reshape(-1) for _, r in bucket])
-        comm.all_reduce(flat, group)
-        parts = torch.split(flat, [r.tensor.numel() for _, r in bucket])
-        return [(i, part.view(r.tensor.shape)) for (i, r), part in zip(bucket, parts)]
+        reduced = comm.all_reduce(flat, group, async_op=True)
+
+        def reduce_replies() -> list[tuple[Any, Any]]:
+            parts = torch.split(reduced.wait(), [r.tensor.numel() for _, r in bucket])
+            return [(i, part.view(r.tensor.shape)) for (i, r), part in zip(bucket, parts)]
+
+        return _replies(reduced, reduce_replies)
     if isinstance(first, AllGather):
-        flat = torch.cat([r.tensor.reshape(-1) for _, r in bucket])
-        stacked = comm.all_gather(flat, group)
-        parts = torch.split(stacked, [r.tensor.numel() for _, r in bucket], dim=1)
-        return [(i, part.reshape(-1, *r.tensor.shape)) for (i, r), part in zip(bucket, parts)]
+        gathered = comm.all_gather(torch.cat([r.tensor.reshape(-1) for _, r in bucket]), group, async_op=True)
+
+        def gather_replies() -> list[tuple[Any, Any]]:
+            parts = torch.split(gathered.wait(), [r.tensor.numel() for _, r in bucket], dim=1)
+            return [(i, part.reshape(-1, *r.tensor.shape)) for (i, r), part in zip(bucket, parts)]
+
+        return _replies(gathered, gather_replies)
     size = comm.group_size(group)
     send = [torch.cat([r.chunks[j].reshape(-1) for _, r in bucket]) for j in range(size)]
-    received = comm.all_to_all(send, [sum(r.recv_numels[j] for _, r in bucket) for j in range(size)], group)
-    per_rank = [torch.split(received[j], [r.recv_numels[j] for _, r in bucket]) for j in range(size)]
-    return [(i, [per_rank[j][n] for j in range(size)]) for n, (i, _) in enumerate(bucket)]
+    exchanged = comm.all_to_all(send, [sum(r.recv_numels[j] for _, r in bucket) for j in range(size)], group, async_op=True)
+
+    def exchange_replies() -> list[tuple[Any, Any]]:
+        received = exchanged.wait()
+        per_rank = [torch.split(received[j], [r.recv_numels[j] for _, r in bucket]) for j in range(size)]
+        return [(i, [per_rank[j][n] for j in range(size)]) for n, (i, _) in enumerate(bucket)]
+
+    return _replies(exchanged, exchange_replies)
+
+
+def _replies(inner: comm.Handle[Any], unpack: Callable[[], list[tuple[Any, Any]]]) -> comm.Handle[list[tuple[Any, Any]]]:
+    """A handle whose wait() waits for ``inner`` and returns its replies unpacked (once)."""
+    unpacked: list[list[tuple[Any, Any]]] = []
+
+    def result() -> list[tuple[Any, Any]]:
+        if not unpacked:
+            unpacked.append(unpack())
+        return unpacked[0]
+
+    return comm.Handle(inner.op, None, 0, result)

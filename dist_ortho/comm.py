@@ -14,14 +14,15 @@ import hashlib
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 import torch.distributed as dist
 
 ProcessGroup = dist.ProcessGroup
+T = TypeVar("T")
 # all_gather_single is the newer name (torch >= 2.10) of all_gather_into_tensor.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -51,14 +52,18 @@ _active_stats: list[CommStats] = []
 
 
 @contextlib.contextmanager
-def count_collectives() -> Iterator[CommStats]:
-    """Count the collectives issued on this rank inside the block (nesting allowed)."""
-    stats = CommStats()
+def count_collectives(stats: CommStats | None = None) -> Iterator[CommStats]:
+    """Count the collectives issued (and the waits made) on this rank inside the block, nesting allowed; into
+    ``stats`` when given (e.g. the waits for a step's collectives made after the step returned)."""
+    stats = stats if stats is not None else CommStats()
+    if any(active is stats for active in _active_stats):  # already counting (a wait inside the step that issued it)
+        yield stats
+        return
     _active_stats.append(stats)
     try:
         yield stats
     finally:
-        _active_stats.remove(stats)
+        _active_stats[:] = [active for active in _active_stats if active is not stats]
 
 
 def _record(op: str, nbytes: float) -> None:
@@ -119,6 +124,30 @@ def _wait(op: str, work: Any, nbytes: int) -> None:
         ) from e
 
 
+class Handle(Generic[T]):
+    """A collective in flight (``async_op=True``): :meth:`wait` blocks until it completes, at most the library's
+    timeout (then CollectiveError naming the call), counts the blocked time in the open :func:`count_collectives`
+    blocks, and returns the result; later calls return it again. A group of one is complete at once."""
+
+    def __init__(self, op: str, work: Any, nbytes: int, result: Callable[[], T]) -> None:
+        self.op, self._work, self._nbytes, self._result = op, work, nbytes, result
+        self._done = work is None
+
+    def wait(self) -> T:
+        if not self._done:
+            _wait(self.op, self._work, self._nbytes)
+            self._done = True
+        return self._result()
+
+    def done(self) -> bool:
+        """Whether it has been waited for (or needed no communication)."""
+        return self._done
+
+
+def _finish(handle: Handle[T], async_op: bool) -> Handle[T] | T:
+    return handle if async_op else handle.wait()
+
+
 def group_size(group: ProcessGroup | None) -> int:
     """Size of ``group``; 1 when there is no group or torch.distributed is not initialized."""
     if group is None or not dist.is_available() or not dist.is_initialized():
@@ -132,48 +161,53 @@ def group_rank(group: ProcessGroup | None) -> int:
     return dist.get_rank(group)
 
 
-def all_reduce(tensor: torch.Tensor, group: ProcessGroup | None, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce (``op`` is "sum" or "max"); a no-op on a group of one."""
+def all_reduce(tensor: torch.Tensor, group: ProcessGroup | None, op: str = "sum", async_op: bool = False) -> Any:
+    """In-place all-reduce (``op`` is "sum" or "max"); a no-op on a group of one. With ``async_op`` a
+    :class:`Handle` whose wait() returns the tensor."""
     size = group_size(group)
     if size == 1:
-        return tensor
+        return _finish(Handle("all_reduce", None, 0, lambda: tensor), async_op)
     _record("all_reduce", 2 * (size - 1) / size * tensor.numel() * tensor.element_size())
     reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
-    _wait("all_reduce", dist.all_reduce(tensor, op=reduce_op, group=group, async_op=True), tensor.nbytes)
-    return tensor
+    work = dist.all_reduce(tensor, op=reduce_op, group=group, async_op=True)
+    return _finish(Handle("all_reduce", work, tensor.nbytes, lambda: tensor), async_op)
 
 
-def all_gather(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
-    """Stack of every rank's ``tensor`` (same shape on all ranks): shape ``(size, *tensor.shape)``."""
+def all_gather(tensor: torch.Tensor, group: ProcessGroup | None, async_op: bool = False) -> Any:
+    """Stack of every rank's ``tensor`` (same shape on all ranks): shape ``(size, *tensor.shape)`` (with
+    ``async_op`` a :class:`Handle` of it)."""
     size = group_size(group)
     tensor = tensor.contiguous()
     if size == 1:
-        return tensor.unsqueeze(0)
+        return _finish(Handle("all_gather", None, 0, lambda: tensor.unsqueeze(0)), async_op)
     _record("all_gather", (size - 1) * tensor.numel() * tensor.element_size())
     out = torch.empty(size * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
-    _wait("all_gather", _all_gather_single(out, tensor.reshape(-1), group=group, async_op=True), tensor.nbytes)
-    return out.view(size, *tensor.shape)
+    work = _all_gather_single(out, tensor.reshape(-1), group=group, async_op=True)
+    return _finish(Handle("all_gather", work, tensor.nbytes, lambda: out.view(size, *tensor.shape)), async_op)
 
 
-def reduce_scatter(chunks: list[torch.Tensor], group: ProcessGroup | None) -> torch.Tensor:
-    """Sum over the group of every rank's ``chunks[r]`` (equal sizes), delivered to rank r: this rank's sum."""
+def reduce_scatter(chunks: list[torch.Tensor], group: ProcessGroup | None, async_op: bool = False) -> Any:
+    """Sum over the group of every rank's ``chunks[r]`` (equal sizes), delivered to rank r: this rank's sum
+    (with ``async_op`` a :class:`Handle` of it)."""
     size = group_size(group)
     if size == 1:
-        return chunks[0].clone()
+        only = chunks[0].clone()
+        return _finish(Handle("reduce_scatter", None, 0, lambda: only), async_op)
     send = torch.cat([c.reshape(-1) for c in chunks])
     out = torch.empty_like(chunks[0].reshape(-1))
     _record("reduce_scatter", (size - 1) * out.numel() * out.element_size())
-    _wait("reduce_scatter", dist.reduce_scatter_tensor(out, send, group=group, async_op=True), send.nbytes)
-    return out
+    work = dist.reduce_scatter_tensor(out, send, group=group, async_op=True)
+    return _finish(Handle("reduce_scatter", work, send.nbytes, lambda: out), async_op)
 
 
 def all_to_all(
-    chunks: list[torch.Tensor], recv_numels: list[int], group: ProcessGroup | None
-) -> list[torch.Tensor]:
-    """Send ``chunks[j]`` to rank j; receive ``recv_numels[j]`` elements from rank j (flat tensors)."""
+    chunks: list[torch.Tensor], recv_numels: list[int], group: ProcessGroup | None, async_op: bool = False
+) -> Any:
+    """Send ``chunks[j]`` to rank j; receive ``recv_numels[j]`` elements from rank j (flat tensors; with
+    ``async_op`` a :class:`Handle` of them)."""
     size = group_size(group)
     if size == 1:
-        return [chunks[0].reshape(-1)]
+        return _finish(Handle("all_to_all", None, 0, lambda: [chunks[0].reshape(-1)]), async_op)
     rank = group_rank(group)
     send = torch.cat([c.reshape(-1) for c in chunks])
     recv = torch.empty(sum(recv_numels), dtype=send.dtype, device=send.device)
@@ -183,8 +217,7 @@ def all_to_all(
         recv, send, output_split_sizes=list(recv_numels), input_split_sizes=[c.numel() for c in chunks], group=group,
         async_op=True,
     )
-    _wait("all_to_all", work, send.nbytes)
-    return list(torch.split(recv, list(recv_numels)))
+    return _finish(Handle("all_to_all", work, send.nbytes, lambda: list(torch.split(recv, list(recv_numels)))), async_op)
 
 
 def collective_device(group: ProcessGroup | None, device: torch.device | str = "cpu") -> torch.device:

@@ -10,7 +10,7 @@ contiguous ranges along matrix dim d, one per DP rank, uneven or empty as torch.
 
 The optimizer then works on the TP block (:attr:`DTensorHolding.block_shape`): for a DP-sharded
 parameter, :func:`gather_blocks` brings every piece of an owned parameter (values and gradient) to its
-owner with one all-to-all per dtype over DP, and :func:`scatter_blocks` sends the updated pieces back
+owner with one all-to-all per dtype over DP, and :func:`scatter_program` sends the updated pieces back
 with one more; nothing else about DTensor reaches the optimizer.
 """
 
@@ -27,6 +27,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import Placement
 
 from dist_ortho import comm
+from dist_ortho.coalesce import AllToAll, Program
 from dist_ortho.grid import _by_dtype
 
 
@@ -293,17 +294,17 @@ def gather_blocks(
                     offsets[src] += n
 
 
-def scatter_blocks(
+def scatter_program(
     params: Sequence[DTensor], holdings: Sequence[DTensorHolding], owners: Sequence[int],
     dp_group: comm.ProcessGroup | None, blocks: dict[DTensor, tuple[torch.Tensor, torch.Tensor]],
     sources: dict[torch.Tensor, torch.Tensor] | None = None, flag: torch.Tensor | None = None,
-) -> tuple[torch.Tensor | None, Callable[[torch.Tensor | None], None]]:
-    """Send every DP rank its piece of the updated blocks (``sources[p]``, default the owner's block): one
-    all-to-all per dtype; with ``flag`` also that value to every rank in the first one. Returns (the flags by
-    DP rank, or None; ``write(ok)``, which writes the received pieces into the local tensors: only where the
+) -> Program[tuple[torch.Tensor | None, Callable[[torch.Tensor | None], None]]]:
+    """Program: send every DP rank its piece of the updated blocks (``sources[p]``, default the owner's block):
+    one all-to-all per dtype; with ``flag`` also that value to every rank in the first one. Returns (the flags
+    by DP rank, or None; ``write(ok)``, which writes the received pieces into the local tensors: only where the
     device bool ``ok`` is true when given)."""
     size, rank = comm.group_size(dp_group), comm.group_rank(dp_group)
-    received_by_dtype, flags = [], None
+    requests, layouts = [], []
     for members in _by_dtype(params):
         owned = [i for i in members if owners[i] == rank]
         chunks = []
@@ -312,16 +313,16 @@ def scatter_blocks(
                     for i in owned]
             chunks.append(torch.cat(sent) if sent else local(params[members[0]]).new_empty(0))
         recv = [sum(local(params[i]).numel() for i in members if owners[i] == src) for src in range(size)]
-        if flag is not None and not received_by_dtype:
+        if flag is not None and not requests:
             chunks = [torch.cat([c, flag.reshape(1).to(c.dtype)]) for c in chunks]
             recv = [n + 1 for n in recv]
-        received = comm.all_to_all(chunks, recv, dp_group)
-        if flag is not None and not received_by_dtype:
-            flags = torch.stack([r[-1] for r in received])
-        received_by_dtype.append((members, received))
+        requests.append(AllToAll(chunks, recv, dp_group))
+        layouts.append(members)
+    received_by_dtype = yield requests
+    flags = torch.stack([r[-1] for r in received_by_dtype[0]]) if flag is not None and requests else None
 
     def write(ok: torch.Tensor | None = None) -> None:
-        for members, received in received_by_dtype:
+        for members, received in zip(layouts, received_by_dtype):
             offsets = [0] * size
             for i in members:
                 src, mine = owners[i], local(params[i])
@@ -406,6 +407,6 @@ class DTensorParams:
 
     def scatter(self, params: Sequence[torch.Tensor], owners: Sequence[int], dp_group: comm.ProcessGroup | None,
                 sources: dict[torch.Tensor, torch.Tensor] | None = None, flag: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor | None, Callable[[torch.Tensor | None], None]]:
-        """The owners' updated blocks back to every DP rank's piece: see :func:`scatter_blocks`."""
-        return scatter_blocks(params, [self.holdings[p] for p in params], owners, dp_group, self.blocks, sources, flag)
+                ) -> Program[tuple[torch.Tensor | None, Callable[[torch.Tensor | None], None]]]:
+        """Program: the owners' updated blocks back to every DP rank's piece (see :func:`scatter_program`)."""
+        return scatter_program(params, [self.holdings[p] for p in params], owners, dp_group, self.blocks, sources, flag)

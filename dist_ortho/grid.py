@@ -133,8 +133,16 @@ def reduce_to_owners(
     ``grads[i]`` is this rank's gradient of a tensor shaped and typed like ``like[i]`` (``None``: zeros). Each
     rank's buffer holds, per owner rank, the gradients of the tensors that rank owns, padded to the largest
     owner's share. The caller writes the averages where its gradients live."""
+    return start_reduce_to_owners(grads, like, owners, dp_group)()
+
+
+def start_reduce_to_owners(
+    grads: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor], owners: Sequence[int], dp_group: comm.ProcessGroup | None
+) -> Callable[[], list[torch.Tensor | None]]:
+    """:func:`reduce_to_owners` with its reduce-scatters issued and not waited for: the gradients are read now;
+    the returned function waits and gives the averages."""
     size, rank = comm.group_size(dp_group), comm.group_rank(dp_group)
-    out: list[torch.Tensor | None] = [None] * len(like)
+    started = []
     for members in _by_dtype(like):
         per_owner = [[i for i in members if owners[i] == r] for r in range(size)]
         longest = max(sum(like[i].numel() for i in owned) for owned in per_owner)
@@ -142,10 +150,17 @@ def reduce_to_owners(
             _flat([grads[i] if grads[i] is not None else torch.zeros_like(like[i]) for i in owned], like[members[0]], longest)
             for owned in per_owner
         ]
-        summed = comm.reduce_scatter(chunks, dp_group) / size
-        offset = 0
-        for i in per_owner[rank]:
-            n = like[i].numel()
-            out[i] = summed[offset : offset + n].view_as(like[i])
-            offset += n
-    return out
+        started.append((per_owner[rank], comm.reduce_scatter(chunks, dp_group, async_op=True)))
+
+    def averages() -> list[torch.Tensor | None]:
+        out: list[torch.Tensor | None] = [None] * len(like)
+        for mine, handle in started:
+            summed = handle.wait() / size
+            offset = 0
+            for i in mine:
+                n = like[i].numel()
+                out[i] = summed[offset : offset + n].view_as(like[i])
+                offset += n
+        return out
+
+    return averages

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from tests.harness import started_world
@@ -94,3 +95,33 @@ def test_torch_native_model_reduce_grads_and_their_checkpoints(world, tmp_path):
         assert len(diffs["native"]) == 12 and len(diffs["reduced"]) == 12, diffs
         assert sorted(diffs["dp4"]) == list(range(7, 13)) and sorted(diffs["attributes"]) == list(range(7, 13)), diffs
         assert all(max(d.values()) <= 1e-4 for d in diffs.values()), diffs
+
+
+def _overlapped(ctx, out: str):
+    """--overlap (gradients reduced per block during backward, the loss waited for at logging, the optimizer's
+    share waited for before each block's forward) against the same run without it, for the TE-attribute model,
+    --reduce-grads (the optimizer reduces during backward) and --torch-native (FSDP2: the share's all-to-all
+    waited for before FSDP's all-gather); and a stop at step 6 resumed with --overlap. Losses and eval losses."""
+    from dist_ortho.train.cli import parallel_groups, run
+
+    tp, dp = parallel_groups(2)
+
+    def curve(name: str, *extra: str):
+        result = run(_args("--out", f"{out}/{name}", "--tp", "2", *extra), tp, torch.device("cpu"), dp)[0]
+        return result["losses"], result["eval_loss"]
+
+    pairs = {}
+    for name, extra in (("plain", ()), ("reduced", ("--reduce-grads",)), ("native", ("--torch-native",))):
+        pairs[name] = (curve(name, *extra), curve(f"{name}_overlap", *extra, "--overlap"))
+    _run(_args("--out", f"{out}/stopped", "--tp", "2", "--overlap", "--stop-after", "6"), tp, dp)
+    dist.barrier()
+    resumed = curve("stopped", "--overlap", "--resume")
+    return pairs, resumed
+
+
+def test_overlap_gives_the_same_losses_bit_for_bit(world, tmp_path):
+    for pairs, resumed in world.run(_overlapped, str(tmp_path)):
+        for name, ((losses, eval_loss), (overlapped, overlapped_eval)) in pairs.items():
+            assert len(losses) == 12 and overlapped == losses and overlapped_eval == eval_loss, name
+        plain = pairs["plain"][0][0]
+        assert sorted(resumed[0]) == list(range(7, 13)) and all(resumed[0][s] == plain[s] for s in resumed[0]), resumed

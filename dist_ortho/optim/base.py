@@ -29,6 +29,7 @@ agreement, gradients and checkpoints live in the modules beside it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, get_args
@@ -37,19 +38,21 @@ import torch
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from dist_ortho import comm
-from dist_ortho.coalesce import DEFAULT_BUCKET_BYTES, Program, run
+from dist_ortho.backward import DEFAULT_GRAD_BUCKET_BYTES, BackwardReducer, cut_by_bytes
+from dist_ortho.coalesce import DEFAULT_BUCKET_BYTES, Program, start_many
 from dist_ortho.coefficients import get_coefficients
 from dist_ortho.dtensor import DTensorParams, groups_from_meshes, local, mesh_groups
 from dist_ortho.grid import share_program
 from dist_ortho.optim.agreement import PlanAgreement, agree_batching, plan_entry
 from dist_ortho.optim.context import MatrixContext
-from dist_ortho.optim.gradients import dp_own, reduce_into_owners, sum_of_squares
+from dist_ortho.optim.gradients import dp_own, reduce_into_owners, start_reduce_into_owners, sum_of_squares
 from dist_ortho.optim.groups import ParamStack, Part
 from dist_ortho.optim.holding import part_of
 from dist_ortho.optim.layouts import ParamLayouts
 from dist_ortho.optim.nonfinite import NONFINITE, Nonfinite
-from dist_ortho.optim.options import accepted_keywords, check_choice, check_number, reject_unknown
+from dist_ortho.optim.options import accepted_keywords, check_bool, check_choice, check_number, reject_unknown
 from dist_ortho.optim.planning import StepPlan, batching_keys, build_stacks, plan_table, refresh_states, resolve_modes
+from dist_ortho.optim.overlap import ShareInFlight, module_buckets
 from dist_ortho.optim.step import GroupStep, Pending, Verdict, run_phase, shared_verdict
 from dist_ortho.params import Held, MatrixLayout, is_expert_stack
 from dist_ortho.precision import MATMUL_PRECISIONS, MatmulPrecision
@@ -124,6 +127,17 @@ class OrthogonalizedOptimizer(Optimizer):
         device_mesh: a 2D DeviceMesh with dims named "dp" and "tp": the same as dp_group=mesh["dp"].get_group(),
             tp_group=mesh["tp"].get_group(). DTensor parameters (FSDP2, torch tensor parallel) on these mesh
             dims are orthogonalized exactly (dist_ortho.dtensor); their placements replace the TE attributes.
+        overlap: with dp_group, the step issues its share (the owners' new weights to every replica) without waiting
+            for it: it is waited for where the weights are next read, by the forward pre-hooks that
+            :meth:`overlap_by_layer` installs, :meth:`wait_for`, or :meth:`finish` (called by the next step,
+            ``state_dict`` and ``load_state_dict``). Same arithmetic: the weights are bit-identical to
+            ``overlap=False`` (dist_ortho.optim.overlap).
+        overlap_with_backward: with ``reduce_grads``, average each gradient into its owner while backward runs:
+            a bucket's reduce-scatter is issued as soon as its gradients are final (post-accumulate-grad hooks,
+            dist_ortho.backward; buckets: the layers given to :meth:`overlap_by_layer` in backward order, else
+            ``backward_bucket_bytes``), and the step waits for them. From the second step on (the first
+            step's reduction is blocking, as it finds the layout). With gradient accumulation run every
+            micro-batch but the last inside :meth:`no_sync`.
         **member_options: the per-group options of a member (coefficient_type, num_ns_steps, ...), named in
             the member's own signature; any other key is a TypeError.
     """
@@ -134,7 +148,8 @@ class OrthogonalizedOptimizer(Optimizer):
     forwarded_options = frozenset({
         "tp_group", "tp_mode", "expert_tp_group", "conv_mode", "split_qkv", "qkv_split_shapes", "is_qkv_fn",
         "qkv_per_head", "coalesce", "bucket_bytes", "local_gram", "batch_matrices", "nonfinite", "dp_group",
-        "reduce_grads", "device_mesh", "capturable", "param_names",
+        "reduce_grads", "device_mesh", "capturable", "param_names", "overlap", "overlap_with_backward",
+        "backward_bucket_bytes",
     })
     # Members whose update reads ctx.orthogonalized: the step runs Newton-Schulz of every direction
     # first, for all matrices together.
@@ -180,6 +195,9 @@ class OrthogonalizedOptimizer(Optimizer):
         device_mesh: Any = None,
         capturable: bool = False,
         param_names: Any = None,
+        overlap: bool = False,
+        overlap_with_backward: bool = False,
+        backward_bucket_bytes: int = DEFAULT_GRAD_BUCKET_BYTES,
         **member_options: Any,
     ) -> None:
         if device_mesh is not None:
@@ -228,6 +246,17 @@ class OrthogonalizedOptimizer(Optimizer):
         self._plan_seen: StepPlan | None = None
         self._engine = GroupStep(self)
         self._last_comm = comm.CommStats()
+        check_bool("overlap", overlap)
+        self.overlap = overlap
+        self._in_flight: ShareInFlight | None = None  # the last step's share, with overlap
+        self._layers: list[set[torch.Tensor]] = []  # overlap_by_layer's modules' parameters, in forward order
+        check_bool("overlap_with_backward", overlap_with_backward)
+        if overlap_with_backward and not reduce_grads:
+            raise ValueError("overlap_with_backward=True needs reduce_grads=True (the step then reduces the gradients; "
+                             "without it they arrive averaged, e.g. by DDP, which overlaps its own reduction)")
+        self.overlap_with_backward = overlap_with_backward
+        self.backward_bucket_bytes = int(check_number("backward_bucket_bytes", backward_bucket_bytes, 1))
+        self._backward: BackwardReducer | None = None
         if param_names is not None:  # before the groups are checked, so that checks can name parameters
             named = param_names.items() if isinstance(param_names, dict) else param_names
             self.names.update((p, name) for name, p in named)
@@ -474,14 +503,60 @@ class OrthogonalizedOptimizer(Optimizer):
         """One step of every parameter with a gradient (see the module doc). Nothing is written until every
         update is known finite (``nonfinite``): momentum and weight decay are committed with the update."""
         loss = call_closure(closure)
+        self.finish()
         self._step_count += 1
+        self._last_comm = stats = comm.CommStats()
         try:
-            with comm.count_collectives() as stats:
+            with comm.count_collectives(stats):
                 self._step()
         except comm.CollectiveError as e:
             raise comm.CollectiveError(f"{type(self).__name__} step {self._step_count}: {e}") from e
-        self._last_comm = stats
         return loss
+
+    # -- the share in flight (overlap=True) --
+    def finish(self) -> None:
+        """Complete the last step's share (``overlap=True``): every replica's weights and the owners' state are
+        then the step's (or it raises, as the step would have, on every rank alike). A no-op otherwise."""
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            in_flight.wait_for(None, " by finish()")
+
+    def wait_for(self, module: torch.nn.Module) -> None:
+        """Complete the share of ``module``'s parameters (and of those shared before them)."""
+        if self._in_flight is not None:
+            self._in_flight.wait_for(set(module.parameters()), f" before {type(module).__name__}'s forward")
+            if self._in_flight.done():
+                self._in_flight = None
+
+    def overlap_by_layer(self, layers: Sequence[torch.nn.Module]) -> list[Any]:
+        """The model's layers, in forward order, as the units of overlap. With ``overlap=True`` the share is cut
+        into one bucket per layer (the parameters in none of them form a last bucket, waited for by
+        :meth:`finish`) and each layer's bucket is waited for in a forward pre-hook (run before any other
+        pre-hook, FSDP2's all-gather included); with ``overlap_with_backward`` the gradients are reduced per
+        layer, in backward order. Returns the hooks' handles (``.remove()``)."""
+        if not (self.overlap or self.overlap_with_backward):
+            raise ValueError("overlap_by_layer needs overlap=True or overlap_with_backward=True")
+        layers = list(layers)
+        for i, module in enumerate(layers):
+            if not isinstance(module, torch.nn.Module):
+                raise TypeError(f"overlap_by_layer: layers[{i}] must be a torch.nn.Module, got {type(module).__name__}")
+        self._layers = [set(module.parameters()) for module in layers]
+        if not self.overlap:
+            return []
+        return [module.register_forward_pre_hook(lambda m, _args: self.wait_for(m), prepend=True) for module in layers]
+
+    def no_sync(self) -> contextlib.AbstractContextManager[None]:
+        """Gradient accumulation with ``overlap_with_backward``: a backward inside this block reduces nothing (its
+        gradients are not final); the last micro-batch's backward, outside it, starts the reductions."""
+        return self._backward.no_sync() if self._backward is not None else contextlib.nullcontext()
+
+    def state_dict(self) -> dict[str, Any]:
+        self.finish()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.finish()
+        super().load_state_dict(state_dict)
 
     def comm_stats(self) -> comm.CommStats:
         """The last step's collectives on this rank: calls and bytes by kind, and ``wait_ms``, the time it spent
@@ -502,6 +577,10 @@ class OrthogonalizedOptimizer(Optimizer):
         call it before reading gradients across the grid, e.g. :meth:`grad_sum_of_squares`)."""
         if not self.reduce_grads or comm.group_size(self.dp_group) == 1 or self._grads_reduced:
             return
+        if self._backward is not None:  # overlap_with_backward: issued during backward, bucket by bucket
+            self._backward.finish()
+            self._grads_reduced = True
+            return
         every = [(p, group) for group in self.param_groups for p in group["params"] if p.requires_grad]
         for p, _ in every:
             self.layout(p)  # holdings known: DTensors whose DP ranks hold pieces of their own are left as they are
@@ -509,6 +588,14 @@ class OrthogonalizedOptimizer(Optimizer):
         self._agree(every)  # the reduce-scatter's buffers follow the plan: agree first
         reduce_into_owners([p for p, _ in every], [self.owner(p) for p, _ in every], self.dp_group)
         self._grads_reduced = True
+        if self.overlap_with_backward:  # the layout is known now: later steps reduce during backward
+            params = [p for p, _ in every]
+            in_layers = [[p for p in params if p in layer] for layer in self._layers]
+            rest = [p for p in params if not any(p in layer for layer in self._layers)]
+            buckets = [*reversed(in_layers), *cut_by_bytes(rest[::-1], self.backward_bucket_bytes)]
+            self._backward = BackwardReducer(
+                buckets, lambda bucket: start_reduce_into_owners(bucket, [self.owner(p) for p in bucket], self.dp_group),
+                self.name_of)
 
     def grad_sum_of_squares(self) -> torch.Tensor:
         """This rank's share of sum(g^2) over every gradient of the optimizer, float64, each element counted on
@@ -577,29 +664,41 @@ class OrthogonalizedOptimizer(Optimizer):
     def _share(self, plan: StepPlan, pending: Pending) -> None:
         """On the DP x TP grid: the owners' new values to every replica, each replica's finite verdict in the
         same first call (the pieces' all-to-all, or the all-gather); then every replica commits, or all raise
-        or skip with the same message (nothing written), as one process would."""
+        or skip with the same message (nothing written), as one process would. With ``overlap`` the calls are
+        left in flight, bucket by bucket (dist_ortho.optim.overlap)."""
         values, dtensors = pending.new_values(), self.layouts.dtensors
-        flag = pending.verdict.flag(local((plan.sharded or plan.replicated)[0]).device)
-        flags, writers = None, []
-        if plan.sharded:
-            flags, write = dtensors.scatter(plan.sharded, plan.sharded_owners, self.dp_group, values, flag)
-            writers.append(write)
-        if plan.replicated:
-            sources = [values.get(p) for p in plan.replicated]
-            found, write = run(share_program([dtensors.value(p) for p in plan.replicated], plan.replicated_owners,
-                                             self.dp_group, sources, flag if flags is None else None))
-            flags = flags if flags is not None else found
-            writers.append(write)
-        assert flags is not None
+        flag: torch.Tensor | None = pending.verdict.flag(local((plan.sharded or plan.replicated)[0]).device)
+        shared, owners = plan.sharded + plan.replicated, plan.sharded_owners + plan.replicated_owners
+        buckets = []
+        for indices in module_buckets(shared, self._layers if self.overlap else []):
+            sharded = [i for i in indices if i < len(plan.sharded)]
+            replicated = [i for i in indices if i >= len(plan.sharded)]
+            programs = []
+            if sharded:
+                programs.append(dtensors.scatter([shared[i] for i in sharded], [owners[i] for i in sharded],
+                                                 self.dp_group, values, flag))
+                flag = None
+            if replicated:
+                programs.append(share_program([dtensors.value(shared[i]) for i in replicated], [owners[i] for i in replicated],
+                                              self.dp_group, [values.get(shared[i]) for i in replicated], flag))
+                flag = None
+            buckets.append(({shared[i] for i in indices}, start_many(programs, self.bucket_bytes)))
+        in_flight = ShareInFlight(buckets, lambda flags: self._decide_shared(pending, flags), self._last_comm,
+                                  f"{type(self).__name__} step {self._step_count}: the share over DP")
+        if self.overlap:
+            self._in_flight = in_flight
+        else:
+            in_flight.wait_for()
+
+    def _decide_shared(self, pending: Pending, flags: torch.Tensor) -> torch.Tensor | bool | None:
+        """Every replica's verdict to one decision (the same on every rank); the owners' own step committed."""
         if self.capturable:
             ok = self._engine.decide(Verdict(flags.min() > 0, skips=pending.verdict.skips))
         else:
             ok = self._engine.decide(shared_verdict(pending.verdict, flags.tolist(), type(self).__name__))
-        if ok is False:
-            return
-        pending.commit(ok)
-        for write in writers:
-            write(ok)
+        if ok is not False:
+            pending.commit(ok)
+        return ok
 
     def _init_fresh(self, params: Sequence[torch.Tensor]) -> None:
         """Fill the state of those ``params`` that have none (their first step): init_state_program, one

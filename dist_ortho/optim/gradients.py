@@ -14,7 +14,7 @@ import torch
 
 from dist_ortho import comm
 from dist_ortho.dtensor import local
-from dist_ortho.grid import reduce_to_owners
+from dist_ortho.grid import start_reduce_to_owners
 from dist_ortho.optim.layouts import ParamLayouts
 
 
@@ -26,14 +26,25 @@ def dp_own(layouts: ParamLayouts, p: torch.Tensor) -> bool:
 def reduce_into_owners(params: Sequence[torch.Tensor], owners: Sequence[int], dp_group: comm.ProcessGroup | None) -> None:
     """Average every parameter's gradient over ``dp_group`` into its owner's (one reduce-scatter per dtype),
     in place: a DTensor's gradient keeps its placements; a missing gradient counts as zeros."""
+    start_reduce_into_owners(params, owners, dp_group)()
+
+
+def start_reduce_into_owners(
+    params: Sequence[torch.Tensor], owners: Sequence[int], dp_group: comm.ProcessGroup | None
+) -> Callable[[], None]:
+    """:func:`reduce_into_owners` issued now (the gradients read now); the returned function waits and writes."""
     grads = [local(p.grad) if p.grad is not None else None for p in params]
-    averaged = reduce_to_owners(grads, [local(p) for p in params], owners, dp_group)
-    for p, grad in zip(params, averaged):
-        if grad is None:
-            continue
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        local(p.grad).copy_(grad)
+    averages = start_reduce_to_owners(grads, [local(p) for p in params], owners, dp_group)
+
+    def write() -> None:
+        for p, grad in zip(params, averages()):
+            if grad is None:
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            local(p.grad).copy_(grad)
+
+    return write
 
 
 def sum_of_squares(params: Sequence[torch.Tensor], layouts: ParamLayouts, owns: Callable[[torch.Tensor], bool],

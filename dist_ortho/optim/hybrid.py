@@ -8,6 +8,7 @@ so ``param_groups``, ``zero_grad`` and torch LR schedulers work across both; the
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -173,6 +174,24 @@ class MuonAdamW(Optimizer):
         """The last step's collectives of the matrix optimizer (AdamW's step makes none): see
         OrthogonalizedOptimizer.comm_stats."""
         return self.matrix_optimizer.comm_stats() if self.matrix_optimizer is not None else comm.CommStats()
+
+    def finish(self) -> None:
+        """Complete the matrix optimizer's share in flight (``overlap=True``): OrthogonalizedOptimizer.finish."""
+        if self.matrix_optimizer is not None:
+            self.matrix_optimizer.finish()
+
+    def wait_for(self, module: torch.nn.Module) -> None:
+        """OrthogonalizedOptimizer.wait_for of the matrix optimizer."""
+        if self.matrix_optimizer is not None:
+            self.matrix_optimizer.wait_for(module)
+
+    def overlap_by_layer(self, layers: Sequence[torch.nn.Module]) -> list[Any]:
+        """OrthogonalizedOptimizer.overlap_by_layer of the matrix optimizer (the AdamW side shares nothing)."""
+        return self.matrix_optimizer.overlap_by_layer(layers) if self.matrix_optimizer is not None else []
+
+    def no_sync(self) -> Any:
+        """OrthogonalizedOptimizer.no_sync of the matrix optimizer (gradient accumulation with overlap_with_backward)."""
+        return self.matrix_optimizer.no_sync() if self.matrix_optimizer is not None else contextlib.nullcontext()
 
     def state_dict(self) -> dict[str, Any]:
         return {key: optimizer.state_dict() for key, optimizer in self._inner()}

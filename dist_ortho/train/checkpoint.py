@@ -38,6 +38,9 @@ def sharded(model: torch.nn.Module) -> None:
 
 def global_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, group: Any) -> dict[str, Any]:
     """Weights and optimizer state as global tensors, keyed by parameter name (never by rank)."""
+    finish = getattr(optimizer, "finish", None)
+    if callable(finish):  # a step's share in flight (overlap=True): the weights are read next
+        finish()
     sharded(model)
     model_sd, optim_sd = {}, {}
     for name, p in model.named_parameters():

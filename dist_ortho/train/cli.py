@@ -21,12 +21,14 @@ import os
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from dist_ortho import MuonAdamW, comm
+from dist_ortho.backward import BackwardReducer
 from dist_ortho.integrations.megatron import add_muon_args
 from dist_ortho.optim.options import accepted_keywords
 from dist_ortho.optim.registry import OPTIMIZERS, get_optimizer
@@ -92,6 +94,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reduce-grads", action="store_true",
                    help="under DP, average each matrix's gradient into its owner with one reduce-scatter (half the "
                    "bytes of an all-reduce) instead of all-reducing every gradient (the AdamW side is all-reduced)")
+    p.add_argument("--overlap", action="store_true",
+                   help="hide communication: gradients reduced per layer during backward, the loss all-reduce waited "
+                   "for at logging, and the optimizer's share over DP waited for per layer before its forward "
+                   "(overlap=True; with --reduce-grads also overlap_with_backward=True). Bit-identical weights")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--timeout-s", type=float, default=comm.DEFAULT_TIMEOUT_S,
                    help="how long a collective may wait for the other ranks before every rank fails (process group "
@@ -117,15 +123,36 @@ def parallel_groups(tp: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup | Non
 
 def average_gradients(params: Any, dp_group: dist.ProcessGroup | None) -> None:
     """Average every gradient over the DP group, as DistributedDataParallel does (one all-reduce per dtype)."""
+    start_average(list(params), dp_group)()
+
+
+def start_average(params: list[torch.Tensor], dp_group: dist.ProcessGroup | None) -> Callable[[], None]:
+    """:func:`average_gradients` issued now (the gradients read now); the returned function waits and writes."""
     size = comm.group_size(dp_group)
     if size == 1:
-        return
+        return lambda: None
     grads = [p.grad for p in params if p.grad is not None]
-    for dtype in {g.dtype for g in grads}:
+    started = []
+    for dtype in sorted({g.dtype for g in grads}, key=str):
         same = [g for g in grads if g.dtype == dtype]
-        flat = comm.all_reduce(torch.cat([g.reshape(-1) for g in same]), dp_group)
-        for g, part in zip(same, flat.split([g.numel() for g in same])):
-            g.copy_(part.view_as(g) / size)
+        started.append((same, comm.all_reduce(torch.cat([g.reshape(-1) for g in same]), dp_group, async_op=True)))
+
+    def write() -> None:
+        for same, handle in started:
+            for g, part in zip(same, handle.wait().split([g.numel() for g in same])):
+                g.copy_(part.view_as(g) / size)
+
+    return write
+
+
+def backward_buckets(model: GPT, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``params`` in the order backward makes their gradients final: the head, each block from the last, the
+    embeddings (a bucket each)."""
+    wanted = set(params)
+    head = [p for m in (model.norm, model.output) for p in m.parameters() if p in wanted]
+    blocks = [[p for p in block.parameters() if p in wanted] for block in reversed(model.blocks)]
+    seen = {p for bucket in [head, *blocks] for p in bucket}
+    return [head, *blocks, [p for p in params if p not in seen]]
 
 
 def build_optimizer(
@@ -140,6 +167,9 @@ def build_optimizer(
     groups = {"device_mesh": mesh} if mesh is not None else {"tp_group": group, "dp_group": dp_group}
     if getattr(args, "reduce_grads", False) and mesh is None and dp_group is not None:
         kwargs["reduce_grads"] = True
+        kwargs["overlap_with_backward"] = getattr(args, "overlap", False)
+    if getattr(args, "overlap", False):
+        kwargs["overlap"] = True
     return MuonAdamW(model.named_parameters(), optimizer=name, lr=args.lr, adamw_lr=args.adamw_lr,
                      tp_mode=args.muon_tp_mode, **groups, **kwargs)
 
@@ -189,6 +219,12 @@ def train_one(
         averaged = [p for g in optimizer.fallback_optimizer.param_groups for p in g["params"]] if optimizer.fallback_optimizer else []
     else:
         averaged = list(model.parameters())
+    reducer = None
+    if args.overlap and comm.group_size(dp_group) > 1:
+        if getattr(optimizer, "overlap_by_layer", None) is not None:
+            optimizer.overlap_by_layer(list(model.blocks))
+        if averaged:
+            reducer = BackwardReducer(backward_buckets(model, averaged), lambda bucket: start_average(bucket, dp_group))
     for g in optimizer.param_groups:
         g["initial_lr"] = g["lr"]
     run_dir, rank0 = Path(args.out) / name, comm.group_rank(group) == 0 and dp_rank == 0
@@ -221,6 +257,7 @@ def train_one(
     tokens_per_step = args.batch_size * args.seq_len
     result: dict[str, Any] = {"optimizer": name, "losses": {}}
     opt_time = total_time = 0.0
+    last_stats, last_logged = None, 0.0  # the optimizer's previous step: its share may be waited for later
     stop = min(args.steps, args.stop_after or args.steps)
     for step in range(start, stop):
         began = time.perf_counter()
@@ -232,17 +269,26 @@ def train_one(
         loss = model(tokens, targets)
         loss.backward()
         with comm.count_collectives() as waits:  # the step's collectives: gradients, loss, the optimizer's
-            average_gradients(averaged, dp_group)
-            loss = comm.all_reduce(loss.detach().clone(), dp_group) / dp_size
+            if reducer is not None:
+                reducer.finish()
+            else:
+                average_gradients(averaged, dp_group)
+            summed = comm.all_reduce(loss.detach().clone(), dp_group, async_op=True)
             opt_began = time.perf_counter()
             optimizer.step()
+            opt_time += time.perf_counter() - opt_began
         optimizer.zero_grad(set_to_none=True)
+        with comm.count_collectives(waits):
+            loss = summed.wait() / dp_size
         elapsed = time.perf_counter() - began
-        opt_time += time.perf_counter() - opt_began
         total_time += elapsed
+        # The previous step's share, when overlapped, was waited for during this step's forward.
+        deferred = last_stats.wait_ms - last_logged if last_stats is not None else 0.0
+        last_stats = _optimizer_stats(optimizer)
+        last_logged = last_stats.wait_ms if last_stats is not None else 0.0
         record = {"step": step + 1, "loss": loss.item(), "lr_factor": lr_factor(step, args),
                   "tokens_per_s": tokens_per_step / elapsed, "optimizer_share": opt_time / total_time,
-                  "comm_wait_ms": waits.wait_ms, "optimizer_comm_wait_ms": _optimizer_wait_ms(optimizer)}
+                  "comm_wait_ms": waits.wait_ms + deferred, "optimizer_comm_wait_ms": last_logged + deferred}
         if args.eval_interval and (step + 1) % args.eval_interval == 0 or step + 1 == args.steps:
             record["eval_loss"] = evaluate(model, data, args, device)
         if args.save_interval and (step + 1) % args.save_interval == 0 or step + 1 == stop:
@@ -265,10 +311,11 @@ def train_one(
     return result
 
 
-def _optimizer_wait_ms(optimizer: Any) -> float:
-    """Milliseconds the optimizer's last step spent blocked on its collectives (0 for a torch optimizer)."""
+def _optimizer_stats(optimizer: Any) -> comm.CommStats | None:
+    """The optimizer's last step's collectives (None for a torch optimizer); its wait_ms grows while an
+    overlapped share is waited for later."""
     stats = getattr(optimizer, "comm_stats", None)
-    return stats().wait_ms if stats is not None else 0.0
+    return stats() if stats is not None else None
 
 
 def _resume_from(ckpt_dir: Path) -> Path:

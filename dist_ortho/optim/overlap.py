@@ -1,0 +1,95 @@
+"""The grid's share of a step in flight, waited for where the weights are next read (``overlap=True``).
+
+On the DP x TP grid the owners' new weights reach the other replicas through the step's DP collectives
+(the all-gather of TE-attribute weights, the all-to-all back of DTensor pieces), which also carry every
+replica's finite verdict (dist_ortho.optim.step). With ``overlap=True`` the step issues them without waiting:
+the parameters are cut into *buckets* (one per layer given to ``overlap_by_layer``, in that order, then one
+for the rest), each bucket's collectives are issued asynchronously in bucket order, and :class:`ShareInFlight`
+waits for a bucket only where its weights are read: a forward pre-hook of its module, ``finish()`` (the next step,
+``state_dict()``, a checkpoint, anything else that reads weights). At the first wait of any bucket the first
+bucket (the verdicts) is completed and the step is decided as without overlap: the owners' weights and state are
+committed, or every rank raises (after draining every bucket, so that no collective is left in flight), or all
+skip. The arithmetic is the same as without overlap, so the weights are bit-identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from dist_ortho import comm
+from dist_ortho.coalesce import InFlight
+
+Writer = Callable[[Any], None]
+
+
+class ShareInFlight:
+    """One step's share, bucket by bucket in flight.
+
+    ``buckets[k]`` is (the parameters it brings, the started programs, whose values are pairs (flags or None,
+    write)). ``decide(flags)`` turns every DP rank's verdict flag (from the first bucket) into what the writers
+    take (None: write; False: write nothing; a device bool: write where true) and commits the owners' own step;
+    it may raise, which every rank then does alike. ``stats`` collects the time blocked in waits."""
+
+    def __init__(self, buckets: Sequence[tuple[set[torch.Tensor], InFlight]], decide: Callable[[torch.Tensor], Any],
+                 stats: comm.CommStats, describe: str) -> None:
+        self._buckets = list(buckets)
+        self._decide, self._stats, self._describe = decide, stats, describe
+        self._ok: Any = None
+        self._decided = False
+        self._written = [False] * len(self._buckets)
+
+    def done(self) -> bool:
+        return all(self._written)
+
+    def holds(self, params: set[torch.Tensor]) -> bool:
+        """Whether any of ``params`` still waits for its new value."""
+        return any(not written and params & members for written, (members, _) in zip(self._written, self._buckets))
+
+    @torch.no_grad()
+    def wait_for(self, params: set[torch.Tensor] | None = None, where: str = "") -> None:
+        """Complete every bucket up to the last one that holds any of ``params`` (None: all of them)."""
+        last = -1
+        for k, (members, _) in enumerate(self._buckets):
+            if params is None or params & members:
+                last = k
+        if last < 0 or all(self._written[: last + 1]):
+            return
+        try:
+            with comm.count_collectives(self._stats):
+                if not self._decided:
+                    self._decided = True  # before deciding: a raise leaves it decided, every bucket drained
+                    flags = self._buckets[0][1].wait()
+                    found = next(f for f, _ in flags if f is not None)
+                    try:
+                        self._ok = self._decide(found)
+                    except BaseException:
+                        for _, started in self._buckets:
+                            started.wait()
+                        self._written = [True] * len(self._buckets)
+                        raise
+                for k in range(last + 1):
+                    if not self._written[k]:
+                        writes = self._buckets[k][1].wait()
+                        self._written[k] = True
+                        if self._ok is not False:
+                            for _, write in writes:
+                                write(self._ok)
+        except comm.CollectiveError as e:
+            raise comm.CollectiveError(f"{self._describe} (waited for{where}): {e}") from e
+
+
+def module_buckets(params: Sequence[torch.Tensor], modules: Sequence[set[torch.Tensor]]) -> list[list[int]]:
+    """Indices of ``params`` cut into buckets: those of each module in turn (a parameter in its first module
+    only), then the rest; empty buckets are dropped."""
+    position = {p: i for i, p in enumerate(params)}
+    taken: set[int] = set()
+    buckets = []
+    for members in modules:
+        bucket = sorted(position[p] for p in members if p in position and position[p] not in taken)
+        taken.update(bucket)
+        buckets.append(bucket)
+    buckets.append([i for i in range(len(params)) if i not in taken])
+    return [b for b in buckets if b]

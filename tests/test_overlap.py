@@ -1,0 +1,234 @@
+"""Overlap on the DP x TP grid (dist_ortho.optim.overlap, dist_ortho.backward), world 4.
+
+``overlap=True`` leaves a step's share over DP in flight; each layer's forward pre-hook (``overlap_by_layer``)
+waits for its own bucket. The weights every forward reads, the final weights and the optimizer state equal
+``overlap=False`` bit for bit (same arithmetic, same order), in every TP mode and member, at DP 2 x TP 2 and
+DP 4, also when one rank issues its share late (a forward never reads stale weights). ``overlap_with_backward``
+reduces gradients into their owners as backward makes them final: bit-identical to the blocking reduction
+(DP 2), with gradient accumulation through ``no_sync``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from dist_ortho import get_optimizer
+from dist_ortho.optim.registry import OPTIMIZERS
+from tests.harness import started_world
+from tests.test_grid import _gpt_like, _grid, _params
+from tests.test_optim_tp import block, sharded
+
+MEMBERS = sorted(k for k in OPTIMIZERS if k not in ("adamw", "muon_adamw"))
+
+
+@pytest.fixture(scope="module")
+def world():
+    with started_world(4) as w:
+        yield w
+
+
+class Layer(torch.nn.Module):
+    """A layer holding some matrices; its forward records the weights it reads."""
+
+    def __init__(self, params: list[torch.nn.Parameter], seen: list) -> None:
+        super().__init__()
+        self.weights = torch.nn.ParameterList(params)
+        self.seen = seen
+
+    def forward(self) -> None:
+        self.seen.append([w.detach().clone() for w in self.weights])
+
+
+def _trajectory(ctx, kind: str, mode: str, tp: int, overlap: bool, late_rank: int | None = None):
+    """Three steps of ``kind`` on a small GPT's matrices as two layers; (what every forward read, the final
+    weights, the state dict's tensors)."""
+    tp_group, dp_group, tp_rank = _grid(ctx, tp)
+    spec = _gpt_like()
+    _, params = _params(spec, tp_rank, tp)
+    seen: list = []
+    layers = [Layer(params[i : i + 4], seen) for i in range(0, len(params), 4)]
+    extra = {"momentum": 0.9} if kind == "mop" else {}
+    opt = get_optimizer(kind)(params, lr=0.02, tp_group=tp_group, dp_group=dp_group, tp_mode=mode,
+                              fp32_matmul_prec="highest", overlap=overlap, **extra)
+    if overlap:
+        opt.overlap_by_layer(layers)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        for layer in layers:
+            layer()
+        for p, (_, shape, pd, _) in zip(params, spec):
+            p.grad = block(torch.randn(shape, generator=gen), pd, tp_rank, tp)
+        if ctx.rank == late_rank:
+            time.sleep(0.3)  # this rank issues its share late: the others' forwards must wait for it
+        opt.step()
+        assert (opt._in_flight is not None) == overlap  # the share is left in flight
+    with torch.no_grad():  # an evaluation's forward
+        for layer in layers:
+            layer()
+    state = opt.state_dict()["state"]
+    tensors = [t for entry in state.values() for t in entry.values() if isinstance(t, torch.Tensor)]
+    return seen, [p.detach().clone() for p in params], tensors
+
+
+def _same(ctx, kind: str, mode: str, tp: int, late_rank: int | None = None) -> bool:
+    plain = _trajectory(ctx, kind, mode, tp, False)
+    overlapped = _trajectory(ctx, kind, mode, tp, True, late_rank)
+    seen = all(torch.equal(a, b) for xs, ys in zip(plain[0], overlapped[0]) for a, b in zip(xs, ys))
+    weights = all(torch.equal(a, b) for a, b in zip(plain[1], overlapped[1]))
+    state = len(plain[2]) == len(overlapped[2]) and all(torch.equal(a, b) for a, b in zip(plain[2], overlapped[2]))
+    return len(plain[0]) == len(overlapped[0]) == 8 and seen and weights and state
+
+
+@pytest.mark.parametrize("mode", ["home", "gram", "duplicated", "distributed"])
+@pytest.mark.parametrize("tp", [2, 1], ids=["dp2xtp2", "dp4"])
+def test_overlap_is_bit_identical_in_every_mode(world, mode, tp):
+    assert all(world.run(_same, "muon", mode, tp))
+
+
+@pytest.mark.parametrize("kind", MEMBERS)
+def test_overlap_is_bit_identical_for_every_member(world, kind):
+    assert all(world.run(_same, kind, "home", 2))
+
+
+def test_a_forward_waits_for_a_share_issued_late(world):
+    """Rank 0 sleeps before each step: the other replicas' layers wait in their pre-hooks and read the new weights."""
+    assert all(world.run(_same, "muon", "home", 2, 0))
+
+
+def _nonfinite_at_the_wait(ctx):
+    tp_group, dp_group, tp_rank = _grid(ctx, 2)
+    spec = _gpt_like()
+    _, params = _params(spec, tp_rank, 2)
+    layers = [Layer(params[i : i + 4], []) for i in range(0, len(params), 4)]
+    opt = get_optimizer("muon")(params, lr=0.02, tp_group=tp_group, dp_group=dp_group, tp_mode="home", overlap=True)
+    opt.overlap_by_layer(layers)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.finish()  # step 1's share written
+    before = [p.detach().clone() for p in params]
+    params[5].grad[0, 0] = float("nan")
+    opt.step()  # returns: the verdicts are in flight with the share
+    try:
+        layers[0]()
+        return "no error", False
+    except FloatingPointError as e:
+        untouched = all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+        opt.finish()  # nothing left in flight: a no-op
+        return str(e), untouched
+
+
+def test_a_nonfinite_step_raises_at_the_first_wait_on_every_rank(world):
+    results = world.run(_nonfinite_at_the_wait)
+    assert len({message for message, _ in results}) == 1, results
+    assert all("not finite" in message and untouched for message, untouched in results), results
+
+
+def _backward(ctx, overlap: bool, micro_batches: int, bucket_bytes: int):
+    """A two-layer model of TE-attribute shards; each DP replica its own inputs; reduce_grads=True. Returns the
+    weights after three steps, and how many buckets the last backward issued before the step."""
+    tp_group, dp_group, tp_rank = _grid(ctx, 2)
+    dp_rank = ctx.rank // 2
+    gen = torch.Generator().manual_seed(3)
+    fulls = [torch.randn(16, 12, generator=gen), torch.randn(12, 16, generator=gen)]
+    params = [sharded(block(fulls[0], 0, tp_rank, 2), 0), sharded(block(fulls[1], 1, tp_rank, 2), 1)]
+    opt = get_optimizer("muon")(params, lr=0.02, tp_group=tp_group, dp_group=dp_group, reduce_grads=True,
+                                tp_mode="home", fp32_matmul_prec="highest", overlap_with_backward=overlap,
+                                backward_bucket_bytes=bucket_bytes)
+    issued = 0
+    for step in range(3):
+        for micro in range(micro_batches):
+            x = torch.randn(4, 12, generator=torch.Generator().manual_seed(100 * step + 10 * micro + dp_rank))
+            hidden = x @ params[0].T  # column-parallel: this rank's rows of the hidden layer
+            out = hidden @ params[1].T  # row-parallel: partial sums (the model's all-reduce is not needed here)
+            context = opt.no_sync() if micro < micro_batches - 1 else torch.enable_grad()
+            with context:
+                out.square().sum().backward()
+        issued = opt._backward.issued if opt._backward is not None else 0
+        opt.step()
+        opt.zero_grad()
+    return [p.detach().clone() for p in params], issued
+
+
+def _backward_pair(ctx, micro_batches: int):
+    plain, _ = _backward(ctx, False, micro_batches, 2**20)
+    overlapped, issued = _backward(ctx, True, micro_batches, 1)
+    return all(torch.equal(a, b) for a, b in zip(plain, overlapped)), issued
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_reductions_during_backward_equal_the_blocking_ones(world, micro_batches):
+    """Buckets of one matrix each: both were issued by backward's hooks before step() (none left for it)."""
+    for same, issued in world.run(_backward_pair, micro_batches):
+        assert same and issued == 2, (same, issued)
+
+
+def _accumulated_without_no_sync(ctx):
+    tp_group, dp_group, tp_rank = _grid(ctx, 2)
+    p = sharded(torch.randn(8, 6, generator=torch.Generator().manual_seed(0)), 0)
+    opt = get_optimizer("muon")([p], lr=0.02, tp_group=tp_group, dp_group=dp_group, reduce_grads=True,
+                                overlap_with_backward=True)
+    p.sum().backward()
+    opt.step()  # the first step's reduction is blocking; the hooks exist from now on
+    p.sum().backward()
+    try:
+        p.sum().backward()
+    except RuntimeError as e:
+        opt.step()  # the first micro-batch's reduction was issued on every rank: complete it
+        return str(e)
+    return "no error"
+
+
+def test_accumulating_after_the_reduction_started_is_an_error(world):
+    for message in world.run(_accumulated_without_no_sync):
+        assert "accumulated again" in message and "no_sync" in message, message
+
+
+def test_overlap_options_are_checked():
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(ValueError, match="overlap_with_backward=True needs reduce_grads=True"):
+        get_optimizer("muon")([p], overlap_with_backward=True)
+    with pytest.raises(TypeError, match="overlap must be True or False"):
+        get_optimizer("muon")([p], overlap="yes")
+    with pytest.raises(ValueError, match="overlap_by_layer needs overlap=True"):
+        get_optimizer("muon")([p]).overlap_by_layer([torch.nn.Linear(2, 2)])
+    with pytest.raises(TypeError, match=r"layers\[0\] must be a torch.nn.Module"):
+        get_optimizer("muon")([p], overlap=True).overlap_by_layer([p])
+
+
+def _one_rank_stops_before_the_share(ctx):
+    from dist_ortho import comm
+
+    comm.set_timeout(3)
+    try:
+        p = torch.nn.Parameter(torch.randn(8, 6, generator=torch.Generator().manual_seed(0)))
+        layer = Layer([p], [])
+        opt = get_optimizer("muon")([p], lr=0.02, dp_group=ctx.group, overlap=True)
+        opt.overlap_by_layer([layer])
+        p.grad = torch.ones_like(p)
+        opt.step()
+        layer()
+        if ctx.rank == 1:  # this rank raises elsewhere and never reaches step 2
+            return ("stopped", 0.0)
+        opt.step()  # returns: its share is in flight
+        began = time.perf_counter()
+        try:
+            layer()
+        except comm.CollectiveError as e:
+            return (str(e), time.perf_counter() - began)
+        return ("no error", 0.0)
+    finally:
+        comm.set_timeout(None)
+
+
+def test_a_share_that_never_completes_fails_in_the_forward_naming_the_step():
+    """With a 3 s timeout, the replica left alone raises CollectiveError from its layer's pre-hook, naming the
+    optimizer, the step, the share and the collective (not the process group's 30 minutes)."""
+    with started_world(2) as pair:
+        (message, waited), stopped = pair.run(_one_rank_stops_before_the_share)
+    assert stopped[0] == "stopped"
+    assert message.startswith("Muon step 2: the share over DP (waited for before Layer's forward): all_gather"), message
+    assert "timeout 3 s" in message and waited < 30, (message, waited)
