@@ -34,7 +34,7 @@ from dist_ortho.plan import (
     set_cost_profile,
 )
 from dist_ortho.plan.__main__ import main
-from dist_ortho.plan.published import compare_6676
+from dist_ortho.plan.published import compare_6676, compare_overlap_6676
 from tests.harness import started_world
 from tests.test_grid import _grid, _params
 
@@ -179,3 +179,20 @@ def test_calibrate_writes_a_profile_the_planner_loads(tmp_path, capsys):
     assert row.seconds > 0
     assert main(["--calibrate", "--worlds", "2"]) == 2
     assert "--worlds" in capsys.readouterr().err
+
+
+def test_overlap_hides_the_grid_share_and_nothing_else():
+    """overlap=True takes the grid's share over DP off the step (and off its communication); replicated rows,
+    with no share, are unchanged; every row's communication is part of its time."""
+    model, layout = preset("llama3-8b"), Layout(tp=4, dp=4)
+    plain = {(r.arrangement, r.mode): r for r in estimate(model, layout, PROFILES["H100"], Settings())}
+    hidden = {(r.arrangement, r.mode): r for r in estimate(model, layout, PROFILES["H100"], Settings(overlap=True))}
+    for key, r in plain.items():
+        assert 0 < r.comm_seconds < r.seconds, key
+        if key[0] == "replicated":
+            assert hidden[key] == r, key
+        else:
+            shown = r.seconds - hidden[key].seconds
+            assert shown > 0 and r.comm_seconds - hidden[key].comm_seconds == pytest.approx(shown), key
+    rows = compare_overlap_6676()
+    assert rows[0]["published stall share"] == 0.17 and rows[2]["predicted ms"] < rows[1]["predicted ms"] < rows[0]["predicted ms"]

@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --calibrate: cuda fits this GPU (matmul rates, memory bandwidth, launch and host time; "
                         "links from --device)")
     p.add_argument("--capture", action="store_true", help="the step captured in a CUDA graph (capturable=True)")
+    p.add_argument("--overlap", action="store_true", help="overlap=True: the grid's share over DP hidden under the next forward")
     p.add_argument("--published", action="store_true", help="Megatron-LM issue 6676: predicted vs published")
     return p
 
@@ -88,11 +89,11 @@ def table(model: ModelSpec, layout: Layout, profile: DeviceProfile, rows: Sequen
               + (f"; experts: ep {layout.ep} x expert tp {layout.expert_tp} x expert dp {layout.expert_dp}" if model.experts else "")
               + f"; device {profile.name}"),
              "| arrangement | mode | NS GFLOP / rank | MB sent / rank | collectives / step | Muon state MiB / rank "
-             "| predicted ms | vs replicated duplicated |", "|---|---|---|---|---|---|---|---|"]
+             "| predicted ms | of which communication | vs replicated duplicated |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         label = "grid (layer-wise)" if (r.arrangement, r.mode) == ("grid", "duplicated") else r.arrangement
         lines.append(f"| {label} | {r.mode} | {r.flops / 1e9:.2f} | {r.bytes / 1e6:.1f} | {r.calls} | {r.state_bytes / 2**20:.0f} "
-                     f"| {1e3 * r.seconds:.1f} | {base / r.seconds:.2f}x |")
+                     f"| {1e3 * r.seconds:.1f} | {1e3 * r.comm_seconds:.1f} | {base / r.seconds:.2f}x |")
     best = min(rows, key=lambda r: r.seconds)
     for r in rows:
         if r.mode == "auto":
@@ -150,24 +151,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f.write(text)
             return 0
         if a.published:
-            from dist_ortho.plan.published import PR_6683_RATIO, compare_6676
+            from dist_ortho.plan.published import PR_6683_RATIO, compare_6676, compare_overlap_6676
 
-            rows = compare_6676()
+            rows, overlap = compare_6676(), compare_overlap_6676()
             if a.json:
-                print(json.dumps({"issue_6676": rows, "pr_6683_published_ratio": PR_6683_RATIO}, indent=1))
+                print(json.dumps({"issue_6676": rows, "pr_6683_published_ratio": PR_6683_RATIO,
+                                  "overlap_6676": overlap}, indent=1))
                 return 0
-            keys = list(rows[0])
-            print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
-            for r in rows:
-                print("| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else "-" if v is None else str(v)
-                                        for v in r.values()) + " |")
-            print(f"PR 6683 (setting not published): {PR_6683_RATIO:.2f}x faster")
+            for published in (rows, overlap):
+                keys = list(published[0])
+                print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+                for r in published:
+                    print("| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else "-" if v is None else str(v)
+                                            for v in r.values()) + " |")
+                if published is rows:
+                    print(f"PR 6683 (setting not published): {PR_6683_RATIO:.2f}x faster\n")
             return 0
         model, meg = _model(a)
         sizes = {k: v for k, v in {"tp": a.tp, "dp": a.dp, "ep": a.ep, "etp": a.etp, "pp": a.pp}.items() if v is not None}
         layout = Layout(**{"tp": 1, "dp": 1, **{k: v for k, v in meg.items() if v is not None}, **sizes})
         profile = load_profile(a.device, _overrides(a.set))
-        settings = Settings(steps=a.steps, coefficient_type=a.coefficients, precision=a.precision, capture=a.capture)
+        settings = Settings(steps=a.steps, coefficient_type=a.coefficients, precision=a.precision, capture=a.capture,
+                            overlap=a.overlap)
         rows = estimate(model, layout, profile, settings)
         if a.json:
             print(json.dumps({"model": dataclasses.asdict(model), "layout": dataclasses.asdict(layout),

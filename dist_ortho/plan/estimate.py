@@ -1,7 +1,7 @@
 """Whole-model counts and predicted optimizer-step time per rank, per TP mode and DP arrangement.
 
-Built on the per-matrix counts of ``tp_mode="auto"`` (:func:`dist_ortho.tp.cost.matrix_counts`, whose
-FLOPs are exactly the modes' matmuls), the real home assignment of tp_mode="home"
+Built on the table of modes that ``tp_mode="auto"`` reads (:func:`dist_ortho.tp.cost.mode_rounds`: each mode's
+collectives round by round; :func:`~dist_ortho.tp.cost.rank_flops`: exactly the modes' matmuls), the real home assignment of tp_mode="home"
 (:func:`dist_ortho.tp.home.assign_homes`), the real owner assignment of the DP x TP grid
 (:func:`dist_ortho.grid.assign_owners`) and the real QKV split (:func:`dist_ortho.qkv.qkv_parts`). What it
 adds is the step's shape: which collectives run in the same coalesced round (one call per round and kind,
@@ -10,7 +10,8 @@ more past ``bucket_bytes``), which matrices share a batched iteration, and a tim
     seconds = FLOPs / (peak x efficiency [/ ranks sharing a CPU host]) + per collective (latency + bytes /
               bandwidth of the link its group spans) + kernels x launch + elementwise bytes / memory bandwidth
 
-and the step's time is the slowest rank's. Arrangements: "replicated" (every DP replica runs the TP mode
+and the step's time is the slowest rank's (its communication part reported apart; with ``overlap`` the grid's
+share is taken as hidden under the next forward). Arrangements: "replicated" (every DP replica runs the TP mode
 on every matrix, as without ``dp_group``) and "grid" (``dp_group=``: each weight orthogonalized by its
 owner replica, then one all-gather over DP; "grid" with "duplicated" is Megatron's layer-wise optimizer).
 """
@@ -29,15 +30,15 @@ from dist_ortho.grid import assign_owners
 from dist_ortho.plan.devices import DeviceProfile
 from dist_ortho.plan.models import ModelSpec, Weight
 from dist_ortho.qkv import qkv_parts
-from dist_ortho.tp.cost import NORM_BYTES, cheapest, distributed_flops, gram_offered, matrix_counts, mode_costs
+from dist_ortho.tp.cost import AUTO_CANDIDATES, cheapest, gram_offered, matrix_counts, mode_costs, mode_rounds, rank_flops
 from dist_ortho.tp.gram import default_gram_restarts
 from dist_ortho.tp.home import assign_homes, ns_cost
 from dist_ortho.tp.jobs import NsSpec, even_sizes
-from dist_ortho.tp.local import gram_recursion_flops, local_flops, plain_flops
+from dist_ortho.tp.local import local_flops, plain_flops
 
 Arrangement = Literal["replicated", "grid"]
 Precision = Literal["highest", "high", "medium"]
-MODES = ("duplicated", "distributed", "gram", "home", "auto")
+MODES = (*AUTO_CANDIDATES, "auto")  # the table of modes in tp.cost, and auto's choice among them
 ANCHORS = ("duplicated/per-matrix", "distributed/per-matrix")  # upstream's way: one set of collectives per matrix
 NS_KERNELS_PER_STEP = 5  # X X^T, A A, the polynomial's sums, B X: eager kernels of one iteration of one (batched) call
 UPDATE_KERNELS = 8  # momentum, Nesterov, scale, weight decay and the update of one weight
@@ -87,6 +88,7 @@ class Settings:
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
     capture: bool = False  # the step captured in a CUDA graph (capturable=True): host time one replay
     grouped: bool = True  # dist_ortho's grouped step; False: a step per weight (upstream's, and ours before groups)
+    overlap: bool = False  # overlap=True: the grid's share over DP waited for in the next forward, taken as hidden
 
     @property
     def ns(self) -> NsSpec:
@@ -102,6 +104,7 @@ class RankLoad:
     calls: int = 0
     seconds: float = 0.0
     state_bytes: float = 0.0
+    comm_seconds: float = 0.0  # of seconds: the time in collectives the step waits for
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,7 @@ class Estimate:
     state_bytes: float
     seconds: float
     chosen: dict[str, int] = field(default_factory=dict)  # auto: matrices per mode
+    comm_seconds: float = 0.0  # the slowest rank's exposed communication (in seconds)
 
 
 @dataclass(frozen=True)
@@ -199,7 +203,13 @@ def _tp_step(
                 ranks[r].flops += sum(whole[m] for m in group)
                 launches[r] += batched(group) * NS_KERNELS_PER_STEP * s.steps
             continue
-        if chosen == "home":
+        for m in group:  # the table of modes (tp.cost): the collectives each matrix adds, coalesced per round
+            for r in mode_rounds(chosen, m.shape, m.partition_dim, m.sizes, ns, dtype, compute, restarts):
+                if per_matrix:
+                    anchors_calls += r.count
+                else:
+                    rounds.add(r.first, r.kind, r.count, r.nbytes)
+        if chosen == "home":  # the real home assignment: each home's matrices, each rank's bytes
             homes = assign_homes([ns_cost(m.shape) for m in group], t)
             for r in range(t):
                 mine = [m for m, h in zip(group, homes) if h == r]
@@ -209,34 +219,14 @@ def _tp_step(
                     u = m.shape[1 - m.partition_dim]
                     shard = m.sizes[r] * u
                     ranks[r].bytes += e * ((m.shape[0] * m.shape[1] - shard) if h == r else shard)
-            rounds.add(0, "all_to_all", 2, e * sum(m.shape[0] * m.shape[1] / t for m in group))
             continue
-        if chosen in ("distributed", "gram"):  # one batched program per group of a shape (per matrix: anchors)
-            for r in range(t):
-                launches[r] += (batched(group) if s.grouped else len(group)) * NS_KERNELS_PER_STEP * s.steps
+        for r in range(t):  # one batched program per group of a shape (per matrix: anchors)
+            launches[r] += (batched(group) if s.grouped or chosen == "duplicated" else len(group)) * NS_KERNELS_PER_STEP * s.steps
         for m in group:
-            u = m.shape[1 - m.partition_dim]
             counts = matrix_counts(m.shape, m.partition_dim, m.sizes, ns, dtype, compute, restarts, whole[m])[chosen]
-            for r in range(t):
-                if chosen == "distributed":  # counts hold the largest shard's; uneven shards differ by rank
-                    ranks[r].flops += distributed_flops(u, m.sizes[r], ns)
-                elif chosen == "gram":
-                    ranks[r].flops += gram_recursion_flops(u, m.sizes[r], ns, restarts)
-                else:
-                    ranks[r].flops += counts.flops
+            for r in range(t):  # counts hold the largest shard's; uneven shards differ by rank
+                ranks[r].flops += rank_flops(chosen, m.shape, m.partition_dim, m.sizes[r], t, ns, restarts, whole[m])
                 ranks[r].bytes += counts.bytes
-            if per_matrix:
-                anchors_calls += counts.calls
-            elif chosen == "duplicated":
-                rounds.add(0, "all_gather", 1, e * max(m.sizes) * u)
-            elif chosen == "distributed":
-                rounds.add(0, "all_reduce", 1, NORM_BYTES)
-                rounds.add(1, "all_reduce", s.steps, u * u * compute.itemsize)
-            else:
-                rounds.add(0, "all_reduce", 1 + len(restarts), u * u * 4)
-        if chosen == "duplicated":
-            for r in range(t):
-                launches[r] += batched(group) * NS_KERNELS_PER_STEP * s.steps
     calls = anchors_calls + rounds.calls(s.bucket_bytes)
     for load in ranks:
         load.calls = calls
@@ -262,7 +252,7 @@ def _domain(
     else:
         owners = [0] * len(weights)
         dp = 1
-    worst, chosen_all = RankLoad(), {}
+    worst, chosen_all, slowest = RankLoad(), {}, RankLoad()
     held = [[sum(_local_numel(w, t, r) for w, o in zip(weights, owners) if o == d) for r in range(t)] for d in range(dp)]
     for d in range(dp):
         mine = [m for m in mats if owners[m.weight] == d]
@@ -275,7 +265,8 @@ def _domain(
         host = _host_seconds(profile, s, groups, len(mine), per_weight)
         for r, load in enumerate(loads):
             kernels = 0.0 if s.capture and not per_weight else (launches[r] + groups * UPDATE_KERNELS) * profile.launch_s
-            seconds = (load.flops / rate + load.calls * tp_lat + load.bytes / tp_bw + kernels + host
+            comm = load.calls * tp_lat + load.bytes / tp_bw
+            seconds = (load.flops / rate + comm + kernels + host
                        + held[d][r] * UPDATE_BYTES / profile.memory_bytes_per_s)
             load.state_bytes = held[d][r] * s.state_bytes
             if dp > 1:  # the owners' updated weights to every replica: one all-gather over DP
@@ -284,10 +275,16 @@ def _domain(
                 share_calls = max(1, math.ceil(longest / s.bucket_bytes))
                 load.bytes += (dp - 1) * longest
                 load.calls += share_calls
-                seconds += share_calls * dp_lat + (dp - 1) * longest / dp_bw
-            load.seconds = seconds
+                share = share_calls * dp_lat + (dp - 1) * longest / dp_bw
+                if not s.overlap:  # with overlap it runs under the next forward (taken as covering it)
+                    seconds += share
+                    comm += share
+            load.seconds, load.comm_seconds = seconds, comm
+            if load.seconds >= worst.seconds:
+                slowest = load
             worst = RankLoad(max(worst.flops, load.flops), max(worst.bytes, load.bytes), max(worst.calls, load.calls),
                              max(worst.seconds, load.seconds), max(worst.state_bytes, load.state_bytes))
+    worst.comm_seconds = slowest.comm_seconds
     return worst, chosen_all
 
 
@@ -330,5 +327,6 @@ def estimate(
             for k, v in chosen_e.items():
                 chosen[k] = chosen.get(k, 0) + v
             out.append(Estimate(arrangement, mode, a.flops + b.flops, a.bytes + b.bytes, a.calls + b.calls,
-                                a.state_bytes + b.state_bytes, a.seconds + b.seconds, chosen if mode == "auto" else {}))
+                                a.state_bytes + b.state_bytes, a.seconds + b.seconds, chosen if mode == "auto" else {},
+                                a.comm_seconds + b.comm_seconds))
     return out

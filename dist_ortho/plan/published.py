@@ -24,6 +24,7 @@ from dist_ortho.plan.models import preset
 
 ISSUE_6676 = {"duplicated/per-matrix": (632.0, 76), "distributed/per-matrix": (356.0, 276), "home": (157.0, 4)}
 PR_6683_RATIO = 264.0 / 139.0
+ISSUE_6719_STALL = 0.17  # Megatron-LM issue 6719: ~17% of the layer-sharded optimizer step stalled in NCCL
 LAYOUT_6676 = Layout(tp=16, dp=2, ep=8, etp=2)
 
 
@@ -51,3 +52,20 @@ def compare_6676() -> list[dict]:
                     "published vs layer-sharded": None, "predicted vs layer-sharded": r.seconds / home,
                     "published calls": None, "predicted calls": r.calls})
     return out
+
+
+def compare_overlap_6676() -> list[dict]:
+    """The 6676 setting's step with its exposed communication: upstream's layer-sharded step (against issue
+    6719's ~17% stalled in NCCL), and dist_ortho's home step on the DP x TP grid (each weight once in the grid,
+    then the share over DP) without and with ``overlap=True`` (the share taken as hidden under the next forward;
+    the TP collectives stay exposed: no pipelined step yet)."""
+    def run(arrangement: str, **settings: bool):
+        return estimate(preset("qwen3-30b-a3b"), LAYOUT_6676, PROFILES["GB300"],
+                        Settings(precision="medium", bucket_bytes=2**62, **settings), modes=["home"],
+                        arrangements=(arrangement,))[0]
+
+    rows = [("upstream layer-sharded (step per weight)", run("replicated", grouped=False), ISSUE_6719_STALL),
+            ("dist_ortho home, grid", run("grid"), None), ("dist_ortho home, grid, overlap=True", run("grid", overlap=True), None)]
+    return [{"step": label, "predicted ms": 1e3 * r.seconds, "exposed comm ms": 1e3 * r.comm_seconds,
+             "exposed comm share": r.comm_seconds / r.seconds, "published stall share": published}
+            for label, r, published in rows]

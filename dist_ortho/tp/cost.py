@@ -82,29 +82,77 @@ def distributed_flops(u: int, s_local: int, ns: NsSpec) -> float:
     return sum(4 * u * u * s_local + (2 * u**3 if c != 0 else 0) for _, _, c in ns.coefficients)
 
 
+@dataclass(frozen=True)
+class Rounds:
+    """``count`` consecutive rounds of one collective ``kind`` from round ``first`` of a mode's program, each
+    with ``nbytes`` of this matrix in its (coalesced) buffer."""
+
+    kind: str
+    first: int
+    count: int
+    nbytes: float
+
+
+SENT_PER_BUFFER_BYTE = {  # bytes a rank sends per byte of its buffer under the usual ring algorithms (comm.py)
+    "all_gather": lambda t: t - 1,
+    "all_reduce": lambda t: 2 * (t - 1) / t,
+    "all_to_all": lambda t: (t - 1) / t,
+}
+
+
+def mode_rounds(
+    mode: str, shape: Sequence[int], partition_dim: int, sizes: Sequence[int], ns: NsSpec, dtype: torch.dtype,
+    compute: torch.dtype, restarts: Sequence[int],
+) -> list[Rounds]:
+    """The table of modes: the collectives one global matrix (or batch) of ``shape`` sharded along
+    ``partition_dim`` into ``sizes`` adds to its mode's program, round by round (the planner coalesces them
+    over matrices; :func:`matrix_counts` sums them)."""
+    batch = math.prod(shape[:-2])
+    m, n = shape[-2], shape[-1]
+    u = n if partition_dim == 0 else m
+    t, s_l = len(sizes), max(sizes)
+    small = torch.promote_types(compute, torch.float32).itemsize
+    table = {
+        "duplicated": [Rounds("all_gather", 0, 1, batch * s_l * u * dtype.itemsize)],
+        "distributed": [Rounds("all_reduce", 0, 1, batch * NORM_BYTES),
+                        Rounds("all_reduce", 1, ns.steps, batch * u * u * compute.itemsize)],
+        "gram": [Rounds("all_reduce", 0, 1 + len(restarts), batch * u * u * small)],
+        "home": [Rounds("all_to_all", 0, 2, batch * m * n / t * dtype.itemsize)],
+    }
+    return table[mode]
+
+
+def rank_flops(mode: str, shape: Sequence[int], partition_dim: int, size: int, t: int, ns: NsSpec,
+               restarts: Sequence[int], whole_flops: float) -> float:
+    """Newton-Schulz FLOPs of a rank holding ``size`` rows (partition_dim 0) or columns of the sharded dim in
+    ``mode`` (home: the average over ranks; the planner counts each home's matrices)."""
+    batch = math.prod(shape[:-2])
+    u = shape[-1] if partition_dim == 0 else shape[-2]
+    return {
+        "duplicated": whole_flops,
+        "distributed": batch * distributed_flops(u, size, ns),
+        "gram": batch * gram_recursion_flops(u, size, ns, restarts),
+        "home": whole_flops / t,
+    }[mode]
+
+
 def matrix_counts(
     shape: Sequence[int], partition_dim: int, sizes: Sequence[int], ns: NsSpec, dtype: torch.dtype,
     compute: torch.dtype, restarts: Sequence[int], whole_flops: float | None = None,
 ) -> dict[str, Counts]:
     """Per-rank counts of each mode for one global matrix (or batch) of ``shape`` in ``dtype``, sharded along
     ``partition_dim`` into ``sizes`` (the rank with the largest shard), Newton-Schulz in ``compute``;
-    ``whole_flops``: the whole matrix on one rank (tp.local.local_flops by default)."""
-    batch = math.prod(shape[:-2])
-    m, n = shape[-2], shape[-1]
-    u = n if partition_dim == 0 else m
-    t, s_l = len(sizes), max(sizes)
-    e, c = dtype.itemsize, compute.itemsize
-    small = torch.promote_types(compute, torch.float32).itemsize
-    ring = 2 * (t - 1) / t
+    ``whole_flops``: the whole matrix on one rank (tp.local.local_flops by default). From the table of
+    :func:`mode_rounds` and :func:`rank_flops`."""
+    t = len(sizes)
     whole = whole_flops if whole_flops is not None else local_flops(shape, ns, compute)
-    return {
-        "duplicated": Counts(whole, (t - 1) * batch * s_l * u * e, 1),
-        "distributed": Counts(batch * distributed_flops(u, s_l, ns),
-                              ns.steps * ring * batch * u * u * c + ring * batch * NORM_BYTES, ns.steps + 1),
-        "gram": Counts(batch * gram_recursion_flops(u, s_l, ns, restarts), (1 + len(restarts)) * ring * batch * u * u * small,
-                       1 + len(restarts)),
-        "home": Counts(whole / t, 2 * (t - 1) / t * batch * m * n / t * e, 2),
-    }
+    out = {}
+    for mode in AUTO_CANDIDATES:
+        rounds = mode_rounds(mode, shape, partition_dim, sizes, ns, dtype, compute, restarts)
+        out[mode] = Counts(rank_flops(mode, shape, partition_dim, max(sizes), t, ns, restarts, whole),
+                           sum(r.count * r.nbytes * SENT_PER_BUFFER_BYTE[r.kind](t) for r in rounds),
+                           sum(r.count for r in rounds))
+    return out
 
 
 def mode_costs(counts: dict[str, Counts], profile: CostProfile, gram_offered: bool = True, sharing: int = 1) -> dict[str, float]:
