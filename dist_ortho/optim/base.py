@@ -560,7 +560,8 @@ class OrthogonalizedOptimizer(Optimizer):
 
     def comm_stats(self) -> comm.CommStats:
         """The last step's collectives on this rank: calls and bytes by kind, and ``wait_ms``, the time it spent
-        blocked waiting for them (dist_ortho.comm.CommStats)."""
+        blocked waiting for them (dist_ortho.comm.CommStats). With ``overlap=True`` the share's waits (in the next
+        forward's pre-hooks, ``finish()``) are added to it when they happen."""
         return self._last_comm
 
     def owner(self, p: torch.Tensor) -> int:
