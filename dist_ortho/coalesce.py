@@ -114,18 +114,26 @@ class InFlight:
     def done(self) -> bool:
         return self._finished
 
+    def next_round(self) -> bool:
+        """Complete the round in flight, run the programs on to their next collectives and issue them; False
+        when the programs have returned."""
+        if self._round is None:
+            self._finished = True
+            return False
+        shapes, handles = self._round
+        replies: dict[int, dict[int, Any]] = {}
+        for handle in handles:
+            for (i, j), reply in handle.wait():
+                replies.setdefault(i, {})[j] = reply
+        for i, is_list in shapes.items():
+            by_index = replies.get(i, {})
+            self._advance(i, [by_index[j] for j in range(len(by_index))] if is_list else by_index[0])
+        self._round = self._issue_round()
+        return True
+
     def wait(self) -> list[Any]:
-        while self._round is not None:
-            shapes, handles = self._round
-            replies: dict[int, dict[int, Any]] = {}
-            for handle in handles:
-                for (i, j), reply in handle.wait():
-                    replies.setdefault(i, {})[j] = reply
-            for i, is_list in shapes.items():
-                by_index = replies.get(i, {})
-                self._advance(i, [by_index[j] for j in range(len(by_index))] if is_list else by_index[0])
-            self._round = self._issue_round()
-        self._finished = True
+        while self.next_round():
+            pass
         return self._results
 
 
@@ -133,6 +141,18 @@ def start_many(programs: Sequence[Program[Any]], bucket_bytes: int = DEFAULT_BUC
     """Advance ``programs`` to their first collectives and issue them (coalesced as in :func:`run_many`)
     without waiting: the caller computes meanwhile and calls ``wait()`` on the result for the values."""
     return InFlight(programs, bucket_bytes)
+
+
+def run_pipelined(buckets: Sequence[Sequence[Program[Any]]], bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[list[Any]]:
+    """Run buckets of programs as a pipeline: each bucket's rounds are coalesced as :func:`run_many` would
+    coalesce that bucket alone, and while one bucket's collectives are in flight the others compute. Every
+    bucket issues its first round, then, bucket by bucket in turn, each waits for its round, computes and
+    issues its next one (the same order on every rank). The values by bucket."""
+    flights = [start_many(programs, bucket_bytes) for programs in buckets]
+    running = list(flights)
+    while running:
+        running = [flight for flight in running if flight.next_round()]
+    return [flight.wait() for flight in flights]
 
 
 def _start(batch: list[tuple[Any, Request]], bucket_bytes: int) -> list[comm.Handle[list[tuple[Any, Any]]]]:

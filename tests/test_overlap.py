@@ -42,10 +42,11 @@ class Layer(torch.nn.Module):
         self.seen.append([w.detach().clone() for w in self.weights])
 
 
-def _trajectory(ctx, kind: str, mode: str, tp: int, overlap: bool, late_rank: int | None = None):
+def _trajectory(ctx, kind: str, mode: str, tp: int, overlap: bool, late_rank: int | None = None, dp: bool = True):
     """Three steps of ``kind`` on a small GPT's matrices as two layers; (what every forward read, the final
-    weights, the state dict's tensors)."""
+    weights, the state dict's tensors). ``dp=False``: the TP groups alone (a pipelined step, no share)."""
     tp_group, dp_group, tp_rank = _grid(ctx, tp)
+    dp_group = dp_group if dp else None
     spec = _gpt_like()
     _, params = _params(spec, tp_rank, tp)
     seen: list = []
@@ -53,7 +54,7 @@ def _trajectory(ctx, kind: str, mode: str, tp: int, overlap: bool, late_rank: in
     extra = {"momentum": 0.9} if kind == "mop" else {}
     opt = get_optimizer(kind)(params, lr=0.02, tp_group=tp_group, dp_group=dp_group, tp_mode=mode,
                               fp32_matmul_prec="highest", overlap=overlap, **extra)
-    if overlap:
+    if overlap and dp:
         opt.overlap_by_layer(layers)
     gen = torch.Generator().manual_seed(5)
     for _ in range(3):
@@ -64,7 +65,7 @@ def _trajectory(ctx, kind: str, mode: str, tp: int, overlap: bool, late_rank: in
         if ctx.rank == late_rank:
             time.sleep(0.3)  # this rank issues its share late: the others' forwards must wait for it
         opt.step()
-        assert (opt._in_flight is not None) == overlap  # the share is left in flight
+        assert (opt._in_flight is not None) == (overlap and dp)  # the share is left in flight
     with torch.no_grad():  # an evaluation's forward
         for layer in layers:
             layer()
@@ -73,9 +74,9 @@ def _trajectory(ctx, kind: str, mode: str, tp: int, overlap: bool, late_rank: in
     return seen, [p.detach().clone() for p in params], tensors
 
 
-def _same(ctx, kind: str, mode: str, tp: int, late_rank: int | None = None) -> bool:
-    plain = _trajectory(ctx, kind, mode, tp, False)
-    overlapped = _trajectory(ctx, kind, mode, tp, True, late_rank)
+def _same(ctx, kind: str, mode: str, tp: int, late_rank: int | None = None, dp: bool = True) -> bool:
+    plain = _trajectory(ctx, kind, mode, tp, False, dp=dp)
+    overlapped = _trajectory(ctx, kind, mode, tp, True, late_rank, dp)
     seen = all(torch.equal(a, b) for xs, ys in zip(plain[0], overlapped[0]) for a, b in zip(xs, ys))
     weights = all(torch.equal(a, b) for a, b in zip(plain[1], overlapped[1]))
     state = len(plain[2]) == len(overlapped[2]) and all(torch.equal(a, b) for a, b in zip(plain[2], overlapped[2]))
@@ -91,6 +92,18 @@ def test_overlap_is_bit_identical_in_every_mode(world, mode, tp):
 @pytest.mark.parametrize("kind", MEMBERS)
 def test_overlap_is_bit_identical_for_every_member(world, kind):
     assert all(world.run(_same, kind, "home", 2))
+
+
+@pytest.mark.parametrize("mode", ["home", "gram", "duplicated", "distributed", "auto"])
+@pytest.mark.parametrize("tp", [2, 4], ids=["tp2", "tp4"])
+def test_the_pipelined_step_is_bit_identical_under_tp_alone(world, mode, tp):
+    """Without dp_group, overlap=True pipelines Newton-Schulz by buckets of shapes (tp.orthogonalize_many)."""
+    assert all(world.run(_same, "muon", mode, tp, None, False))
+
+
+@pytest.mark.parametrize("kind", MEMBERS)
+def test_the_pipelined_step_is_bit_identical_for_every_member_at_tp4(world, kind):
+    assert all(world.run(_same, kind, "home", 4, None, False))
 
 
 def test_a_forward_waits_for_a_share_issued_late(world):
@@ -232,3 +245,25 @@ def test_a_share_that_never_completes_fails_in_the_forward_naming_the_step():
     assert stopped[0] == "stopped"
     assert message.startswith("Muon step 2: the share over DP (waited for before Layer's forward): all_gather"), message
     assert "timeout 3 s" in message and waited < 30, (message, waited)
+
+
+def _calls_per_step(ctx, overlap: bool, mode: str):
+    from dist_ortho import count_collectives
+
+    tp_group, _, tp_rank = _grid(ctx, 2)
+    spec = _gpt_like()
+    _, params = _params(spec, tp_rank, 2)
+    opt = get_optimizer("muon")(params, lr=0.02, tp_group=tp_group, tp_mode=mode, overlap=overlap)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    with count_collectives() as calls:
+        opt.step()
+    return dict(calls.calls)
+
+
+@pytest.mark.parametrize("mode,kind,rounds", [("duplicated", "all_gather", 1), ("home", "all_to_all", 2)])
+def test_the_pipelined_step_issues_a_round_per_bucket_of_shapes(world, mode, kind, rounds):
+    """The GPT-like set has 4 matrix shapes (QKV's parts 3 more): 4 buckets, each its own coalesced calls."""
+    plain, pipelined = world.run(_calls_per_step, False, mode)[0], world.run(_calls_per_step, True, mode)[0]
+    assert plain == {kind: rounds} and pipelined == {kind: 4 * rounds}, (plain, pipelined)

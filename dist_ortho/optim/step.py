@@ -36,6 +36,9 @@ from dist_ortho.tp import MatrixJob, orthogonalize_many
 logger = logging.getLogger(__name__)
 
 
+PIPELINE_BUCKETS = 4  # overlap=True: Newton-Schulz of up to this many buckets of shapes, one's collectives under another's compute
+
+
 def momentum_direction(grad: torch.Tensor, momentum: torch.Tensor, beta: float, nesterov: bool,
                        out: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """M' = M.lerp(G, 1 - beta) and the direction D = G.lerp(M', beta) (Nesterov) or M', out of place (into
@@ -158,8 +161,8 @@ class GroupStep:
                 jobs += [MatrixJob(c, layout.partition_dim, layout.group, list(layout.sizes) if layout.sizes else None,
                                    part.mode, part.ns) for c in chunks]
             with matmul_precision(precision):
-                if coalesce:
-                    results = orthogonalize_many(jobs, self.opt.bucket_bytes)
+                if coalesce:  # with overlap, a pipeline of buckets by shape (bit-identical)
+                    results = orthogonalize_many(jobs, self.opt.bucket_bytes, PIPELINE_BUCKETS if self.opt.overlap else 1)
                 else:
                     results = [orthogonalize_many([job])[0] for job in jobs]
             start = 0

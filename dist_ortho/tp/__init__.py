@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from dist_ortho import comm
-from dist_ortho.coalesce import DEFAULT_BUCKET_BYTES, Program, run_many
+from dist_ortho.coalesce import DEFAULT_BUCKET_BYTES, Program, run_many, run_pipelined
 from dist_ortho.coefficients import COEFFICIENT_TYPES
 from dist_ortho.iteration import DEFAULT_EPS, check_matrix
 from dist_ortho.tp import distributed, duplicated, gram, home
@@ -60,15 +60,24 @@ def _local(jobs: Sequence[MatrixJob]) -> Program[list[torch.Tensor]]:
     return local_many([job.x for job in jobs], [job.ns for job in jobs])
 
 
-def orthogonalize_many(jobs: Sequence[MatrixJob], bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[torch.Tensor]:
+def orthogonalize_many(jobs: Sequence[MatrixJob], bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                       pipeline: int = 1) -> list[torch.Tensor]:
     """Orthogonalize every job with coalesced collectives (arguments checked, shard sizes known).
 
     "auto" jobs get their mode from :func:`dist_ortho.tp.cost.resolve`. Whole (unsharded) matrices run
     together on this rank; "duplicated" and "home" jobs of the same group and dtype share one program
     (one all-gather, or two all-to-alls, for all of them); "distributed" and "gram" run per matrix, their
     collectives coalesced round by round.
+
+    ``pipeline`` > 1: the jobs are cut into up to that many buckets by matrix shape (every job of one shape,
+    dtype and spec in one bucket, so that each matrix is batched with the same others; homes assigned over
+    all jobs), plus one bucket of every "distributed" and "gram" job (their all-reduces coalesced as without
+    buckets), run as a pipeline (:func:`dist_ortho.coalesce.run_pipelined`): one bucket's collectives in
+    flight while another computes. Bit-identical to ``pipeline=1``.
     """
     jobs = [resolve(job) for job in jobs]
+    if pipeline > 1:
+        return _pipelined(jobs, bucket_bytes, pipeline)
     programs: list[Program] = []
     slots: list[tuple[int, int | None]] = [(-1, None)] * len(jobs)  # job -> (program, index in its result)
     shared: dict[tuple, list[int]] = {}
@@ -87,6 +96,55 @@ def orthogonalize_many(jobs: Sequence[MatrixJob], bucket_bytes: int = DEFAULT_BU
         programs.append(make([jobs[i] for i in members]))
     results = run_many(programs, bucket_bytes)
     return [results[p] if n is None else results[p][n] for p, n in slots]
+
+
+def _pipelined(jobs: list[MatrixJob], bucket_bytes: int, pipeline: int) -> list[torch.Tensor]:
+    shapes: dict[tuple, list[int]] = {}  # (global shape, dtype, spec) -> jobs
+    reduced: list[int] = []  # distributed and gram jobs: one bucket
+    for i, job in enumerate(jobs):
+        if job.sharded and job.mode in _PER_MATRIX:
+            reduced.append(i)
+        else:
+            shapes.setdefault((tuple(job.global_shape[-2:]), job.x.dtype, job.ns), []).append(i)
+    cost = {key: sum(jobs[i].x.numel() * min(key[0]) for i in members) for key, members in shapes.items()}
+    cut: list[list[int]] = [[] for _ in range(min(pipeline, len(shapes)))]
+    loads = [0.0] * len(cut)
+    for key in sorted(shapes, key=lambda k: -cost[k]):  # largest first, each to the lightest bucket
+        b = loads.index(min(loads))
+        cut[b] += shapes[key]
+        loads[b] += cost[key]
+    homes: dict[tuple, dict[int, tuple]] = {}  # homes over every home job of a group and dtype, as one program
+    for i, job in enumerate(jobs):
+        if job.sharded and job.mode == "home":
+            homes.setdefault((id(job.group), job.x.dtype), {})[i] = ()
+    for key, members in homes.items():
+        for i, found in zip(members, home.job_homes([jobs[i] for i in members])):
+            members[i] = found
+    buckets: list[list[Program]] = []
+    slots: list[tuple[int, int, int | None]] = [(-1, -1, None)] * len(jobs)  # job -> (bucket, program, index)
+    for members in [sorted(b) for b in cut if b] + ([reduced] if reduced else []):
+        programs: list[Program] = []
+        shared: dict[tuple, list[int]] = {}
+        for i in members:
+            job = jobs[i]
+            if not job.sharded:
+                shared.setdefault(("local",), []).append(i)
+            elif job.mode in _PER_GROUP:
+                shared.setdefault((job.mode, id(job.group), job.x.dtype), []).append(i)
+            else:
+                slots[i] = (len(buckets), len(programs), None)
+                programs.append(_PER_MATRIX[job.mode](job))
+        for key, together in shared.items():
+            for n, i in enumerate(together):
+                slots[i] = (len(buckets), len(programs), n)
+            group_jobs = [jobs[i] for i in together]
+            if key[0] == "home":
+                programs.append(home.program(group_jobs, [homes[(key[1], key[2])][i] for i in together]))
+            else:
+                programs.append(_local(group_jobs) if key[0] == "local" else _PER_GROUP[key[0]](group_jobs))
+        buckets.append(programs)
+    results = run_pipelined(buckets, bucket_bytes)
+    return [results[b][p] if n is None else results[b][p][n] for b, p, n in slots]
 
 
 def newton_schulz_tp(

@@ -74,10 +74,22 @@ def _flat(parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return torch.cat([p.reshape(-1) for p in parts]) if parts else like.new_empty(0)
 
 
-def program(jobs: Sequence[MatrixJob]) -> Program[list[torch.Tensor]]:
+def job_homes(jobs: Sequence[MatrixJob]) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """Per job, per rank of the jobs' group: the batch positions of the job's matrices whose home that rank is."""
+    size = comm.group_size(jobs[0].group)
+    shapes = []
+    for job in jobs:
+        shape = list(job.x.shape if job.x.ndim == 3 else (1, *job.x.shape))
+        shape[1 + job.partition_dim] = sum(job.shard_sizes)
+        shapes.append((shape[1], shape[2], shape[0]))
+    return _homes(tuple(shapes), size)
+
+
+def program(jobs: Sequence[MatrixJob], homes: Sequence[tuple[tuple[int, ...], ...]] | None = None) -> Program[list[torch.Tensor]]:
     """Program orthogonalizing the jobs of one group and dtype at their home ranks; their blocks, in order.
 
-    A job may be a batch (3D): each of its matrices has a home of its own."""
+    A job may be a batch (3D): each of its matrices has a home of its own (``homes``, as :func:`job_homes`
+    gives them; by default balanced over these jobs)."""
     group = jobs[0].group
     size, rank = comm.group_size(group), comm.group_rank(group)
     xs = [job.x if job.x.ndim == 3 else job.x.unsqueeze(0) for job in jobs]
@@ -86,7 +98,7 @@ def program(jobs: Sequence[MatrixJob]) -> Program[list[torch.Tensor]]:
     shapes = [list(x.shape) for x in xs]
     for shape, d, s in zip(shapes, dims, sizes):
         shape[d] = sum(s)
-    homes = _homes(tuple((sh[1], sh[2], sh[0]) for sh in shapes), size)
+    homes = homes if homes is not None else _homes(tuple((sh[1], sh[2], sh[0]) for sh in shapes), size)
     like = xs[0]
 
     def shard_numel(i: int, r: int) -> int:  # elements of one matrix of job i held by rank r
