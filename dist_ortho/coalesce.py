@@ -6,7 +6,9 @@ its output. :func:`run_many` advances all programs together: in each round it ta
 pending request, groups them by (kind, process group, dtype), packs each group into flat buffers of at
 most ``bucket_bytes`` and issues one collective per buffer. Every rank runs the same programs in the
 same order with the same request shapes, so every rank forms the same buffers and the calls match.
-A group of one needs no communication; its requests are answered locally.
+A group of one needs no communication; its requests are answered locally. :func:`start_many` leaves
+the first round in flight for the caller to wait on later; :func:`run_pipelined` runs buckets of programs
+so that one bucket's collectives are in flight while another computes.
 """
 
 from __future__ import annotations
