@@ -78,10 +78,22 @@ def orthogonalize_many(jobs: Sequence[MatrixJob], bucket_bytes: int = DEFAULT_BU
     jobs = [resolve(job) for job in jobs]
     if pipeline > 1:
         return _pipelined(jobs, bucket_bytes, pipeline)
+    programs, slots = _programs(jobs, range(len(jobs)))
+    results = run_many(programs, bucket_bytes)
+    return [results[p] if n is None else results[p][n] for p, n in (slots[i] for i in range(len(jobs)))]
+
+
+def _programs(
+    jobs: Sequence[MatrixJob], members: Sequence[int], homes: dict[int, tuple] | None = None,
+) -> tuple[list[Program], dict[int, tuple[int, int | None]]]:
+    """The programs of ``jobs[i]`` for i in ``members``: whole matrices together, one program per group and dtype
+    of "duplicated" and of "home" jobs (``homes[i]``: job i's homes, when assigned over more jobs), one per
+    "distributed" and "gram" job. Also each job's (program, index in its result, None: the whole result)."""
     programs: list[Program] = []
-    slots: list[tuple[int, int | None]] = [(-1, None)] * len(jobs)  # job -> (program, index in its result)
+    slots: dict[int, tuple[int, int | None]] = {}
     shared: dict[tuple, list[int]] = {}
-    for i, job in enumerate(jobs):
+    for i in members:
+        job = jobs[i]
         if not job.sharded:
             shared.setdefault(("local",), []).append(i)
         elif job.mode in _PER_GROUP:
@@ -89,13 +101,15 @@ def orthogonalize_many(jobs: Sequence[MatrixJob], bucket_bytes: int = DEFAULT_BU
         else:
             slots[i] = (len(programs), None)
             programs.append(_PER_MATRIX[job.mode](job))
-    for key, members in shared.items():
-        for n, i in enumerate(members):
+    for key, together in shared.items():
+        for n, i in enumerate(together):
             slots[i] = (len(programs), n)
-        make = _local if key[0] == "local" else _PER_GROUP[key[0]]
-        programs.append(make([jobs[i] for i in members]))
-    results = run_many(programs, bucket_bytes)
-    return [results[p] if n is None else results[p][n] for p, n in slots]
+        group_jobs = [jobs[i] for i in together]
+        if key[0] == "home" and homes is not None:
+            programs.append(home.program(group_jobs, [homes[i] for i in together]))
+        else:
+            programs.append(_local(group_jobs) if key[0] == "local" else _PER_GROUP[key[0]](group_jobs))
+    return programs, slots
 
 
 def _pipelined(jobs: list[MatrixJob], bucket_bytes: int, pipeline: int) -> list[torch.Tensor]:
@@ -113,38 +127,20 @@ def _pipelined(jobs: list[MatrixJob], bucket_bytes: int, pipeline: int) -> list[
         b = loads.index(min(loads))
         cut[b] += shapes[key]
         loads[b] += cost[key]
-    homes: dict[tuple, dict[int, tuple]] = {}  # homes over every home job of a group and dtype, as one program
+    by_group: dict[tuple, list[int]] = {}  # homes over every home job of a group and dtype, as one program would
     for i, job in enumerate(jobs):
         if job.sharded and job.mode == "home":
-            homes.setdefault((id(job.group), job.x.dtype), {})[i] = ()
-    for key, members in homes.items():
-        for i, found in zip(members, home.job_homes([jobs[i] for i in members])):
-            members[i] = found
-    buckets: list[list[Program]] = []
-    slots: list[tuple[int, int, int | None]] = [(-1, -1, None)] * len(jobs)  # job -> (bucket, program, index)
+            by_group.setdefault((id(job.group), job.x.dtype), []).append(i)
+    homes = {i: found for members in by_group.values()
+             for i, found in zip(members, home.job_homes([jobs[i] for i in members]))}
+    buckets, slots = [], []
     for members in [sorted(b) for b in cut if b] + ([reduced] if reduced else []):
-        programs: list[Program] = []
-        shared: dict[tuple, list[int]] = {}
-        for i in members:
-            job = jobs[i]
-            if not job.sharded:
-                shared.setdefault(("local",), []).append(i)
-            elif job.mode in _PER_GROUP:
-                shared.setdefault((job.mode, id(job.group), job.x.dtype), []).append(i)
-            else:
-                slots[i] = (len(buckets), len(programs), None)
-                programs.append(_PER_MATRIX[job.mode](job))
-        for key, together in shared.items():
-            for n, i in enumerate(together):
-                slots[i] = (len(buckets), len(programs), n)
-            group_jobs = [jobs[i] for i in together]
-            if key[0] == "home":
-                programs.append(home.program(group_jobs, [homes[(key[1], key[2])][i] for i in together]))
-            else:
-                programs.append(_local(group_jobs) if key[0] == "local" else _PER_GROUP[key[0]](group_jobs))
+        programs, found = _programs(jobs, members, homes)
         buckets.append(programs)
+        slots.append(found)
     results = run_pipelined(buckets, bucket_bytes)
-    return [results[b][p] if n is None else results[b][p][n] for b, p, n in slots]
+    where = {i: (b, p, n) for b, found in enumerate(slots) for i, (p, n) in found.items()}
+    return [results[b][p] if n is None else results[b][p][n] for b, p, n in (where[i] for i in range(len(jobs)))]
 
 
 def newton_schulz_tp(
