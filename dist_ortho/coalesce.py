@@ -13,7 +13,7 @@ so that one bucket's collectives are in flight while another computes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -87,7 +87,7 @@ def run_many(programs: Sequence[Program[Any]], bucket_bytes: int = DEFAULT_BUCKE
 class InFlight:
     """Programs whose first round of collectives is in flight (:func:`start_many`): :meth:`wait` completes
     that round, runs the remaining rounds (blocking) and returns the programs' values; later calls return them
-    again. :meth:`done` says whether that happened."""
+    again."""
 
     def __init__(self, programs: Sequence[Program[Any]], bucket_bytes: int) -> None:
         self._programs, self._bucket_bytes = programs, bucket_bytes
@@ -96,7 +96,6 @@ class InFlight:
         for i in range(len(programs)):
             self._advance(i, None)
         self._round = self._issue_round()
-        self._finished = False
 
     def _advance(self, i: int, reply: Any) -> None:
         try:
@@ -113,14 +112,10 @@ class InFlight:
         self._waiting.clear()
         return shapes, _start(batch, self._bucket_bytes)
 
-    def done(self) -> bool:
-        return self._finished
-
     def next_round(self) -> bool:
         """Complete the round in flight, run the programs on to their next collectives and issue them; False
         when the programs have returned."""
         if self._round is None:
-            self._finished = True
             return False
         shapes, handles = self._round
         replies: dict[int, dict[int, Any]] = {}
@@ -210,7 +205,7 @@ def _issue(bucket: list[tuple[Any, Request]]) -> comm.Handle[list[tuple[Any, Any
             parts = torch.split(reduced.wait(), [r.tensor.numel() for _, r in bucket])
             return [(i, part.view(r.tensor.shape)) for (i, r), part in zip(bucket, parts)]
 
-        return _replies(reduced, reduce_replies)
+        return comm.Handle(reduced.op, None, 0, reduce_replies)
     if isinstance(first, AllGather):
         gathered = comm.all_gather(torch.cat([r.tensor.reshape(-1) for _, r in bucket]), group, async_op=True)
 
@@ -218,7 +213,7 @@ def _issue(bucket: list[tuple[Any, Request]]) -> comm.Handle[list[tuple[Any, Any
             parts = torch.split(gathered.wait(), [r.tensor.numel() for _, r in bucket], dim=1)
             return [(i, part.reshape(-1, *r.tensor.shape)) for (i, r), part in zip(bucket, parts)]
 
-        return _replies(gathered, gather_replies)
+        return comm.Handle(gathered.op, None, 0, gather_replies)
     size = comm.group_size(group)
     send = [torch.cat([r.chunks[j].reshape(-1) for _, r in bucket]) for j in range(size)]
     exchanged = comm.all_to_all(send, [sum(r.recv_numels[j] for _, r in bucket) for j in range(size)], group, async_op=True)
@@ -228,16 +223,4 @@ def _issue(bucket: list[tuple[Any, Request]]) -> comm.Handle[list[tuple[Any, Any
         per_rank = [torch.split(received[j], [r.recv_numels[j] for _, r in bucket]) for j in range(size)]
         return [(i, [per_rank[j][n] for j in range(size)]) for n, (i, _) in enumerate(bucket)]
 
-    return _replies(exchanged, exchange_replies)
-
-
-def _replies(inner: comm.Handle[Any], unpack: Callable[[], list[tuple[Any, Any]]]) -> comm.Handle[list[tuple[Any, Any]]]:
-    """A handle whose wait() waits for ``inner`` and returns its replies unpacked (once)."""
-    unpacked: list[list[tuple[Any, Any]]] = []
-
-    def result() -> list[tuple[Any, Any]]:
-        if not unpacked:
-            unpacked.append(unpack())
-        return unpacked[0]
-
-    return comm.Handle(inner.op, None, 0, result)
+    return comm.Handle(exchanged.op, None, 0, exchange_replies)

@@ -113,8 +113,8 @@ def _wait(op: str, work: Any, nbytes: int) -> None:
             work.wait(datetime.timedelta(seconds=seconds))
         else:
             work.wait()
+        blocked = time.perf_counter() - began
         for stats in _active_stats:
-            blocked = time.perf_counter() - began
             stats.wait_s += blocked
             stats.wait_by_call[op] += blocked
     except Exception as e:  # noqa: BLE001 - every backend failure becomes one error type naming the call
@@ -131,17 +131,14 @@ class Handle(Generic[T]):
 
     def __init__(self, op: str, work: Any, nbytes: int, result: Callable[[], T]) -> None:
         self.op, self._work, self._nbytes, self._result = op, work, nbytes, result
-        self._done = work is None
+        self._value: list[T] = []  # the result, once made
 
     def wait(self) -> T:
-        if not self._done:
-            _wait(self.op, self._work, self._nbytes)
-            self._done = True
-        return self._result()
-
-    def done(self) -> bool:
-        """Whether it has been waited for (or needed no communication)."""
-        return self._done
+        if not self._value:
+            if self._work is not None:
+                _wait(self.op, self._work, self._nbytes)
+            self._value.append(self._result())
+        return self._value[0]
 
 
 def _finish(handle: Handle[T], async_op: bool) -> Handle[T] | T:

@@ -52,7 +52,7 @@ from dist_ortho.optim.layouts import ParamLayouts
 from dist_ortho.optim.nonfinite import NONFINITE, Nonfinite
 from dist_ortho.optim.options import accepted_keywords, check_bool, check_choice, check_number, reject_unknown
 from dist_ortho.optim.planning import StepPlan, batching_keys, build_stacks, plan_table, refresh_states, resolve_modes
-from dist_ortho.optim.overlap import ShareInFlight, module_buckets
+from dist_ortho.optim.overlap import ShareInFlight, layer_buckets
 from dist_ortho.optim.step import GroupStep, Pending, Verdict, run_phase, shared_verdict
 from dist_ortho.params import Held, MatrixLayout, is_expert_stack
 from dist_ortho.precision import MATMUL_PRECISIONS, MatmulPrecision
@@ -592,9 +592,9 @@ class OrthogonalizedOptimizer(Optimizer):
         self._grads_reduced = True
         if self.overlap_with_backward:  # the layout is known now: later steps reduce during backward
             params = [p for p, _ in every]
-            in_layers = [[p for p in params if p in layer] for layer in self._layers]
-            rest = [p for p in params if not any(p in layer for layer in self._layers)]
-            buckets = [*reversed(in_layers), *cut_by_bytes(rest[::-1], self.backward_bucket_bytes)]
+            per_layer, rest = layer_buckets(params, self._layers)
+            buckets = [*([params[i] for i in layer] for layer in reversed(per_layer)),
+                       *cut_by_bytes([params[i] for i in reversed(rest)], self.backward_bucket_bytes)]
             self._backward = BackwardReducer(
                 buckets, lambda bucket: start_reduce_into_owners(bucket, [self.owner(p) for p in bucket], self.dp_group),
                 self.name_of)
@@ -672,7 +672,8 @@ class OrthogonalizedOptimizer(Optimizer):
         flag: torch.Tensor | None = pending.verdict.flag(local((plan.sharded or plan.replicated)[0]).device)
         shared, owners = plan.sharded + plan.replicated, plan.sharded_owners + plan.replicated_owners
         buckets = []
-        for indices in module_buckets(shared, self._layers if self.overlap else []):
+        per_layer, rest = layer_buckets(shared, self._layers if self.overlap else [])
+        for indices in [b for b in (*per_layer, rest) if b]:
             sharded = [i for i in indices if i < len(plan.sharded)]
             replicated = [i for i in indices if i >= len(plan.sharded)]
             programs = []

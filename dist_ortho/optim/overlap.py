@@ -22,9 +22,6 @@ import torch
 from dist_ortho import comm
 from dist_ortho.coalesce import InFlight
 
-Writer = Callable[[Any], None]
-
-
 class ShareInFlight:
     """One step's share, bucket by bucket in flight.
 
@@ -43,10 +40,6 @@ class ShareInFlight:
 
     def done(self) -> bool:
         return all(self._written)
-
-    def holds(self, params: set[torch.Tensor]) -> bool:
-        """Whether any of ``params`` still waits for its new value."""
-        return any(not written and params & members for written, (members, _) in zip(self._written, self._buckets))
 
     @torch.no_grad()
     def wait_for(self, params: set[torch.Tensor] | None = None, where: str = "") -> None:
@@ -81,15 +74,14 @@ class ShareInFlight:
             raise comm.CollectiveError(f"{self._describe} (waited for{where}): {e}") from e
 
 
-def module_buckets(params: Sequence[torch.Tensor], modules: Sequence[set[torch.Tensor]]) -> list[list[int]]:
-    """Indices of ``params`` cut into buckets: those of each module in turn (a parameter in its first module
-    only), then the rest; empty buckets are dropped."""
+def layer_buckets(params: Sequence[torch.Tensor], layers: Sequence[set[torch.Tensor]]) -> tuple[list[list[int]], list[int]]:
+    """Indices of ``params`` by layer (a parameter in its first layer only; a layer may get none), and those in no
+    layer."""
     position = {p: i for i, p in enumerate(params)}
     taken: set[int] = set()
-    buckets = []
-    for members in modules:
+    per_layer = []
+    for members in layers:
         bucket = sorted(position[p] for p in members if p in position and position[p] not in taken)
         taken.update(bucket)
-        buckets.append(bucket)
-    buckets.append([i for i in range(len(params)) if i not in taken])
-    return [b for b in buckets if b]
+        per_layer.append(bucket)
+    return per_layer, [i for i in range(len(params)) if i not in taken]

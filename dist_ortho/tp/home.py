@@ -98,7 +98,7 @@ def program(jobs: Sequence[MatrixJob], homes: Sequence[tuple[tuple[int, ...], ..
     shapes = [list(x.shape) for x in xs]
     for shape, d, s in zip(shapes, dims, sizes):
         shape[d] = sum(s)
-    homes = homes if homes is not None else _homes(tuple((sh[1], sh[2], sh[0]) for sh in shapes), size)
+    homes = homes if homes is not None else job_homes(jobs)
     like = xs[0]
 
     def shard_numel(i: int, r: int) -> int:  # elements of one matrix of job i held by rank r
