@@ -1,0 +1,207 @@
+"""Benchmark the Muon step on Megatron's own stack: dist_ortho's exact modes against megatron-core's own
+``TensorParallelMuon`` (its inexact ``blockwise``, Megatron's default, and its exact ``duplicated``).
+
+    .venv-next/bin/python scripts/bench_megatron.py [--layers 2] [--hidden 256] [--repeats 5] [--json out.json]
+
+Runs where megatron-core >= 0.17 and emerging-optimizers are installed (``make setup-next``: .venv-next,
+Python 3.12), at world 4 = DP 2 x TP 2 on gloo. The parameters are a real megatron-core ``GPTModel``'s (local
+spec; fused GQA ``linear_qkv`` split into Q, K, V; ``linear_proj``, ``linear_fc1``, ``linear_fc2`` of every
+layer: the matrices megatron-core gives Muon), built by ``parallel_state``'s TP groups; every configuration
+steps its own copy of them with the same seeded gradients (the same on both DP replicas, as Megatron's DDP
+leaves them), float32 with "highest" matmul precision, Nesterov, decoupled weight decay, 5 quintic
+iterations. Configurations:
+- upstream blockwise / upstream duplicated: megatron-core's class (``install.upstream``: its own, even
+  after dist_ortho is installed), every DP replica stepping every matrix, as Megatron-LM's default
+  (non-layer-wise) optimizer does;
+- ours <mode>: dist_ortho's TensorParallelMuon with that ``tp_mode``, every DP replica stepping every matrix;
+- ours grid <mode>: the same with ``dp_group`` (the DP x TP grid: each matrix's Newton-Schulz once in the
+  grid, its new value all-gathered over DP; what ``--optimizer dist_muon`` / layer-wise DP builds).
+Per configuration: median step seconds over ``--repeats`` interleaved steps (after 2 warm-up steps), its
+ratio to upstream blockwise, collectives per step on rank 0 (torch.distributed calls counted by wrapping
+them, the same way for upstream and ours), and the largest difference of any gathered weight from upstream
+duplicated's after every step of the run (the exact reference; blockwise's own distance shows what inexact means).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import warnings
+import zlib
+from collections.abc import Callable, Iterator
+from importlib.metadata import version
+
+import torch
+import torch.distributed as dist
+from bench_common import run_worlds, time_interleaved
+
+TP, DP = 2, 2
+HP = {"lr": 0.02, "momentum": 0.9, "weight_decay": 0.01, "nesterov": True}
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
+               "all_to_all", "all_to_all_single", "broadcast")
+
+
+@contextlib.contextmanager
+def counting_calls() -> Iterator[dict[str, int]]:
+    """Count torch.distributed's collective calls made inside (by upstream's code and ours alike)."""
+    counts: dict[str, int] = {}
+    saved = {name: getattr(dist, name) for name in COLLECTIVES}
+
+    def wrap(name: str, call: Callable) -> Callable:
+        def counted(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            return call(*args, **kwargs)
+        return counted
+
+    for name, call in saved.items():
+        setattr(dist, name, wrap(name, call))
+    try:
+        yield counts
+    finally:
+        for name, call in saved.items():
+            setattr(dist, name, call)
+
+
+def _model_matrices(args: argparse.Namespace):
+    """A GPTModel's Muon matrices (name -> parameter) and the fused QKV's split sizes."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from dist_ortho.integrations.megatron import megatron_qkv_split_shapes
+
+    heads = args.hidden // 32
+    config = TransformerConfig(
+        num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=heads, num_query_groups=max(1, heads // 4),
+        ffn_hidden_size=4 * args.hidden, use_cpu_initialization=True, add_bias_linear=False,
+        tensor_model_parallel_size=TP)
+    torch.manual_seed(0)
+    model = GPTModel(config, get_gpt_layer_local_spec(), vocab_size=512, max_sequence_length=64)
+    matrices = {n: p for n, p in model.named_parameters()
+                if p.ndim == 2 and "embedding" not in n and "output_layer" not in n}
+    return matrices, megatron_qkv_split_shapes(config)
+
+
+def _copy(p: torch.Tensor, qkv: bool) -> torch.nn.Parameter:
+    from megatron.core.tensor_parallel.layers import copy_tensor_model_parallel_attributes
+
+    q = torch.nn.Parameter(p.detach().clone())
+    copy_tensor_model_parallel_attributes(q, p)
+    q.is_qkv = qkv
+    return q
+
+
+def _gather(t: torch.Tensor, dim: int, group) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def _measure(rank: int, world: int, port: int, args: argparse.Namespace, out: dict) -> None:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    warnings.filterwarnings("ignore")  # megatron-core's deprecation notes, once per rank
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    from megatron.core import parallel_state as ps
+    from megatron.core.optimizer import emerging_optimizers as registry
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from dist_ortho.integrations.megatron import TensorParallelMuon
+    from dist_ortho.integrations.megatron.install import upstream
+
+    ps.initialize_model_parallel(tensor_model_parallel_size=TP)
+    pgs = ProcessGroupCollection.use_mpu_process_groups()
+    matrices, split = _model_matrices(args)
+    upstream_cls = upstream(registry.__name__, "TensorParallelMuon")
+    assert upstream_cls.__module__ == "megatron.core.optimizer.emerging_optimizers"  # megatron-core's own
+    common = {**HP, "split_qkv": True, "is_qkv_fn": lambda p: getattr(p, "is_qkv", False), "qkv_split_shapes": split,
+              "fp32_matmul_prec": "highest", "pg_collection": pgs}
+    configs: dict[str, tuple[type, dict]] = {
+        "upstream blockwise": (upstream_cls, {"tp_mode": "blockwise"}),
+        "upstream duplicated": (upstream_cls, {"tp_mode": "duplicated"}),
+    }
+    for mode in args.modes:
+        configs[f"ours {mode}"] = (TensorParallelMuon, {"tp_mode": mode})
+    for mode in args.modes:
+        configs[f"ours grid {mode}"] = (TensorParallelMuon, {"tp_mode": mode, "dp_group": pgs.dp})
+    copies, optimizers, steps = {}, {}, {label: 0 for label in configs}
+    for label, (cls, options) in configs.items():
+        copies[label] = {n: _copy(p, n.endswith("linear_qkv.weight")) for n, p in matrices.items()}
+        optimizers[label] = cls(list(copies[label].values()), **common, **options)
+
+    def step(label: str) -> None:
+        """The label's next step with the gradients of that step (seeded by name, TP rank and step)."""
+        for n, p in copies[label].items():
+            seed = zlib.crc32(f"{n}/{ps.get_tensor_model_parallel_rank()}/{steps[label]}".encode())
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.1
+        optimizers[label].step()
+        steps[label] += 1
+
+    for _ in range(2):
+        for label in configs:
+            step(label)
+    calls = {}
+    for label in configs:
+        with counting_calls() as counts:
+            step(label)
+        calls[label] = sum(counts.values())
+    times = time_interleaved({label: (lambda label=label: step(label)) for label in configs}, args.repeats)
+    assert len(set(steps.values())) == 1
+    tp = pgs.tp
+    weights = {label: {n: _gather(p.detach(), p.partition_dim, tp).double() for n, p in params.items()}
+               for label, params in copies.items()}
+    start = {n: _gather(p.detach(), p.partition_dim, tp).double() for n, p in matrices.items()}
+    reference = weights["upstream duplicated"]
+    moved = max((reference[n] - start[n]).abs().max().item() for n in start)
+    rows = []
+    for label in configs:
+        diff = max((weights[label][n] - reference[n]).abs().max().item() for n in start)
+        rows.append({"config": label, "seconds": statistics.median(times[label]), "calls": calls[label],
+                     "max_weight_diff": diff})
+    if rank == 0:
+        out["rows"] = rows
+        out["moved"] = moved
+        out["steps"] = steps["upstream duplicated"]
+        out["shapes"] = sorted({tuple(p.shape) for p in matrices.values()})
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=256, help="hidden size (heads of 32, a query group per 4 heads, FFN 4x)")
+    parser.add_argument("--modes", nargs="+", default=["home", "auto"], help="dist_ortho's tp_mode(s) to run")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    try:
+        import megatron.core.optimizer.emerging_optimizers  # noqa: F401
+    except ImportError as error:
+        raise SystemExit(f"needs megatron-core >= 0.17 with emerging-optimizers (make setup-next; .venv-next): {error}")
+    result = run_worlds(_measure, [TP * DP], args)[TP * DP]
+    rows = result["rows"]
+    base = next(r["seconds"] for r in rows if r["config"] == "upstream blockwise")
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, megatron-core "
+          f"{version('megatron-core')}, gloo, DP {DP} x TP {TP}, GPTModel {args.layers} layers hidden {args.hidden}, "
+          f"float32 'highest'; local shards {result['shapes']}; median of {args.repeats} steps after 2 warm-up; "
+          f"weights after {result['steps']} steps (they moved up to {result['moved']:.3g})")
+    print("| configuration | exact | collectives / step | median step s | speed vs upstream blockwise "
+          "| max weight diff vs upstream duplicated |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        exact = "no" if "blockwise" in r["config"] else "yes"
+        print(f"| {r['config']} | {exact} | {r['calls']} | {r['seconds']:.3f} | {base / r['seconds']:.2f}x "
+              f"| {r['max_weight_diff']:.1e} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "moved": result["moved"], "steps": result["steps"], "layers": args.layers,
+                       "hidden": args.hidden, "torch": torch.__version__, "megatron_core": version("megatron-core"),
+                       "cores": os.cpu_count()}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
