@@ -224,17 +224,23 @@ def collective_device(group: ProcessGroup | None, device: torch.device | str = "
     return torch.device(device)
 
 
-def agree(entries: list[tuple], labels: list[str], group: ProcessGroup | None, what: str) -> None:
+def digest_of(entries: list[tuple]) -> int:
+    """The 7-byte digest of ``entries`` that :func:`agree` exchanges."""
+    return int.from_bytes(hashlib.blake2b(repr(entries).encode(), digest_size=7).digest(), "little")
+
+
+def agree(entries: list[tuple], labels: list[str], group: ProcessGroup | None, what: str,
+          digest: int | None = None) -> None:
     """Raise the same ValueError on every rank of ``group`` unless all ranks hold equal ``entries``.
 
-    One all-gather of a 16-byte digest when they agree; when they do not, every rank's entries and
-    labels are exchanged (all_gather_object) so that the error names the first differing entry, what each
-    rank has there, and is the same text on every rank.
+    One all-gather of a 16-byte digest when they agree (``digest``: :func:`digest_of` the entries, when the
+    caller keeps it); when they do not, every rank's entries and labels are exchanged (all_gather_object) so
+    that the error names the first differing entry, what each rank has there, and is the same text on every rank.
     """
     size = group_size(group)
     if size == 1:
         return
-    digest = int.from_bytes(hashlib.blake2b(repr(entries).encode(), digest_size=7).digest(), "little")
+    digest = digest_of(entries) if digest is None else digest
     mine = torch.tensor([len(entries), digest], dtype=torch.int64, device=collective_device(group))
     table = all_gather(mine, group).cpu().tolist()
     if all(row == table[0] for row in table):

@@ -193,6 +193,45 @@ def test_reduce_grads_averages_into_the_owners_with_half_the_bytes(world, kind):
         assert scattered <= 0.6 * grad_bytes, (scattered, grad_bytes)
 
 
+def _unused_on_one_replica(ctx, verify_plan: str):
+    """reduce_grads=True, DP 4: a replicated weight (no TP attributes) has no gradient at step 2 on a DP rank that
+    does not own it (its micro-batch did not use it): every replica still steps it (a missing gradient counts as zeros in the average,
+    as for a TP shard), so the plans match (with verify_plan="every_step" too) and the weights equal one process
+    stepping with the average."""
+    from dist_ortho import comm
+
+    comm.set_timeout(20)  # a mismatch would otherwise wait the default 600 s
+    try:
+        gen = torch.Generator().manual_seed(0)
+        fulls = [torch.randn(32, 16, generator=gen), torch.randn(16, 16, generator=gen)]
+        params = [torch.nn.Parameter(f.clone()) for f in fulls]
+        ref = [torch.nn.Parameter(f.clone()) for f in fulls]
+        hp = {"lr": 0.02, "fp32_matmul_prec": "highest"}
+        opt = get_optimizer("muon")(params, dp_group=ctx.group, reduce_grads=True, verify_plan=verify_plan, **hp)
+        ref_opt = get_optimizer("muon")(ref, **hp)
+
+        def feed(step: int) -> None:
+            missing = (opt.owner(params[1]) + 1) % ctx.world_size if step else None
+            for i, (p, q) in enumerate(zip(params, ref)):
+                per_replica = [torch.randn(p.shape, generator=gen) for _ in range(ctx.world_size)]
+                if step == 1 and i == 1:
+                    per_replica[missing].zero_()
+                p.grad = None if (step == 1 and i == 1 and ctx.rank == missing) else per_replica[ctx.rank]
+                q.grad = sum(per_replica) / ctx.world_size
+
+        step_pair(opt, ref_opt, feed)
+    finally:
+        comm.set_timeout(None)
+    return [((p.detach() - q.detach()).abs().max().item(), (q.detach() - f).abs().max().item())
+            for p, q, f in zip(params, ref, fulls)]
+
+
+@pytest.mark.parametrize("verify_plan", ["on_change", "every_step"])
+def test_a_weight_unused_on_one_replica_steps_on_every_replica(world, verify_plan):
+    for errors in world.run(_unused_on_one_replica, verify_plan):
+        assert all(optim_reference.weights_agree(*e) for e in errors), errors
+
+
 def _not_a_grid(ctx, how: str):
     tp_group, dp_group, _ = _grid(ctx, 2)
     if how == "same group":

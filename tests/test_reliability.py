@@ -61,6 +61,61 @@ def test_ranks_that_disagree_all_raise_the_same_error(world, case):
         assert "a.weight" in messages[0] and "b.weight" in messages[0]
 
 
+def _changed_alone(ctx, case: str) -> tuple[str, int]:
+    """verify_plan="every_step": the last rank alone changes its plan at step 3 (the others keep theirs)."""
+    from dist_ortho import count_collectives
+
+    params, _ = _named_params(ctx)
+    norm = torch.nn.Parameter(torch.randn(4, 4, generator=torch.Generator().manual_seed(1)))  # replicated: no TP attributes
+    names = dict(zip(["a.weight", "b.weight", "c.weight", "norm.weight"], [*params, norm]))
+    opt = get_optimizer("muon")([*params, norm], tp_group=ctx.group, tp_mode="duplicated", param_names=names,
+                                verify_plan="every_step")
+    calls = 0
+    try:
+        for step in range(3):
+            for p in [*params, norm]:
+                p.grad = torch.ones_like(p)
+            if step == 2 and ctx.rank == ctx.world_size - 1:
+                if case == "mode":
+                    opt.param_groups[0]["tp_mode"] = "home"
+                elif case == "added":
+                    extra = sharded(torch.randn(8, 8), 0)
+                    extra.grad = torch.ones(8, 8)
+                    opt.add_param_group({"params": [extra]})
+                else:  # a replicated weight unused on this rank this step
+                    norm.grad = None
+            with count_collectives() as counted:
+                opt.step()
+            if step == 1:
+                calls = counted.total_calls
+    except ValueError as e:
+        return str(e), calls
+    return "no error", calls
+
+
+@pytest.mark.parametrize("case", ["mode", "added", "unused"])
+def test_a_rank_that_changes_its_plan_alone_gets_the_named_error_with_verify_plan(world, case):
+    """With verify_plan="every_step" the changed rank's agreement and the others' per-step check are the same
+    16-byte all-gather, so every rank raises the same ValueError (by default the collective timeout ends it:
+    docs/reliability.md); the check costs one call per step (duplicated's all-gather, plus it)."""
+    if world.size == 1:
+        pytest.skip("needs two ranks to disagree")
+    results = world.run(_changed_alone, case)
+    messages = {m for m, _ in results}
+    assert len(messages) == 1, messages
+    message = messages.pop()
+    assert "ranks disagree on the Muon step's plan" in message, message
+    assert {"mode": "a.weight", "added": "parameters new to this rank", "unused": "norm.weight"}[case] in message, message
+    assert {calls for _, calls in results} == {2}
+
+
+def test_verify_plan_is_checked():
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    for kind in ("muon", "muon_adamw"):
+        with pytest.raises(ValueError, match=r"verify_plan must be one of \('on_change', 'every_step'\), got 'always'"):
+            get_optimizer(kind)([("w", p)], verify_plan="always")
+
+
 def _missing_grad(ctx, mode: str) -> float:
     """Rank 1 has no gradient for a.weight at step 2: it steps with a zero shard there, like the reference."""
     params, fulls = _named_params(ctx)

@@ -4,12 +4,20 @@ coalesced collectives would not match. :class:`PlanAgreement` checks it with one
 when the plan is new to this rank (none while it is unchanged); a disagreement raises the same ValueError on
 every rank, naming the first differing entry (dist_ortho.comm.agree). :func:`agree_batching` makes ranks that
 compute the same whole matrices batch them alike.
+
+``verify_plan`` (:data:`VerifyPlan`): "on_change" (the default) checks a plan when it is new to this rank. A rank
+that changes its plan alone after the first step then meets the others in different collectives, which the
+collective timeout ends (a CollectiveError, not the named ValueError): a changed plan changes the size of the
+step's collectives, so no fingerprint can ride in them. "every_step" makes the check the first call of every step
+on every rank (:meth:`PlanAgreement.verify`: the layout of every parameter, its options and whether it takes part;
+one 16-byte all-gather per group, the digest of an unchanged plan kept), so the rank that changed and the ones that
+did not meet in the same all-gather and all raise the ValueError naming the first entry they differ on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -17,6 +25,8 @@ from dist_ortho import comm
 from dist_ortho.params import MatrixLayout
 from dist_ortho.tp import batching
 
+VerifyPlan = Literal["on_change", "every_step"]
+VERIFY_PLAN: tuple[str, ...] = get_args(VerifyPlan)
 ENTRY = ("name, global shape, partition_dim, group, dtype, tp_mode, (steps, coefficients), coalesce, "
          "fp32_matmul_prec, local_gram, batch_matrices, nonfinite, QKV parts")
 
@@ -40,6 +50,7 @@ class PlanAgreement:
     def __init__(self, owner: str) -> None:
         self.owner = owner
         self._agreed: list[tuple] = []
+        self._verified: tuple[Any, list[tuple], list[str], int] | None = None
 
     def check(self, entries: Sequence[tuple], labels: Sequence[str], groups: Sequence[comm.ProcessGroup | None]) -> None:
         key = tuple(entries)
@@ -50,6 +61,20 @@ class PlanAgreement:
             if comm.group_size(group) > 1:
                 comm.agree([(self.owner, *e) for e in entries], list(labels), group, what)
         self._agreed = [*self._agreed[-3:], key]
+
+    def verify(self, key: Any, entries: Callable[[], tuple[list[tuple], list[str]]],
+               groups: Sequence[comm.ProcessGroup | None]) -> None:
+        """``verify_plan="every_step"``: the same check every step, this rank's plan ``entries()`` (made, and its
+        digest computed, only when ``key`` changed) against every rank's, over each of ``groups``."""
+        if self._verified is None or self._verified[0] != key:
+            made, labels = entries()
+            stamped = [(self.owner, *e) for e in made]
+            self._verified = (key, stamped, labels, comm.digest_of(stamped))
+        _, stamped, labels, digest = self._verified
+        what = f"the {self.owner} step's plan (entry: {ENTRY}, taking part)"
+        for group in groups:
+            if comm.group_size(group) > 1:
+                comm.agree(stamped, labels, group, what, digest)
 
 
 def agree_batching(keys: Sequence[batching.Key], groups: Sequence[comm.ProcessGroup | None]) -> None:

@@ -43,7 +43,7 @@ from dist_ortho.coalesce import DEFAULT_BUCKET_BYTES, Program, start_many
 from dist_ortho.coefficients import get_coefficients
 from dist_ortho.dtensor import DTensorParams, groups_from_meshes, local, mesh_groups
 from dist_ortho.grid import share_program
-from dist_ortho.optim.agreement import PlanAgreement, agree_batching, plan_entry
+from dist_ortho.optim.agreement import VERIFY_PLAN, PlanAgreement, VerifyPlan, agree_batching, plan_entry
 from dist_ortho.optim.context import MatrixContext
 from dist_ortho.optim.gradients import dp_own, reduce_into_owners, start_reduce_into_owners, sum_of_squares
 from dist_ortho.optim.groups import ParamStack, Part
@@ -139,6 +139,11 @@ class OrthogonalizedOptimizer(Optimizer):
             ``backward_bucket_bytes``), and the step waits for them. From the second step on (the first
             step's reduction is blocking, as it finds the layout). With gradient accumulation run every
             micro-batch but the last inside :meth:`no_sync`.
+        verify_plan: when the ranks check that they run the same plan (dist_ortho.optim.agreement): "on_change"
+            (default: when the plan is new to a rank, no call while it is unchanged; a rank that changes its plan
+            alone after the first step is then ended by the collective timeout, a CollectiveError) or
+            "every_step" (one 16-byte all-gather per group as the first call of every step: that rank and the
+            others all raise the ValueError naming the first entry they differ on).
         **member_options: the per-group options of a member (coefficient_type, num_ns_steps, ...), named in
             the member's own signature; any other key is a TypeError.
     """
@@ -150,7 +155,7 @@ class OrthogonalizedOptimizer(Optimizer):
         "tp_group", "tp_mode", "expert_tp_group", "conv_mode", "split_qkv", "qkv_split_shapes", "is_qkv_fn",
         "qkv_per_head", "coalesce", "bucket_bytes", "local_gram", "batch_matrices", "nonfinite", "dp_group",
         "reduce_grads", "device_mesh", "capturable", "param_names", "overlap", "overlap_with_backward",
-        "backward_bucket_bytes",
+        "backward_bucket_bytes", "verify_plan",
     })
     # Members whose update reads ctx.orthogonalized: the step runs Newton-Schulz of every direction
     # first, for all matrices together.
@@ -199,6 +204,7 @@ class OrthogonalizedOptimizer(Optimizer):
         overlap: bool = False,
         overlap_with_backward: bool = False,
         backward_bucket_bytes: int = DEFAULT_GRAD_BUCKET_BYTES,
+        verify_plan: VerifyPlan = "on_change",
         **member_options: Any,
     ) -> None:
         if device_mesh is not None:
@@ -234,6 +240,7 @@ class OrthogonalizedOptimizer(Optimizer):
         self.layouts = ParamLayouts(tp_group, expert_tp_group, dp_group, self.is_qkv)
         self._logged_plan: str | None = None
         self._agreement = PlanAgreement(type(self).__name__)
+        self.verify_plan = check_choice("verify_plan", verify_plan, VERIFY_PLAN)
         self._step_count = 0
         self._grads_reduced = False  # reduce_gradients() ran since the last step
         self._skipped = 0  # steps skipped for a non-finite update (nonfinite="skip")
@@ -474,7 +481,9 @@ class OrthogonalizedOptimizer(Optimizer):
     def _taking_part(self) -> list[torch.Tensor]:
         """The parameters this step updates: those with a gradient, and every tensor-parallel one that
         requires one (a missing gradient of a shard counts as zero, on every rank alike, so that the
-        shards of one matrix always step together; Megatron's gradient buffers are never None either)."""
+        shards of one matrix always step together; Megatron's gradient buffers are never None either), and
+        on the DP x TP grid every one that requires one (a replica may not have used a weight: its owner
+        updates it from the others' gradients and shares it with every replica alike)."""
         out = []
         for group in self.param_groups:
             for p in group["params"]:
@@ -485,19 +494,44 @@ class OrthogonalizedOptimizer(Optimizer):
     def _steps_without_grad(self, p: torch.Tensor) -> bool:
         known = self._without_grad.get(p)
         if known is None:
-            known = self._without_grad[p] = p.requires_grad and (self.layout(p).group is not None or p in self.layouts.dtensors)
+            known = self._without_grad[p] = p.requires_grad and (
+                self.layout(p).group is not None or p in self.layouts.dtensors or comm.group_size(self.dp_group) > 1)
         return known
 
-    def _agree(self, params: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> None:
-        """Every rank runs the same plan (dist_ortho.optim.agreement), or the same ValueError on every rank."""
+    def _plan_entries(self, params: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[tuple], list[str]]:
+        """What every rank must agree on about ``params`` (dist_ortho.optim.agreement.plan_entry), and their labels."""
         entries = []
         for p, group in params:
             layout = self.layout(p)
             kind = None if layout.group is None else ("expert" if layout.group is self.expert_tp_group else "dense")
             entries.append(plan_entry(self.names.get(p), layout, kind, p.dtype, group, len(self.layouts.parts.get(p, ())),
                                       self.layouts.dtensors.dp_local(p)))
-        labels = [self.names.get(p) or f"param {i} {tuple(p.shape)}" for i, (p, _) in enumerate(params)]
-        self._agreement.check(entries, labels, (self.tp_group, self.expert_tp_group, self.dp_group))
+        return entries, [self.names.get(p) or f"param {i} {tuple(p.shape)}" for i, (p, _) in enumerate(params)]
+
+    def _agree(self, params: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> None:
+        """Every rank runs the same plan (dist_ortho.optim.agreement), or the same ValueError on every rank."""
+        self._agreement.check(*self._plan_entries(params), (self.tp_group, self.expert_tp_group, self.dp_group))
+
+    def _verify_plan(self) -> None:
+        """``verify_plan="every_step"``: every rank's plan checked against the others' as the step's first call
+        (dist_ortho.optim.agreement). Parameters whose layout this rank has not found yet (found with collectives,
+        which the others would not join) make an entry of their own, so a rank that added some alone differs there."""
+        every = [(p, group) for group in self.param_groups for p in group["params"] if p.requires_grad]
+        new = [p for p, _ in every if p not in self.layouts]
+        if new:
+            names = tuple(self.names.get(p) or f"{tuple(p.shape)}" for p in new)
+            key: Any = ("new", names)
+
+            def entries() -> tuple[list[tuple], list[str]]:
+                return [("parameters new to this rank", names)], ["new parameters"]
+        else:
+            taking_part = {id(p) for p in self._taking_part()}  # no collective: every layout is known
+            key = (tuple(id(p) for p, _ in every), tuple(id(p) in taking_part for p, _ in every), self._options_key())
+
+            def entries() -> tuple[list[tuple], list[str]]:
+                made, labels = self._plan_entries(every)
+                return [(*e, id(p) in taking_part) for e, (p, _) in zip(made, every)], labels
+        self._agreement.verify(key, entries, (self.tp_group, self.expert_tp_group, self.dp_group))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -609,11 +643,14 @@ class OrthogonalizedOptimizer(Optimizer):
             self.layout(p)
         return sum_of_squares(params, self.layouts, self.owns, self.tp_group)
 
+    def _options_key(self) -> tuple:
+        """The options that shape a step's plan, per group (for plan keys: a change makes the plan anew)."""
+        return tuple((id(g), tuple(repr(g.get(k)) for k in STRUCTURAL_OPTIONS)) for g in self.param_groups)
+
     def _step_plan(self, params: list[torch.Tensor]) -> StepPlan:
         """The plan of a step with these parameters and options: made (and agreed on by every rank) when new,
         then reused while the parameters taking part and the options that shape the step are unchanged."""
-        key = (tuple(map(id, params)),
-               tuple((id(g), tuple(repr(g.get(k)) for k in STRUCTURAL_OPTIONS)) for g in self.param_groups))
+        key = (tuple(map(id, params)), self._options_key())
         if self._plan is not None and self._plan[0] == key:
             return self._plan[1]
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
@@ -644,6 +681,8 @@ class OrthogonalizedOptimizer(Optimizer):
         return self.layouts.dtensors.value(stack.params[0])
 
     def _step(self) -> None:
+        if self.verify_plan == "every_step":
+            self._verify_plan()
         self.reduce_gradients()
         self._grads_reduced = False
         plan = self._step_plan(self._taking_part())
