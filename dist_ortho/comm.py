@@ -202,17 +202,25 @@ def all_to_all(
 ) -> Any:
     """Send ``chunks[j]`` to rank j; receive ``recv_numels[j]`` elements from rank j (flat tensors; with
     ``async_op`` a :class:`Handle` of them)."""
+    if group_size(group) == 1:
+        return _finish(Handle("all_to_all", None, 0, lambda: [chunks[0].reshape(-1)]), async_op)
+    send = torch.cat([c.reshape(-1) for c in chunks])
+    return all_to_all_flat(send, [c.numel() for c in chunks], recv_numels, group, async_op)
+
+
+def all_to_all_flat(
+    send: torch.Tensor, send_numels: list[int], recv_numels: list[int], group: ProcessGroup | None, async_op: bool = False
+) -> Any:
+    """:func:`all_to_all` of chunks the caller packed into one flat ``send`` (rank 0's ``send_numels[0]``
+    elements first): no second copy."""
     size = group_size(group)
     if size == 1:
-        return _finish(Handle("all_to_all", None, 0, lambda: [chunks[0].reshape(-1)]), async_op)
+        return _finish(Handle("all_to_all", None, 0, lambda: [send]), async_op)
     rank = group_rank(group)
-    send = torch.cat([c.reshape(-1) for c in chunks])
     recv = torch.empty(sum(recv_numels), dtype=send.dtype, device=send.device)
-    sent_to_others = sum(c.numel() for j, c in enumerate(chunks) if j != rank)
-    _record("all_to_all", sent_to_others * send.element_size())
+    _record("all_to_all", (send.numel() - send_numels[rank]) * send.element_size())
     work = dist.all_to_all_single(
-        recv, send, output_split_sizes=list(recv_numels), input_split_sizes=[c.numel() for c in chunks], group=group,
-        async_op=True,
+        recv, send, output_split_sizes=list(recv_numels), input_split_sizes=list(send_numels), group=group, async_op=True,
     )
     return _finish(Handle("all_to_all", work, send.nbytes, lambda: list(torch.split(recv, list(recv_numels)))), async_op)
 

@@ -269,18 +269,18 @@ def gather_blocks(
     Existing entries of ``blocks`` are reused as buffers."""
     size, rank = comm.group_size(dp_group), comm.group_rank(dp_group)
     for members in _by_dtype(params):
-        chunks = []
-        for dest in range(size):
-            sent = []
-            for i in members:
-                if owners[i] == dest:
-                    p = params[i]
-                    grad = local(p.grad) if p.grad is not None else torch.zeros_like(local(p))
-                    sent += [local(p).reshape(-1), grad.reshape(-1)]
-            chunks.append(torch.cat(sent) if sent else local(params[members[0]]).new_empty(0))
+        sent, sent_numels = [], []
+        for dest in range(size):  # every destination's pieces, in rank order, packed once
+            mine = [i for i in members if owners[i] == dest]
+            for i in mine:
+                p = params[i]
+                grad = local(p.grad) if p.grad is not None else torch.zeros_like(local(p))
+                sent += [local(p).reshape(-1), grad.reshape(-1)]
+            sent_numels.append(sum(2 * local(params[i]).numel() for i in mine))
+        send = torch.cat(sent) if sent else local(params[members[0]]).new_empty(0)
         owned = [i for i in members if owners[i] == rank]
         recv = [sum(2 * holdings[i].piece_numel(src) for i in owned) for src in range(size)]
-        received = comm.all_to_all(chunks, recv, dp_group)
+        received = comm.all_to_all_flat(send, sent_numels, recv, dp_group)
         offsets = [0] * size
         for i in owned:
             p, holding = params[i], holdings[i]
@@ -307,15 +307,15 @@ def scatter_program(
     requests, layouts = [], []
     for members in _by_dtype(params):
         owned = [i for i in members if owners[i] == rank]
+        flagged = flag is not None and not requests
         chunks = []
         for dest in range(size):
             sent = [_piece(sources[params[i]] if sources is not None else blocks[params[i]][0], holdings[i], dest).reshape(-1)
                     for i in owned]
+            if flagged:
+                sent.append(flag.reshape(1).to(local(params[members[0]]).dtype))
             chunks.append(torch.cat(sent) if sent else local(params[members[0]]).new_empty(0))
-        recv = [sum(local(params[i]).numel() for i in members if owners[i] == src) for src in range(size)]
-        if flag is not None and not requests:
-            chunks = [torch.cat([c, flag.reshape(1).to(c.dtype)]) for c in chunks]
-            recv = [n + 1 for n in recv]
+        recv = [sum(local(params[i]).numel() for i in members if owners[i] == src) + flagged for src in range(size)]
         requests.append(AllToAll(chunks, recv, dp_group))
         layouts.append(members)
     received_by_dtype = yield requests
