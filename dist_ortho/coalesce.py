@@ -216,8 +216,8 @@ def _issue(bucket: list[tuple[Any, Request]]) -> comm.Handle[list[tuple[Any, Any
         return comm.Handle(gathered.op, None, 0, gather_replies)
     size = comm.group_size(group)
     send = torch.cat([r.chunks[j].reshape(-1) for j in range(size) for _, r in bucket])  # rank 0's chunks first
-    exchanged = comm.all_to_all_flat(send, [sum(r.chunks[j].numel() for _, r in bucket) for j in range(size)],
-                                     [sum(r.recv_numels[j] for _, r in bucket) for j in range(size)], group, async_op=True)
+    exchanged = comm.all_to_all(send, [sum(r.chunks[j].numel() for _, r in bucket) for j in range(size)],
+                                [sum(r.recv_numels[j] for _, r in bucket) for j in range(size)], group, async_op=True)
 
     def exchange_replies() -> list[tuple[Any, Any]]:
         received = exchanged.wait()

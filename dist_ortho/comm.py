@@ -183,36 +183,25 @@ def all_gather(tensor: torch.Tensor, group: ProcessGroup | None, async_op: bool 
     return _finish(Handle("all_gather", work, tensor.nbytes, lambda: out.view(size, *tensor.shape)), async_op)
 
 
-def reduce_scatter(chunks: list[torch.Tensor], group: ProcessGroup | None, async_op: bool = False) -> Any:
-    """Sum over the group of every rank's ``chunks[r]`` (equal sizes), delivered to rank r: this rank's sum
-    (with ``async_op`` a :class:`Handle` of it)."""
+def reduce_scatter(send: torch.Tensor, group: ProcessGroup | None, async_op: bool = False) -> Any:
+    """Sum over the group of every rank's ``send`` (flat: one equal chunk per rank, rank 0's first), chunk r
+    delivered to rank r: this rank's sum (with ``async_op`` a :class:`Handle` of it). Callers pack ``send``
+    once, from their tensors."""
     size = group_size(group)
     if size == 1:
-        only = chunks[0].clone()
-        return _finish(Handle("reduce_scatter", None, 0, lambda: only), async_op)
-    send = torch.cat([c.reshape(-1) for c in chunks])
-    out = torch.empty_like(chunks[0].reshape(-1))
+        return _finish(Handle("reduce_scatter", None, 0, lambda: send), async_op)
+    out = send.new_empty(send.numel() // size)
     _record("reduce_scatter", (size - 1) * out.numel() * out.element_size())
     work = dist.reduce_scatter_tensor(out, send, group=group, async_op=True)
     return _finish(Handle("reduce_scatter", work, send.nbytes, lambda: out), async_op)
 
 
 def all_to_all(
-    chunks: list[torch.Tensor], recv_numels: list[int], group: ProcessGroup | None, async_op: bool = False
-) -> Any:
-    """Send ``chunks[j]`` to rank j; receive ``recv_numels[j]`` elements from rank j (flat tensors; with
-    ``async_op`` a :class:`Handle` of them)."""
-    if group_size(group) == 1:
-        return _finish(Handle("all_to_all", None, 0, lambda: [chunks[0].reshape(-1)]), async_op)
-    send = torch.cat([c.reshape(-1) for c in chunks])
-    return all_to_all_flat(send, [c.numel() for c in chunks], recv_numels, group, async_op)
-
-
-def all_to_all_flat(
     send: torch.Tensor, send_numels: list[int], recv_numels: list[int], group: ProcessGroup | None, async_op: bool = False
 ) -> Any:
-    """:func:`all_to_all` of chunks the caller packed into one flat ``send`` (rank 0's ``send_numels[0]``
-    elements first): no second copy."""
+    """Send rank j its chunk of the flat ``send`` (``send_numels[j]`` elements, rank 0's first; callers pack it
+    once, from their tensors); receive ``recv_numels[j]`` elements from rank j (flat tensors; with ``async_op`` a
+    :class:`Handle` of them)."""
     size = group_size(group)
     if size == 1:
         return _finish(Handle("all_to_all", None, 0, lambda: [send]), async_op)

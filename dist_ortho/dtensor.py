@@ -280,7 +280,7 @@ def gather_blocks(
         send = torch.cat(sent) if sent else local(params[members[0]]).new_empty(0)
         owned = [i for i in members if owners[i] == rank]
         recv = [sum(2 * holdings[i].piece_numel(src) for i in owned) for src in range(size)]
-        received = comm.all_to_all_flat(send, sent_numels, recv, dp_group)
+        received = comm.all_to_all(send, sent_numels, recv, dp_group)
         offsets = [0] * size
         for i in owned:
             p, holding = params[i], holdings[i]

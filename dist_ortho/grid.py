@@ -76,10 +76,9 @@ def _by_dtype(params: Sequence[torch.Tensor]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _flat(tensors: list[torch.Tensor], like: torch.Tensor, length: int) -> torch.Tensor:
-    """The tensors flattened and concatenated, zero-padded to ``length`` elements."""
-    flat = torch.cat([t.reshape(-1) for t in tensors]) if tensors else like.new_empty(0)
-    return torch.cat([flat, flat.new_zeros(length - flat.numel())])
+def _flat(tensors: list[torch.Tensor], like: torch.Tensor, length: int) -> list[torch.Tensor]:
+    """The tensors flattened, and the zeros that pad them to ``length`` elements: parts to concatenate once."""
+    return [*(t.reshape(-1) for t in tensors), like.new_zeros(length - sum(t.numel() for t in tensors))]
 
 
 Writer = Callable[[Optional[torch.Tensor]], None]
@@ -102,10 +101,10 @@ def share_program(
     for members in _by_dtype(params):
         numel = [sum(params[i].numel() for i in members if owners[i] == r) for r in range(size)]
         mine = [sent[i].detach() for i in members if owners[i] == rank]
-        flat = _flat(mine, params[members[0]], max(numel))
+        parts = _flat(mine, params[members[0]], max(numel))
         if flag is not None and not requests:
-            flat = torch.cat([flat, flag.reshape(1).to(flat.dtype)])
-        requests.append(AllGather(flat, dp_group))
+            parts.append(flag.reshape(1).to(parts[0].dtype))
+        requests.append(AllGather(torch.cat(parts), dp_group))
         layouts.append(members)
     gathered = yield requests
     flags = gathered[0][:, -1] if flag is not None and gathered else None
@@ -146,11 +145,10 @@ def start_reduce_to_owners(
     for members in _by_dtype(like):
         per_owner = [[i for i in members if owners[i] == r] for r in range(size)]
         longest = max(sum(like[i].numel() for i in owned) for owned in per_owner)
-        chunks = [
-            _flat([grads[i] if grads[i] is not None else torch.zeros_like(like[i]) for i in owned], like[members[0]], longest)
-            for owned in per_owner
-        ]
-        started.append((per_owner[rank], comm.reduce_scatter(chunks, dp_group, async_op=True)))
+        send = torch.cat([part for owned in per_owner  # every owner's gradients in rank order, each padded to longest
+                          for part in _flat([grads[i] if grads[i] is not None else torch.zeros_like(like[i]) for i in owned],
+                                            like[members[0]], longest)])
+        started.append((per_owner[rank], comm.reduce_scatter(send, dp_group, async_op=True)))
 
     def averages() -> list[torch.Tensor | None]:
         out: list[torch.Tensor | None] = [None] * len(like)
