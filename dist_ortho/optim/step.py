@@ -31,12 +31,11 @@ from dist_ortho.optim.groups import ParamStack
 from dist_ortho.optim.holding import part_key
 from dist_ortho.optim.nonfinite import all_finite, commit, first_nonfinite
 from dist_ortho.precision import matmul_precision
-from dist_ortho.tp import MatrixJob, orthogonalize_many
+from dist_ortho.tp import PIPELINE_BUCKETS, MatrixJob, orthogonalize_many
 
 logger = logging.getLogger(__name__)
 
 
-PIPELINE_BUCKETS = 4  # overlap=True: Newton-Schulz of up to this many buckets of shapes, one's collectives under another's compute
 
 
 def momentum_direction(grad: torch.Tensor, momentum: torch.Tensor, beta: float, nesterov: bool,

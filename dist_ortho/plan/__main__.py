@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --calibrate: cuda fits this GPU (matmul rates, memory bandwidth, launch and host time; "
                         "links from --device)")
     p.add_argument("--capture", action="store_true", help="the step captured in a CUDA graph (capturable=True)")
-    p.add_argument("--overlap", action="store_true", help="overlap=True: the grid's share over DP hidden under the next forward")
+    p.add_argument("--overlap", action="store_true", help="overlap=True: the grid's share over DP hidden under the next forward, the TP collectives pipelined")
     p.add_argument("--published", action="store_true", help="Megatron-LM issue 6676: predicted vs published")
     return p
 

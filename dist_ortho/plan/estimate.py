@@ -11,7 +11,8 @@ more past ``bucket_bytes``), which matrices share a batched iteration, and a tim
               bandwidth of the link its group spans) + kernels x launch + elementwise bytes / memory bandwidth
 
 and the step's time is the slowest rank's (its communication part reported apart; with ``overlap`` the grid's
-share is taken as hidden under the next forward). Arrangements: "replicated" (every DP replica runs the TP mode
+share is taken as hidden under the next forward, and the pipelined Newton-Schulz as hiding (B - 1) / B of the TP
+collectives under compute, B the buckets of shapes, up to PIPELINE_BUCKETS). Arrangements: "replicated" (every DP replica runs the TP mode
 on every matrix, as without ``dp_group``) and "grid" (``dp_group=``: each weight orthogonalized by its
 owner replica, then one all-gather over DP; "grid" with "duplicated" is Megatron's layer-wise optimizer).
 """
@@ -30,6 +31,7 @@ from dist_ortho.grid import assign_owners
 from dist_ortho.plan.devices import DeviceProfile
 from dist_ortho.plan.models import ModelSpec, Weight
 from dist_ortho.qkv import qkv_parts
+from dist_ortho.tp import PIPELINE_BUCKETS
 from dist_ortho.tp.cost import AUTO_CANDIDATES, cheapest, gram_offered, matrix_counts, mode_costs, mode_rounds, rank_flops
 from dist_ortho.tp.gram import default_gram_restarts
 from dist_ortho.tp.home import assign_homes, ns_cost
@@ -88,7 +90,7 @@ class Settings:
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
     capture: bool = False  # the step captured in a CUDA graph (capturable=True): host time one replay
     grouped: bool = True  # dist_ortho's grouped step; False: a step per weight (upstream's, and ours before groups)
-    overlap: bool = False  # overlap=True: the grid's share over DP waited for in the next forward, taken as hidden
+    overlap: bool = False  # overlap=True: the grid's share hidden under the next forward, the TP collectives pipelined
 
     @property
     def ns(self) -> NsSpec:
@@ -263,9 +265,13 @@ def _domain(
         per_weight = mode.endswith("/per-matrix") or not s.grouped  # a kernel of each kind per weight
         groups = len(owned) if per_weight else len({(w.shape, w.partition_dim, w.qkv_split) for w in owned})
         host = _host_seconds(profile, s, groups, len(mine), per_weight)
+        # overlap=True pipelines Newton-Schulz over up to PIPELINE_BUCKETS buckets of shapes (tp.orthogonalize_many):
+        # taken as hiding all but one bucket's share of the TP collectives under the other buckets' compute
+        pipeline = min(PIPELINE_BUCKETS, len({m.shape for m in mine if m.sizes is not None})) if s.overlap and not per_weight else 1
         for r, load in enumerate(loads):
             kernels = 0.0 if s.capture and not per_weight else (launches[r] + groups * UPDATE_KERNELS) * profile.launch_s
             comm = load.calls * tp_lat + load.bytes / tp_bw
+            comm -= min(comm, load.flops / rate) * (pipeline - 1) / pipeline
             seconds = (load.flops / rate + comm + kernels + host
                        + held[d][r] * UPDATE_BYTES / profile.memory_bytes_per_s)
             load.state_bytes = held[d][r] * s.state_bytes

@@ -57,8 +57,8 @@ def compare_6676() -> list[dict]:
 def compare_overlap_6676() -> list[dict]:
     """The 6676 setting's step with its exposed communication: upstream's layer-sharded step (against issue
     6719's ~17% stalled in NCCL), and dist_ortho's home step on the DP x TP grid (each weight once in the grid,
-    then the share over DP) without and with ``overlap=True`` (the share taken as hidden under the next forward;
-    the TP collectives stay exposed: the pipelined Newton-Schulz of overlap=True is not modelled)."""
+    then the share over DP) without and with ``overlap=True`` (the share taken as hidden under the next forward,
+    the TP collectives of the pipelined Newton-Schulz partly under its compute: dist_ortho.plan.estimate)."""
     def run(arrangement: str, **settings: bool):
         return estimate(preset("qwen3-30b-a3b"), LAYOUT_6676, PROFILES["GB300"],
                         Settings(precision="medium", bucket_bytes=2**62, **settings), modes=["home"],

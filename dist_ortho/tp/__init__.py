@@ -46,7 +46,7 @@ from dist_ortho.tp.jobs import (
 )
 
 __all__ = [
-    "TP_MODES", "MatrixJob", "NsSpec", "TpMode", "block", "check_partition_dim", "check_tp_mode",
+    "PIPELINE_BUCKETS", "TP_MODES", "MatrixJob", "NsSpec", "TpMode", "block", "check_partition_dim", "check_tp_mode",
     "exchange_shard_sizes", "gather_shards", "newton_schulz_tp", "orthogonalize_many", "own_block", "shard",
     "tensor_dim",
 ]
@@ -58,6 +58,10 @@ _PER_GROUP = {"duplicated": duplicated.program, "home": home.program}
 def _local(jobs: Sequence[MatrixJob]) -> Program[list[torch.Tensor]]:
     yield from ()
     return local_many([job.x for job in jobs], [job.ns for job in jobs])
+
+
+PIPELINE_BUCKETS = 4
+"""The buckets of matrix shapes a pipelined step (``overlap=True``) cuts its Newton-Schulz into, at most."""
 
 
 def orthogonalize_many(jobs: Sequence[MatrixJob], bucket_bytes: int = DEFAULT_BUCKET_BYTES,
