@@ -14,7 +14,7 @@ import hashlib
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -227,20 +227,27 @@ def digest_of(entries: list[tuple]) -> int:
 
 
 def agree(entries: list[tuple], labels: list[str], group: ProcessGroup | None, what: str,
-          digest: int | None = None) -> None:
+          digest: int | None = None, failed: bool = False) -> None:
     """Raise the same ValueError on every rank of ``group`` unless all ranks hold equal ``entries``.
 
-    One all-gather of a 16-byte digest when they agree (``digest``: :func:`digest_of` the entries, when the
-    caller keeps it); when they do not, every rank's entries and labels are exchanged (all_gather_object) so
-    that the error names the first differing entry, what each rank has there, and is the same text on every rank.
+    One all-gather of a 16-byte digest and a flag when they agree (``digest``: :func:`digest_of` the entries,
+    when the caller keeps it); when they do not, every rank's entries and labels are exchanged
+    (all_gather_object) so that the error names the first differing entry, what each rank has there, and is the
+    same text on every rank. ``failed``: this rank already found a disagreement in another of its groups: every
+    rank of this group then raises too (so that a disagreement reaches every rank of a DP x TP grid, checked
+    group by group, and none is left waiting in the step for ranks that raised).
     """
     size = group_size(group)
     if size == 1:
         return
     digest = digest_of(entries) if digest is None else digest
-    mine = torch.tensor([len(entries), digest], dtype=torch.int64, device=collective_device(group))
+    mine = torch.tensor([len(entries), digest, int(failed)], dtype=torch.int64, device=collective_device(group))
     table = all_gather(mine, group).cpu().tolist()
-    if all(row == table[0] for row in table):
+    if all(row[:2] == table[0][:2] for row in table):
+        flagged = [r for r, row in enumerate(table) if row[2]]
+        if flagged:
+            raise ValueError(f"ranks disagree on {what}: found in another group of this group's rank(s) {flagged}, "
+                             "whose error names the entry")
         return
     views: list[Any] = [None] * size
     dist.all_gather_object(views, (entries, labels), group=group)
@@ -251,3 +258,19 @@ def agree(entries: list[tuple], labels: list[str], group: ProcessGroup | None, w
             per_rank = "; ".join(f"rank {r}: {name or '-'} {entry}" for r, (entry, name) in enumerate(seen))
             raise ValueError(f"ranks disagree on {what} at entry {i}: {per_rank}")
     raise ValueError(f"ranks disagree on {what}: {[len(e) for e, _ in views]} entries by rank")
+
+
+def agree_over(entries: list[tuple], labels: list[str], groups: Sequence[ProcessGroup | None], what: str,
+               digest: int | None = None) -> None:
+    """:func:`agree` over each of ``groups`` in turn, the first disagreement carried into the later groups' checks
+    (``failed``), then raised: on a DP x TP grid (groups: TP, then DP) every rank raises a ValueError, and the
+    ranks of the group where it was found the one naming the entry."""
+    digest = digest_of(entries) if digest is None else digest
+    message = None
+    for group in groups:
+        try:
+            agree(entries, labels, group, what, digest, failed=message is not None)
+        except ValueError as error:
+            message = message or str(error)
+    if message is not None:
+        raise ValueError(message)

@@ -232,6 +232,45 @@ def test_a_weight_unused_on_one_replica_steps_on_every_replica(world, verify_pla
         assert all(optim_reference.weights_agree(*e) for e in errors), errors
 
 
+def _changed_alone_on_the_grid(ctx, verify_plan: str, case: str) -> str:
+    """DP 2 x TP 2: rank 0 changes its plan alone at step 3 ("alone", seen by its TP group first, then carried to
+    every DP group), or both ranks of TP group {0, 1} change it alike at step 3 ("tp group", seen by the DP groups
+    only; the plan is new to every rank then, so the default checks it too)."""
+    from dist_ortho import comm
+
+    tp_group, dp_group, tp_rank = _grid(ctx, 2)
+    _, params = _params(_gpt_like(layers=1), tp_rank, 2)
+    opt = get_optimizer("muon")(params, tp_group=tp_group, dp_group=dp_group, tp_mode="home", verify_plan=verify_plan)
+    comm.set_timeout(20)
+    try:
+        for step in range(3):
+            for p in params:
+                p.grad = torch.ones_like(p)
+            changes = ctx.rank == 0 if case == "alone" else ctx.rank in (0, 1)
+            if step == 2 and changes:
+                opt.param_groups[0]["tp_mode"] = "duplicated"
+            if step == 2 and case == "tp group":  # every rank's plan is new: the same options, other param groups
+                opt.param_groups[0]["num_ns_steps"] = 6
+            opt.step()
+    except ValueError as e:
+        return str(e)
+    finally:
+        comm.set_timeout(None)
+    return "no error"
+
+
+@pytest.mark.parametrize("verify_plan,case", [("every_step", "alone"), ("on_change", "tp group")])
+def test_a_disagreement_reaches_every_rank_of_the_grid(world, verify_plan, case):
+    """Every rank raises a ValueError, none is left waiting in the step: the ranks of the group where the
+    plans differ name the entry, the others (told through their other group's check) say where it was found."""
+    messages = world.run(_changed_alone_on_the_grid, verify_plan, case)
+    assert all(m.startswith("ranks disagree on the Muon step's plan") for m in messages), messages
+    named = [m for m in messages if "at entry" in m]
+    assert named and all("'duplicated'" in m and "'home'" in m for m in named), messages
+    # alone: rank 0's TP group and its DP group {0, 2} see its entries; rank 3 is told by rank 1's flag
+    assert len(named) == {"alone": 3, "tp group": 4}[case], messages
+
+
 def _not_a_grid(ctx, how: str):
     tp_group, dp_group, _ = _grid(ctx, 2)
     if how == "same group":

@@ -56,10 +56,8 @@ class PlanAgreement:
         key = tuple(entries)
         if key in self._agreed:
             return
-        what = f"the {self.owner} step's plan (entry: {ENTRY})"
-        for group in groups:
-            if comm.group_size(group) > 1:
-                comm.agree([(self.owner, *e) for e in entries], list(labels), group, what)
+        comm.agree_over([(self.owner, *e) for e in entries], list(labels), groups,
+                        f"the {self.owner} step's plan (entry: {ENTRY})")
         self._agreed = [*self._agreed[-3:], key]
 
     def verify(self, key: Any, entries: Callable[[], tuple[list[tuple], list[str]]],
@@ -71,10 +69,7 @@ class PlanAgreement:
             stamped = [(self.owner, *e) for e in made]
             self._verified = (key, stamped, labels, comm.digest_of(stamped))
         _, stamped, labels, digest = self._verified
-        what = f"the {self.owner} step's plan (entry: {ENTRY}, taking part)"
-        for group in groups:
-            if comm.group_size(group) > 1:
-                comm.agree(stamped, labels, group, what, digest)
+        comm.agree_over(stamped, labels, groups, f"the {self.owner} step's plan (entry: {ENTRY}, taking part)", digest)
 
 
 def agree_batching(keys: Sequence[batching.Key], groups: Sequence[comm.ProcessGroup | None]) -> None:
