@@ -1,8 +1,9 @@
 """Cross-rank agreement on a step's plan: every rank of every group the step talks over must run the same plan
 (parameters in order, global shapes, dims, dtypes, modes, Newton-Schulz options; names where known), or the
 coalesced collectives would not match. :class:`PlanAgreement` checks it with one 16-byte all-gather per group
-when the plan is new to this rank (none while it is unchanged); a disagreement raises the same ValueError on
-every rank, naming the first differing entry (dist_ortho.comm.agree). :func:`agree_batching` makes ranks that
+when the plan is new to this rank (none while it is unchanged); a disagreement raises a ValueError on every
+rank, naming the first differing entry on the ranks of the group where it was found (dist_ortho.comm.agree_over:
+the others, told by the flag their next group's check carries, say where). :func:`agree_batching` makes ranks that
 compute the same whole matrices batch them alike.
 
 ``verify_plan`` (:data:`VerifyPlan`): "on_change" (the default) checks a plan when it is new to this rank. A rank
