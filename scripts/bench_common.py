@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch.distributed as dist
@@ -40,3 +42,50 @@ def time_interleaved(steps: dict[str, Callable[[], Any]], repeats: int) -> dict[
             dist.barrier()
             times[label].append(time.perf_counter() - began)
     return times
+
+
+def _sent(name: str, args: tuple, kwargs: dict) -> int:
+    """Bytes this rank's call sends to other ranks (ring all-reduce: 2 (n - 1) / n of the buffer)."""
+    group = kwargs.get("group")
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    if name == "all_to_all":  # (outputs, inputs)
+        inputs = kwargs.get("input_tensor_list", args[1] if len(args) > 1 else None)
+        return sum(t.nbytes for j, t in enumerate(inputs) if j != rank)
+    if name == "all_to_all_single":  # (output, input, output_split_sizes, input_split_sizes)
+        send = kwargs.get("input", args[1] if len(args) > 1 else None)
+        splits = kwargs.get("input_split_sizes", args[3] if len(args) > 3 else None)
+        if splits is None:
+            return send.nbytes * (size - 1) // size
+        return (send.numel() - splits[rank]) * send.element_size() if splits else 0
+    tensor = kwargs.get("tensor", kwargs.get("input", args[1] if name != "all_reduce" and len(args) > 1 else args[0]))
+    if name in ("all_gather", "all_gather_into_tensor"):
+        return (size - 1) * tensor.nbytes
+    if name in ("reduce_scatter", "reduce_scatter_tensor"):
+        total = sum(t.nbytes for t in tensor) if isinstance(tensor, list) else tensor.nbytes
+        return total * (size - 1) // size
+    return 2 * tensor.nbytes * (size - 1) // size  # all_reduce
+
+
+@contextlib.contextmanager
+def counting_collectives() -> Iterator[Counter]:
+    """Count torch.distributed's collective calls made inside and the bytes they send to other ranks, whoever
+    makes them (a peer's code and ours alike): ``counts["calls"]``, ``counts["bytes"]``."""
+    names = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
+             "all_to_all", "all_to_all_single")
+    counts: Counter = Counter()
+    saved = {name: getattr(dist, name) for name in names}
+
+    def wrap(name: str, call: Callable) -> Callable:
+        def counted(*args, **kwargs):
+            counts["calls"] += 1
+            counts["bytes"] += _sent(name, args, kwargs)
+            return call(*args, **kwargs)
+        return counted
+
+    for name, call in saved.items():
+        setattr(dist, name, wrap(name, call))
+    try:
+        yield counts
+    finally:
+        for name, call in saved.items():
+            setattr(dist, name, call)

@@ -22,8 +22,8 @@ Both run float32 Newton-Schulz with "highest" matmul precision, 5 steps of the s
   does), with ``finish()`` inside the timed step so that no other configuration's step hides its share.
 Momentum conventions differ (Dion M <- mu M + G, dist_ortho M <- lerp(M, G, 1 - mu)), so weights are not
 compared here (tests/test_dtensor.py holds ours to a float64 reference). Per configuration: median step
-seconds over --repeats interleaved steps after 2 warm-ups, the ratio to "dion", and collectives per step on
-rank 0 (torch.distributed calls wrapped and counted).
+seconds over --repeats interleaved steps after 2 warm-ups, the ratio to "dion", and collectives and bytes sent per
+step on rank 0 (torch.distributed calls wrapped and counted: bench_common.counting_collectives).
 """
 
 from __future__ import annotations
@@ -39,8 +39,7 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 import torch
 import torch.distributed as dist
-from bench_common import run_worlds, time_interleaved
-from bench_megatron import counting_calls
+from bench_common import counting_collectives, run_worlds, time_interleaved
 from bench_optimizer_step import parameter_set
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
@@ -113,15 +112,15 @@ def _measure(rank: int, world: int, port: int, args: argparse.Namespace, out: di
     for _ in range(2):
         for opt in optimizers.values():
             step(opt)
-    calls = {}
+    counted = {}
     for label, opt in optimizers.items():
-        with counting_calls() as counts:
+        with counting_collectives() as counts:
             step(opt)
-        calls[label] = sum(counts.values())
+        counted[label] = counts
     times = time_interleaved({label: (lambda opt=opt: step(opt)) for label, opt in optimizers.items()}, args.repeats)
     if rank == 0:
-        out["rows"] = [{"config": label, "seconds": statistics.median(times[label]), "calls": calls[label]}
-                       for label in optimizers]
+        out["rows"] = [{"config": label, "seconds": statistics.median(times[label]), "calls": counted[label]["calls"],
+                        "bytes": counted[label]["bytes"]} for label in optimizers]
     dist.destroy_process_group()
 
 
@@ -137,10 +136,10 @@ def main() -> None:
     base = next(r["seconds"] for r in rows if r["config"] == "dion")
     print(f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, gloo, FSDP2 DP {WORLD} (1-D mesh), "
           f"float32 'highest', {STEPS} {COEFFICIENTS} steps; median of {args.repeats} steps after 2 warm-up")
-    print("| configuration | collectives / step | median step s | speed vs dion |")
-    print("|---|---|---|---|")
+    print("| configuration | collectives / step | bytes sent / step | median step s | speed vs dion |")
+    print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['config']} | {r['calls']} | {r['seconds']:.3f} | {base / r['seconds']:.2f}x |")
+        print(f"| {r['config']} | {r['calls']} | {r['bytes']:,} | {r['seconds']:.3f} | {base / r['seconds']:.2f}x |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "torch": torch.__version__, "cores": os.cpu_count(), "repeats": args.repeats}, f,

@@ -17,53 +17,28 @@ iterations. Configurations:
 - ours grid <mode>: the same with ``dp_group`` (the DP x TP grid: each matrix's Newton-Schulz once in the
   grid, its new value all-gathered over DP; what ``--optimizer dist_muon`` / layer-wise DP builds).
 Per configuration: median step seconds over ``--repeats`` interleaved steps (after 2 warm-up steps), its
-ratio to upstream blockwise, collectives per step on rank 0 (torch.distributed calls counted by wrapping
-them, the same way for upstream and ours), and the largest difference of any gathered weight from upstream
+ratio to upstream blockwise, collectives and bytes sent per step on rank 0 (torch.distributed calls counted
+by wrapping them, the same way for upstream and ours: bench_common.counting_collectives), and the largest difference of any gathered weight from upstream
 duplicated's after every step of the run (the exact reference; blockwise's own distance shows what inexact means).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
 import statistics
 import warnings
 import zlib
-from collections.abc import Callable, Iterator
 from importlib.metadata import version
 
 import torch
 import torch.distributed as dist
-from bench_common import run_worlds, time_interleaved
+from bench_common import counting_collectives, run_worlds, time_interleaved
 
 TP, DP = 2, 2
 HP = {"lr": 0.02, "momentum": 0.9, "weight_decay": 0.01, "nesterov": True}
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
-               "all_to_all", "all_to_all_single", "broadcast")
-
-
-@contextlib.contextmanager
-def counting_calls() -> Iterator[dict[str, int]]:
-    """Count torch.distributed's collective calls made inside (by upstream's code and ours alike)."""
-    counts: dict[str, int] = {}
-    saved = {name: getattr(dist, name) for name in COLLECTIVES}
-
-    def wrap(name: str, call: Callable) -> Callable:
-        def counted(*args, **kwargs):
-            counts[name] = counts.get(name, 0) + 1
-            return call(*args, **kwargs)
-        return counted
-
-    for name, call in saved.items():
-        setattr(dist, name, wrap(name, call))
-    try:
-        yield counts
-    finally:
-        for name, call in saved.items():
-            setattr(dist, name, call)
 
 
 def _model_matrices(args: argparse.Namespace):
@@ -143,11 +118,11 @@ def _measure(rank: int, world: int, port: int, args: argparse.Namespace, out: di
     for _ in range(2):
         for label in configs:
             step(label)
-    calls = {}
+    counted = {}
     for label in configs:
-        with counting_calls() as counts:
+        with counting_collectives() as counts:
             step(label)
-        calls[label] = sum(counts.values())
+        counted[label] = counts
     times = time_interleaved({label: (lambda label=label: step(label)) for label in configs}, args.repeats)
     assert len(set(steps.values())) == 1
     tp = pgs.tp
@@ -159,7 +134,8 @@ def _measure(rank: int, world: int, port: int, args: argparse.Namespace, out: di
     rows = []
     for label in configs:
         diff = max((weights[label][n] - reference[n]).abs().max().item() for n in start)
-        rows.append({"config": label, "seconds": statistics.median(times[label]), "calls": calls[label],
+        rows.append({"config": label, "seconds": statistics.median(times[label]), "calls": counted[label]["calls"],
+                     "bytes": counted[label]["bytes"],
                      "max_weight_diff": diff})
     if rank == 0:
         out["rows"] = rows
@@ -189,12 +165,12 @@ def main() -> None:
           f"{version('megatron-core')}, gloo, DP {DP} x TP {TP}, GPTModel {args.layers} layers hidden {args.hidden}, "
           f"float32 'highest'; local shards {result['shapes']}; median of {args.repeats} steps after 2 warm-up; "
           f"weights after {result['steps']} steps (they moved up to {result['moved']:.3g})")
-    print("| configuration | exact | collectives / step | median step s | speed vs upstream blockwise "
+    print("| configuration | exact | collectives / step | bytes sent / step | median step s | speed vs upstream blockwise "
           "| max weight diff vs upstream duplicated |")
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         exact = "no" if "blockwise" in r["config"] else "yes"
-        print(f"| {r['config']} | {exact} | {r['calls']} | {r['seconds']:.3f} | {base / r['seconds']:.2f}x "
+        print(f"| {r['config']} | {exact} | {r['calls']} | {r['bytes']:,} | {r['seconds']:.3f} | {base / r['seconds']:.2f}x "
               f"| {r['max_weight_diff']:.1e} |")
     if args.json:
         with open(args.json, "w") as f:
