@@ -129,6 +129,7 @@ def test_capturable_skip_commits_nothing_on_the_device():
 @pytest.mark.parametrize("make,needle", [
     (lambda ps: Muon(ps, capturable=True, nonfinite="raise"), "nonfinite='raise'"),
     (lambda ps: MOP(ps, capturable=True), "MOP's update syncs"),
+    (lambda ps: Muon(ps, capturable=True, verify_plan="every_step"), "verify_plan='every_step'"),
 ])
 def test_capturable_refuses_what_must_sync(make, needle):
     with pytest.raises(ValueError, match=needle):

@@ -346,6 +346,8 @@ class OrthogonalizedOptimizer(Optimizer):
             what = "nonfinite='raise' reads the finite check on the host: pass nonfinite='skip' (on the device) or 'ignore'"
         elif self.syncs_host:
             what = f"{type(self).__name__}'s update syncs with the host (an SVD)"
+        elif self.verify_plan == "every_step":
+            what = "verify_plan='every_step' reads every rank's plan digest on the host each step: pass 'on_change'"
         if what is not None:
             raise ValueError(f"capturable=True: {what}")
         if not isinstance(group["lr"], torch.Tensor) and group["params"]:
