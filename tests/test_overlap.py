@@ -140,7 +140,7 @@ def test_a_nonfinite_step_raises_at_the_first_wait_on_every_rank(world):
     assert all("not finite" in message and untouched for message, untouched in results), results
 
 
-def _backward(ctx, overlap: bool, micro_batches: int, bucket_bytes: int):
+def _backward(ctx, overlap: bool, micro_batches: int, bucket_bytes: int, verify_plan: str = "on_change"):
     """A two-layer model of TE-attribute shards; each DP replica its own inputs; reduce_grads=True. Returns the
     weights after three steps, and how many buckets the last backward issued before the step."""
     tp_group, dp_group, tp_rank = _grid(ctx, 2)
@@ -150,7 +150,7 @@ def _backward(ctx, overlap: bool, micro_batches: int, bucket_bytes: int):
     params = [sharded(block(fulls[0], 0, tp_rank, 2), 0), sharded(block(fulls[1], 1, tp_rank, 2), 1)]
     opt = get_optimizer("muon")(params, lr=0.02, tp_group=tp_group, dp_group=dp_group, reduce_grads=True,
                                 tp_mode="home", fp32_matmul_prec="highest", overlap_with_backward=overlap,
-                                backward_bucket_bytes=bucket_bytes)
+                                backward_bucket_bytes=bucket_bytes, verify_plan=verify_plan)
     issued = 0
     for step in range(3):
         for micro in range(micro_batches):
@@ -166,9 +166,9 @@ def _backward(ctx, overlap: bool, micro_batches: int, bucket_bytes: int):
     return [p.detach().clone() for p in params], issued
 
 
-def _backward_pair(ctx, micro_batches: int):
+def _backward_pair(ctx, micro_batches: int, verify_plan: str = "on_change"):
     plain, _ = _backward(ctx, False, micro_batches, 2**20)
-    overlapped, issued = _backward(ctx, True, micro_batches, 1)
+    overlapped, issued = _backward(ctx, True, micro_batches, 1, verify_plan)
     return all(torch.equal(a, b) for a, b in zip(plain, overlapped)), issued
 
 
@@ -176,6 +176,13 @@ def _backward_pair(ctx, micro_batches: int):
 def test_reductions_during_backward_equal_the_blocking_ones(world, micro_batches):
     """Buckets of one matrix each: both were issued by backward's hooks before step() (none left for it)."""
     for same, issued in world.run(_backward_pair, micro_batches):
+        assert same and issued == 2, (same, issued)
+
+
+def test_the_every_step_plan_check_runs_behind_reductions_in_flight(world):
+    """verify_plan="every_step" with the reductions issued by backward still in flight over DP when its check
+    (an all-gather over TP, then DP) runs: the same order on every rank, the same weights."""
+    for same, issued in world.run(_backward_pair, 2, "every_step"):
         assert same and issued == 2, (same, issued)
 
 
