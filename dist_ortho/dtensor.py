@@ -9,16 +9,17 @@ k) and ``Replicate`` as a whole matrix. Along the DP mesh dim, ``Replicate`` is 
 contiguous ranges along matrix dim d, one per DP rank, uneven or empty as torch.chunk leaves them.
 
 The optimizer then works on the TP block (:attr:`DTensorHolding.block_shape`): for a DP-sharded
-parameter, :func:`gather_blocks` brings every piece of an owned parameter (values and gradient) to its
-owner with one all-to-all per dtype over DP, and :func:`scatter_program` sends the updated pieces back
-with one more; nothing else about DTensor reaches the optimizer.
+parameter, :func:`gather_blocks` brings every piece of an owned parameter's gradient (and, where the
+optimizer needs the whole weight, its values) to its owner with one all-to-all per dtype over DP, and
+:func:`scatter_program` sends the pieces of the update (or of the new values) back with one more; nothing
+else about DTensor reaches the optimizer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -262,12 +263,14 @@ def _piece(block: torch.Tensor, holding: DTensorHolding, dp_rank: int) -> torch.
 
 def gather_blocks(
     params: Sequence[DTensor], holdings: Sequence[DTensorHolding], owners: Sequence[int],
-    dp_group: comm.ProcessGroup | None, blocks: dict[DTensor, tuple[torch.Tensor, torch.Tensor]],
+    dp_group: comm.ProcessGroup | None, blocks: dict[DTensor, tuple[torch.Tensor, torch.Tensor]], values: bool = True,
 ) -> None:
     """Fill ``blocks[p] = (values, gradient)`` of this rank's TP block of every parameter this DP rank
     owns, from every DP rank's piece: one all-to-all per dtype (a missing gradient counts as zeros).
-    Existing entries of ``blocks`` are reused as buffers."""
+    ``values=False``: the gradients only (the values buffer is left as it is). Existing entries of ``blocks``
+    are reused as buffers."""
     size, rank = comm.group_size(dp_group), comm.group_rank(dp_group)
+    kinds = 2 if values else 1
     for members in _by_dtype(params):
         sent, sent_numels = [], []
         for dest in range(size):  # every destination's pieces, in rank order, packed once
@@ -275,11 +278,11 @@ def gather_blocks(
             for i in mine:
                 p = params[i]
                 grad = local(p.grad) if p.grad is not None else torch.zeros_like(local(p))
-                sent += [local(p).reshape(-1), grad.reshape(-1)]
-            sent_numels.append(sum(2 * local(params[i]).numel() for i in mine))
+                sent += [local(p).reshape(-1), grad.reshape(-1)] if values else [grad.reshape(-1)]
+            sent_numels.append(sum(kinds * local(params[i]).numel() for i in mine))
         send = torch.cat(sent) if sent else local(params[members[0]]).new_empty(0)
         owned = [i for i in members if owners[i] == rank]
-        recv = [sum(2 * holdings[i].piece_numel(src) for i in owned) for src in range(size)]
+        recv = [sum(kinds * holdings[i].piece_numel(src) for i in owned) for src in range(size)]
         received = comm.all_to_all(send, sent_numels, recv, dp_group)
         offsets = [0] * size
         for i in owned:
@@ -288,21 +291,25 @@ def gather_blocks(
                 blocks[p] = tuple(local(p).new_empty(holding.block_shape) for _ in range(2))  # type: ignore[assignment]
             for src in range(size):
                 n = holding.piece_numel(src)
-                for target in blocks[p]:
+                for target in blocks[p][2 - kinds:]:
                     piece = _piece(target, holding, src)
                     piece.copy_(received[src][offsets[src] : offsets[src] + n].view(piece.shape))
                     offsets[src] += n
 
 
+Land = Callable[[int, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], None]
+
+
 def scatter_program(
     params: Sequence[DTensor], holdings: Sequence[DTensorHolding], owners: Sequence[int],
     dp_group: comm.ProcessGroup | None, blocks: dict[DTensor, tuple[torch.Tensor, torch.Tensor]],
-    sources: dict[torch.Tensor, torch.Tensor] | None = None, flag: torch.Tensor | None = None,
+    sources: dict[torch.Tensor, torch.Tensor] | None = None, flag: torch.Tensor | None = None, land: Land | None = None,
 ) -> Program[tuple[torch.Tensor | None, Callable[[torch.Tensor | None], None]]]:
     """Program: send every DP rank its piece of the updated blocks (``sources[p]``, default the owner's block):
     one all-to-all per dtype; with ``flag`` also that value to every rank in the first one. Returns (the flags
     by DP rank, or None; ``write(ok)``, which writes the received pieces into the local tensors: only where the
-    device bool ``ok`` is true when given)."""
+    device bool ``ok`` is true when given). ``land(i, local, piece, ok)``: what to do with ``params[i]``'s
+    received piece instead (the caller's, e.g. apply an update to the local tensor)."""
     size, rank = comm.group_size(dp_group), comm.group_rank(dp_group)
     requests, layouts = [], []
     for members in _by_dtype(params):
@@ -327,7 +334,10 @@ def scatter_program(
             for i in members:
                 src, mine = owners[i], local(params[i])
                 piece = received[src][offsets[src] : offsets[src] + mine.numel()].view(mine.shape)
-                mine.copy_(piece if ok is None else torch.where(ok, piece, mine))
+                if land is not None:
+                    land(i, mine, piece, ok)
+                else:
+                    mine.copy_(piece if ok is None else torch.where(ok, piece, mine))
                 offsets[src] += mine.numel()
 
     return flags, write
@@ -401,12 +411,14 @@ class DTensorParams:
             return self.blocks[p][1]
         return local(p.grad) if p.grad is not None else None
 
-    def gather(self, params: Sequence[torch.Tensor], owners: Sequence[int], dp_group: comm.ProcessGroup | None) -> None:
+    def gather(self, params: Sequence[torch.Tensor], owners: Sequence[int], dp_group: comm.ProcessGroup | None,
+               values: bool = True) -> None:
         """Every DP piece of ``params`` (DP-sharded) to its owner, as one TP block: see :func:`gather_blocks`."""
-        gather_blocks(params, [self.holdings[p] for p in params], owners, dp_group, self.blocks)
+        gather_blocks(params, [self.holdings[p] for p in params], owners, dp_group, self.blocks, values)
 
     def scatter(self, params: Sequence[torch.Tensor], owners: Sequence[int], dp_group: comm.ProcessGroup | None,
-                sources: dict[torch.Tensor, torch.Tensor] | None = None, flag: torch.Tensor | None = None
-                ) -> Program[tuple[torch.Tensor | None, Callable[[torch.Tensor | None], None]]]:
+                sources: dict[torch.Tensor, torch.Tensor] | None = None, flag: torch.Tensor | None = None,
+                land: Land | None = None) -> Program[tuple[torch.Tensor | None, Callable[[torch.Tensor | None], None]]]:
         """Program: the owners' updated blocks back to every DP rank's piece (see :func:`scatter_program`)."""
-        return scatter_program(params, [self.holdings[p] for p in params], owners, dp_group, self.blocks, sources, flag)
+        return scatter_program(params, [self.holdings[p] for p in params], owners, dp_group, self.blocks, sources, flag,
+                               land)

@@ -88,9 +88,11 @@ def _exact(ctx, kind: str, mode: str, dp: int, tp: int, dp_sharded: bool, reduce
 
 
 @pytest.mark.parametrize("kind,mode", [("muon", "home"), ("muon", "gram"), ("muon", "duplicated"),
-                                       ("normuon", "home"), ("polargrad", "auto")])
+                                       ("normuon", "home"), ("polargrad", "auto"), ("muon_hyperball", "home")])
 def test_fsdp_and_tp_dtensors_equal_one_process(world, kind, mode):
-    """dp=2 x tp=2, Shard(0) over DP (FSDP) and Shard(0|1)/Replicate over TP: exact, state on owners only."""
+    """dp=2 x tp=2, Shard(0) over DP (FSDP) and Shard(0|1)/Replicate over TP: exact, state on owners only. The
+    owners send updates back (each rank applies its piece), except MuonHyperball, whose hooks read whole weights:
+    its owners receive the values too and send new values back."""
     results = world.run(_exact, kind, mode, 2, 2, True)
     states = [s for _, s in results]
     if kind == "muon":  # momentum: every TP block held by one DP replica (the TP-replicated matrix: by its 2 TP ranks)
@@ -114,6 +116,30 @@ def test_reduce_grads_averages_dtensors_replicated_over_dp(world, dp, tp):
     """reduce_grads=True with DTensors replicated over DP (HSDP replicas, torch TP without FSDP): each replica's
     own gradient is averaged into the owner's DTensor gradient before the update."""
     world.run(_exact, "muon", "home", dp, tp, False, True)
+
+
+def _piece_bytes(ctx, weight_decay_method: str) -> tuple[int, int]:
+    """FSDP over DP 4: the bytes one steady step sends, and the bytes of the pieces this rank holds of weights
+    that other ranks own (its values' pieces, which only the l2 path sends to their owners)."""
+    mesh = _mesh(4, 1)
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(_dtensor(torch.randn(shape, generator=gen), mesh, (Shard(0),))) for shape in SHAPES]
+    opt = get_optimizer("muon")(params, device_mesh=mesh, tp_mode="home", weight_decay_method=weight_decay_method)
+    for _ in range(2):
+        for p in params:
+            p.grad = _dtensor(torch.randn(p.shape, generator=gen), mesh, (Shard(0),))
+        opt.step()
+    others = sum(p.to_local().nbytes for p in params if opt.owner(p) != ctx.rank)
+    return opt.comm_stats().bytes_sent, others
+
+
+def test_owners_receive_gradients_only_and_send_updates_back(world):
+    """Muon (decoupled decay): the owner gets the gradients' pieces only and sends each rank its piece of the
+    update; with "l2" decay (the gradient reads the weight) it also gets the values' pieces: exactly those more
+    bytes. Exactness of both paths: test_fsdp_and_tp_dtensors_equal_one_process."""
+    for (travel, other_pieces), (values, other_pieces_l2) in zip(world.run(_piece_bytes, "decoupled"),
+                                                                 world.run(_piece_bytes, "l2")):
+        assert other_pieces == other_pieces_l2 > 0 and values - travel == other_pieces, (travel, values, other_pieces)
 
 
 def test_collectives_per_step(world):

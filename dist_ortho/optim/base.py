@@ -53,7 +53,7 @@ from dist_ortho.optim.nonfinite import NONFINITE, Nonfinite
 from dist_ortho.optim.options import accepted_keywords, check_bool, check_choice, check_number, reject_unknown
 from dist_ortho.optim.planning import StepPlan, batching_keys, build_stacks, plan_table, refresh_states, resolve_modes
 from dist_ortho.optim.overlap import ShareInFlight, layer_buckets
-from dist_ortho.optim.step import GroupStep, Pending, Verdict, run_phase, shared_verdict
+from dist_ortho.optim.step import GroupStep, Pending, Verdict, descend, run_phase, shared_verdict
 from dist_ortho.params import Held, MatrixLayout, is_expert_stack
 from dist_ortho.precision import MATMUL_PRECISIONS, MatmulPrecision
 from dist_ortho.tp import TP_MODES, NsSpec
@@ -695,7 +695,7 @@ class OrthogonalizedOptimizer(Optimizer):
             fresh = True
         dtensors = self.layouts.dtensors
         if plan.sharded:  # DP pieces of DTensor parameters to their owners, each as one TP block
-            dtensors.gather(plan.sharded, plan.sharded_owners, self.dp_group)
+            dtensors.gather(plan.sharded, plan.sharded_owners, self.dp_group, values=not self._updates_travel())
         if fresh:  # parameters may be at their first step
             self._init_fresh([p for p, _ in plan.owned])
         shared = comm.group_size(self.dp_group) > 1 and (plan.sharded or plan.replicated)
@@ -710,6 +710,9 @@ class OrthogonalizedOptimizer(Optimizer):
         or skip with the same message (nothing written), as one process would. With ``overlap`` the calls are
         left in flight, bucket by bucket (dist_ortho.optim.overlap)."""
         values, dtensors = pending.new_values(), self.layouts.dtensors
+        travel = bool(plan.sharded) and self._updates_travel()
+        updates = pending.updates() if travel else None
+        group_of = {id(p): group for group in self.param_groups for p in group["params"]} if travel else {}
         flag: torch.Tensor | None = pending.verdict.flag(local((plan.sharded or plan.replicated)[0]).device)
         shared, owners = plan.sharded + plan.replicated, plan.sharded_owners + plan.replicated_owners
         buckets = []
@@ -719,8 +722,12 @@ class OrthogonalizedOptimizer(Optimizer):
             replicated = [i for i in indices if i >= len(plan.sharded)]
             programs = []
             if sharded:
-                programs.append(dtensors.scatter([shared[i] for i in sharded], [owners[i] for i in sharded],
-                                                 self.dp_group, values, flag))
+                params = [shared[i] for i in sharded]
+                if travel:
+                    programs.append(dtensors.scatter(params, [owners[i] for i in sharded], self.dp_group, updates, flag,
+                                                     self._land_updates(params, group_of)))
+                else:
+                    programs.append(dtensors.scatter(params, [owners[i] for i in sharded], self.dp_group, values, flag))
                 flag = None
             if replicated:
                 programs.append(share_program([dtensors.value(shared[i]) for i in replicated], [owners[i] for i in replicated],
@@ -733,6 +740,40 @@ class OrthogonalizedOptimizer(Optimizer):
             self._in_flight = in_flight
         else:
             in_flight.wait_for()
+
+    _WEIGHT_HOOKS = ("apply_weight_decay", "pre_weight_update", "post_weight_update", "pre_weight_update_fn_inplace",
+                     "post_weight_update_fn_inplace", "init_state_program", "init_state")
+
+    def _updates_travel(self) -> bool:
+        """DP pieces of DTensor parameters (FSDP2): the owner receives the gradients' pieces only and sends each
+        rank its piece of the update U, which that rank applies to its own piece (weight decay, then W - lr U:
+        elementwise, as the owner would to the whole block): 2 pieces moved per weight instead of 3 (values and
+        gradient in, values out). Where the member's weight update reads no whole weight (every hook is
+        OrthogonalizedOptimizer's) and no group adds "l2" decay to the gradient (which reads the weight)."""
+        cls = type(self)
+        return (all(getattr(cls, hook) is getattr(OrthogonalizedOptimizer, hook) for hook in self._WEIGHT_HOOKS)
+                and not any(self._l2(group) for group in self.param_groups))
+
+    def _land_updates(self, params: Sequence[torch.Tensor], group_of: dict[int, dict[str, Any]]
+                      ) -> Callable[[int, torch.Tensor, torch.Tensor, Any], None]:
+        """``land(i, mine, update, ok)``: apply a received piece of ``params[i]``'s update to its local piece, as the
+        step applies an update to a whole weight (weight decay, then W - lr U; only where the device bool ``ok``),
+        with the step's lr and decay (read now: with ``overlap`` it lands after the LR scheduler's next step)."""
+        frozen: dict[int, dict[str, Any]] = {}
+        for p in params:
+            g = group_of[id(p)]
+            if id(g) not in frozen:
+                lr = g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"]
+                frozen[id(g)] = {"lr": lr, "weight_decay": g["weight_decay"], "weight_decay_method": g["weight_decay_method"]}
+        groups = [frozen[id(group_of[id(p)])] for p in params]
+
+        def land(i: int, mine: torch.Tensor, update: torch.Tensor, ok: torch.Tensor | None) -> None:
+            new = mine if ok is None else mine.clone()
+            self.apply_weight_decay(new, groups[i])
+            descend(new, update, groups[i]["lr"])
+            if ok is not None:
+                mine.copy_(torch.where(ok, new, mine))
+        return land
 
     def _decide_shared(self, pending: Pending, flags: torch.Tensor) -> torch.Tensor | bool | None:
         """Every replica's verdict to one decision (the same on every rank); the owners' own step committed."""

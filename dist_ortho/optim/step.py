@@ -334,5 +334,10 @@ class Pending:
         """Each member parameter's new value (its slice of the stack's new weights)."""
         return {p: view for work in self.works for p, view in zip(work.stack.params, work.views or ())}
 
+    def updates(self) -> dict[torch.Tensor, torch.Tensor]:
+        """Each member parameter's update U (W <- W - lr U after weight decay), shaped as its value."""
+        return {p: u for work in self.works if work.update is not None
+                for p, u in zip(work.stack.params, work.update.reshape(work.weights.shape).unbind(0))}
+
     def commit(self, ok: torch.Tensor | None) -> None:
         GroupStep._write(self.works, ok)
