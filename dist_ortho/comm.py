@@ -265,7 +265,9 @@ def agree_over(entries: list[tuple], labels: list[str], groups: Sequence[Process
     """:func:`agree` over each of ``groups`` in turn, the first disagreement carried into the later groups' checks
     (``failed``), then raised: on a DP x TP grid (groups: TP, then DP) every rank raises a ValueError, and the
     ranks of the group where it was found the one naming the entry."""
-    digest = digest_of(entries) if digest is None else digest
+    groups = [g for g in groups if group_size(g) > 1]
+    if groups and digest is None:
+        digest = digest_of(entries)
     message = None
     for group in groups:
         try:

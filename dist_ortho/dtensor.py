@@ -291,7 +291,7 @@ def gather_blocks(
                 blocks[p] = tuple(local(p).new_empty(holding.block_shape) for _ in range(2))  # type: ignore[assignment]
             for src in range(size):
                 n = holding.piece_numel(src)
-                for target in blocks[p][2 - kinds:]:
+                for target in blocks[p] if values else blocks[p][1:]:
                     piece = _piece(target, holding, src)
                     piece.copy_(received[src][offsets[src] : offsets[src] + n].view(piece.shape))
                     offsets[src] += n

@@ -694,25 +694,25 @@ class OrthogonalizedOptimizer(Optimizer):
             self._state_seen, self._plan_seen = self.state, plan
             fresh = True
         dtensors = self.layouts.dtensors
+        travel = bool(plan.sharded) and self._updates_travel()
         if plan.sharded:  # DP pieces of DTensor parameters to their owners, each as one TP block
-            dtensors.gather(plan.sharded, plan.sharded_owners, self.dp_group, values=not self._updates_travel())
+            dtensors.gather(plan.sharded, plan.sharded_owners, self.dp_group, values=not travel)
         if fresh:  # parameters may be at their first step
             self._init_fresh([p for p, _ in plan.owned])
         shared = comm.group_size(self.dp_group) > 1 and (plan.sharded or plan.replicated)
         if not shared:
             self._engine.run(plan.stacks)
             return
-        self._share(plan, self._engine.run(plan.stacks, defer=True))
+        self._share(plan, self._engine.run(plan.stacks, defer=True), travel)
 
-    def _share(self, plan: StepPlan, pending: Pending) -> None:
+    def _share(self, plan: StepPlan, pending: Pending, travel: bool) -> None:
         """On the DP x TP grid: the owners' new values to every replica, each replica's finite verdict in the
         same first call (the pieces' all-to-all, or the all-gather); then every replica commits, or all raise
         or skip with the same message (nothing written), as one process would. With ``overlap`` the calls are
-        left in flight, bucket by bucket (dist_ortho.optim.overlap)."""
+        left in flight, bucket by bucket (dist_ortho.optim.overlap). ``travel``: DTensor pieces get the update
+        (:meth:`_updates_travel`)."""
         values, dtensors = pending.new_values(), self.layouts.dtensors
-        travel = bool(plan.sharded) and self._updates_travel()
-        updates = pending.updates() if travel else None
-        group_of = {id(p): group for group in self.param_groups for p in group["params"]} if travel else {}
+        updates, landing = (pending.updates(), self._landing_options()) if travel else (None, {})
         flag: torch.Tensor | None = pending.verdict.flag(local((plan.sharded or plan.replicated)[0]).device)
         shared, owners = plan.sharded + plan.replicated, plan.sharded_owners + plan.replicated_owners
         buckets = []
@@ -723,11 +723,9 @@ class OrthogonalizedOptimizer(Optimizer):
             programs = []
             if sharded:
                 params = [shared[i] for i in sharded]
-                if travel:
-                    programs.append(dtensors.scatter(params, [owners[i] for i in sharded], self.dp_group, updates, flag,
-                                                     self._land_updates(params, group_of)))
-                else:
-                    programs.append(dtensors.scatter(params, [owners[i] for i in sharded], self.dp_group, values, flag))
+                land = self._land_updates(params, landing) if travel else None
+                programs.append(dtensors.scatter(params, [owners[i] for i in sharded], self.dp_group,
+                                                 updates if travel else values, flag, land))
                 flag = None
             if replicated:
                 programs.append(share_program([dtensors.value(shared[i]) for i in replicated], [owners[i] for i in replicated],
@@ -754,18 +752,22 @@ class OrthogonalizedOptimizer(Optimizer):
         return (all(getattr(cls, hook) is getattr(OrthogonalizedOptimizer, hook) for hook in self._WEIGHT_HOOKS)
                 and not any(self._l2(group) for group in self.param_groups))
 
-    def _land_updates(self, params: Sequence[torch.Tensor], group_of: dict[int, dict[str, Any]]
+    def _landing_options(self) -> dict[int, dict[str, Any]]:
+        """Per parameter (by id), what applying its update reads: the step's lr and decay, taken now (with
+        ``overlap`` the update lands after the LR scheduler's next step)."""
+        out: dict[int, dict[str, Any]] = {}
+        for g in self.param_groups:
+            lr = g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"]
+            options = {"lr": lr, "weight_decay": g["weight_decay"], "weight_decay_method": g["weight_decay_method"]}
+            out.update((id(p), options) for p in g["params"])
+        return out
+
+    def _land_updates(self, params: Sequence[torch.Tensor], landing: dict[int, dict[str, Any]]
                       ) -> Callable[[int, torch.Tensor, torch.Tensor, Any], None]:
         """``land(i, mine, update, ok)``: apply a received piece of ``params[i]``'s update to its local piece, as the
         step applies an update to a whole weight (weight decay, then W - lr U; only where the device bool ``ok``),
-        with the step's lr and decay (read now: with ``overlap`` it lands after the LR scheduler's next step)."""
-        frozen: dict[int, dict[str, Any]] = {}
-        for p in params:
-            g = group_of[id(p)]
-            if id(g) not in frozen:
-                lr = g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"]
-                frozen[id(g)] = {"lr": lr, "weight_decay": g["weight_decay"], "weight_decay_method": g["weight_decay_method"]}
-        groups = [frozen[id(group_of[id(p)])] for p in params]
+        with the options of :meth:`_landing_options`."""
+        groups = [landing[id(p)] for p in params]
 
         def land(i: int, mine: torch.Tensor, update: torch.Tensor, ok: torch.Tensor | None) -> None:
             new = mine if ok is None else mine.clone()
