@@ -76,7 +76,7 @@ def _by_dtype(params: Sequence[torch.Tensor]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _flat(tensors: list[torch.Tensor], like: torch.Tensor, length: int) -> list[torch.Tensor]:
+def _padded_parts(tensors: list[torch.Tensor], like: torch.Tensor, length: int) -> list[torch.Tensor]:
     """The tensors flattened, and the zeros that pad them to ``length`` elements: parts to concatenate once."""
     return [*(t.reshape(-1) for t in tensors), like.new_zeros(length - sum(t.numel() for t in tensors))]
 
@@ -101,7 +101,7 @@ def share_program(
     for members in _by_dtype(params):
         numel = [sum(params[i].numel() for i in members if owners[i] == r) for r in range(size)]
         mine = [sent[i].detach() for i in members if owners[i] == rank]
-        parts = _flat(mine, params[members[0]], max(numel))
+        parts = _padded_parts(mine, params[members[0]], max(numel))
         if flag is not None and not requests:
             parts.append(flag.reshape(1).to(parts[0].dtype))
         requests.append(AllGather(torch.cat(parts), dp_group))
@@ -145,9 +145,9 @@ def start_reduce_to_owners(
     for members in _by_dtype(like):
         per_owner = [[i for i in members if owners[i] == r] for r in range(size)]
         longest = max(sum(like[i].numel() for i in owned) for owned in per_owner)
-        send = torch.cat([part for owned in per_owner  # every owner's gradients in rank order, each padded to longest
-                          for part in _flat([grads[i] if grads[i] is not None else torch.zeros_like(like[i]) for i in owned],
-                                            like[members[0]], longest)])
+        owned_grads = [[grads[i] if grads[i] is not None else torch.zeros_like(like[i]) for i in owned] for owned in per_owner]
+        # every owner's gradients in rank order, each padded to longest, packed once
+        send = torch.cat([part for g in owned_grads for part in _padded_parts(g, like[members[0]], longest)])
         started.append((per_owner[rank], comm.reduce_scatter(send, dp_group, async_op=True)))
 
     def averages() -> list[torch.Tensor | None]:
