@@ -233,8 +233,8 @@ def agree(entries: list[tuple], labels: list[str], group: ProcessGroup | None, w
     One all-gather of a 16-byte digest and a flag when they agree (``digest``: :func:`digest_of` the entries,
     when the caller keeps it); when they do not, every rank's entries and labels are exchanged
     (all_gather_object) so that the error names the first differing entry, what each rank has there, and is the
-    same text on every rank. ``failed``: this rank already found a disagreement in another of its groups: every
-    rank of this group then raises too (so that a disagreement reaches every rank of a DP x TP grid, checked
+    same text on every rank. ``failed``: this rank already found a disagreement in another of its groups (or an
+    error in its own input): every rank of this group then raises too (so that a disagreement reaches every rank of a DP x TP grid, checked
     group by group, and none is left waiting in the step for ranks that raised).
     """
     size = group_size(group)
@@ -246,8 +246,8 @@ def agree(entries: list[tuple], labels: list[str], group: ProcessGroup | None, w
     if all(row[:2] == table[0][:2] for row in table):
         flagged = [r for r, row in enumerate(table) if row[2]]
         if flagged:
-            raise ValueError(f"ranks disagree on {what}: found in another group of this group's rank(s) {flagged}, "
-                             "whose error names the entry")
+            raise ValueError(f"ranks disagree on {what}: found by this group's rank(s) {flagged} (in their input or "
+                             "another of their groups), whose error names it")
         return
     views: list[Any] = [None] * size
     dist.all_gather_object(views, (entries, labels), group=group)
@@ -261,18 +261,19 @@ def agree(entries: list[tuple], labels: list[str], group: ProcessGroup | None, w
 
 
 def agree_over(entries: list[tuple], labels: list[str], groups: Sequence[ProcessGroup | None], what: str,
-               digest: int | None = None) -> None:
+               digest: int | None = None, error: str | None = None) -> None:
     """:func:`agree` over each of ``groups`` in turn, the first disagreement carried into the later groups' checks
     (``failed``), then raised: on a DP x TP grid (groups: TP, then DP) every rank raises a ValueError, and the
-    ranks of the group where it was found the one naming the entry."""
+    ranks of the group where it was found the one naming the entry. ``error``: what this rank found wrong on its
+    own (its input), carried and raised the same way, so that its peers raise too instead of waiting."""
     groups = [g for g in groups if group_size(g) > 1]
     if groups and digest is None:
         digest = digest_of(entries)
-    message = None
+    message = error
     for group in groups:
         try:
             agree(entries, labels, group, what, digest, failed=message is not None)
-        except ValueError as error:
-            message = message or str(error)
+        except ValueError as disagreement:
+            message = message or str(disagreement)
     if message is not None:
         raise ValueError(message)

@@ -43,6 +43,7 @@ class DTensorHolding:
     block_shape: tuple[int, ...]
     dp_local: bool = False  # an expert weight split over DP by whole experts: each DP rank updates its own
     expert_tp: bool = False  # an expert weight whose TP dim is the optimizer's expert_tp_group
+    problem: str | None = None  # why this rank cannot step it (raised on every rank by the plan's agreement)
 
     def piece_numel(self, dp_rank: int) -> int:
         other = self.block_shape[1 - self.dp_dim] if self.dp_dim is not None else self.block_shape[1]
@@ -129,21 +130,34 @@ def find_holdings(
         roles = _roles(p, tp_group, dp_group, label)
         tp_dim, dp_dim = _dim(roles.get("tp"), "tp", label), _dim(roles.get("dp"), "dp", label)
         shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-        found.append((label, tp_dim, dp_dim, tuple(shape)))
+        found.append((label, tp_dim, dp_dim, tuple(shape), _local_problem(p, tuple(shape), label)))
         rows.append([*offset, *shape])
     size = comm.group_size(dp_group)
     table = torch.tensor(rows, dtype=torch.int64).reshape(len(params), 4)
-    if size > 1 and any(dp_dim is not None for _, _, dp_dim, _ in found):
+    if size > 1 and any(dp_dim is not None for _, _, dp_dim, _, _ in found):
         table = comm.all_gather(table.reshape(-1), dp_group).reshape(size, len(params), 4).transpose(0, 1)
     else:
         table = table[:, None, :].expand(len(params), size, 4)
     holdings = []
-    for (label, tp_dim, dp_dim, shape), pieces in zip(found, table.tolist()):
+    for (label, tp_dim, dp_dim, shape, problem), pieces in zip(found, table.tolist()):
         if dp_dim is None:
-            holdings.append(DTensorHolding(tp_dim, None, (shape[0],) * size, shape))
+            holdings.append(DTensorHolding(tp_dim, None, (shape[0],) * size, shape, problem=problem))
             continue
-        holdings.append(DTensorHolding(tp_dim, dp_dim, _check_pieces(pieces, dp_dim, label), _block(pieces, dp_dim)))
+        holdings.append(DTensorHolding(tp_dim, dp_dim, _check_pieces(pieces, dp_dim, label), _block(pieces, dp_dim),
+                                       problem=problem))
     return holdings
+
+
+def _local_problem(p: DTensor, shape: tuple[int, ...], label: str) -> str | None:
+    """Why this rank's local tensor of ``p`` is not the piece its placements give it (a ``DTensor.from_local``
+    with another tensor, or with ``shape=`` that does not match), or None. Found locally; the plan's agreement
+    raises it on every rank, before any collective that would move pieces of the wrong size."""
+    actual = tuple(local(p).shape)
+    if actual == shape:
+        return None
+    return (f"{label}: this rank's local tensor has shape {actual}, where its placements {tuple(p.placements)} "
+            f"on the mesh give {shape} for its global shape {tuple(p.shape)} (was it made by DTensor.from_local "
+            "from another tensor, or with a shape= that does not match?)")
 
 
 _ROLES = {"tp": "tp_group", "dp": "dp_group"}
@@ -376,6 +390,11 @@ class DTensorParams:
                 if hasattr(p, attribute):
                     setattr(standin, attribute, getattr(p, attribute))
             self.holdings[p], self.standins[p] = holding, standin
+
+    def problem(self, p: torch.Tensor) -> str | None:
+        """Why this rank cannot step DTensor ``p`` (:func:`_local_problem`), or None."""
+        holding = self.holdings.get(p)
+        return holding.problem if holding is not None else None
 
     def dp_local(self, p: torch.Tensor) -> bool:
         """Whether p is an expert weight whose DP ranks each hold (and update) experts of their own."""

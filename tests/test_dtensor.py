@@ -175,6 +175,32 @@ def test_a_placement_that_cannot_be_orthogonalized_exactly_is_an_error_on_every_
     assert all(e and message in e for e in errors), errors
 
 
+def _wrong_local_piece(ctx, tp_only: bool, verify_plan: str):
+    """Rank 1's local tensor is one row longer than its piece (DTensor.from_local with shape= given)."""
+    mesh, placements = (_mesh(1, 4), (Shard(1),)) if tp_only else (_mesh(2, 2), (Shard(0), Shard(1)))
+    full = torch.randn(8, 6)
+    piece = piece_of(full, mesh, placements)
+    if ctx.rank == 1:
+        piece = torch.randn(piece.shape[0] + 1, piece.shape[1])
+    made = lambda t: DTensor.from_local(t, mesh, placements, shape=full.shape, stride=full.stride())
+    p = torch.nn.Parameter(made(piece.clone()))
+    opt = get_optimizer("muon")([("w", p)], lr=0.02, device_mesh=mesh, verify_plan=verify_plan)
+    p.grad = made(torch.randn(piece.shape))
+    try:
+        opt.step()
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("tp_only,verify_plan", [(False, "on_change"), (True, "on_change"), (True, "every_step")])
+def test_a_local_tensor_that_is_not_its_piece_is_an_error_on_every_rank(world, tp_only, verify_plan):
+    # Before: gloo's size enforce aborted the processes (TP only) or a CollectiveError after the timeout (DP x TP).
+    errors = world.run(_wrong_local_piece, tp_only, verify_plan)
+    assert "parameter 'w': this rank's local tensor has shape" in errors[1], errors
+    assert all(e and "found by this group's rank(s)" in e for r, e in enumerate(errors) if r != 1), errors
+
+
 class _Mlp(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -219,23 +219,24 @@ def test_overlap_options_are_checked():
         get_optimizer("muon")([p], overlap=True).overlap_by_layer([p])
 
 
-def _one_rank_stops_before_the_share(ctx):
+def _one_rank_stops_before_the_share(ctx, overlap: bool):
     from dist_ortho import comm
 
     comm.set_timeout(3)
     try:
         p = torch.nn.Parameter(torch.randn(8, 6, generator=torch.Generator().manual_seed(0)))
         layer = Layer([p], [])
-        opt = get_optimizer("muon")([p], lr=0.02, dp_group=ctx.group, overlap=True)
-        opt.overlap_by_layer([layer])
+        opt = get_optimizer("muon")([p], lr=0.02, dp_group=ctx.group, overlap=overlap)
+        if overlap:
+            opt.overlap_by_layer([layer])
         p.grad = torch.ones_like(p)
         opt.step()
         layer()
         if ctx.rank == 1:  # this rank raises elsewhere and never reaches step 2
             return ("stopped", 0.0)
-        opt.step()  # returns: its share is in flight
         began = time.perf_counter()
         try:
+            opt.step()  # with overlap: returns, its share in flight
             layer()
         except comm.CollectiveError as e:
             return (str(e), time.perf_counter() - began)
@@ -244,13 +245,15 @@ def _one_rank_stops_before_the_share(ctx):
         comm.set_timeout(None)
 
 
-def test_a_share_that_never_completes_fails_in_the_forward_naming_the_step():
-    """With a 3 s timeout, the replica left alone raises CollectiveError from its layer's pre-hook, naming the
-    optimizer, the step, the share and the collective (not the process group's 30 minutes)."""
+@pytest.mark.parametrize("overlap,where", [(True, "waited for before Layer's forward"), (False, "waited for")])
+def test_a_share_that_never_completes_fails_naming_the_step(overlap, where):
+    """With a 3 s timeout, the replica left alone raises CollectiveError (from its layer's pre-hook with overlap,
+    else from step()) naming the optimizer and the step once, the share and the collective (not the process
+    group's 30 minutes)."""
     with started_world(2) as pair:
-        (message, waited), stopped = pair.run(_one_rank_stops_before_the_share)
+        (message, waited), stopped = pair.run(_one_rank_stops_before_the_share, overlap)
     assert stopped[0] == "stopped"
-    assert message.startswith("Muon step 2: the share over DP (waited for before Layer's forward): all_gather"), message
+    assert message.startswith(f"Muon step 2: the share over DP ({where}): all_gather"), message
     assert "timeout 3 s" in message and waited < 30, (message, waited)
 
 

@@ -3,7 +3,9 @@
 coalesced collectives would not match. :class:`PlanAgreement` checks it with one 16-byte all-gather per group
 when the plan is new to this rank (none while it is unchanged); a disagreement raises a ValueError on every
 rank, naming the first differing entry on the ranks of the group where it was found (dist_ortho.comm.agree_over:
-the others, told by the flag their next group's check carries, say where). :func:`agree_batching` makes ranks that
+the others, told by the flag their next group's check carries, say where). What a rank finds wrong with its own
+parameters (a DTensor's local tensor that is not its piece) rides the same check as a flag, so that its peers
+raise too instead of meeting it in collectives of another size. :func:`agree_batching` makes ranks that
 compute the same whole matrices batch them alike.
 
 ``verify_plan`` (:data:`VerifyPlan`): "on_change" (the default) checks a plan when it is new to this rank. A rank
@@ -53,24 +55,33 @@ class PlanAgreement:
         self._agreed: list[tuple] = []
         self._verified: tuple[Any, list[tuple], list[str], int] | None = None
 
-    def check(self, entries: Sequence[tuple], labels: Sequence[str], groups: Sequence[comm.ProcessGroup | None]) -> None:
+    def check(self, entries: Sequence[tuple], labels: Sequence[str], groups: Sequence[comm.ProcessGroup | None],
+              error: str | None = None) -> None:
+        """``error``: what this rank found wrong with its own parameters, raised on every rank (no plan with
+        one is ever agreed)."""
         key = tuple(entries)
-        if key in self._agreed:
+        if key in self._agreed and error is None:
             return
-        comm.agree_over([(self.owner, *e) for e in entries], list(labels), groups,
-                        f"the {self.owner} step's plan (entry: {ENTRY})")
+        comm.agree_over(self._stamped(entries), list(labels), groups, self._what(ENTRY), error=error)
         self._agreed = [*self._agreed[-3:], key]
 
     def verify(self, key: Any, entries: Callable[[], tuple[list[tuple], list[str]]],
-               groups: Sequence[comm.ProcessGroup | None]) -> None:
+               groups: Sequence[comm.ProcessGroup | None], error: str | None = None) -> None:
         """``verify_plan="every_step"``: the same check every step, this rank's plan ``entries()`` (made, and its
         digest computed, only when ``key`` changed) against every rank's, over each of ``groups``."""
         if self._verified is None or self._verified[0] != key:
             made, labels = entries()
-            stamped = [(self.owner, *e) for e in made]
+            stamped = self._stamped(made)
             self._verified = (key, stamped, labels, comm.digest_of(stamped))
         _, stamped, labels, digest = self._verified
-        comm.agree_over(stamped, labels, groups, f"the {self.owner} step's plan (entry: {ENTRY}, taking part)", digest)
+        comm.agree_over(stamped, labels, groups, self._what(f"{ENTRY}, taking part"), digest, error)
+
+    def _stamped(self, entries: Sequence[tuple]) -> list[tuple]:
+        """Entries as exchanged, each led by the optimizer's class name (ranks stepping different members differ there)."""
+        return [(self.owner, *e) for e in entries]
+
+    def _what(self, entry: str) -> str:
+        return f"the {self.owner} step's plan (entry: {entry})"
 
 
 def agree_batching(keys: Sequence[batching.Key], groups: Sequence[comm.ProcessGroup | None]) -> None:

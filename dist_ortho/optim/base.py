@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, get_args
 
 import torch
@@ -512,7 +512,13 @@ class OrthogonalizedOptimizer(Optimizer):
 
     def _agree(self, params: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> None:
         """Every rank runs the same plan (dist_ortho.optim.agreement), or the same ValueError on every rank."""
-        self._agreement.check(*self._plan_entries(params), (self.tp_group, self.expert_tp_group, self.dp_group))
+        self._agreement.check(*self._plan_entries(params), (self.tp_group, self.expert_tp_group, self.dp_group),
+                              self._input_error(p for p, _ in params))
+
+    def _input_error(self, params: Iterable[torch.Tensor]) -> str | None:
+        """The first thing wrong with this rank's own ``params`` that only it can see (a DTensor's local tensor
+        that is not its piece), for the agreement to raise on every rank."""
+        return next((e for e in map(self.layouts.dtensors.problem, params) if e is not None), None)
 
     def _verify_plan(self) -> None:
         """``verify_plan="every_step"``: every rank's plan checked against the others' as the step's first call
@@ -533,7 +539,8 @@ class OrthogonalizedOptimizer(Optimizer):
             def entries() -> tuple[list[tuple], list[str]]:
                 made, labels = self._plan_entries(every)
                 return [(*e, id(p) in taking_part) for e, (p, _) in zip(made, every)], labels
-        self._agreement.verify(key, entries, (self.tp_group, self.expert_tp_group, self.dp_group))
+        self._agreement.verify(key, entries, (self.tp_group, self.expert_tp_group, self.dp_group),
+                               self._input_error(p for p, _ in every))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -547,7 +554,8 @@ class OrthogonalizedOptimizer(Optimizer):
             with comm.count_collectives(stats):
                 self._step()
         except comm.CollectiveError as e:
-            raise comm.CollectiveError(f"{type(self).__name__} step {self._step_count}: {e}") from e
+            prefix = f"{type(self).__name__} step {self._step_count}: "
+            raise comm.CollectiveError(str(e) if str(e).startswith(prefix) else prefix + str(e)) from e
         return loss
 
     # -- the share in flight (overlap=True) --
