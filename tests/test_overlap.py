@@ -1,8 +1,9 @@
 """Overlap on the DP x TP grid (dist_ortho.optim.overlap, dist_ortho.backward), world 4.
 
 ``overlap=True`` leaves a step's share over DP in flight; each layer's forward pre-hook (``overlap_by_layer``)
-waits for its own bucket. The weights every forward reads, the final weights and the optimizer state equal
-``overlap=False`` bit for bit (same arithmetic, same order), in every TP mode and member, at DP 2 x TP 2 and
+waits for its own bucket (and its state-dict and load-state-dict pre-hooks). The weights every forward reads, a
+``model.state_dict()`` right after a step, the final weights and the optimizer state equal ``overlap=False`` bit for
+bit (same arithmetic, same order), in every TP mode and member, at DP 2 x TP 2 and
 DP 4, also when one rank issues its share late (a forward never reads stale weights). ``overlap_with_backward``
 reduces gradients into their owners as backward makes them final: bit-identical to the blocking reduction
 (DP 2), with gradient accumulation through ``no_sync``.
@@ -43,8 +44,8 @@ class Layer(torch.nn.Module):
 
 
 def _trajectory(ctx, kind: str, mode: str, tp: int, overlap: bool, late_rank: int | None = None, dp: bool = True):
-    """Three steps of ``kind`` on a small GPT's matrices as two layers; (what every forward read, the final
-    weights, the state dict's tensors). ``dp=False``: the TP groups alone (a pipelined step, no share)."""
+    """Three steps of ``kind`` on a small GPT's matrices as two layers; (what every forward and then a
+    ``model.state_dict()`` right after the last step read, the final weights, the optimizer state's tensors). ``dp=False``: the TP groups alone (a pipelined step, no share)."""
     tp_group, dp_group, tp_rank = _grid(ctx, tp)
     dp_group = dp_group if dp else None
     spec = _gpt_like()
@@ -66,6 +67,7 @@ def _trajectory(ctx, kind: str, mode: str, tp: int, overlap: bool, late_rank: in
             time.sleep(0.3)  # this rank issues its share late: the others' forwards must wait for it
         opt.step()
         assert (opt._in_flight is not None) == (overlap and dp)  # the share is left in flight
+    seen.append([t.clone() for t in torch.nn.ModuleList(layers).state_dict().values()])  # a checkpoint's read
     with torch.no_grad():  # an evaluation's forward
         for layer in layers:
             layer()
@@ -80,7 +82,7 @@ def _same(ctx, kind: str, mode: str, tp: int, late_rank: int | None = None, dp: 
     seen = all(torch.equal(a, b) for xs, ys in zip(plain[0], overlapped[0]) for a, b in zip(xs, ys))
     weights = all(torch.equal(a, b) for a, b in zip(plain[1], overlapped[1]))
     state = len(plain[2]) == len(overlapped[2]) and all(torch.equal(a, b) for a, b in zip(plain[2], overlapped[2]))
-    return len(plain[0]) == len(overlapped[0]) == 8 and seen and weights and state
+    return len(plain[0]) == len(overlapped[0]) == 9 and seen and weights and state
 
 
 @pytest.mark.parametrize("mode", ["home", "gram", "duplicated", "distributed"])
@@ -109,6 +111,40 @@ def test_the_pipelined_step_is_bit_identical_for_every_member_at_tp4(world, kind
 def test_a_forward_waits_for_a_share_issued_late(world):
     """Rank 0 sleeps before each step: the other replicas' layers wait in their pre-hooks and read the new weights."""
     assert all(world.run(_same, "muon", "home", 2, 0))
+
+
+def _loaded_and_uncovered(ctx):
+    """A model.load_state_dict() right after a step (its share in flight) is not overwritten by the share landing
+    after it; overlap_by_layer with a layer left out names its parameters."""
+    tp_group, dp_group, tp_rank = _grid(ctx, 2)
+    spec = _gpt_like()
+    _, params = _params(spec, tp_rank, 2)
+    names = [name for name, *_ in spec]
+    layers = [Layer(params[i : i + 4], []) for i in range(0, len(params), 4)]
+    model = torch.nn.ModuleList(layers)
+    opt = get_optimizer("muon")(list(zip(names, params)), lr=0.02, tp_group=tp_group, dp_group=dp_group,
+                                tp_mode="home", overlap=True)
+    try:
+        opt.overlap_by_layer(layers[:1])
+        uncovered = "no error"
+    except ValueError as e:
+        uncovered = str(e)
+    opt.overlap_by_layer(layers)
+    saved = {k: t.clone() for k, t in model.state_dict().items()}
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()  # returns: its share in flight
+    model.load_state_dict(saved)
+    opt.finish()
+    loaded = all(torch.equal(t, saved[k]) for k, t in model.state_dict().items())
+    return uncovered, loaded
+
+
+def test_a_loaded_model_is_not_overwritten_and_every_shared_weight_needs_a_layer(world):
+    results = world.run(_loaded_and_uncovered)
+    assert all(loaded for _, loaded in results), results
+    assert all(message.startswith("overlap_by_layer: in none of the layers: l1.qkv, l1.proj, l1.fc1, l1.fc2.")
+               for message, _ in results), results
 
 
 def _nonfinite_at_the_wait(ctx):

@@ -128,9 +128,9 @@ class OrthogonalizedOptimizer(Optimizer):
             tp_group=mesh["tp"].get_group(). DTensor parameters (FSDP2, torch tensor parallel) on these mesh
             dims are orthogonalized exactly (dist_ortho.dtensor); their placements replace the TE attributes.
         overlap: with dp_group, the step issues its share (the owners' new weights to every replica) without waiting
-            for it: it is waited for where the weights are next read, by the forward pre-hooks that
-            :meth:`overlap_by_layer` installs, :meth:`wait_for`, or :meth:`finish` (called by the next step,
-            ``state_dict`` and ``load_state_dict``). And Newton-Schulz runs as a pipeline of buckets of matrix shapes,
+            for it: it is waited for where the weights are next read, by the hooks that :meth:`overlap_by_layer`
+            installs (each layer's forward, ``state_dict`` and ``load_state_dict``), :meth:`wait_for`, or
+            :meth:`finish` (called by the next step and the optimizer's ``state_dict`` and ``load_state_dict``). And Newton-Schulz runs as a pipeline of buckets of matrix shapes,
             one bucket's collectives in flight while another computes (dist_ortho.tp.orthogonalize_many). Same
             arithmetic: the weights are bit-identical to ``overlap=False`` (dist_ortho.optim.overlap).
         overlap_with_backward: with ``reduce_grads``, average each gradient into its owner while backward runs:
@@ -575,10 +575,13 @@ class OrthogonalizedOptimizer(Optimizer):
 
     def overlap_by_layer(self, layers: Sequence[torch.nn.Module]) -> list[Any]:
         """The model's layers, in forward order, as the units of overlap. With ``overlap=True`` the share is cut
-        into one bucket per layer (the parameters in none of them form a last bucket, waited for by
-        :meth:`finish`) and each layer's bucket is waited for in a forward pre-hook (run before any other
-        pre-hook, FSDP2's all-gather included); with ``overlap_with_backward`` the gradients are reduced per
-        layer, in backward order. Returns the hooks' handles (``.remove()``)."""
+        into one bucket per layer and each layer's bucket is waited for where the layer's weights are next read:
+        a forward pre-hook (run before any other pre-hook, FSDP2's all-gather included), and state-dict and
+        load-state-dict pre-hooks (a ``model.state_dict()`` or a checkpoint save reads the new weights; a
+        ``model.load_state_dict()`` is not overwritten by a share landing after it). On the DP x TP grid every
+        parameter the share brings must be in one of the layers (a ValueError names those in none: nothing
+        would wait for them before a forward reads them). With ``overlap_with_backward`` the gradients are
+        reduced per layer, in backward order. Returns the hooks' handles (``.remove()``)."""
         if not (self.overlap or self.overlap_with_backward):
             raise ValueError("overlap_by_layer needs overlap=True or overlap_with_backward=True")
         layers = list(layers)
@@ -588,7 +591,28 @@ class OrthogonalizedOptimizer(Optimizer):
         self._layers = [set(module.parameters()) for module in layers]
         if not self.overlap:
             return []
-        return [module.register_forward_pre_hook(lambda m, _args: self.wait_for(m), prepend=True) for module in layers]
+        self._check_layers_cover()
+
+        def wait(module: torch.nn.Module, *_: Any) -> None:
+            self.wait_for(module)
+        return [handle for module in layers for handle in (
+            module.register_forward_pre_hook(wait, prepend=True), module.register_state_dict_pre_hook(wait),
+            module.register_load_state_dict_pre_hook(wait))]
+
+    def _check_layers_cover(self) -> None:
+        """Every parameter the share over DP may bring (each that requires a gradient, but experts whose DP ranks
+        update their own) is in one of ``overlap_by_layer``'s layers. Local: every rank holds the same layers."""
+        if comm.group_size(self.dp_group) == 1:
+            return
+        covered = set().union(*self._layers)
+        outside = [self.name_of(p) for group in self.param_groups for p in group["params"]
+                   if p.requires_grad and p not in covered and not self.layouts.dtensors.dp_local(p)]
+        if outside:
+            shown = ", ".join(outside[:5]) + (f" and {len(outside) - 5} more" if len(outside) > 5 else "")
+            raise ValueError(
+                f"overlap_by_layer: in none of the layers: {shown}. With overlap=True nothing would wait for their "
+                "share before a forward reads them. Pass the modules that hold them among the layers, in forward "
+                "order (e.g. [model.embedding, *model.layers, model.head]), or leave them to another optimizer")
 
     def no_sync(self) -> contextlib.AbstractContextManager[None]:
         """Gradient accumulation with ``overlap_with_backward``: a backward inside this block reduces nothing (its

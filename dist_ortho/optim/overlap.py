@@ -3,10 +3,11 @@
 On the DP x TP grid the owners' new weights reach the other replicas through the step's DP collectives
 (the all-gather of TE-attribute weights, the all-to-all back of DTensor pieces), which also carry every
 replica's finite verdict (dist_ortho.optim.step). With ``overlap=True`` the step issues them without waiting:
-the parameters are cut into *buckets* (one per layer given to ``overlap_by_layer``, in that order, then one
-for the rest), each bucket's collectives are issued asynchronously in bucket order, and :class:`ShareInFlight`
-waits for a bucket only where its weights are read: a forward pre-hook of its module, ``finish()`` (the next step,
-``state_dict()``, a checkpoint, anything else that reads weights). At the first wait of any bucket the first
+the parameters are cut into *buckets* (one per layer given to ``overlap_by_layer``, in that order, which must
+hold every shared weight; without layers one bucket), each bucket's collectives are issued asynchronously in
+bucket order, and :class:`ShareInFlight` waits for a bucket only where its weights are read or written: its
+module's forward, ``state_dict()`` and ``load_state_dict()`` pre-hooks, ``finish()`` (the next step, the
+optimizer's ``state_dict()``, a checkpoint, anything else that reads weights). At the first wait of any bucket the first
 bucket (the verdicts) is completed and the step is decided as without overlap: the owners' weights and state are
 committed, or every rank raises (after draining every bucket, so that no collective is left in flight), or all
 skip. The arithmetic is the same as without overlap, so the weights are bit-identical.
