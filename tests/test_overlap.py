@@ -137,14 +137,25 @@ def _loaded_and_uncovered(ctx):
     model.load_state_dict(saved)
     opt.finish()
     loaded = all(torch.equal(t, saved[k]) for k, t in model.state_dict().items())
-    return uncovered, loaded
+    late = torch.nn.Parameter(torch.randn(6, 4))
+    late.grad = torch.ones_like(late)
+    opt.add_param_group({"params": [("late.weight", late)]})
+    try:
+        opt.step()
+        added = "no error"
+    except ValueError as e:
+        added = str(e)
+    return uncovered, loaded, added
 
 
 def test_a_loaded_model_is_not_overwritten_and_every_shared_weight_needs_a_layer(world):
     results = world.run(_loaded_and_uncovered)
-    assert all(loaded for _, loaded in results), results
+    assert all(loaded for _, loaded, _ in results), results
     assert all(message.startswith("overlap_by_layer: in none of the layers: l1.qkv, l1.proj, l1.fc1, l1.fc2.")
-               for message, _ in results), results
+               for message, _, _ in results), results
+    # a parameter group added after overlap_by_layer: found when the step makes its new plan
+    assert all(added.startswith("overlap_by_layer: in none of the layers: late.weight.")
+               for _, _, added in results), results
 
 
 def _nonfinite_at_the_wait(ctx):

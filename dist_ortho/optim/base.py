@@ -693,6 +693,8 @@ class OrthogonalizedOptimizer(Optimizer):
             if p.grad is not None and p.grad.is_sparse:
                 raise TypeError(f"{type(self).__name__} does not support sparse gradients")
         self._agree(taking_part)
+        if self.overlap and self._layers:  # parameter groups added after overlap_by_layer
+            self._check_layers_cover()
         dp_rank = comm.group_rank(self.dp_group)
         owned = [(p, group) for p, group in taking_part if self.owner(p) == dp_rank]
         sharded = [p for p in params if self.layouts.dtensors.dp_sharded(p)]
