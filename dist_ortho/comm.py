@@ -234,8 +234,8 @@ def agree(entries: list[tuple], labels: list[str], group: ProcessGroup | None, w
     when the caller keeps it); when they do not, every rank's entries and labels are exchanged
     (all_gather_object) so that the error names the first differing entry, what each rank has there, and is the
     same text on every rank. ``failed``: this rank already found a disagreement in another of its groups (or an
-    error in its own input): every rank of this group then raises too (so that a disagreement reaches every rank of a DP x TP grid, checked
-    group by group, and none is left waiting in the step for ranks that raised).
+    error in its own input): every rank of this group then raises too (so that a disagreement reaches every rank
+    of a DP x TP grid, checked group by group, and none is left waiting in the step for ranks that raised).
     """
     size = group_size(group)
     if size == 1:

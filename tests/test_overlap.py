@@ -45,7 +45,8 @@ class Layer(torch.nn.Module):
 
 def _trajectory(ctx, kind: str, mode: str, tp: int, overlap: bool, late_rank: int | None = None, dp: bool = True):
     """Three steps of ``kind`` on a small GPT's matrices as two layers; (what every forward and then a
-    ``model.state_dict()`` right after the last step read, the final weights, the optimizer state's tensors). ``dp=False``: the TP groups alone (a pipelined step, no share)."""
+    ``model.state_dict()`` right after the last step read, the final weights, the optimizer state's tensors).
+    ``dp=False``: the TP groups alone (a pipelined step, no share)."""
     tp_group, dp_group, tp_rank = _grid(ctx, tp)
     dp_group = dp_group if dp else None
     spec = _gpt_like()

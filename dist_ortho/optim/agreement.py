@@ -77,7 +77,8 @@ class PlanAgreement:
         comm.agree_over(stamped, labels, groups, self._what(f"{ENTRY}, taking part"), digest, error)
 
     def _stamped(self, entries: Sequence[tuple]) -> list[tuple]:
-        """Entries as exchanged, each led by the optimizer's class name (ranks stepping different members differ there)."""
+        """Entries as exchanged, each led by the optimizer's class name (ranks stepping different members
+        differ there)."""
         return [(self.owner, *e) for e in entries]
 
     def _what(self, entry: str) -> str:

@@ -130,9 +130,10 @@ class OrthogonalizedOptimizer(Optimizer):
         overlap: with dp_group, the step issues its share (the owners' new weights to every replica) without waiting
             for it: it is waited for where the weights are next read, by the hooks that :meth:`overlap_by_layer`
             installs (each layer's forward, ``state_dict`` and ``load_state_dict``), :meth:`wait_for`, or
-            :meth:`finish` (called by the next step and the optimizer's ``state_dict`` and ``load_state_dict``). And Newton-Schulz runs as a pipeline of buckets of matrix shapes,
-            one bucket's collectives in flight while another computes (dist_ortho.tp.orthogonalize_many). Same
-            arithmetic: the weights are bit-identical to ``overlap=False`` (dist_ortho.optim.overlap).
+            :meth:`finish` (called by the next step and the optimizer's ``state_dict`` and ``load_state_dict``).
+            And Newton-Schulz runs as a pipeline of buckets of matrix shapes, one bucket's collectives in flight
+            while another computes (dist_ortho.tp.orthogonalize_many). Same arithmetic: the weights are
+            bit-identical to ``overlap=False`` (dist_ortho.optim.overlap).
         overlap_with_backward: with ``reduce_grads``, average each gradient into its owner while backward runs:
             a bucket's reduce-scatter is issued as soon as its gradients are final (post-accumulate-grad hooks,
             dist_ortho.backward; buckets: the layers given to :meth:`overlap_by_layer` in backward order, else
