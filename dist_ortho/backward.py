@@ -9,7 +9,8 @@ as zeros, as in the blocking reductions) and waits for everything. What a bucket
 average, a reduce-scatter into owners) is the caller's ``start``: it reads the gradients when called and returns
 a function that waits and writes the result. With gradient accumulation, every micro-batch but the last runs
 inside :meth:`no_sync` (as with torch's DistributedDataParallel); a gradient accumulated again after its bucket
-was issued is a RuntimeError, never a silently partial reduction.
+was issued is a RuntimeError, never a silently partial reduction. A backward whose gradients are dropped (a step
+skipped: the optimizer's ``zero_grad``) ends with :meth:`abandon`.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ class BackwardReducer:
         if k < self._next:
             raise RuntimeError(
                 f"the gradient of {self._label(p)} was accumulated again after its reduction was issued: run every "
-                "micro-batch but the last inside optimizer.no_sync()")
+                "micro-batch but the last inside optimizer.no_sync() (and after a backward whose step is skipped, "
+                "call optimizer.zero_grad())")
         self._ready.add(p)
         while self._next < len(self._buckets) and all(q in self._ready for q in self._buckets[self._next]):
             self._issue()
@@ -84,6 +86,11 @@ class BackwardReducer:
         """Issue the buckets not issued yet, in order, and wait for every reduction (its results written)."""
         while self._next < len(self._buckets):
             self._issue()
+        self.abandon()
+
+    def abandon(self) -> None:
+        """Wait for the reductions issued so far and issue no more: the gradients of this backward are not
+        stepped with (a batch skipped between backward and step); the next backward starts afresh."""
         finishers, self._finishers = self._finishers, []
         self._ready.clear()
         self._next = 0

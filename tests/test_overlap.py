@@ -188,19 +188,30 @@ def test_a_nonfinite_step_raises_at_the_first_wait_on_every_rank(world):
     assert all("not finite" in message and untouched for message, untouched in results), results
 
 
-def _backward(ctx, overlap: bool, micro_batches: int, bucket_bytes: int, verify_plan: str = "on_change"):
+def _backward(ctx, overlap: bool, micro_batches: int, bucket_bytes: int, verify_plan: str = "on_change",
+              skipped: str | None = None, kind: str = "muon"):
     """A two-layer model of TE-attribute shards; each DP replica its own inputs; reduce_grads=True. Returns the
-    weights after three steps, and how many buckets the last backward issued before the step."""
+    weights after three steps, and how many buckets the last backward issued before the step. ``skipped``: before
+    step 2's batch, a batch whose step is skipped (backward, its gradients' norm read ("read": reduced into the
+    owners) or not ("unread"), then zero_grad): the weights must be those of no such batch."""
     tp_group, dp_group, tp_rank = _grid(ctx, 2)
     dp_rank = ctx.rank // 2
     gen = torch.Generator().manual_seed(3)
     fulls = [torch.randn(16, 12, generator=gen), torch.randn(12, 16, generator=gen)]
     params = [sharded(block(fulls[0], 0, tp_rank, 2), 0), sharded(block(fulls[1], 1, tp_rank, 2), 1)]
-    opt = get_optimizer("muon")(params, lr=0.02, tp_group=tp_group, dp_group=dp_group, reduce_grads=True,
-                                tp_mode="home", fp32_matmul_prec="highest", overlap_with_backward=overlap,
-                                backward_bucket_bytes=bucket_bytes, verify_plan=verify_plan)
+    named = list(zip(["fc1.weight", "fc2.weight"], params)) if kind == "muon_adamw" else params
+    opt = get_optimizer(kind)(named, lr=0.02, tp_group=tp_group, dp_group=dp_group, reduce_grads=True,
+                              tp_mode="home", fp32_matmul_prec="highest", overlap_with_backward=overlap,
+                              backward_bucket_bytes=bucket_bytes, verify_plan=verify_plan)
+    reducer = getattr(opt, "matrix_optimizer", opt)
     issued = 0
     for step in range(3):
+        if skipped and step == 1:
+            x = torch.randn(4, 12, generator=torch.Generator().manual_seed(999 + dp_rank))
+            (x @ params[0].T @ params[1].T).square().sum().backward()
+            if skipped == "read":
+                opt.clip_grad_norm_(1e9) if kind == "muon_adamw" else opt.grad_sum_of_squares()
+            opt.zero_grad()
         for micro in range(micro_batches):
             x = torch.randn(4, 12, generator=torch.Generator().manual_seed(100 * step + 10 * micro + dp_rank))
             hidden = x @ params[0].T  # column-parallel: this rank's rows of the hidden layer
@@ -208,7 +219,7 @@ def _backward(ctx, overlap: bool, micro_batches: int, bucket_bytes: int, verify_
             context = opt.no_sync() if micro < micro_batches - 1 else torch.enable_grad()
             with context:
                 out.square().sum().backward()
-        issued = opt._backward.issued if opt._backward is not None else 0
+        issued = reducer._backward.issued if reducer._backward is not None else 0
         opt.step()
         opt.zero_grad()
     return [p.detach().clone() for p in params], issued
@@ -225,6 +236,22 @@ def test_reductions_during_backward_equal_the_blocking_ones(world, micro_batches
     """Buckets of one matrix each: both were issued by backward's hooks before step() (none left for it)."""
     for same, issued in world.run(_backward_pair, micro_batches):
         assert same and issued == 2, (same, issued)
+
+
+def _skipped_pair(ctx, skipped: str, kind: str):
+    reference, _ = _backward(ctx, False, 1, 2**20, kind=kind)
+    runs = [_backward(ctx, overlap, 1, 1, skipped=skipped, kind=kind)[0] for overlap in (False, True)]
+    return [all(torch.equal(a, b) for a, b in zip(reference, weights)) for weights in runs]
+
+
+@pytest.mark.parametrize("skipped,kind", [("read", "muon"), ("unread", "muon"), ("read", "muon_adamw")])
+def test_a_batch_skipped_after_backward_leaves_no_trace(world, skipped, kind):
+    """Backward, (the norm read: gradients reduced into owners,) zero_grad, then the next batch: the same weights
+    as without that batch, blocking and with reductions during backward. Before, a norm read left the next
+    step's gradients unreduced (silently), and the reductions a skipped backward issued made the next backward
+    raise."""
+    for same in world.run(_skipped_pair, skipped, kind):
+        assert same == [True, True], same
 
 
 def test_the_every_step_plan_check_runs_behind_reductions_in_flight(world):

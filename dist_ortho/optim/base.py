@@ -615,6 +615,15 @@ class OrthogonalizedOptimizer(Optimizer):
                 "share before a forward reads them. Pass the modules that hold them among the layers, in forward "
                 "order (e.g. [model.embedding, *model.layers, model.head]), or leave them to another optimizer")
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch.optim's, after forgetting that these gradients were reduced (a step skipped after reading their
+        norm must not leave the next backward's gradients unreduced) and completing the reductions a backward
+        issued for them (``overlap_with_backward``: none is left in flight, the next backward starts afresh)."""
+        if self._backward is not None:
+            self._backward.abandon()
+        self._grads_reduced = False
+        super().zero_grad(set_to_none)
+
     def no_sync(self) -> contextlib.AbstractContextManager[None]:
         """Gradient accumulation with ``overlap_with_backward``: a backward inside this block reduces nothing (its
         gradients are not final); the last micro-batch's backward, outside it, starts the reductions."""

@@ -163,6 +163,11 @@ class MuonAdamW(Optimizer):
                     p.grad.mul_(coef)
         return norm
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Each inner optimizer's (OrthogonalizedOptimizer.zero_grad for the matrices)."""
+        for _, optimizer in self._inner():
+            optimizer.zero_grad(set_to_none)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = call_closure(closure)
