@@ -68,6 +68,7 @@ def _trajectory(ctx, kind: str, mode: str, tp: int, overlap: bool, late_rank: in
             time.sleep(0.3)  # this rank issues its share late: the others' forwards must wait for it
         opt.step()
         assert (opt._in_flight is not None) == (overlap and dp)  # the share is left in flight
+        opt.zero_grad(set_to_none=False)  # in place, before the share is decided: it must not read gradients
     seen.append([t.clone() for t in torch.nn.ModuleList(layers).state_dict().values()])  # a checkpoint's read
     with torch.no_grad():  # an evaluation's forward
         for layer in layers:
