@@ -10,7 +10,7 @@ average, a reduce-scatter into owners) is the caller's ``start``: it reads the g
 a function that waits and writes the result. With gradient accumulation, every micro-batch but the last runs
 inside :meth:`no_sync` (as with torch's DistributedDataParallel); a gradient accumulated again after its bucket
 was issued is a RuntimeError, never a silently partial reduction. A backward whose gradients are dropped (a step
-skipped: the optimizer's ``zero_grad``) ends with :meth:`abandon`.
+skipped: the optimizer's ``zero_grad``) ends with :meth:`drain`.
 """
 
 from __future__ import annotations
@@ -86,11 +86,12 @@ class BackwardReducer:
         """Issue the buckets not issued yet, in order, and wait for every reduction (its results written)."""
         while self._next < len(self._buckets):
             self._issue()
-        self.abandon()
+        self.drain()
 
-    def abandon(self) -> None:
-        """Wait for the reductions issued so far and issue no more: the gradients of this backward are not
-        stepped with (a batch skipped between backward and step); the next backward starts afresh."""
+    def drain(self) -> None:
+        """Wait for the reductions issued so far (their results written) and issue no more; the next backward
+        starts afresh. The end of :meth:`finish`, and of a backward whose step is skipped (the optimizer's
+        ``zero_grad``)."""
         finishers, self._finishers = self._finishers, []
         self._ready.clear()
         self._next = 0

@@ -620,7 +620,7 @@ class OrthogonalizedOptimizer(Optimizer):
         norm must not leave the next backward's gradients unreduced) and completing the reductions a backward
         issued for them (``overlap_with_backward``: none is left in flight, the next backward starts afresh)."""
         if self._backward is not None:
-            self._backward.abandon()
+            self._backward.drain()
         self._grads_reduced = False
         super().zero_grad(set_to_none)
 
