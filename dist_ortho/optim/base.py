@@ -244,6 +244,7 @@ class OrthogonalizedOptimizer(Optimizer):
         self.verify_plan = check_choice("verify_plan", verify_plan, VERIFY_PLAN)
         self._step_count = 0
         self._grads_reduced = False  # reduce_gradients() ran since the last step
+        self._reduced_plan: tuple | None = None  # the parameters and options the reductions were last agreed for
         self._skipped = 0  # steps skipped for a non-finite update (nonfinite="skip")
         self._skipped_on_device: torch.Tensor | None = None  # the same, counted on the device (capturable)
         self.capturable = capturable
@@ -665,7 +666,10 @@ class OrthogonalizedOptimizer(Optimizer):
         for p, _ in every:
             self.layout(p)  # holdings known: DTensors whose DP ranks hold pieces of their own are left as they are
         every = [(p, group) for p, group in every if not dp_own(self.layouts, p)]
-        self._agree(every)  # the reduce-scatter's buffers follow the plan: agree first
+        key = (tuple(id(p) for p, _ in every), self._options_key())
+        if key != self._reduced_plan:  # the reduce-scatter's buffers follow the plan: agree first (as _step_plan)
+            self._agree(every)
+            self._reduced_plan = key
         reduce_into_owners([p for p, _ in every], [self.owner(p) for p, _ in every], self.dp_group)
         self._grads_reduced = True
         if self.overlap_with_backward:  # the layout is known now: later steps reduce during backward
