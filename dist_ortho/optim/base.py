@@ -536,7 +536,7 @@ class OrthogonalizedOptimizer(Optimizer):
                 return [("parameters new to this rank", names)], ["new parameters"]
         else:
             taking_part = {id(p) for p in self._taking_part()}  # no collective: every layout is known
-            key = (tuple(id(p) for p, _ in every), tuple(id(p) in taking_part for p, _ in every), self._options_key())
+            key = (self._plan_key(p for p, _ in every), tuple(id(p) in taking_part for p, _ in every))
 
             def entries() -> tuple[list[tuple], list[str]]:
                 made, labels = self._plan_entries(every)
@@ -666,7 +666,7 @@ class OrthogonalizedOptimizer(Optimizer):
         for p, _ in every:
             self.layout(p)  # holdings known: DTensors whose DP ranks hold pieces of their own are left as they are
         every = [(p, group) for p, group in every if not dp_own(self.layouts, p)]
-        key = (tuple(id(p) for p, _ in every), self._options_key())
+        key = self._plan_key(p for p, _ in every)
         if key != self._reduced_plan:  # the reduce-scatter's buffers follow the plan: agree first (as _step_plan)
             self._agree(every)
             self._reduced_plan = key
@@ -691,14 +691,16 @@ class OrthogonalizedOptimizer(Optimizer):
             self.layout(p)
         return sum_of_squares(params, self.layouts, self.owns, self.tp_group)
 
-    def _options_key(self) -> tuple:
-        """The options that shape a step's plan, per group (for plan keys: a change makes the plan anew)."""
-        return tuple((id(g), tuple(repr(g.get(k)) for k in STRUCTURAL_OPTIONS)) for g in self.param_groups)
+    def _plan_key(self, params: Iterable[torch.Tensor]) -> tuple:
+        """What a plan for ``params`` depends on that is cheap to compare: the parameters (by identity) and the
+        options that shape a step, per group (a change makes the plan, and its agreement, anew)."""
+        options = tuple((id(g), tuple(repr(g.get(k)) for k in STRUCTURAL_OPTIONS)) for g in self.param_groups)
+        return tuple(map(id, params)), options
 
     def _step_plan(self, params: list[torch.Tensor]) -> StepPlan:
         """The plan of a step with these parameters and options: made (and agreed on by every rank) when new,
         then reused while the parameters taking part and the options that shape the step are unchanged."""
-        key = (tuple(map(id, params)), self._options_key())
+        key = self._plan_key(params)
         if self._plan is not None and self._plan[0] == key:
             return self._plan[1]
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
