@@ -57,6 +57,23 @@ def is_sharded(p: torch.Tensor) -> bool:
     return getattr(p, "tensor_model_parallel", False) is True and getattr(p, "partition_dim", -1) in (0, 1)
 
 
+def unreadable(p: torch.Tensor, name: str | None = None) -> str | None:
+    """Why the attributes on ``p`` describe a holding dist_ortho cannot read (a ValueError's text), or None.
+
+    Megatron's GTP weight remat (megatron-core >= 0.19: ``is_gtp_weight_remat=True``) splits each TP block once
+    more along dim 0 over its ``gtp_remat`` group, padded by ``pad_length`` rows: orthogonalizing such a piece as
+    if it were the whole matrix is the inexact, TP-size-dependent update this library exists to remove, so it is
+    refused until it is read. Local: every rank holds the same attributes, so every rank raises alike."""
+    if getattr(p, "is_gtp_weight_remat", False) is not True:
+        return None
+    label = f"parameter {name!r}" if name else f"a parameter of shape {tuple(p.shape)}"
+    size = getattr(p, "gtp_remat_size", None)
+    return (f"{label} is split once more along dim 0 by Megatron's GTP weight remat (is_gtp_weight_remat=True, "
+            f"gtp_remat_size={size}, pad_length={getattr(p, 'pad_length', None)}): dist_ortho does not read this "
+            "layout, and orthogonalizing each piece alone would be inexact; run without GTP weight remat "
+            "(tensor_parallel_num_weight_shards = tensor_model_parallel_size)")
+
+
 def shard_spec(
     p: torch.Tensor,
     tp_group: comm.ProcessGroup | None,

@@ -54,7 +54,7 @@ from dist_ortho.optim.options import accepted_keywords, check_bool, check_choice
 from dist_ortho.optim.planning import StepPlan, batching_keys, build_stacks, plan_table, refresh_states, resolve_modes
 from dist_ortho.optim.overlap import ShareInFlight, layer_buckets
 from dist_ortho.optim.step import GroupStep, Pending, Verdict, descend, run_phase, shared_verdict
-from dist_ortho.params import Held, MatrixLayout, is_expert_stack
+from dist_ortho.params import Held, MatrixLayout, is_expert_stack, unreadable
 from dist_ortho.precision import MATMUL_PRECISIONS, MatmulPrecision
 from dist_ortho.tp import TP_MODES, NsSpec
 from dist_ortho.tp.batching import BatchMatrices
@@ -361,6 +361,9 @@ class OrthogonalizedOptimizer(Optimizer):
         return is_expert_stack(p, self.names.get(p)) or DTensorParams.is_expert_stack(p)
 
     def check_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        problem = unreadable(p, self.names.get(p))
+        if problem is not None:
+            raise ValueError(problem)
         if p.ndim == 2 or (p.ndim > 2 and group["conv_mode"] is not None) or self.is_expert_stack(p):
             return
         hint = (

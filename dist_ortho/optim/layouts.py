@@ -17,7 +17,7 @@ import torch
 from dist_ortho import comm
 from dist_ortho.dtensor import DTensorParams
 from dist_ortho.grid import assign_owners, check_grid
-from dist_ortho.params import MatrixLayout, find_layouts, is_expert_stack
+from dist_ortho.params import MatrixLayout, find_layouts, is_expert_stack, unreadable
 from dist_ortho.qkv import split_layout
 
 _SHARDING = ("tensor_model_parallel", "partition_dim", "partition_stride", "expert_tp")
@@ -50,6 +50,10 @@ class ParamLayouts:
 
     def find(self, new: Sequence[tuple[torch.Tensor, dict[str, Any]]], names: Callable[[torch.Tensor], str | None]) -> None:
         """Layouts, parts and owners of the ``new`` (parameter, group) pairs (collectives: see the module doc)."""
+        for p, _ in new:  # before any collective (a wrapper may have put new tensors into the groups)
+            problem = unreadable(p, names(p))
+            if problem is not None:
+                raise ValueError(problem)
         if not self.layouts:
             check_grid(self.tp_group, self.dp_group)
         self.experts.update(p for p, _ in new if is_expert_stack(p, names(p)) or self.dtensors.is_expert_stack(p))
