@@ -123,6 +123,13 @@ def share_program(
     return flags, write
 
 
+def verdict_program(flag: torch.Tensor, group: comm.ProcessGroup | None) -> Program[tuple[torch.Tensor, Writer]]:
+    """Program: every rank's ``flag`` (a 0-dim tensor: the step's finite verdict) by rank, for an owner group whose
+    share has nothing else in its first call (one all-gather of one value); its write does nothing."""
+    gathered = yield [AllGather(flag.reshape(1), group)]
+    return gathered[0][:, 0], lambda ok=None: None
+
+
 def reduce_to_owners(
     grads: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor], owners: Sequence[int], dp_group: comm.ProcessGroup | None
 ) -> list[torch.Tensor | None]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from dist_ortho import comm
-from dist_ortho.params import MatrixLayout
+from dist_ortho.layout import Layout, tp_layout
 
 
 @dataclass(frozen=True)
@@ -68,13 +68,13 @@ def qkv_parts(
 
 
 def split_layout(
-    layout: MatrixLayout, local_rows: int, split_shapes: Sequence[int], per_head: bool, name: str
-) -> list[tuple[torch.Tensor, MatrixLayout]]:
+    layout: Layout, local_rows: int, split_shapes: Sequence[int], per_head: bool, name: str
+) -> list[tuple[torch.Tensor, Layout]]:
     """The components of a fused QKV weight of ``layout`` (this rank holding ``local_rows`` rows): for each, this
     rank's row indices and the component's own global layout. ``per_head``: every head (``split_shapes[-1]``
     rows, the kv_channels) is a component of its own."""
     if layout.partition_dim == 0:
-        rank_rows, rank = list(layout.sizes), comm.group_rank(layout.spec.group)
+        rank_rows, rank = list(layout.sizes), comm.group_rank(layout.group)
     else:
         rank_rows, rank = [local_rows], 0
     shapes = list(split_shapes)
@@ -84,7 +84,7 @@ def split_layout(
             raise ValueError(f"{name} has {rows} rows, not a multiple of the head size {head}")
         shapes = [head] * (rows // head)
     return [
-        (part.index, MatrixLayout(layout.spec, tuple(part.sizes) if layout.partition_dim == 0 else layout.sizes,
-                                  (part.rows, layout.cols)))
+        (part.index, tp_layout((part.rows, layout.cols), layout.partition_dim, layout.group,
+                               part.sizes if layout.partition_dim == 0 else layout.sizes))
         for part in qkv_parts(rank_rows, rank, shapes, name)
     ]

@@ -21,7 +21,8 @@ LAYERS = [
     ("math", ["dist_ortho.coefficients", "dist_ortho.precision", "dist_ortho.iteration", "dist_ortho.kernels"]),
     ("communication", ["dist_ortho.comm", "dist_ortho.coalesce", "dist_ortho.reductions"]),
     ("tensor parallel", ["dist_ortho.tp", "dist_ortho.newton_schulz"]),
-    ("parameters", ["dist_ortho.params", "dist_ortho.qkv", "dist_ortho.grid", "dist_ortho.backward", "dist_ortho.dtensor"]),
+    ("parameters", ["dist_ortho.layout", "dist_ortho.params", "dist_ortho.qkv", "dist_ortho.grid", "dist_ortho.backward",
+                    "dist_ortho.dtensor", "dist_ortho.pieces"]),
     ("optimizer policy", ["dist_ortho.optim"]),
     ("integrations", ["dist_ortho.integrations", "dist_ortho.train", "dist_ortho.demo", "dist_ortho.plan", "dist_ortho"]),
 ]

@@ -167,7 +167,7 @@ def _raised(ctx, what: str):
 
 @pytest.mark.parametrize("what,message", [
     ("unknown dim", "on mesh dim 'dp' (ranks"),  # a DP mesh dim the optimizer was not given
-    ("interleaved", "are not consecutive ranges of one TP block"),  # Shard(0) over DP, then over TP: rows interleave
+    ("interleaved", "before its TP shard does, so no TP rank holds one block"),  # Shard(0) over DP, then TP
     ("3d", "only 2D DTensor weights"),
 ])
 def test_a_placement_that_cannot_be_orthogonalized_exactly_is_an_error_on_every_rank(world, what, message):

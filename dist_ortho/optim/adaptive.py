@@ -22,7 +22,7 @@ from dist_ortho.coalesce import Program
 from dist_ortho.optim.context import MatrixContext
 from dist_ortho.optim.muon import Muon
 from dist_ortho.optim.options import check_choice, check_number
-from dist_ortho.params import REPLICATED_HELD, Held, MatrixLayout
+from dist_ortho.layout import REPLICATED_HELD, Held, Layout
 
 Moment2Method = Literal["adamuon", "normuon", "namo"]
 MOMENT2_METHODS: tuple[str, ...] = get_args(Moment2Method)
@@ -61,11 +61,11 @@ class AdaptiveMuon(Muon):
             raise ValueError(f"AdaptiveMuon supports 2D parameters only; got shape {tuple(p.shape)}: route it to AdamW")
 
     @staticmethod
-    def normuon_dim(layout: MatrixLayout) -> int:
+    def normuon_dim(layout: Layout) -> int:
         """The matrix dim NorMuon averages over: the last when rows >= cols, else the rows (global shape)."""
         return -1 if layout.rows >= layout.cols else -2
 
-    def held_state(self, key: str, layout: MatrixLayout, group: dict[str, Any]) -> Held | None:
+    def held_state(self, key: str, layout: Layout, group: dict[str, Any]) -> Held | None:
         if key != "moment2":
             return super().held_state(key, layout, group)
         method = group["moment2_method"]

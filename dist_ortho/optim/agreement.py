@@ -25,7 +25,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from dist_ortho import comm
-from dist_ortho.params import MatrixLayout
+from dist_ortho.layout import Layout
 from dist_ortho.tp import batching
 
 VerifyPlan = Literal["on_change", "every_step"]
@@ -34,7 +34,7 @@ ENTRY = ("name, global shape, partition_dim, group, dtype, tp_mode, (steps, coef
          "fp32_matmul_prec, local_gram, batch_matrices, nonfinite, QKV parts")
 
 
-def plan_entry(name: str | None, layout: MatrixLayout, kind: str | None, dtype: Any, group: dict[str, Any],
+def plan_entry(name: str | None, layout: Layout, kind: str | None, dtype: Any, group: dict[str, Any],
                parts: int, dp_local: bool = False) -> tuple:
     """What every rank must agree on about one parameter of the step (it decides the collectives). ``kind``:
     "dense" or "expert" (its TP group), None when not sharded; ``dp_local``: experts split over DP ranks,
@@ -86,17 +86,19 @@ class PlanAgreement:
 
 
 def agree_batching(keys: Sequence[batching.Key], groups: Sequence[comm.ProcessGroup | None]) -> None:
-    """Measure, where no choice is recorded yet, whether whole-matrix Newton-Schulz of these shapes pays batched
-    on this device (dist_ortho.tp.batching), and agree with every rank that computes the same matrices (the
-    majority over each of ``groups``: one small all-reduce each, only when there is something new; the plan
-    is agreed, so every rank of a group has the same keys): ranks that orthogonalize a replicated matrix must
-    round alike."""
-    new = batching.needs_measuring(keys)
-    if not new:
+    """Whether whole-matrix Newton-Schulz of these shapes pays batched on this device (dist_ortho.tp.batching),
+    measured where this process has no choice recorded, and agreed with every rank that computes the same matrices
+    (the majority over each of ``groups``: one small all-reduce each, when a plan is new). Every key of the plan
+    votes, recorded ones with their choice: the plan is agreed, so every rank of a group has the same keys, but not
+    the same record (a rank may have measured a shape for matrices it owned under another optimizer or grid), and
+    ranks that orthogonalize the same matrices must round alike."""
+    keys = list(dict.fromkeys(keys))
+    shared = [g for g in groups if comm.group_size(g) > 1]
+    if batching.overridden() or not keys or not (shared or batching.needs_measuring(keys)):
         return
-    flags = torch.tensor([batching.measure(k) for k in new], dtype=torch.int64)
-    for group in groups:
-        if comm.group_size(group) > 1:
-            votes = comm.all_reduce(flags.to(comm.collective_device(group)), group).cpu()
-            flags = (2 * votes >= comm.group_size(group)).to(torch.int64)
-    batching.record({k: bool(f) for k, f in zip(new, flags.tolist())})
+    choices = [batching.recorded(k) for k in keys]
+    flags = torch.tensor([batching.measure(k) if c is None else c for k, c in zip(keys, choices)], dtype=torch.int64)
+    for group in shared:
+        votes = comm.all_reduce(flags.to(comm.collective_device(group)), group).cpu()
+        flags = (2 * votes >= comm.group_size(group)).to(torch.int64)
+    batching.record({k: bool(f) for k, f in zip(keys, flags.tolist())})

@@ -41,8 +41,8 @@ from dist_ortho import comm
 from dist_ortho.backward import DEFAULT_GRAD_BUCKET_BYTES, BackwardReducer, cut_by_bytes
 from dist_ortho.coalesce import DEFAULT_BUCKET_BYTES, Program, start_many
 from dist_ortho.coefficients import get_coefficients
-from dist_ortho.dtensor import DTensorParams, groups_from_meshes, local, mesh_groups
-from dist_ortho.grid import share_program
+from dist_ortho.dtensor import groups_from_meshes, is_expert_dtensor, local, mesh_groups
+from dist_ortho.grid import share_program, verdict_program
 from dist_ortho.optim.agreement import VERIFY_PLAN, PlanAgreement, VerifyPlan, agree_batching, plan_entry
 from dist_ortho.optim.context import MatrixContext
 from dist_ortho.optim.gradients import dp_own, reduce_into_owners, start_reduce_into_owners, sum_of_squares
@@ -51,10 +51,11 @@ from dist_ortho.optim.holding import part_of
 from dist_ortho.optim.layouts import ParamLayouts
 from dist_ortho.optim.nonfinite import NONFINITE, Nonfinite
 from dist_ortho.optim.options import accepted_keywords, check_bool, check_choice, check_number, reject_unknown
-from dist_ortho.optim.planning import StepPlan, batching_keys, build_stacks, plan_table, refresh_states, resolve_modes
+from dist_ortho.optim.planning import Share, StepPlan, batching_keys, build_stacks, plan_table, refresh_states, resolve_modes
 from dist_ortho.optim.overlap import ShareInFlight, layer_buckets
 from dist_ortho.optim.step import GroupStep, Pending, Verdict, descend, run_phase, shared_verdict
-from dist_ortho.params import Held, MatrixLayout, is_expert_stack, unreadable
+from dist_ortho.layout import Held, Layout
+from dist_ortho.params import GTP_ATTRIBUTES, is_expert_stack, unreadable
 from dist_ortho.precision import MATMUL_PRECISIONS, MatmulPrecision
 from dist_ortho.tp import TP_MODES, NsSpec
 from dist_ortho.tp.batching import BatchMatrices
@@ -274,6 +275,12 @@ class OrthogonalizedOptimizer(Optimizer):
         if device_mesh is None and tp_group is None and dp_group is None and expert_tp_group is None:
             self._groups_from_meshes()
 
+    def _groups(self) -> tuple[comm.ProcessGroup | None, ...]:
+        """Every group whose ranks must agree on the plan: TP, expert TP, DP and the owner groups found so far."""
+        groups = {self.layouts.owner_key(p): g for p, g in self.layouts.owner_groups.items() if g is not None}
+        groups.pop(self.layouts.ranks(self.dp_group), None)  # the DP group is there already
+        return (self.tp_group, self.expert_tp_group, self.dp_group, *groups.values())
+
     @property
     def skipped_steps(self) -> int:
         """Steps skipped for a non-finite update (``nonfinite="skip"``; reading it syncs a capturable step's count)."""
@@ -299,12 +306,19 @@ class OrthogonalizedOptimizer(Optimizer):
 
     # -- names --
     def _carry_names(self) -> None:
-        """Names of parameters that a wrapper replaced in their group after construction (megatron-core's
-        fp32 master copies of bf16 weights) pass to the tensors that took their place."""
+        """Names of parameters that a wrapper replaced in their group after construction (megatron-core's fp32
+        master copies of bf16 weights) pass to the tensors that took their place, and so do the GTP attributes
+        that say how they are held (megatron-core copies only ``is_gtp_weight_remat``)."""
         for group, given in self._given:
             for old, new in zip(given, group["params"]):
-                if new is not old and old in self.names and new not in self.names:
+                if new is old:
+                    continue
+                if old in self.names and new not in self.names:
                     self.names[new] = self.names[old]
+                if getattr(old, "is_gtp_weight_remat", False) is True and not hasattr(new, "pad_length"):
+                    for attribute in GTP_ATTRIBUTES:
+                        if hasattr(old, attribute):
+                            setattr(new, attribute, getattr(old, attribute))
 
     def name_of(self, p: torch.Tensor) -> str:
         """The parameter's name, or its shape when it has none."""
@@ -358,7 +372,7 @@ class OrthogonalizedOptimizer(Optimizer):
     def is_expert_stack(self, p: torch.Tensor) -> bool:
         """A 3D weight [E, out, in] of E expert matrices (dist_ortho.params.is_expert_stack, or a DTensor on a mesh
         with an "ep" dim)."""
-        return is_expert_stack(p, self.names.get(p)) or DTensorParams.is_expert_stack(p)
+        return is_expert_stack(p, self.names.get(p)) or is_expert_dtensor(p)
 
     def check_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         problem = unreadable(p, self.names.get(p))
@@ -375,15 +389,15 @@ class OrthogonalizedOptimizer(Optimizer):
         raise ValueError(f"{type(self).__name__} orthogonalizes matrices; got a parameter of shape {tuple(p.shape)}: {hint}")
 
     # -- how each parameter is held (dist_ortho.optim.layouts), found once for all of them --
-    def layout(self, p: torch.Tensor) -> MatrixLayout:
+    def layout(self, p: torch.Tensor) -> Layout:
         """The global layout of p's matrix view."""
         if p not in self.layouts:
             self._carry_names()
             new = [(q, group) for group in self.param_groups for q in group["params"] if q not in self.layouts]
-            self.layouts.find(new, self.names.get)
+            self.layouts.find(new, self.names.get, self.is_expert_stack)
         return self.layouts.layouts[p]
 
-    def part_layouts(self, p: torch.Tensor) -> list[MatrixLayout]:
+    def part_layouts(self, p: torch.Tensor) -> list[Layout]:
         """Layouts of the components of a split fused weight, in state-key order part0, part1, ... (else [])."""
         self.layout(p)
         return [layout for _, layout in self.layouts.parts.get(p, [])]
@@ -406,7 +420,7 @@ class OrthogonalizedOptimizer(Optimizer):
             raise KeyError(f"{type(self).__name__} does not declare how its state {'/'.join(path)!r} is held")
         return held
 
-    def held_state(self, key: str, layout: MatrixLayout, group: dict[str, Any]) -> Held | None:
+    def held_state(self, key: str, layout: Layout, group: dict[str, Any]) -> Held | None:
         """How a state tensor ``key`` of a matrix with ``layout`` is held; members extend this (call super)."""
         if key == "momentum_buffer":
             return layout.held()
@@ -502,7 +516,7 @@ class OrthogonalizedOptimizer(Optimizer):
         known = self._without_grad.get(p)
         if known is None:
             known = self._without_grad[p] = p.requires_grad and (
-                self.layout(p).group is not None or p in self.layouts.dtensors or comm.group_size(self.dp_group) > 1)
+                self.layout(p).group is not None or self.layouts.held_apart(p) or self.layouts.owner_group(p) is not None)
         return known
 
     def _plan_entries(self, params: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[tuple], list[str]]:
@@ -512,18 +526,18 @@ class OrthogonalizedOptimizer(Optimizer):
             layout = self.layout(p)
             kind = None if layout.group is None else ("expert" if layout.group is self.expert_tp_group else "dense")
             entries.append(plan_entry(self.names.get(p), layout, kind, p.dtype, group, len(self.layouts.parts.get(p, ())),
-                                      self.layouts.dtensors.dp_local(p)))
+                                      self.layouts.dp_local(p)))
         return entries, [self.names.get(p) or f"param {i} {tuple(p.shape)}" for i, (p, _) in enumerate(params)]
 
     def _agree(self, params: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> None:
         """Every rank runs the same plan (dist_ortho.optim.agreement), or the same ValueError on every rank."""
-        self._agreement.check(*self._plan_entries(params), (self.tp_group, self.expert_tp_group, self.dp_group),
+        self._agreement.check(*self._plan_entries(params), self._groups(),
                               self._input_error(p for p, _ in params))
 
     def _input_error(self, params: Iterable[torch.Tensor]) -> str | None:
         """The first thing wrong with this rank's own ``params`` that only it can see (a DTensor's local tensor
         that is not its piece), for the agreement to raise on every rank."""
-        return next((e for e in map(self.layouts.dtensors.problem, params) if e is not None), None)
+        return next((e for e in map(self.layouts.problems.get, params) if e is not None), None)
 
     def _verify_plan(self) -> None:
         """``verify_plan="every_step"``: every rank's plan checked against the others' as the step's first call
@@ -544,7 +558,7 @@ class OrthogonalizedOptimizer(Optimizer):
             def entries() -> tuple[list[tuple], list[str]]:
                 made, labels = self._plan_entries(every)
                 return [(*e, id(p) in taking_part) for e, (p, _) in zip(made, every)], labels
-        self._agreement.verify(key, entries, (self.tp_group, self.expert_tp_group, self.dp_group),
+        self._agreement.verify(key, entries, self._groups(),
                                self._input_error(p for p, _ in every))
 
     @torch.no_grad()
@@ -607,11 +621,11 @@ class OrthogonalizedOptimizer(Optimizer):
     def _check_layers_cover(self) -> None:
         """Every parameter the share over DP may bring (each that requires a gradient, but experts whose DP ranks
         update their own) is in one of ``overlap_by_layer``'s layers. Local: every rank holds the same layers."""
-        if comm.group_size(self.dp_group) == 1:
+        if not any(self.layouts.owner_keys()) and comm.group_size(self.dp_group) == 1:
             return
         covered = set().union(*self._layers)
         outside = [self.name_of(p) for group in self.param_groups for p in group["params"]
-                   if p.requires_grad and p not in covered and not self.layouts.dtensors.dp_local(p)]
+                   if p.requires_grad and p not in covered and not self.layouts.dp_local(p)]
         if outside:
             shown = ", ".join(outside[:5]) + (f" and {len(outside) - 5} more" if len(outside) > 5 else "")
             raise ValueError(
@@ -648,13 +662,13 @@ class OrthogonalizedOptimizer(Optimizer):
         return self._last_comm
 
     def owner(self, p: torch.Tensor) -> int:
-        """The DP rank that updates ``p`` and keeps its state (0 without dp_group)."""
+        """The rank of the grid group (dist_ortho.optim.layouts) that updates ``p`` and keeps its state (0 without one)."""
         self.layout(p)
         return self.layouts.owners[p]
 
     def owns(self, p: torch.Tensor) -> bool:
         """Whether this rank's replica updates ``p`` and keeps its state."""
-        return self.owner(p) == comm.group_rank(self.dp_group)
+        return self.owner(p) == comm.group_rank(self.layouts.owner_group(p))
 
     def reduce_gradients(self) -> None:
         """With ``reduce_grads``: average the gradients into their owners now (the step does it otherwise;
@@ -714,10 +728,7 @@ class OrthogonalizedOptimizer(Optimizer):
         self._agree(taking_part)
         if self.overlap and self._layers:  # parameter groups added after overlap_by_layer
             self._check_layers_cover()
-        dp_rank = comm.group_rank(self.dp_group)
-        owned = [(p, group) for p, group in taking_part if self.owner(p) == dp_rank]
-        sharded = [p for p in params if self.layouts.dtensors.dp_sharded(p)]
-        replicated = [p for p in params if not dp_own(self.layouts, p)]
+        owned = [(p, group) for p, group in taking_part if self.owns(p)]
         stacks = build_stacks(owned, self.layouts, lambda: self.state, self.name_of, type(self).batched)
         rows = resolve_modes(stacks, self.ns_spec, self._local)
         if any(stack.options["tp_mode"] == "auto" for stack in stacks):
@@ -726,14 +737,29 @@ class OrthogonalizedOptimizer(Optimizer):
                 logger.info("%s: tp_mode='auto' plan (predicted ms per mode):\n%s", type(self).__name__, printed)
                 self._logged_plan = printed
         agree_batching(batching_keys(stacks, self._local), (self.tp_group, self.expert_tp_group))
-        plan = StepPlan(owned, stacks, sharded, [self.owner(p) for p in sharded], replicated,
-                        [self.owner(p) for p in replicated])
+        plan = StepPlan(owned, stacks, self._shares(params))
         self._plan = (key, plan)
         return plan
 
+    def _shares(self, params: Sequence[torch.Tensor]) -> list[Share]:
+        """What each owner group moves after a step of ``params`` (dist_ortho.optim.planning.Share)."""
+        shares: dict[tuple[int, ...], Share] = {}
+        for p in params:
+            key = self.layouts.owner_key(p)
+            if key is None:
+                continue
+            share = shares.setdefault(key, Share(self.layouts.owner_group(p), key, [], [], [], []))
+            if self.layouts.in_pieces(p):
+                share.sharded.append(p)
+                share.sharded_owners.append(self.owner(p))
+            elif not self.layouts.dp_local(p):
+                share.replicated.append(p)
+                share.replicated_owners.append(self.owner(p))
+        return list(shares.values())
+
     def _local(self, stack: ParamStack) -> torch.Tensor:
         """A member's local tensor (shape, dtype and device of the stack's members)."""
-        return self.layouts.dtensors.value(stack.params[0])
+        return self.layouts.value(stack.params[0])
 
     def _step(self) -> None:
         if self.verify_plan == "every_step":
@@ -746,51 +772,73 @@ class OrthogonalizedOptimizer(Optimizer):
             refresh_states(plan.stacks)
             self._state_seen, self._plan_seen = self.state, plan
             fresh = True
-        dtensors = self.layouts.dtensors
-        travel = bool(plan.sharded) and self._updates_travel()
-        if plan.sharded:  # DP pieces of DTensor parameters to their owners, each as one TP block
-            dtensors.gather(plan.sharded, plan.sharded_owners, self.dp_group, values=not travel)
+        travel = any(share.sharded for share in plan.shares) and self._updates_travel()
+        for share in plan.shares:  # pieces of the parameters held in pieces to their owners, each as one TP block
+            if share.sharded:
+                self.layouts.gather(share.sharded, share.sharded_owners, share.group, values=not travel)
         if fresh:  # parameters may be at their first step
             self._init_fresh([p for p, _ in plan.owned])
-        shared = comm.group_size(self.dp_group) > 1 and (plan.sharded or plan.replicated)
-        if not shared:
+        if not plan.shares:
             self._engine.run(plan.stacks)
             return
         self._share(plan, self._engine.run(plan.stacks, defer=True), travel)
 
     def _share(self, plan: StepPlan, pending: Pending, travel: bool) -> None:
-        """On the DP x TP grid: the owners' new values to every replica, each replica's finite verdict in the
-        same first call (the pieces' all-to-all, or the all-gather); then every replica commits, or all raise
-        or skip with the same message (nothing written), as one process would. With ``overlap`` the calls are
-        left in flight, bucket by bucket (dist_ortho.optim.overlap). ``travel``: DTensor pieces get the update
-        (:meth:`_updates_travel`)."""
-        values, dtensors = pending.new_values(), self.layouts.dtensors
+        """On the grid: the owners' new values (or updates of the pieces) to every rank of each owner group, each
+        rank's finite verdict in the group's first call (the pieces' all-to-all, the all-gather, or a flag alone);
+        then every rank commits, or raises or skips with the same message (nothing written), as one process would.
+        With ``overlap`` the calls are left in flight, bucket by bucket (dist_ortho.optim.overlap). ``travel``: the
+        pieces get the update (:meth:`_updates_travel`)."""
+        values, layouts = pending.new_values(), self.layouts
         updates, landing = (pending.updates(), self._landing_options()) if travel else (None, {})
-        flag: torch.Tensor | None = pending.verdict.flag(local((plan.sharded or plan.replicated)[0]).device)
-        shared, owners = plan.sharded + plan.replicated, plan.sharded_owners + plan.replicated_owners
+        device = local(next(p for p, _ in plan.owned) if plan.owned else self._any_param()).device
+        flags: list[torch.Tensor | None] = [pending.flag(share.key, device) for share in plan.shares]
+        every = [p for share in plan.shares for p in (*share.sharded, *share.replicated)]
+        per_layer, rest = layer_buckets(every, self._layers if self.overlap else [])
         buckets = []
-        per_layer, rest = layer_buckets(shared, self._layers if self.overlap else [])
-        for indices in [b for b in (*per_layer, rest) if b]:
-            sharded = [i for i in indices if i < len(plan.sharded)]
-            replicated = [i for i in indices if i >= len(plan.sharded)]
+        for indices in [b for b in (*per_layer, rest) if b] or [[]]:
+            members = {every[i] for i in indices}
             programs = []
-            if sharded:
-                params = [shared[i] for i in sharded]
-                land = self._land_updates(params, landing) if travel else None
-                programs.append(dtensors.scatter(params, [owners[i] for i in sharded], self.dp_group,
-                                                 updates if travel else values, flag, land))
-                flag = None
-            if replicated:
-                programs.append(share_program([dtensors.value(shared[i]) for i in replicated], [owners[i] for i in replicated],
-                                              self.dp_group, [values.get(shared[i]) for i in replicated], flag))
-                flag = None
-            buckets.append(({shared[i] for i in indices}, start_many(programs, self.bucket_bytes)))
-        in_flight = ShareInFlight(buckets, lambda flags: self._decide_shared(pending, flags), self._last_comm,
+            for k, share in enumerate(plan.shares):
+                sharded = [(p, o) for p, o in zip(share.sharded, share.sharded_owners) if p in members]
+                replicated = [(p, o) for p, o in zip(share.replicated, share.replicated_owners) if p in members]
+                flag = flags[k]
+                if sharded:
+                    params = [p for p, _ in sharded]
+                    land = self._land_updates(params, landing) if travel else None
+                    programs.append(self._for_share(k, layouts.scatter(params, [o for _, o in sharded], share.group,
+                                                                       updates if travel else values, flag, land)))
+                    flag = None
+                if replicated:
+                    programs.append(self._for_share(k, share_program(
+                        [layouts.value(p) for p, _ in replicated], [o for _, o in replicated], share.group,
+                        [values.get(p) for p, _ in replicated], flag)))
+                    flag = None
+                if flag is not None and not buckets:  # the group's verdict rides in the first bucket: alone here
+                    programs.append(self._for_share(k, verdict_program(flag, share.group)))
+                    flag = None
+                flags[k] = flag
+            buckets.append((members, start_many(programs, self.bucket_bytes)))
+        in_flight = ShareInFlight(buckets, lambda found: self._decide_shared(plan, pending, found), self._last_comm,
                                   f"{type(self).__name__} step {self._step_count}: the share over DP")
         if self.overlap:
             self._in_flight = in_flight
         else:
             in_flight.wait_for()
+
+    def _any_param(self) -> torch.Tensor:
+        return next(p for group in self.param_groups for p in group["params"])
+
+    @staticmethod
+    def _for_share(k: int, program: Program[Any]) -> Program[Any]:
+        """``program`` (yielding (flags, write)) with its write taking share ``k``'s decision from the list of them
+        (write nothing where it is False)."""
+        flags, write = yield from program
+
+        def write_k(decisions: Any) -> None:
+            if decisions[k] is not False:
+                write(decisions[k])
+        return flags, write_k
 
     _WEIGHT_HOOKS = ("apply_weight_decay", "pre_weight_update", "post_weight_update", "pre_weight_update_fn_inplace",
                      "post_weight_update_fn_inplace", "init_state_program", "init_state")
@@ -830,15 +878,35 @@ class OrthogonalizedOptimizer(Optimizer):
                 mine.copy_(torch.where(ok, new, mine))
         return land
 
-    def _decide_shared(self, pending: Pending, flags: torch.Tensor) -> torch.Tensor | bool | None:
-        """Every replica's verdict to one decision (the same on every rank); the owners' own step committed."""
+    def _decide_shared(self, plan: StepPlan, pending: Pending, found: Sequence[torch.Tensor]) -> list[Any]:
+        """Every owner group's flags (``found[k]``: share k's, by rank) to its decision, the same on every rank of
+        the group; the owners' own step committed. Returns each share's decision for its writes (None: write,
+        False: nothing, a device bool: where true). A non-finite update raises or is logged and counted once."""
         if self.capturable:
-            ok = self._engine.decide(Verdict(flags.min() > 0, skips=pending.verdict.skips))
+            skips = any(v.skips for v in pending.verdicts.values())
+            verdicts = [Verdict(f.min() > 0, skips=skips) for f in found]
+            local = pending.verdicts.get(None)
+            oks = [v.ok for v in verdicts]
+            every = oks + ([local.ok] if local is not None and isinstance(local.ok, torch.Tensor) else [])
+            self._engine.decide(Verdict(torch.stack(every).all(), skips=skips))  # counts a skip once
+            local_ok = local.ok if local is not None and isinstance(local.ok, torch.Tensor) else None
         else:
-            ok = self._engine.decide(shared_verdict(pending.verdict, flags.tolist(), type(self).__name__))
-        if ok is not False:
-            pending.commit(ok)
-        return ok
+            name = type(self).__name__
+            verdicts = [shared_verdict(pending.verdicts.get(share.key) or Verdict(True), f.tolist(), name)
+                        for share, f in zip(plan.shares, found)]
+            local = pending.verdicts.get(None) or Verdict(True)
+            worst = next((v for v in [local, *verdicts] if v.ok is False and v.policy == "raise"), None) or next(
+                (v for v in [local, *verdicts] if v.ok is False), None)
+            if worst is not None:
+                self._engine.decide(worst)  # raises, or logs and counts the skip
+            oks = [None if v.ok is not False else False for v in verdicts]
+            local_ok = None if local.ok is not False else False
+        for share, ok in zip(plan.shares, oks):
+            if ok is not False:
+                pending.commit(ok, share.key)
+        if None in pending.verdicts and local_ok is not False:
+            pending.commit(local_ok, None)
+        return oks
 
     def _init_fresh(self, params: Sequence[torch.Tensor]) -> None:
         """Fill the state of those ``params`` that have none (their first step): init_state_program, one
@@ -847,7 +915,7 @@ class OrthogonalizedOptimizer(Optimizer):
         if not fresh:
             return
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
-        contexts = [MatrixContext(self.layouts.dtensors.value(p), group_of[id(p)], self.layout(p), self.state[p],
+        contexts = [MatrixContext(self.layouts.value(p), group_of[id(p)], self.layout(p), self.state[p],
                                   names=[self.name_of(p)], batched=p in self.layouts.experts) for p in fresh]
         run_phase(contexts, [self.init_state_program(ctx) for ctx in contexts], self.bucket_bytes)
 

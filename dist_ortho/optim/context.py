@@ -24,7 +24,7 @@ import torch
 from dist_ortho import comm, reductions
 from dist_ortho.coalesce import Program
 from dist_ortho.optim.scale import muon_scale
-from dist_ortho.params import MatrixLayout
+from dist_ortho.layout import Layout
 from dist_ortho.tp.jobs import gather_program, own_block, tensor_dim
 
 
@@ -32,7 +32,7 @@ from dist_ortho.tp.jobs import gather_program, own_block, tensor_dim
 class MatrixContext:
     param: torch.Tensor  # this rank's weights: the members' whole weights, stacked (batched) or one weight
     options: dict[str, Any]  # the members' param group: lr, momentum, scale_mode, ...
-    layout: MatrixLayout  # the global layout of ONE matrix (of the whole weight in the weight-update phase)
+    layout: Layout  # the global layout of ONE matrix (of the whole weight in the weight-update phase)
     state: MutableMapping[str, Any]  # the matrices' state: stacked tensors (batched) or one state dict
     grad: torch.Tensor | None = None  # this rank's block of the gradient (weight decay applied)
     direction: torch.Tensor | None = None  # this rank's block of the momentum direction

@@ -19,8 +19,8 @@ from dist_ortho.optim.layouts import ParamLayouts
 
 
 def dp_own(layouts: ParamLayouts, p: torch.Tensor) -> bool:
-    """p's DP ranks each hold a piece of their own (DP-sharded, or experts split over DP): never shared."""
-    return layouts.dtensors.dp_sharded(p) or layouts.dtensors.dp_local(p)
+    """p's grid ranks each hold a piece of their own (in pieces, or experts split over DP): never shared."""
+    return layouts.in_pieces(p) or layouts.dp_local(p)
 
 
 def reduce_into_owners(params: Sequence[torch.Tensor], owners: Sequence[int], dp_group: comm.ProcessGroup | None) -> None:

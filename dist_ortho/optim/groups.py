@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 
 from dist_ortho.optim.layouts import matrix_view
-from dist_ortho.params import MatrixLayout
+from dist_ortho.layout import Layout
 from dist_ortho.tp import NsSpec
 
 SCRATCH_MAX_NUMEL = 2**16
@@ -162,7 +162,7 @@ class Part:
     state (None: the stack's own)."""
 
     index: torch.Tensor | None
-    layout: MatrixLayout
+    layout: Layout
     state: GroupState | None = None
     number: int | None = None
     ns: NsSpec | None = None  # set when the plan is made
@@ -181,14 +181,15 @@ class ParamStack:
 
     params: list[torch.Tensor]
     options: dict[str, Any]
-    layout: MatrixLayout  # the global layout of one matrix of a member (of the whole weight when split)
+    layout: Layout  # the global layout of one matrix of a member (of the whole weight when split)
     state: GroupState
     parts: list[Part]
     kind: StackKind = "matrix"
     count: int = 1
     batched: bool = True
     names: list[str] = field(default_factory=list)
-    dtensors: bool = False  # some member is a DTensor (its values are looked up every step)
+    held_apart: bool = False  # some member's tensors are not itself (a DTensor's local, a gathered block): looked up
+    owner_key: tuple[int, ...] | None = None  # the ranks of the members' owner group (None: every holder steps them)
     weights: Scratch = field(default_factory=Scratch)
     buffers: Buffers = field(default_factory=Buffers)
 

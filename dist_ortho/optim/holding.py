@@ -4,7 +4,7 @@ A checkpoint is written with global tensors keyed by parameter name (never by ra
 and DP size. For that it asks, per state tensor ``state[p][path...]`` (a split fused weight's component keeps
 its own under ``part<i>``, see :func:`state_tensors`):
 
-- :func:`holding`: a :class:`~dist_ortho.params.Held` saying how to gather it (like its matrix, along a reduced
+- :func:`holding`: a :class:`~dist_ortho.layout.Held` saying how to gather it (like its matrix, along a reduced
   dim, or replicated). dist_ortho's optimizers declare it (``state_holding``, from each member's
   ``held_state``); a torch optimizer's state is held like its parameter, its ``step`` replicated.
 - :func:`owns`: whether this rank keeps it (on the DP x TP grid only the owner replica does).
@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from dist_ortho import comm
-from dist_ortho.params import REPLICATED_HELD, Held, held_like_param
+from dist_ortho.layout import REPLICATED_HELD, Held
+from dist_ortho.params import held_like_param
 
 
 def part_key(number: int) -> str:

@@ -26,7 +26,8 @@ from dist_ortho.optim.options import accepted_keywords, check_number, reject_unk
 from dist_ortho.optim.registry import get_optimizer
 from dist_ortho.optim.routing import log_routing, needs_shape, route
 from dist_ortho.optim.holding import fallback_holding
-from dist_ortho.params import Held, find_layouts, is_expert_stack, is_sharded
+from dist_ortho.layout import Held
+from dist_ortho.params import find_layouts, is_expert_stack, is_sharded
 
 _ROUTING_KEYS = ("use_muon", "use_fallback")
 _ADAMW_KEYS = {"adamw_lr": "lr", "adamw_betas": "betas", "adamw_eps": "eps", "adamw_weight_decay": "weight_decay"}

@@ -1,10 +1,11 @@
 """How each parameter of an optimizer is held, found once for all of them at its first step.
 
-For every parameter: its global layout (dist_ortho.params: TE/Megatron attributes, or DTensor placements through
-dist_ortho.dtensor), its fused-QKV components (dist_ortho.qkv), and its owner replica on the DP x TP grid
-(dist_ortho.grid). Finding them takes one shape exchange per process group (and one all-gather over DP for
-DP-sharded DTensors); every rank then holds the same layouts, so an error found after it is raised alike on
-every rank.
+For every parameter: how this rank holds it (a dist_ortho.layout.Layout read from its TE/Megatron attributes or its
+DTensor placements), the block the step runs on (its TP block: :meth:`Layout.compute`), its fused-QKV components
+(dist_ortho.qkv), and its owner: the rank of its owner group (the group whose ranks hold it in pieces, e.g. FSDP's or
+Megatron GTP's, or the DP group that replicates it) that steps it (dist_ortho.grid). Reading is local; finding the extents
+takes one shape exchange per process group and level, and checking the grid one more, so every rank then holds the
+same layouts and an error found after it is raised alike on every rank.
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from dist_ortho import comm
-from dist_ortho.dtensor import DTensorParams
+from dist_ortho import comm, pieces
+from dist_ortho.coalesce import Program
+from dist_ortho.dtensor import is_dtensor, local, offset_problem, read_dtensor
 from dist_ortho.grid import assign_owners, check_grid
-from dist_ortho.params import MatrixLayout, find_layouts, is_expert_stack, unreadable
+from dist_ortho.layout import Layout, Reading, exchange_extents
+from dist_ortho.params import is_expert_stack, read_attributes, unreadable
 from dist_ortho.qkv import split_layout
-
-_SHARDING = ("tensor_model_parallel", "partition_dim", "partition_stride", "expert_tp")
 
 
 def matrix_view(t: torch.Tensor, conv_mode: str | None) -> torch.Tensor:
@@ -32,80 +34,187 @@ def matrix_view(t: torch.Tensor, conv_mode: str | None) -> torch.Tensor:
     return t.flatten(2).permute(2, 0, 1)
 
 
+def _ranks(group: comm.ProcessGroup | None) -> tuple[int, ...] | None:
+    return tuple(dist.get_process_group_ranks(group)) if comm.group_size(group) > 1 else None
+
+
 class ParamLayouts:
-    """Layouts, fused-QKV parts, DP owners and DTensor holdings of an optimizer's parameters."""
+    """Layouts, fused-QKV parts and grid owners of an optimizer's parameters, and the owner's gathered blocks of
+    those held in pieces."""
 
     def __init__(self, tp_group: comm.ProcessGroup | None, expert_tp_group: comm.ProcessGroup | None,
                  dp_group: comm.ProcessGroup | None, is_qkv: Callable[[torch.Tensor], bool]) -> None:
         self.tp_group, self.expert_tp_group, self.dp_group = tp_group, expert_tp_group, dp_group
         self.is_qkv = is_qkv
-        self.layouts: dict[torch.Tensor, MatrixLayout] = {}
-        self.parts: dict[torch.Tensor, list[tuple[torch.Tensor, MatrixLayout]]] = {}
+        self.held: dict[torch.Tensor, Layout] = {}  # how this rank holds each parameter
+        self.layouts: dict[torch.Tensor, Layout] = {}  # the block the step runs on
+        self.parts: dict[torch.Tensor, list[tuple[torch.Tensor, Layout]]] = {}
         self.owners: dict[torch.Tensor, int] = {}
         self.experts: set[torch.Tensor] = set()  # 3D weights [E, out, in]: E matrices each
-        self.dtensors = DTensorParams()
+        self.problems: dict[torch.Tensor, str] = {}  # why this rank cannot step a parameter (raised on every rank)
+        self.blocks: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}  # the owner's (values, grad) blocks
+        self.owner_groups: dict[torch.Tensor, comm.ProcessGroup | None] = {}  # whose ranks own each parameter
 
     def __contains__(self, p: object) -> bool:
         return p in self.layouts
 
-    def find(self, new: Sequence[tuple[torch.Tensor, dict[str, Any]]], names: Callable[[torch.Tensor], str | None]) -> None:
+    def find(self, new: Sequence[tuple[torch.Tensor, dict[str, Any]]], names: Callable[[torch.Tensor], str | None],
+             is_expert: Callable[[torch.Tensor], bool]) -> None:
         """Layouts, parts and owners of the ``new`` (parameter, group) pairs (collectives: see the module doc)."""
         for p, _ in new:  # before any collective (a wrapper may have put new tensors into the groups)
             problem = unreadable(p, names(p))
             if problem is not None:
                 raise ValueError(problem)
-        if not self.layouts:
+        self.experts.update(p for p, _ in new if is_expert_stack(p, names(p)) or is_expert(p))
+        readings = [self._read(p, group, names(p)) for p, group in new]
+        first = not self.held
+        if first:
             check_grid(self.tp_group, self.dp_group)
-        self.experts.update(p for p, _ in new if is_expert_stack(p, names(p)) or self.dtensors.is_expert_stack(p))
-        self.dtensors.add([p for p, _ in new], self.tp_group, self.dp_group, [names(p) for p, _ in new],
-                          self.expert_tp_group, [p in self.experts for p, _ in new])
-        sources = [self._expert_source(p) if p in self.experts else self.dtensors.source(p) for p, _ in new]
-        views = [(q, q if p in self.experts else matrix_view(q.detach(), group["conv_mode"]))
-                 for q, (p, group) in zip(sources, new)]
-        blockwise = [group["tp_mode"] == "blockwise" for _, group in new]
-        found = find_layouts(views, self.tp_group, self.expert_tp_group, blockwise, [names(p) for p, _ in new])
-        for (p, _), layout in zip(new, found):
-            whole = tuple(p.shape[1:]) if p in self.experts else tuple(p.shape)  # experts: split over EP / DP
-            if p in self.dtensors and layout.shape[-len(whole):] != whole:
-                raise ValueError(f"{names(p)}: its TP blocks make a {layout.shape} matrix, not its global shape "
-                                 f"{tuple(p.shape)}: placements that dist_ortho cannot reassemble")
-            self.layouts[p] = layout
-        for (p, group), source in zip(new, sources):  # every rank has the same layouts now: errors are alike
+        for group in self._new_piece_groups(readings):
+            check_grid(self.expert_tp_group if group in self._expert_groups(new, readings) else self.tp_group, group)
+        found = exchange_extents(readings, [names(p) for p, _ in new])
+        for (p, _), reading, layout in zip(new, readings, found):
+            self.held[p] = layout
+            self.layouts[p] = layout.compute()
+            problem = reading.problem or (offset_problem(p, layout, names(p)) if is_dtensor(p) else None)
+            if problem is not None:
+                self.problems[p] = problem
+        for p, group in new:  # every rank has the same layouts now: errors are alike
             if group["split_qkv"] and self.is_qkv(p):
-                self._split(p, group, source, names(p) or f"fused QKV weight of shape {tuple(p.shape)}")
+                self._split(p, group, names(p) or f"fused QKV weight of shape {tuple(p.shape)}")
+        self._own([p for p, _ in new])
 
-        def shapes(p: torch.Tensor) -> list[tuple[int, ...]]:
-            return [layout.shape for _, layout in self.parts.get(p, [])] or [self.layouts[p].shape]
-
-        shared = [p for p, _ in new if not self.dtensors.dp_local(p)]  # dp-local experts: every DP rank its own
-        taken = [(shapes(p), owner) for p, owner in self.owners.items() if not self.dtensors.dp_local(p)]
-        owners = assign_owners([shapes(p) for p in shared], comm.group_size(self.dp_group), taken)
-        self.owners.update(zip(shared, owners))
-        self.owners.update((p, comm.group_rank(self.dp_group)) for p, _ in new if self.dtensors.dp_local(p))
-
-    def _expert_source(self, p: torch.Tensor) -> torch.Tensor:
-        """What an expert weight's layout is read from: its local shape as a batch of matrices, with the TE
-        attributes of one matrix (partition_dim a matrix dim)."""
-        held = self.dtensors.source(p)
-        source = torch.zeros((), dtype=p.dtype, device=held.device).expand(held.shape)
-        source.matrix_batch = True
-        for attribute in _SHARDING:
-            if hasattr(held, attribute):
-                setattr(source, attribute, getattr(held, attribute))
-        if p not in self.dtensors and getattr(p, "tensor_model_parallel", False) is True:
+    def _read(self, p: torch.Tensor, group: dict[str, Any], name: str | None) -> Reading:
+        expert = p in self.experts
+        if is_dtensor(p):
+            return read_dtensor(p, self.tp_group, self.dp_group, self.expert_tp_group, expert, name)
+        blockwise = group["tp_mode"] == "blockwise"
+        if not expert:
+            return read_attributes(p, matrix_view(p.detach(), group["conv_mode"]), self.tp_group, self.expert_tp_group,
+                                   blockwise, name)
+        partition_dim = None
+        if getattr(p, "tensor_model_parallel", False) is True:  # an expert weight's partition_dim is a tensor dim
             if getattr(p, "partition_dim", -1) not in (1, 2):
                 raise ValueError(f"an expert weight [E, out, in] of shape {tuple(p.shape)} must be sharded along dim 1 "
                                  f"or 2 (its matrices' rows or columns), got partition_dim={p.partition_dim}")
-            source.partition_dim = p.partition_dim - 1
-        return source
+            partition_dim = p.partition_dim - 1
+        return read_attributes(p, p.detach(), self.tp_group, self.expert_tp_group, blockwise, name, partition_dim)
 
-    def _split(self, p: torch.Tensor, group: dict[str, Any], source: torch.Tensor, name: str) -> None:
+    def _new_piece_groups(self, readings: Sequence[Reading]) -> list[comm.ProcessGroup]:
+        """The groups over which ``readings`` hold matrices in pieces that no parameter did before, in the order
+        first seen (the same on every rank)."""
+        known = {_ranks(g) for g in self.owner_groups.values()} | {_ranks(self.dp_group)}
+        out = []
+        for reading in readings:
+            for split in reading.splits:
+                if split.kind == "pieces" and split.size > 1 and _ranks(split.group) not in known:
+                    known.add(_ranks(split.group))
+                    out.append(split.group)
+        return out
+
+    def _expert_groups(self, new: Sequence[tuple[torch.Tensor, dict[str, Any]]], readings: Sequence[Reading]) -> list:
+        """The pieces groups of the expert weights among ``new`` (checked against the expert TP group)."""
+        return [s.group for (p, _), r in zip(new, readings) for s in r.splits
+                if s.kind == "pieces" and (p in self.experts or getattr(p, "expert_tp", False))]
+
+    def owner_group(self, p: torch.Tensor) -> comm.ProcessGroup | None:
+        """The group whose ranks own p (one of them steps it and keeps its state; see the module doc): its pieces'
+        group, the DP group of a stack whose DP ranks each hold their own experts, or the DP group that replicates
+        it; None when every rank holding it steps it (replicated without a DP group, or TP-split only)."""
+        return self.owner_groups[p]
+
+    def _own(self, new: Sequence[torch.Tensor]) -> None:
+        """Owners, balanced by Newton-Schulz cost (LPT) within each owner group over its parameters in order."""
+        def shapes(p: torch.Tensor) -> list[tuple[int, ...]]:
+            return [layout.shape for _, layout in self.parts.get(p, [])] or [self.layouts[p].shape]
+
+        for p in new:
+            layout = self.held[p]
+            experts = next((s for s in layout.splits if s.kind == "experts" and s.size > 1
+                            and _ranks(s.group) == _ranks(self.dp_group)), None)
+            group = (layout.pieces.group if layout.pieces is not None else experts.group if experts is not None
+                     else self.dp_group if comm.group_size(self.dp_group) > 1 else None)
+            self.owner_groups[p] = group
+        by_group: dict[tuple[int, ...] | None, list[torch.Tensor]] = {}
+        for p in new:
+            by_group.setdefault(_ranks(self.owner_groups[p]), []).append(p)
+        for key, members in by_group.items():
+            group = self.owner_groups[members[0]]
+            own = [p for p in members if self.dp_local(p)]  # every rank its own experts
+            self.owners.update((p, comm.group_rank(group)) for p in own)
+            shared = [p for p in members if not self.dp_local(p)]
+            new_ids = {id(p) for p in shared}
+            taken = [(shapes(q), owner) for q, owner in self.owners.items()
+                     if id(q) not in new_ids and not self.dp_local(q) and _ranks(self.owner_groups[q]) == key]
+            self.owners.update(zip(shared, assign_owners([shapes(p) for p in shared], comm.group_size(group), taken)))
+
+    @staticmethod
+    def ranks(group: comm.ProcessGroup | None) -> tuple[int, ...] | None:
+        """A group's ranks (None for a group of one)."""
+        return _ranks(group)
+
+    def owner_key(self, p: torch.Tensor) -> tuple[int, ...] | None:
+        """The ranks of p's owner group (None: every rank holding p steps it)."""
+        return _ranks(self.owner_groups[p])
+
+    def owner_keys(self) -> list[tuple[int, ...]]:
+        """The owner groups of the parameters (by their ranks), in the order first seen: the same on every rank of
+        each."""
+        out: list[tuple[int, ...]] = []
+        for group in self.owner_groups.values():
+            key = _ranks(group)
+            if key is not None and key not in out:
+                out.append(key)
+        return out
+
+    def _split(self, p: torch.Tensor, group: dict[str, Any], name: str) -> None:
         shapes = getattr(p, "qkv_split_shapes", None) or group["qkv_split_shapes"]
         if shapes is None:
             raise ValueError(f"{name} is marked as fused QKV but has no qkv_split_shapes (set it on the parameter or "
                              "pass qkv_split_shapes=)")
         if p.ndim != 2:
             raise ValueError(f"{name}: a fused QKV weight must be 2D, got shape {tuple(p.shape)}")
-        device = self.dtensors.value(p).device
-        self.parts[p] = [(index.to(device), layout)
-                         for index, layout in split_layout(self.layouts[p], source.size(0), shapes, group["qkv_per_head"], name)]
+        layout = self.layouts[p]
+        device = local(p).device
+        self.parts[p] = [(index.to(device), part)
+                         for index, part in split_layout(layout, layout.block_shape()[0], shapes, group["qkv_per_head"], name)]
+
+    # -- how the step reads each parameter --
+    def in_pieces(self, p: torch.Tensor) -> bool:
+        """Whether p's TP block is held in pieces over the grid group (gathered to its owner for the step)."""
+        return p in self.held and self.held[p].pieces is not None
+
+    def dp_local(self, p: torch.Tensor) -> bool:
+        """Whether p is a stack of experts whose DP ranks each hold (and update) experts of their own."""
+        layout = self.held.get(p)
+        return layout is not None and any(s.kind == "experts" and s.size > 1 and _ranks(s.group) == _ranks(self.dp_group)
+                                          for s in layout.splits)
+
+    def held_apart(self, p: torch.Tensor) -> bool:
+        """Whether the step's tensors of p are not p itself: a DTensor's local tensor, or an owner's gathered block."""
+        return is_dtensor(p) or self.in_pieces(p)
+
+    def value(self, p: torch.Tensor) -> torch.Tensor:
+        """The tensor the step updates for p: p itself, a DTensor's local tensor, or (held in pieces) its TP block:
+        the owner's buffer that each step gathers into (before the first gather, a stand-in of its shape)."""
+        if p in self.blocks:
+            return self.blocks[p][0]
+        if self.in_pieces(p):
+            return torch.zeros((), dtype=p.dtype, device=local(p).device).expand(pieces.block_shape(self.held[p]))
+        return local(p)
+
+    def grad(self, p: torch.Tensor) -> torch.Tensor | None:
+        if p in self.blocks:
+            return self.blocks[p][1]
+        return local(p.grad) if p.grad is not None else None
+
+    def gather(self, params: Sequence[torch.Tensor], owners: Sequence[int], group: comm.ProcessGroup | None,
+               values: bool = True) -> None:
+        """Every piece of ``params`` (held in pieces over ``group``) to its owner, as one TP block (dist_ortho.pieces)."""
+        pieces.gather_blocks(params, [self.held[p] for p in params], owners, group, self.blocks, values)
+
+    def scatter(self, params: Sequence[torch.Tensor], owners: Sequence[int], group: comm.ProcessGroup | None,
+                sources: dict[torch.Tensor, torch.Tensor], flag: torch.Tensor | None = None, land: pieces.Land | None = None
+                ) -> Program[tuple[torch.Tensor | None, Callable[[torch.Tensor | None], None]]]:
+        """Program: the owners' blocks ``sources`` back to every rank's piece (dist_ortho.pieces.scatter_program)."""
+        return pieces.scatter_program(params, [self.held[p] for p in params], owners, group, sources, flag, land)

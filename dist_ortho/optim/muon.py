@@ -19,7 +19,7 @@ from dist_ortho.optim.base import MatmulPrecision, OrthogonalizedOptimizer, Weig
 from dist_ortho.optim.context import MatrixContext
 from dist_ortho.optim.options import check_number
 from dist_ortho.optim.scale import ScaleMode, check_scale_mode
-from dist_ortho.params import REPLICATED_HELD, Held, MatrixLayout
+from dist_ortho.layout import REPLICATED_HELD, Held, Layout
 
 
 class Muon(OrthogonalizedOptimizer):
@@ -104,7 +104,7 @@ class MuonHyperball(Muon):
         radius = torch.full_like(norm, self.hyperball_radius) if self.hyperball_radius is not None else norm
         ctx.state["hyperball_radius"] = radius.to(dtype=p.dtype, device=p.device)
 
-    def held_state(self, key: str, layout: MatrixLayout, group: dict[str, Any]) -> Held | None:
+    def held_state(self, key: str, layout: Layout, group: dict[str, Any]) -> Held | None:
         return REPLICATED_HELD if key == "hyperball_radius" else super().held_state(key, layout, group)
 
     def _to_sphere(self, ctx: MatrixContext, x: torch.Tensor) -> Program[None]:

@@ -27,8 +27,9 @@ class ShareInFlight:
     """One step's share, bucket by bucket in flight.
 
     ``buckets[k]`` is (the parameters it brings, the started programs, whose values are pairs (flags or None,
-    write)). ``decide(flags)`` turns every DP rank's verdict flag (from the first bucket) into what the writers
-    take (None: write; False: write nothing; a device bool: write where true) and commits the owners' own step;
+    write)). ``decide(flags)`` turns every owner group's verdict flags (from the first bucket, by rank, one
+    tensor per group) into what the writers take (None: write; False: write nothing; a device bool: write where
+    true) and commits the owners' own step;
     it may raise, which every rank then does alike. ``stats`` collects the time blocked in waits."""
 
     def __init__(self, buckets: Sequence[tuple[set[torch.Tensor], InFlight]], decide: Callable[[torch.Tensor], Any],
@@ -56,7 +57,7 @@ class ShareInFlight:
                 if not self._decided:
                     self._decided = True  # before deciding: a raise leaves it decided, every bucket drained
                     flags = self._buckets[0][1].wait()
-                    found = next(f for f, _ in flags if f is not None)
+                    found = [f for f, _ in flags if f is not None]  # each owner group's flags, in share order
                     try:
                         self._ok = self._decide(found)
                     except BaseException:

@@ -25,15 +25,26 @@ from dist_ortho.tp.cost import format_plan, plan_row, resolve
 
 
 @dataclass(eq=False)
+class Share:
+    """What one owner group moves after a step: its parameters held in pieces (every rank its piece back) and those
+    it replicates (the owner's values to every rank), with their owners; and every rank's finite verdict about the
+    matrices the group owns, in its first call."""
+
+    group: Any  # the owner group (a process group)
+    key: tuple[int, ...]  # its ranks
+    sharded: list[torch.Tensor]
+    sharded_owners: list[int]
+    replicated: list[torch.Tensor]
+    replicated_owners: list[int]
+
+
+@dataclass(eq=False)
 class StepPlan:
     """What a step does, made once while its parameters and structural options are unchanged."""
 
-    owned: list[tuple[torch.Tensor, dict[str, Any]]]  # the parameters this replica updates, with their groups
+    owned: list[tuple[torch.Tensor, dict[str, Any]]]  # the parameters this rank updates, with their groups
     stacks: list[ParamStack]
-    sharded: list[torch.Tensor]  # DP-sharded DTensors: pieces gathered to their owners and back
-    sharded_owners: list[int]
-    replicated: list[torch.Tensor]  # shared by their owners after the step (with dp_group)
-    replicated_owners: list[int]
+    shares: list[Share]  # one per owner group, in the order first seen (the same on every rank)
 
 
 def build_stacks(params: Sequence[tuple[torch.Tensor, dict[str, Any]]], layouts: ParamLayouts, states: Callable[[], Any],
@@ -43,23 +54,25 @@ def build_stacks(params: Sequence[tuple[torch.Tensor, dict[str, Any]]], layouts:
     stacks: list[ParamStack] = []
     same: dict[tuple, ParamStack] = {}
     for p, group in params:
-        value, layout, parts = layouts.dtensors.value(p), layouts.layouts[p], layouts.parts.get(p)
+        value, layout, parts = layouts.value(p), layouts.layouts[p], layouts.parts.get(p)
         kind = ("experts" if p in layouts.experts else "conv_batched" if p.ndim > 2 and group["conv_mode"] == "batched"
                 else "flatten" if p.ndim > 2 else "matrix")
         count = value.size(0) if kind == "experts" else 1
         stacked = batched and kind != "conv_batched"
         signature = tuple((tuple(index.tolist()), part) for index, part in parts) if parts else None
-        key = (id(group), tuple(value.shape), value.dtype, value.device, layout, signature, kind)
-        dtensor = p in layouts.dtensors
+        owner_key = layouts.owner_key(p)
+        key = (id(group), tuple(value.shape), value.dtype, value.device, layout, signature, kind, owner_key)
+        apart = layouts.held_apart(p)
         if stacked and key in same:
             stack = same[key]
             stack.params.append(p)
             stack.names.append(name_of(p))
-            stack.dtensors = stack.dtensors or dtensor
+            stack.held_apart = stack.held_apart or apart
             continue
         members: list[torch.Tensor] = [p]
         stack = ParamStack(members, group, layout, GroupState(lambda members=members: [states()[q] for q in members]),
-                           [], kind=kind, count=count, batched=stacked, names=[name_of(p)], dtensors=dtensor)
+                           [], kind=kind, count=count, batched=stacked, names=[name_of(p)], held_apart=apart,
+                           owner_key=owner_key)
         if parts:
             stack.parts = [
                 Part(index, part, GroupState(lambda members=members, i=i: [states()[q].setdefault(part_key(i), {})

@@ -92,11 +92,11 @@ class GroupStep:
 
     # -- per step: the members' tensors --
     def _values(self, stack: ParamStack) -> list[torch.Tensor]:
-        return [self.opt.layouts.dtensors.value(p) for p in stack.params] if stack.dtensors else stack.params
+        return [self.opt.layouts.value(p) for p in stack.params] if stack.held_apart else stack.params
 
     def _grad(self, stack: ParamStack, values: list[torch.Tensor]) -> torch.Tensor:
         """The members' gradients, stacked (a tensor-parallel shard without one steps with zeros)."""
-        grads = [self.opt.layouts.dtensors.grad(p) for p in stack.params] if stack.dtensors else [p.grad for p in stack.params]
+        grads = [self.opt.layouts.grad(p) for p in stack.params] if stack.held_apart else [p.grad for p in stack.params]
         first = values[0]
         out = stack.buffers.get("grad", (len(values), *first.shape), first.dtype, first.device)
         try:
@@ -276,22 +276,25 @@ class GroupStep:
             torch._foreach_copy_(work.values, work.views)
 
     def run(self, stacks: Sequence[ParamStack], defer: bool = False) -> Pending | None:
-        """The step of ``stacks``. ``defer``: compute the new weights and state and leave them uncommitted, with
-        this rank's verdict (:class:`Pending`), for replicas that decide together (dist_ortho.optim.base)."""
+        """The step of ``stacks``. ``defer``: compute the new weights and state and leave them uncommitted, with this
+        rank's verdict per owner group (:class:`Pending`), for ranks that decide together (dist_ortho.optim.base)."""
         works = [self._prepare(stack, copy_weights=defer) for stack in stacks]
         if self.opt.uses_newton_schulz:
             self._newton_schulz(works)
         self._updates(works)
-        verdict = self._check(works)
         if not defer:
-            ok = self.decide(verdict)
+            ok = self.decide(self._check(works))
             if ok is not False:
                 self._new_weights(works)
                 self._write(works, ok)
             return None
-        if verdict.ok is not False:  # a TP group decides alike: all its ranks skip this together
-            self._new_weights(works)
-        return Pending(works, verdict)
+        by_key: dict[tuple[int, ...] | None, list[_Work]] = {}
+        for work in works:
+            by_key.setdefault(work.stack.owner_key, []).append(work)
+        verdicts = {key: self._check(members) for key, members in by_key.items()}
+        # a TP group decides alike: all its ranks skip these together
+        self._new_weights([w for key, members in by_key.items() if verdicts[key].ok is not False for w in members])
+        return Pending(works, verdicts)
 
 
 @dataclass
@@ -325,10 +328,11 @@ def shared_verdict(mine: Verdict, flags: Sequence[float], owner: str) -> Verdict
 
 @dataclass
 class Pending:
-    """A step computed on this rank and not yet committed (see GroupStep.run's ``defer``)."""
+    """A step computed on this rank and not yet committed (see GroupStep.run's ``defer``): its verdict about the
+    matrices of each owner group (by its ranks; None: those every holder steps)."""
 
     works: list[_Work]
-    verdict: Verdict
+    verdicts: dict[tuple[int, ...] | None, Verdict]
 
     def new_values(self) -> dict[torch.Tensor, torch.Tensor]:
         """Each member parameter's new value (its slice of the stack's new weights)."""
@@ -339,5 +343,12 @@ class Pending:
         return {p: u for work in self.works if work.update is not None
                 for p, u in zip(work.stack.params, work.update.reshape(work.weights.shape).unbind(0))}
 
-    def commit(self, ok: torch.Tensor | None) -> None:
-        GroupStep._write(self.works, ok)
+    def flag(self, key: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """What the ranks of owner group ``key`` exchange: this rank's verdict about the group's matrices, and about
+        those every holder steps (alike on every rank: a non-finite one there skips or raises the whole step)."""
+        flags = [v.flag(device) for k, v in self.verdicts.items() if k in (key, None)]
+        return torch.stack(flags).min() if flags else Verdict(True).flag(device)
+
+    def commit(self, ok: torch.Tensor | None, key: tuple[int, ...] | None) -> None:
+        """Write the works of owner group ``key``."""
+        GroupStep._write([w for w in self.works if w.stack.owner_key == key], ok)

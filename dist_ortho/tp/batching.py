@@ -93,6 +93,16 @@ def chunk(shape: Sequence[int], dtype: torch.dtype, device: torch.device | str) 
     return max(1, CPU_CHUNK_BYTES // (shape[-2] * shape[-1] * itemsize))
 
 
+def overridden() -> bool:
+    """Whether an override (:func:`set_batching`, or the environment) decides every shape."""
+    return _forced() is not None
+
+
+def recorded(k: Key) -> bool | None:
+    """The choice recorded for ``k`` (None: none yet)."""
+    return _recorded.get(k)
+
+
 def needs_measuring(keys: Iterable[Key]) -> list[Key]:
     """The keys (in first-seen order) with no recorded choice, where no override decides."""
     if _forced() is not None:

@@ -14,11 +14,13 @@ from typing import Any
 
 import torch
 
+from dist_ortho.params import GTP_ATTRIBUTES
 from dist_ortho.qkv import qkv_split_shapes
 
 # What tag_megatron_params sets. megatron-core's fp32 master copies (Float16OptimizerWithFloat16Params)
 # copy only its own tensor-parallel attributes, so copy_tags_to_main_params copies these onto them.
 TAGS = ("expert_tp", "is_qkv", "qkv_split_shapes")
+
 
 
 def megatron_qkv_split_shapes(config: Any) -> list[int]:
@@ -62,10 +64,12 @@ def tag_megatron_params(model_chunks: Iterable[torch.nn.Module]) -> None:
 
 
 def copy_tags_to_main_params(wrapped: Any) -> None:
-    """Copy TAGS from each model parameter to its fp32 master copy in a megatron-core Float16 wrapper."""
+    """Copy TAGS (and a GTP weight's GTP_ATTRIBUTES) from each model parameter to its fp32 master copy in a megatron-core
+    Float16 wrapper."""
     for model_group, main_group in zip(getattr(wrapped, "float16_groups", []), getattr(wrapped, "fp32_from_float16_groups", [])):
         for model_param, main_param in zip(model_group, main_group):
-            for tag in TAGS:
+            gtp = getattr(model_param, "is_gtp_weight_remat", False) is True
+            for tag in TAGS + (GTP_ATTRIBUTES if gtp else ()):  # megatron-core copies only is_gtp_weight_remat
                 if hasattr(model_param, tag):
                     setattr(main_param, tag, getattr(model_param, tag))
 
