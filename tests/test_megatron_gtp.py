@@ -65,7 +65,7 @@ def _padding(rows: int):
         update_gtp_config(pad_for_alignment=before)
 
 
-def _gpt(tp: int, gtp: int, ep: int, egtp: int):
+def _gpt(tp: int, gtp: int, ep: int, egtp: int, dtype: torch.dtype = torch.float32):
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -77,7 +77,8 @@ def _gpt(tp: int, gtp: int, ep: int, egtp: int):
         use_cpu_initialization=True, add_bias_linear=False, tensor_model_parallel_size=tp,
         tensor_parallel_num_weight_shards=tp * gtp, expert_model_parallel_size=ep,
         expert_tensor_parallel_num_weight_shards=egtp if experts else None, num_moe_experts=experts,
-        moe_ffn_hidden_size=16 if experts else None, moe_router_topk=2)
+        moe_ffn_hidden_size=16 if experts else None, moe_router_topk=2, params_dtype=dtype,
+        bf16=dtype == torch.bfloat16)
     torch.manual_seed(0)
     model = GPTModel(config, get_gpt_layer_local_spec(num_experts=experts), vocab_size=VOCAB, max_sequence_length=SEQ)
     model.ddp_config = DistributedDataParallelConfig()  # what Megatron's DDP wrapper of a chunk carries
@@ -136,6 +137,8 @@ def _three_steps(opt, params: dict, grads: dict, pgs) -> None:
     for step in range(3):
         for n, p in params.items():
             p.grad = _piece(grads[n][step], p, n, pgs)
+            if p.dtype == torch.float32 and getattr(p, "_main_grad_expected", False):
+                p.main_grad = p.grad  # what Megatron's DDP buffers give fp32 weights of a bf16 model
         out = opt.step()
         assert out is None or out[0], out
 
@@ -270,3 +273,62 @@ def test_upstream_gtp_muon_is_inexact_where_dist_ortho_is_exact(world):
     assert all(e <= 5e-5 for n, (e, _) in padded.items() if n != qkv), padded
     split = world.run(_against_upstream, DENSE, ["duplicated"], True, 16)[0]["duplicated"]
     assert "Muon QKV split shape mismatch" in split["upstream"] and split["ours"] is None, split
+
+
+def _layer_wise(ctx, mode: str) -> dict:
+    """Megatron's layer-wise distributed optimizer (``use_layer_wise_distributed_optimizer``, bf16 with fp32 master
+    copies) around dist_ortho's TensorParallelMuon at GTP 2 x DP 2: each matrix's fp32 master copy, on the DP
+    replica that owns it, against float64 Muon of the gathered bf16 start weights and gradients."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from dist_ortho.integrations.megatron import install
+    from tests.megatron_cpu import megatron_on_cpu
+    from tests.test_megatron_stack import _muons
+
+    install()
+    layout = (1, 2, 1, 1)
+    with _parallel(*layout), megatron_on_cpu(), _padding(16):
+        pgs = ProcessGroupCollection.use_mpu_process_groups()
+        config, model = _gpt(*layout, dtype=torch.bfloat16)
+        params = dict(model.named_parameters())
+        full = {n: _gather(p, n, pgs) for n, p in params.items()}
+        grads = {n: [g.to(torch.bfloat16).double() for g in gs] for n, gs in _grads(full, pgs, EXPERTS).items()}
+        opt_config = OptimizerConfig(optimizer="muon", lr=HP["lr"], weight_decay=HP["weight_decay"], clip_grad=0.0,
+                                     bf16=True, use_layer_wise_distributed_optimizer=True, muon_momentum=HP["momentum"],
+                                     muon_nesterov=True, muon_fp32_matmul_prec="high", muon_tp_mode=mode,
+                                     muon_split_qkv=True)
+        opt = get_megatron_optimizer(opt_config, [model])
+        for p in params.values():
+            p._main_grad_expected = True
+        _three_steps(opt, params, grads, pgs)
+        names = {id(getattr(p, "main_param", p)): n for n, p in params.items()}
+        owned = sorted(names[id(p)] for m in _muons(opt) for g in m.param_groups for p in g["params"])
+        errors = {}
+        for n in owned:
+            master = getattr(params[n], "main_param", params[n])
+            if master is not params[n] and hasattr(params[n], "pad_length"):
+                master.pad_length = params[n].pad_length
+            ref = optim_reference.run("muon", full[n], grads[n], HP) if not n.endswith("linear_qkv.weight") else None
+            if ref is None:
+                from dist_ortho.integrations.megatron import megatron_qkv_split_shapes
+                from tests.qkv_reference import muon_on_components
+
+                ref = muon_on_components(full[n], grads[n], megatron_qkv_split_shapes(config), HP)
+            errors[n] = ((_gather(master, n, pgs) - ref).abs().max().item(), (ref - full[n]).abs().max().item())
+        model_weights = {n: _gather(p, n, pgs) for n, p in params.items()}
+    return {"errors": errors, "weights": model_weights, "dp_rank": dist.get_rank(pgs.dp)}
+
+
+def test_gtp_under_megatrons_layer_wise_distributed_optimizer(world):
+    """The second entry point: Megatron's LayerWiseDistributedOptimizer shards whole matrices over DP and runs
+    dist_ortho's step inside (the GTP attributes reach the fp32 master copies): every matrix is stepped by one DP
+    replica, exactly (bf16 gradients, fp32 masters: the float32 tolerance), and every replica's bf16 weights agree."""
+    results = world.run(_layer_wise, "home")
+    owned = [set(r["errors"]) for r in results]
+    assert owned[0] == owned[1] and owned[2] == owned[3] and owned[0].isdisjoint(owned[2]) and owned[0] and owned[2]
+    for r in results:
+        bad = {n: v for n, v in r["errors"].items() if not optim_reference.weights_agree(*v)}
+        assert not bad, bad
+        twin = results[0]
+        assert all(torch.equal(w, twin["weights"][n]) for n, w in r["weights"].items())

@@ -263,3 +263,54 @@ def test_megatron_refuses_fp16_for_emerging_optimizers_before_dist_ortho():
     config = OptimizerConfig(optimizer="muon", fp16=True, lr=0.01)
     with pytest.raises(ValueError, match="fp16 is not supported"):
         get_megatron_optimizer(config, [torch.nn.Linear(4, 4)])
+
+
+def test_megatron_mains_precision_and_scale_flags():
+    """Megatron-LM main's ``--muon-fp32-matmul-prec low`` (which torch ignores) runs as "medium", said in the log;
+    dist_ortho's scale modes and "highest" parse after install()."""
+    import argparse
+    import importlib.util
+
+    from dist_ortho.integrations.megatron import install, muon_settings
+    from megatron.core.optimizer import OptimizerConfig
+
+    install()
+    assert muon_settings(OptimizerConfig(optimizer="muon", muon_fp32_matmul_prec="low"))["fp32_matmul_prec"] == "medium"
+    if importlib.util.find_spec("megatron.training") is None:
+        return
+    from megatron.training import arguments
+
+    parsed = arguments.add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)).parse_args(
+        ["--muon-scale-mode", "match_rms_adamw", "--muon-fp32-matmul-prec", "highest"])
+    assert (parsed.muon_scale_mode, parsed.muon_fp32_matmul_prec) == ("match_rms_adamw", "highest")
+
+
+def _lion_scalars(ctx) -> dict:
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from dist_ortho.integrations.megatron import install
+    from tests.megatron_cpu import megatron_on_cpu
+    from tests.test_megatron_stack import HIDDEN, _inner, _model, _muons
+
+    install()
+    with _parallel(2, 1), megatron_on_cpu():
+        _, chunk = _model(torch.float32, False, ProcessGroupCollection.use_mpu_process_groups())
+        chunk.norm = torch.nn.LayerNorm(HIDDEN)  # a non-matrix parameter: the scalar optimizer's
+        config = OptimizerConfig(optimizer="muon", muon_scalar_optimizer="lion", lr=0.01, clip_grad=0.0,
+                                 muon_tp_mode="home")
+        opt = get_megatron_optimizer(config, [chunk])
+        before = {n: p.detach().clone() for n, p in chunk.named_parameters()}
+        for p in chunk.parameters():
+            p.grad = torch.ones_like(p)
+        ok, _, _ = opt.step()
+        kinds = sorted({type(o).__name__ for o in _inner(opt)})
+        moved = all(not torch.equal(p.detach(), before[n]) for n, p in chunk.named_parameters())
+    return {"ok": ok, "kinds": kinds, "muons": len(_muons(opt)), "moved": moved}
+
+
+def test_lion_for_scalar_parameters_beside_dist_ortho(world):
+    """``--muon-scalar-optimizer lion`` with dist_ortho switched in: megatron-core builds emerging-optimizers' Lion
+    for the non-matrix parameters and dist_ortho's TensorParallelMuon for the matrices; both step."""
+    for r in world.run(_lion_scalars):
+        assert r["ok"] and r["muons"] == 1 and "Lion" in r["kinds"] and r["moved"], r

@@ -310,15 +310,25 @@ class OrthogonalizedOptimizer(Optimizer):
         master copies of bf16 weights) pass to the tensors that took their place, and so do the GTP attributes
         that say how they are held (megatron-core copies only ``is_gtp_weight_remat``)."""
         for group, given in self._given:
-            for old, new in zip(given, group["params"]):
-                if new is old:
-                    continue
+            for old, new in self._replaced(given, group["params"]):
                 if old in self.names and new not in self.names:
                     self.names[new] = self.names[old]
                 if getattr(old, "is_gtp_weight_remat", False) is True and not hasattr(new, "pad_length"):
                     for attribute in GTP_ATTRIBUTES:
                         if hasattr(old, attribute):
                             setattr(new, attribute, getattr(old, attribute))
+
+    @staticmethod
+    def _replaced(given: Sequence[torch.Tensor], current: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(given tensor, the tensor that took its place) of a param group: by the given tensors' ``main_param``
+        (megatron-core's link to a master copy; its layer-wise optimizer also drops the tensors other replicas
+        own), else position by position when the group kept its length."""
+        masters = {id(old.main_param): old for old in given if getattr(old, "main_param", None) is not None}
+        if masters:
+            return [(masters[id(new)], new) for new in current if id(new) in masters]
+        if len(given) != len(current):
+            return []
+        return [(old, new) for old, new in zip(given, current) if new is not old]
 
     def name_of(self, p: torch.Tensor) -> str:
         """The parameter's name, or its shape when it has none."""

@@ -8,31 +8,39 @@ generations (0.16: ``muon_use_nesterov``; >= 0.17: ``muon_nesterov``); :func:`mu
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from dist_ortho.coefficients import COEFFICIENT_TYPES
+from dist_ortho.precision import MATMUL_PRECISIONS
 from dist_ortho.integrations.megatron.optimizers import MEGATRON_TP_MODES
 from dist_ortho.integrations.megatron.params import chunks_qkv_split_shapes, megatron_param_names
 from dist_ortho.optim.scale import SCALE_MODES
 from dist_ortho.tp import TP_MODES
 
+logger = logging.getLogger(__name__)
+
 
 def add_muon_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``--muon-*`` flags dist_ortho reads, only where ``parser`` lacks them.
 
-    Next to Megatron-LM's parser, Megatron's flags stay as they are, and ``--muon-tp-mode`` gains
-    dist_ortho's modes (gram, home, auto, megatron_blockwise); what the generation lacks is added
+    Next to Megatron-LM's parser, Megatron's flags stay as they are, ``--muon-tp-mode`` gains dist_ortho's
+    modes (gram, home, auto, megatron_blockwise), ``--muon-scale-mode`` its scale modes (unit_rms_norm's alias
+    rms_to_rms, match_rms_adamw) and ``--muon-fp32-matmul-prec`` "highest" (and "low", which Megatron-LM main
+    offers: see :func:`matmul_precision_of`); what the generation lacks is added
     (``--muon-coefficient-type`` on megatron-core 0.16, ``--muon-use-syrk`` on 0.16-0.19). On a bare
     parser the defaults are megatron-core OptimizerConfig's, except ``--muon-tp-mode`` "duplicated"
     (exact), where Megatron's is "blockwise" (each shard alone), and the TP modes dist_ortho's own
     optimizers take (where "blockwise" scales by the global shape). Adding twice changes nothing.
     """
     known = parser._option_string_actions  # argparse has no public lookup of registered options
-    tp_mode = known.get("--muon-tp-mode")
-    if tp_mode is not None and tp_mode.choices is not None:
-        tp_mode.choices = list(tp_mode.choices) + [m for m in MEGATRON_TP_MODES if m not in tp_mode.choices]
+    for flag, ours in (("--muon-tp-mode", MEGATRON_TP_MODES), ("--muon-scale-mode", SCALE_MODES),
+                       ("--muon-fp32-matmul-prec", (*MATMUL_PRECISIONS, "low"))):
+        action = known.get(flag)
+        if action is not None and action.choices is not None:
+            action.choices = list(action.choices) + [m for m in ours if m not in action.choices]
     group = parser.add_argument_group("muon (dist_ortho)")
 
     def add(*flags: str, **kwargs: Any) -> None:
@@ -44,7 +52,7 @@ def add_muon_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--muon-no-split-qkv", dest="muon_split_qkv", action="store_false")
     add("--muon-use-nesterov", "--muon-nesterov", dest="muon_use_nesterov", action="store_true", default=False)
     add("--muon-scale-mode", default="spectral", choices=SCALE_MODES)
-    add("--muon-fp32-matmul-prec", default="medium", choices=("medium", "high", "highest"))
+    add("--muon-fp32-matmul-prec", default="medium", choices=(*MATMUL_PRECISIONS, "low"))
     add("--muon-num-ns-steps", type=int, default=5)
     add("--muon-tp-mode", default="duplicated", choices=TP_MODES)
     add("--muon-extra-scale-factor", type=float, default=1.0)
@@ -69,6 +77,23 @@ def setting(config: Any, names: Sequence[str], default: Any) -> Any:
     return default
 
 
+def matmul_precision_of(value: str) -> str:
+    """dist_ortho's fp32_matmul_prec for Megatron's ``--muon-fp32-matmul-prec``. Megatron-LM's parser also offers
+    "low", which torch's set_float32_matmul_precision ignores (a warning; the process's precision stays as it was,
+    so upstream's Newton-Schulz precision then depends on what ran before): dist_ortho runs it as "medium", the
+    lowest precision torch has (the device's fast reduced precision, dist_ortho.precision), and says so once."""
+    if value != "low":
+        return value
+    if not _said_low:
+        _said_low.append(True)
+        logger.info("--muon-fp32-matmul-prec low: Newton-Schulz runs at 'medium' (torch has no lower float32 matmul "
+                    "precision; megatron-core passes 'low' to torch, which ignores it)")
+    return "medium"
+
+
+_said_low: list[bool] = []
+
+
 def muon_settings(config: Any) -> dict[str, Any]:
     """TensorParallelMuon's keywords from an OptimizerConfig of either generation (0.19's names)."""
     return {
@@ -76,7 +101,7 @@ def muon_settings(config: Any) -> dict[str, Any]:
         "momentum": config.muon_momentum,
         "nesterov": setting(config, ("muon_nesterov", "muon_use_nesterov"), False),
         "weight_decay": config.weight_decay,
-        "fp32_matmul_prec": config.muon_fp32_matmul_prec,
+        "fp32_matmul_prec": matmul_precision_of(config.muon_fp32_matmul_prec),
         "num_ns_steps": config.muon_num_ns_steps,
         "scale_mode": config.muon_scale_mode,
         "split_qkv": config.muon_split_qkv,
