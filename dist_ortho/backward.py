@@ -10,7 +10,8 @@ average, a reduce-scatter into owners) is the caller's ``start``: it reads the g
 a function that waits and writes the result. With gradient accumulation, every micro-batch but the last runs
 inside :meth:`no_sync` (as with torch's DistributedDataParallel); a gradient accumulated again after its bucket
 was issued is a RuntimeError, never a silently partial reduction. A backward whose gradients are dropped (a step
-skipped: the optimizer's ``zero_grad``) ends with :meth:`drain`.
+skipped: the optimizer's ``zero_grad``) ends with :meth:`drain`, which issues what that backward left (so that
+every rank has issued the same buckets) and waits.
 """
 
 from __future__ import annotations
@@ -84,14 +85,27 @@ class BackwardReducer:
 
     def finish(self) -> None:
         """Issue the buckets not issued yet, in order, and wait for every reduction (its results written)."""
-        while self._next < len(self._buckets):
-            self._issue()
-        self.drain()
+        self._issue_rest()
+        self._wait()
 
     def drain(self) -> None:
-        """Wait for the reductions issued so far (their results written) and issue no more; the next backward
-        starts afresh. The end of :meth:`finish`, and of a backward whose step is skipped (the optimizer's
-        ``zero_grad``)."""
+        """End a backward whose step is skipped (the optimizer's ``zero_grad``): when one is in progress (a bucket
+        issued or a gradient marked ready since the last :meth:`finish`), issue the rest, as :meth:`finish` would,
+        and wait for everything; the next backward starts afresh. Every rank then has issued every bucket, also
+        where a replica's backward reached fewer weights (an unused layer) and so issued fewer buckets than the
+        others. With no backward in progress (zero_grad after a step, before the next backward) it issues
+        nothing. A replica whose backward reached none of these weights issues nothing either: run backward on
+        every replica (as with DistributedDataParallel)."""
+        if self._next or self._ready:
+            self._issue_rest()
+        self._wait()
+
+    def _issue_rest(self) -> None:
+        while self._next < len(self._buckets):
+            self._issue()
+
+    def _wait(self) -> None:
+        """Wait for the reductions issued so far (their results written) and start afresh."""
         finishers, self._finishers = self._finishers, []
         self._ready.clear()
         self._next = 0

@@ -4,14 +4,25 @@ Every collective the library issues passes through here, so that it can be count
 bytes sent per rank, see :func:`count_collectives`) and, later, coalesced. Bytes are those a rank
 sends under the usual ring algorithms: all-reduce ``2 (t-1)/t * nbytes``, all-gather
 ``(t-1) * nbytes`` of the local input, all-to-all the chunks sent to other ranks.
+
+Every wait is bounded by the library's timeout (:func:`timeout_s`), on every backend: where a backend's
+``wait(timeout)`` does not bound an operation (gloo's reduce-scatter runs inside ``wait()``, on the calling
+thread, under the process group's own timeout only), the operation is made of one that it does bound (there:
+an all-to-all of the chunks, summed on arrival; the same bytes sent). What is issued in flight and not waited for
+when the interpreter exits (an overlapped step's share after a script's last step) is completed by an exit hook
+(:func:`complete_in_flight`). :data:`SITES` lists every place of the library that issues collectives
+(tests/test_faults.py checks it against the code and injects faults at each).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import hashlib
+import logging
 import os
+import pickle
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -23,8 +34,11 @@ import torch.distributed as dist
 
 ProcessGroup = dist.ProcessGroup
 T = TypeVar("T")
-# all_gather_single is the newer name (torch >= 2.10) of all_gather_into_tensor.
+logger = logging.getLogger(__name__)
+# all_gather_single / reduce_scatter_single are the newer names (torch >= 2.10) of all_gather_into_tensor /
+# reduce_scatter_tensor.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 @dataclass
@@ -136,13 +150,67 @@ class Handle(Generic[T]):
     def wait(self) -> T:
         if not self._value:
             if self._work is not None:
-                _wait(self.op, self._work, self._nbytes)
+                try:
+                    _wait(self.op, self._work, self._nbytes)
+                finally:
+                    _in_flight.pop(id(self._work), None)
             self._value.append(self._result())
         return self._value[0]
 
 
+_in_flight: dict[int, tuple[str, Any]] = {}
+"""The backend works of the :class:`Handle` objects returned in flight and not waited for yet, by id: held here (not
+only by their handles) so that a work is never released by the backend's own thread (see :func:`complete_in_flight`)."""
+_PRUNE_AT = 256
+
+
 def _finish(handle: Handle[T], async_op: bool) -> Handle[T] | T:
-    return handle if async_op else handle.wait()
+    if not async_op:
+        return handle.wait()
+    if handle._work is not None:
+        if not _in_flight:
+            _register_exit_hook()
+        elif len(_in_flight) >= _PRUNE_AT:  # handles dropped without a wait (a caller that raised): keep the pending
+            for key, (_, work) in list(_in_flight.items()):
+                if work.is_completed():
+                    del _in_flight[key]
+        _in_flight[id(handle._work)] = (handle.op, handle._work)
+    return handle
+
+
+def in_flight() -> int:
+    """How many of the library's collectives were issued in flight and are not known complete (waited for)."""
+    return len(_in_flight)
+
+
+def complete_in_flight() -> int:
+    """Wait (each at most the library's timeout) for every collective the library left in flight, then release
+    them; returns how many there were. Run at interpreter exit (registered at the first collective issued in
+    flight): an overlapped step's share, or a backward's reductions, may still be in flight when a script
+    returns after its last step, and a backend thread that completes one during the interpreter's teardown
+    releases its tensors there, taking the GIL of an interpreter that is going away: on gloo the process
+    aborts at exit ("terminate called without an active exception", a non-zero status) after all its work
+    was done. Failures here (a peer gone, the group destroyed) are logged, not raised: the process is ending."""
+    pending = list(_in_flight.values())
+    seconds = timeout_s()
+    for op, work in pending:
+        try:
+            work.wait(datetime.timedelta(seconds=seconds)) if seconds > 0 else work.wait()
+        except Exception as e:  # noqa: BLE001 - at exit: nothing to raise to
+            logger.warning("dist_ortho: %s still in flight at exit did not complete (%s: %s)", op, type(e).__name__,
+                           str(e).splitlines()[0] if str(e) else "")
+    _in_flight.clear()
+    return len(pending)
+
+
+_exit_hook_registered = False
+
+
+def _register_exit_hook() -> None:
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        _exit_hook_registered = True
+        atexit.register(complete_in_flight)
 
 
 def group_size(group: ProcessGroup | None) -> int:
@@ -186,14 +254,26 @@ def all_gather(tensor: torch.Tensor, group: ProcessGroup | None, async_op: bool 
 def reduce_scatter(send: torch.Tensor, group: ProcessGroup | None, async_op: bool = False) -> Any:
     """Sum over the group of every rank's ``send`` (flat: one equal chunk per rank, rank 0's first), chunk r
     delivered to rank r: this rank's sum (with ``async_op`` a :class:`Handle` of it). Callers pack ``send``
-    once, from their tensors."""
+    once, from their tensors. On gloo, an all-to-all of the chunks summed here in rank order (see the module
+    doc: gloo's own reduce-scatter is neither in flight before its wait nor bounded by the timeout)."""
     size = group_size(group)
     if size == 1:
         return _finish(Handle("reduce_scatter", None, 0, lambda: send), async_op)
-    out = send.new_empty(send.numel() // size)
-    _record("reduce_scatter", (size - 1) * out.numel() * out.element_size())
-    work = dist.reduce_scatter_tensor(out, send, group=group, async_op=True)
+    numel = send.numel() // size
+    _record("reduce_scatter", (size - 1) * numel * send.element_size())
+    if _on_gloo(group, send):
+        chunks = torch.empty_like(send)  # chunk j: rank j's chunk for this rank
+        work = dist.all_to_all_single(chunks, send, group=group, async_op=True)
+        return _finish(Handle("reduce_scatter", work, send.nbytes, lambda: chunks.view(size, numel).sum(0)), async_op)
+    out = send.new_empty(numel)
+    work = _reduce_scatter_single(out, send, group=group, async_op=True)
     return _finish(Handle("reduce_scatter", work, send.nbytes, lambda: out), async_op)
+
+
+def _on_gloo(group: ProcessGroup | None, tensor: torch.Tensor) -> bool:
+    """Whether gloo serves collectives of ``tensor`` over ``group`` ("gloo", or "cpu:gloo,..." for a CPU tensor)."""
+    backend = str(dist.get_backend(group))
+    return backend == "gloo" or (tensor.device.type == "cpu" and "cpu:gloo" in backend)
 
 
 def all_to_all(
@@ -212,6 +292,21 @@ def all_to_all(
         recv, send, output_split_sizes=list(recv_numels), input_split_sizes=list(send_numels), group=group, async_op=True,
     )
     return _finish(Handle("all_to_all", work, send.nbytes, lambda: list(torch.split(recv, list(recv_numels)))), async_op)
+
+
+def all_gather_object(obj: Any, group: ProcessGroup | None) -> list[Any]:
+    """Every rank's picklable ``obj``, by rank: torch's ``all_gather_object`` made of two :func:`all_gather`\\ s
+    (the pickled sizes, then the padded bytes), so that its waits are bounded and counted."""
+    size = group_size(group)
+    if size == 1:
+        return [obj]
+    device = collective_device(group)
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    sizes = all_gather(torch.tensor([data.numel()], dtype=torch.int64, device=device), group).flatten().tolist()
+    padded = torch.zeros(max(sizes), dtype=torch.uint8, device=device)
+    padded[: data.numel()] = data
+    table = all_gather(padded, group).cpu()
+    return [pickle.loads(bytes(table[r, :n].tolist())) for r, n in enumerate(sizes)]
 
 
 def collective_device(group: ProcessGroup | None, device: torch.device | str = "cpu") -> torch.device:
@@ -249,8 +344,7 @@ def agree(entries: list[tuple], labels: list[str], group: ProcessGroup | None, w
             raise ValueError(f"ranks disagree on {what}: found by this group's rank(s) {flagged} (in their input or "
                              "another of their groups), whose error names it")
         return
-    views: list[Any] = [None] * size
-    dist.all_gather_object(views, (entries, labels), group=group)
+    views = all_gather_object((entries, labels), group)
     count = max(len(e) for e, _ in views)
     for i in range(count):
         seen = [(e[i] if i < len(e) else None, names[i] if i < len(names) else None) for e, names in views]
@@ -277,3 +371,77 @@ def agree_over(entries: list[tuple], labels: list[str], groups: Sequence[Process
             message = message or str(disagreement)
     if message is not None:
         raise ValueError(message)
+
+
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "all_gather_object", "agree", "agree_over")
+"""The functions of this module that communicate (the others only read a group's size or rank)."""
+
+
+@dataclass(frozen=True)
+class Site:
+    """A function of the library that issues collectives, through one of :data:`COLLECTIVES` or as a request of
+    a coalesced program (dist_ortho.coalesce): ``where`` is its module and qualified name (nested functions,
+    lambdas and comprehensions count as the function around them), ``what`` what it exchanges. ``step``: reached
+    by an optimizer's step or by what it waits for (backward's hooks, the layers' forward and state-dict
+    pre-hooks, ``zero_grad``, ``state_dict``, ``clip_grad_norm_``); the others are the main job's, the planner's
+    and the demo's. ``bounded``: every wait under the library's timeout; False where it calls torch.distributed
+    itself, bounded by the process group's timeout only."""
+
+    where: str
+    what: str
+    step: bool = True
+    bounded: bool = True
+
+
+SITES: tuple[Site, ...] = (
+    Site("dist_ortho.optim.agreement.PlanAgreement.check", "the plan's agreement when it is new to a rank (a 16-byte "
+         "all-gather per group; on a disagreement every rank's entries)"),
+    Site("dist_ortho.optim.agreement.PlanAgreement.verify", "the plan's agreement every step (verify_plan='every_step')"),
+    Site("dist_ortho.optim.agreement.agree_batching", "batched or one at a time, agreed per new shape (an all-reduce "
+         "of votes per group)"),
+    Site("dist_ortho.tp.jobs.exchange_shard_sizes", "each shard's and each DTensor piece's extents, and the call's "
+         "arguments (all-gathers over a split's group, per level: dist_ortho.layout.exchange_extents, when layouts "
+         "are found; newton_schulz_tp(validate=True))"),
+    Site("dist_ortho.grid.check_grid", "the DP x TP grid's groups (an object all-gather over TP, a flag all-reduce "
+         "over DP, at the first step)"),
+    Site("dist_ortho.grid.start_reduce_to_owners", "gradients averaged into their owners (a reduce-scatter per "
+         "dtype: in the step, in reduce_gradients / clipping, or one per bucket during backward)"),
+    Site("dist_ortho.grid.grid_sum", "a scalar summed over the grid (the gradient norm of clip_grad_norm_)"),
+    Site("dist_ortho.pieces.gather_blocks", "pieces (DTensor, FSDP2) to their owners (an all-to-all per dtype)"),
+    Site("dist_ortho.tp.duplicated.program", "duplicated: the shards all-gathered"),
+    Site("dist_ortho.tp.distributed.column_sharded_newton_schulz", "distributed: the partial Gram all-reduced every "
+         "iteration"),
+    Site("dist_ortho.tp.gram.gram_newton_schulz", "gram: R all-reduced (once, and at each restart)"),
+    Site("dist_ortho.tp.home.program", "home: the shards to their home rank and the results back (two all-to-alls)"),
+    Site("dist_ortho.tp.jobs.gather_program", "a member's gather of a whole matrix (ctx.gather: MOP, "
+         "scaled_orthogonalize_fn)"),
+    Site("dist_ortho.reductions.sum_of_squares", "a member's global norms (ctx.norm)"),
+    Site("dist_ortho.reductions.inner_product", "a member's global inner products (ctx.inner)"),
+    Site("dist_ortho.reductions.mean_over", "a member's means along a sharded dim (ctx.mean_over: NorMuon)"),
+    Site("dist_ortho.grid.share_program", "the share over DP: the owners' new weights to every replica, every "
+         "replica's finite verdict in the first bucket (an all-gather per dtype and bucket)"),
+    Site("dist_ortho.pieces.scatter_program", "the share of pieces: updates or values back from their owners, with "
+         "every rank's finite verdict (an all-to-all per dtype and bucket)"),
+    Site("dist_ortho.grid.verdict_program", "an owner group's finite verdict alone (one all-gather of a flag), where "
+         "its share has nothing else in the first bucket"),
+    Site("dist_ortho.newton_schulz.newton_schulz_step", "newton_schulz_step(tp_group=): one iteration's Gram "
+         "all-reduce (a public function; the step runs the modes' programs)", step=False),
+    Site("dist_ortho.train.model._CopyToTP.backward", "the main job's model: the TP input gradient all-reduced",
+         step=False),
+    Site("dist_ortho.train.model._ReduceFromTP.forward", "the main job's model: row-parallel outputs all-reduced",
+         step=False),
+    Site("dist_ortho.train.cli.start_average", "the main job: AdamW-side gradients averaged over DP", step=False),
+    Site("dist_ortho.train.cli.train_one", "the main job: the loss averaged over DP for its log", step=False),
+    Site("dist_ortho.train.checkpoint.save", "the main job's checkpoint: torch.distributed.checkpoint's save between "
+         "barriers", step=False, bounded=False),
+    Site("dist_ortho.train.checkpoint.load", "the main job's resume: torch.distributed.checkpoint's load", step=False,
+         bounded=False),
+    Site("dist_ortho.dtensor.full_tensor", "a DTensor gathered whole (DTensor.full_tensor: the main job's checkpoint)",
+         step=False, bounded=False),
+    Site("dist_ortho.train.model.parallelize_native", "the main job's torch-native model: parallelize_module "
+         "distributes the weights", step=False, bounded=False),
+    Site("dist_ortho.plan.calibrate._probe", "the planner's calibration: timed all-reduces", step=False, bounded=False),
+    Site("dist_ortho.demo.main", "the demo's agreement check", step=False, bounded=False),
+)
+"""Every place of the library that issues collectives (tests/test_faults.py compares it with the code's call sites
+and injects a fault at each site the step reaches)."""

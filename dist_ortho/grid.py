@@ -43,8 +43,7 @@ def check_grid(tp_group: comm.ProcessGroup | None, dp_group: comm.ProcessGroup |
     if comm.group_size(tp_group) == 1 or comm.group_size(dp_group) == 1:
         return
     mine = (tuple(dist.get_process_group_ranks(tp_group)), tuple(dist.get_process_group_ranks(dp_group)))
-    views: list = [None] * comm.group_size(tp_group)
-    dist.all_gather_object(views, mine, group=tp_group)
+    views = comm.all_gather_object(mine, tp_group)
     problem = None
     seen: set[int] = set()
     for me, (tp, dp) in zip(mine[0], views):
