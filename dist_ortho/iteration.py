@@ -53,12 +53,16 @@ def scale_to_unit(x: torch.Tensor, sum_sq: torch.Tensor, eps: float) -> torch.Te
     return work * scale.to(work.dtype)[..., None, None]
 
 
+def add_product(C: torch.Tensor, A: torch.Tensor, B: torch.Tensor, beta: float) -> torch.Tensor:
+    """beta C + A B as one fused matmul (addmm, or baddbmm for a batch)."""
+    if C.ndim == 2:
+        return torch.addmm(C, A, B, beta=beta)
+    return torch.baddbmm(C, A, B, beta=beta)
+
+
 def polynomial_step(X: torch.Tensor, A: torch.Tensor, a: float, b: float, c: float, use_syrk: bool = False) -> torch.Tensor:
     """a X + (b A + c A^2) X for the Gram matrix A of X (b A + c A^2 with the symmetric kernel where it runs)."""
-    B = symmetric_polynomial(A, b, c, use_syrk)
-    if X.ndim == 2:
-        return torch.addmm(X, B, X, beta=a)
-    return torch.baddbmm(X, B, X, beta=a)
+    return add_product(X, symmetric_polynomial(A, b, c, use_syrk), X, a)
 
 
 def orthogonalize(

@@ -1,51 +1,217 @@
-"""Gram Newton-Schulz on one device against the plain iteration: max error against float64 and FLOPs,
-per coefficient set and aspect ratio (k = 64 rows, n = 64 a columns), float32 at "highest".
+"""Gram Newton-Schulz on one device against the plain iteration, on the battery of tests/gram_battery.py (rank 1,
+2, 8, condition 1e2 .. 1e6 (1e8 in float64), low rank + noise 1e-4, tiny norms, zero): max error against the
+plain iteration in float64 (long double for float64 inputs), FLOPs, and the restart schedules the default rule
+(dist_ortho.tp.gram.default_gram_restarts) was read from. Matmuls at "highest".
 
-    python scripts/bench_local_gram.py
+    python scripts/bench_local_gram.py                      # the table of docs/benchmarks.md
+    python scripts/bench_local_gram.py --ks 4,16,64,256,1024 --seeds 1
+    python scripts/bench_local_gram.py --search --seeds 3   # every schedule of the 5-step sets
+    python scripts/bench_local_gram.py --dtype float64      # Gram and plain in float64, long double reference
+    python scripts/bench_local_gram.py --half --sets quintic,polar_express   # bf16 and fp16: error, FLOPs, time
 
-The rule of dist_ortho.tp.local.use_gram (float32/64, aspect >= 2, fewer FLOPs) is read off this table.
+The bound tested (tests/test_gram_accuracy.py): Gram error <= max(2 x the plain iteration's, 2e-5) per input
+(float64: 2e-5 x eps64 / eps32 = 3.7e-14 for the floor).
+"score" = Gram error / that bound (<= 1 passes).
 """
 
 from __future__ import annotations
 
+import argparse
+import itertools
+import statistics
+import sys
+import time
+from pathlib import Path
+
 import torch
 
-from dist_ortho.coefficients import get_coefficients
-from dist_ortho.precision import matmul_precision
-from dist_ortho.tp import NsSpec
-from dist_ortho.tp.local import gram_flops, local_newton_schulz, plain_flops, use_gram
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.gram_battery, tests.reference
+
+from dist_ortho.precision import matmul_precision  # noqa: E402
+from dist_ortho.tp import NsSpec  # noqa: E402
+from dist_ortho.tp.gram import restarts_for  # noqa: E402
+from dist_ortho.tp.local import gram_recursion_flops, local_newton_schulz, plain_flops, use_gram  # noqa: E402
+from tests import gram_battery as battery  # noqa: E402
 
 SETS = ["quintic", "simple", "polar_express", "polar_express_safer", "cans", "aol", "deepseekv4", "cubic5"]
-ASPECTS = [1, 2, 4, 8]
+FLOOR = {torch.float32: 2e-5, torch.float64: 2e-5 * torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps}
 
 
-def reference(x: torch.Tensor, name: str, steps: int) -> torch.Tensor:
-    X = x.double() / x.double().norm()
-    for a, b, c in get_coefficients(name, steps):
-        A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
-    return X
+def steps_of(name: str) -> int:
+    return 10 if name == "deepseekv4" else 5
+
+
+def errors(case: battery.Case, name: str, steps: int, dtype: torch.dtype, schedules: list[tuple[int, ...] | None]):
+    """Max error of the plain iteration and of the Gram recursion under each schedule (None: the default)."""
+    x = battery.make(case, dtype)
+    reference = battery.reference if dtype == torch.float32 else battery.reference_longdouble
+    ref = reference(x, name, steps)
+    plain = battery.max_error(local_newton_schulz(x, NsSpec(steps, name, local_gram="never")), ref)
+    gram = [battery.max_error(local_newton_schulz(x, NsSpec(steps, name, gram_restarts=s, local_gram="always")), ref)
+            for s in schedules]
+    return plain, gram
+
+
+def score(plain: float, gram: float, floor: float) -> float:
+    return gram / max(2 * plain, floor)
+
+
+def flop_ratio(name: str, steps: int, aspect: int, restarts: tuple[int, ...], k: int = 64) -> float:
+    ns = NsSpec(steps, name)
+    return gram_recursion_flops(k, aspect * k, ns, restarts) / plain_flops((k, aspect * k), ns)
+
+
+def table(args: argparse.Namespace, dtype: torch.dtype) -> None:
+    kinds = args.kinds or (battery.KINDS_FLOAT32 if dtype == torch.float32 else battery.KINDS_FLOAT64)
+    floor = FLOOR[dtype]
+    print(f"torch {torch.__version__}; {str(dtype)[6:]} at 'highest'; k in {args.ks}, aspects {args.aspects}, "
+          f"{args.seeds} seed(s); per row the input of the worst score (Gram error / max(2 x plain error, "
+          f"{floor:.1e}), <= 1 passes), and the largest Gram / plain error over the row's inputs")
+    print("| coefficients (restarts) | input | worst shape | plain error | Gram, no restarts | Gram, default restarts "
+          "| score | max Gram / plain |")
+    print("|---|---|---|---|---|---|---|---|")
+    total = bare_misses = 0
+    overall = {"score": (0.0, ""), "ratio": (0.0, ""), "ratio_above_floor": (0.0, ""), "bare": (0.0, "")}
+
+    def note(key: str, value: float, where: str) -> None:
+        if value > overall[key][0]:
+            overall[key] = (value, where)
+
+    for name in args.sets:
+        steps = steps_of(name)
+        restarts = restarts_for(NsSpec(steps, name), dtype)
+        for kind in kinds:
+            worst, max_ratio = None, 0.0
+            for case in battery.cases((kind,), args.ks, args.aspects, args.seeds):
+                plain, (none, default) = errors(case, name, steps, dtype, [(), None])
+                value = score(plain, default, floor) if plain or default else 0.0
+                bare = score(plain, none, floor) if plain or none else 0.0
+                bare = bare if bare == bare else float("inf")  # nan: the recursion broke down
+                ratio = default / plain if plain > 0 else 0.0
+                where = f"{name} {case}"
+                total += 1
+                bare_misses += not bare <= 1
+                max_ratio = max(max_ratio, ratio)
+                note("score", value, where)
+                note("ratio", ratio, where)
+                note("bare", bare, where)
+                if default > floor:
+                    note("ratio_above_floor", ratio, where)
+                if worst is None or value > worst[0]:
+                    worst = (value, case, plain, none, default)
+            if worst is None:
+                continue
+            value, case, plain, none, default = worst
+            print(f"| {name} {restarts} | {kind} | {'x'.join(map(str, case.shape))} | {plain:.1e} | {none:.1e} | "
+                  f"{default:.1e} | {value:.2f} | {max_ratio:.2f} |", flush=True)
+    print()
+    print(f"{total} inputs. Default restarts: worst score {overall['score'][0]:.2f} ({overall['score'][1]}); "
+          f"largest Gram / plain error {overall['ratio'][0]:.2f} ({overall['ratio'][1]}), "
+          f"{overall['ratio_above_floor'][0]:.2f} where the Gram error is above {floor:.1e} "
+          f"({overall['ratio_above_floor'][1]}). No restarts: {bare_misses} inputs miss the bound, worst score "
+          f"{overall['bare'][0]:.3g} ({overall['bare'][1]}).")
+    print()
+    print("| coefficients | restarts | Gram / plain FLOPs at aspect 2 | 4 | 8 | `use_gram` at aspect 2 |")
+    print("|---|---|---|---|---|---|")
+    for name in args.sets:
+        steps = steps_of(name)
+        restarts = restarts_for(NsSpec(steps, name), dtype)
+        ratios = " | ".join(f"{flop_ratio(name, steps, a, restarts):.2f}" for a in (2, 4, 8))
+        picks = "gram" if use_gram((64, 128), NsSpec(steps, name), dtype) else "plain"
+        print(f"| {name} | {restarts} | {ratios} | {picks} |")
+
+
+def seconds(fn, repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+HALF_KINDS = ("random", "rank1", "cond1e6", "lowrank_noise", "tiny", "zero")
+
+
+def half(args: argparse.Namespace, _dtype: torch.dtype) -> None:
+    """bf16 and fp16 inputs (compute in their own dtype): the plain iteration against the Gram recursion as it runs
+    today when forced (``local_gram="always"``: no restarts, R, the k x k recursion and the products with X in float32,
+    so its FLOPs are float32 ones), both against the plain iteration in float64 on the same rounded input."""
+    k = args.half_k
+    print(f"torch {torch.__version__}; {torch.get_num_threads()} threads; k = {k}; error = max |O - O_float64|; "
+          f"time: median of {args.repeats} runs")
+    print("| dtype | coefficients | aspect | input | plain error | Gram error | Gram / plain FLOPs | plain ms | Gram ms "
+          "| Gram / plain time |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for dtype in (torch.bfloat16, torch.float16):
+        for name in args.sets:
+            steps = steps_of(name)
+            plain_ns = NsSpec(steps, name, local_gram="never")
+            gram_ns = NsSpec(steps, name, local_gram="always")
+            for aspect in args.aspects:
+                timing = None
+                for kind in HALF_KINDS:
+                    case = battery.Case(kind, k, aspect)
+                    x = battery.make(case, dtype)
+                    if kind != "zero" and not bool(x.any()):  # fp16: entries of 1e-30 round to zero
+                        continue
+                    ref = battery.reference(x, name, steps)
+                    plain = battery.max_error(local_newton_schulz(x, plain_ns), ref)
+                    gram = battery.max_error(local_newton_schulz(x, gram_ns), ref)
+                    if timing is None:  # once per shape: the time does not depend on the input
+                        timing = (seconds(lambda: local_newton_schulz(x, plain_ns), args.repeats),
+                                  seconds(lambda: local_newton_schulz(x, gram_ns), args.repeats))
+                        cells = f"{timing[0] * 1e3:.1f} | {timing[1] * 1e3:.1f} | {timing[1] / timing[0]:.2f}"
+                    else:
+                        cells = "| |"
+                    print(f"| {str(dtype)[6:]} | {name} | {aspect} | {kind} | {plain:.1e} | {gram:.1e} | "
+                          f"{flop_ratio(name, steps, aspect, (), k):.2f} | {cells} |", flush=True)
+
+
+def search(args: argparse.Namespace, dtype: torch.dtype) -> None:
+    """Worst score over the battery of every restart schedule (5 steps: all 16; deepseekv4: a selection)."""
+    floor = FLOOR[dtype]
+    for name in args.sets:
+        steps = steps_of(name)
+        if steps <= 6:
+            schedules = [s for r in range(steps) for s in itertools.combinations(range(1, steps), r)]
+        else:
+            schedules = [(), (2, 5, 8), (3, 6), (3, 6, 9), (2, 4, 6, 8), (1, 4, 7), (1, 3, 5, 7), (1, 2, 4, 7), (1, 2, 5, 8)]
+        worst = {s: (0.0, "") for s in schedules}
+        kinds = args.kinds or (battery.KINDS_FLOAT32 if dtype == torch.float32 else battery.KINDS_FLOAT64)
+        for case in battery.cases(kinds, args.ks, args.aspects, args.seeds):
+            plain, gram = errors(case, name, steps, dtype, list(schedules))
+            for s, g in zip(schedules, gram):
+                value = score(plain, g, floor) if plain or g else 0.0
+                if value > worst[s][0]:
+                    worst[s] = (value, str(case))
+        print(f"{name}: restarts, worst score over the battery (<= 1 passes), Gram / plain FLOPs at aspect 4")
+        for s in sorted(schedules, key=lambda s: worst[s][0]):
+            print(f"  {str(s):>14}  {worst[s][0]:6.2f}  at {worst[s][1]:<24} {flop_ratio(name, steps, 4, s):.2f}", flush=True)
 
 
 def main() -> None:
-    gen = torch.Generator().manual_seed(0)
-    print(f"torch {torch.__version__}; float32 at 'highest'; k = 64; error = max |O - O_float64|")
-    print("| coefficients | aspect n/k | plain error | gram error | gram / plain error | gram / plain FLOPs | rule picks |")
-    print("|---|---|---|---|---|---|---|")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ks", default="4,6,8,16,64,256", help="k values (rows of the k x aspect k inputs)")
+    parser.add_argument("--aspects", default="2,4,8")
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--sets", default=",".join(SETS))
+    parser.add_argument("--kinds", default="", help="battery inputs (tests/gram_battery.py), default all")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--search", action="store_true", help="every restart schedule instead of the default rule")
+    parser.add_argument("--half", action="store_true", help="bf16 and fp16 rows: plain against Gram, error and time")
+    parser.add_argument("--half-k", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    args.ks = tuple(int(v) for v in args.ks.split(","))
+    args.aspects = tuple(int(v) for v in args.aspects.split(","))
+    args.sets = args.sets.split(",")
+    args.kinds = tuple(args.kinds.split(",")) if args.kinds else ()
+    dtype = getattr(torch, args.dtype)
     with matmul_precision("highest"):
-        for name in SETS:
-            steps = 10 if name == "deepseekv4" else 5
-            for aspect in ASPECTS:
-                x = torch.randn(64, 64 * aspect, generator=gen)
-                ref = reference(x, name, steps)
-                errors = {}
-                for mode in ("never", "always"):
-                    out = local_newton_schulz(x, NsSpec(steps, name, local_gram=mode))
-                    errors[mode] = (out.double() - ref).abs().max().item()
-                ns = NsSpec(steps, name)
-                picks = "gram" if use_gram(x.shape, ns, x.dtype) else "plain"
-                print(f"| {name} | {aspect} | {errors['never']:.1e} | {errors['always']:.1e} | "
-                      f"{errors['always'] / errors['never']:.2f} | {gram_flops(x.shape, ns) / plain_flops(x.shape, ns):.2f} | {picks} |")
+        (half if args.half else search if args.search else table)(args, dtype)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,14 @@
 against float64, the rule that picks it, its FLOPs, and same-shape batching.
 
 Tolerances: float32 at "highest", max abs error against the float64 iteration <= 2e-5 for every set but
-cans (4e-4; its first polynomial has slope ~25), the exact modes' tolerances (test_newton_schulz). The
-recursion is also checked to stay within 3x the plain float32 iteration's own error plus 1e-6 (measured
-<= 1.3x at aspect >= 2). bf16 ("always", forced): relative Frobenius error against the float64 iteration
-<= 0.05, bf16's own rounding over 5 steps (the plain bf16 iteration is held to the same).
+cans (4e-4; its first polynomial has slope ~25), the exact modes' tolerances (test_newton_schulz). Where the
+rule may pick it (aspect >= 2) the recursion, with its default restarts, is also held to issue 30's bound,
+max(2 x the plain float32 iteration's own error, 2e-5), as on the battery of tests/test_gram_accuracy.py
+(measured worst here 4.05x the plain error, 6.0e-6, on cans 32 x 64, inside the floor: restarts leave random
+inputs' errors about where they were, median 1.4x the plain error, and cut ill-conditioned and low-rank ones'
+from up to 770x to at most 6.5x, docs/benchmarks.md). bf16 ("always", forced): relative Frobenius error
+against the float64 iteration <= 0.05, bf16's own rounding over 5 steps (the plain bf16 iteration is held to
+the same).
 """
 
 from __future__ import annotations
@@ -37,8 +41,8 @@ def test_gram_on_one_device_matches_float64(name, aspect):
         plain = local_newton_schulz(x, NsSpec(steps, name, local_gram="never"))
         err, plain_err = (gram.double() - ref).abs().max().item(), (plain.double() - ref).abs().max().item()
         if aspect >= 2:  # where the rule may pick it: as accurate as the plain iteration
-            assert err <= fp32_tolerance(name) and err <= 3 * plain_err + 1e-6, (shape, err, plain_err)
-        else:  # square: never picked by the rule; without restarts it stays within 2e-4 (measured 4e-5)
+            assert err <= fp32_tolerance(name) and err <= max(2 * plain_err, 2e-5), (shape, err, plain_err)
+        else:  # square: never picked (no cheaper); within 2e-4 (measured <= 1e-5 with restarts, 4e-5 without)
             assert err <= 2e-4, (shape, err)
 
 

@@ -126,10 +126,10 @@ def _step_counts(ctx, mode: str, coalesce: bool) -> int:
 
 
 @pytest.mark.parametrize("mode,coalesced,per_matrix", [
-    ("duplicated", 1, 1), ("distributed", 6, 6), ("gram", 2, 2), ("home", 2, 2),
+    ("duplicated", 1, 1), ("distributed", 6, 6), ("gram", 3, 3), ("home", 2, 2),
 ])
 def test_collectives_per_step(world, mode, coalesced, per_matrix):
-    """4 sharded matrices, 5 steps (float32: gram restarts once): coalesced calls per step do not grow
+    """4 sharded matrices, 5 steps (float32: gram's norm, R and one restart): coalesced calls per step do not grow
     with the number of matrices; uncoalesced ones are per matrix."""
     together = world.run(_step_counts, mode, True)
     alone = world.run(_step_counts, mode, False)
@@ -184,7 +184,7 @@ def test_auto_plan_is_printable_and_avoids_singular_gram(world):
 
 # Collectives of one step (after the first), per member: Newton-Schulz's (per mode, shared by all
 # matrices) plus the member's own rounds of global quantities, each one flat all-reduce for all matrices.
-NS_CALLS = {"duplicated": 1, "distributed": 6, "gram": 2, "home": 2}  # 5 steps, float32: gram restarts once
+NS_CALLS = {"duplicated": 1, "distributed": 6, "gram": 3, "home": 2}  # 5 steps, float32: gram's norm, R, one restart
 MEMBER_CALLS = {
     "muon": 0, "scion": 0, "adamuon": 0,
     "polargrad": 1,  # <O, M>

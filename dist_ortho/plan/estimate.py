@@ -33,7 +33,7 @@ from dist_ortho.plan.models import ModelSpec, Weight
 from dist_ortho.qkv import qkv_parts
 from dist_ortho.tp import PIPELINE_BUCKETS
 from dist_ortho.tp.cost import AUTO_CANDIDATES, cheapest, gram_offered, matrix_counts, mode_costs, mode_rounds, rank_flops
-from dist_ortho.tp.gram import default_gram_restarts
+from dist_ortho.tp.gram import restarts_for
 from dist_ortho.tp.home import assign_homes, ns_cost
 from dist_ortho.tp.jobs import NsSpec, even_sizes
 from dist_ortho.tp.local import local_flops, plain_flops
@@ -175,7 +175,7 @@ def _tp_step(
     ns = NsSpec(s.steps, s.coefficient_type, local_gram="never", batch=False) if per_matrix else s.ns
     compute_name, compute = profile.compute(s.precision)
     dtype = torch.float32 if s.param_bytes == 4 else torch.bfloat16
-    restarts = default_gram_restarts(compute, s.steps)
+    restarts = restarts_for(ns, compute)
     ranks = [RankLoad() for _ in range(t)]
     launches = [0] * t
     rounds = _Rounds()

@@ -6,8 +6,9 @@ the FLOPs are exactly the matmuls the modes run, tp.local.plain_flops / gram_rec
 
     duplicated   FLOPs of the whole matrix (plain or one-device Gram)     bytes (t-1) s_l u e             calls 1
     distributed  the plain iteration on u x s_l                           bytes steps 2(t-1)/t u^2 c + norm  calls steps + 1
-    gram         the Gram recursion on u x s_l, r restarts                bytes (1 + r) 2(t-1)/t u^2 4    calls 1 + r
-                 not offered when u > s (its Gram matrix is singular, see tp.gram_newton_schulz)
+    gram         the Gram recursion on u x s_l, r restarts                bytes (1 + r) 2(t-1)/t u^2 4 + norm  calls 2 + r
+                 (16-bit compute: no norm, calls 1 + r); not offered when u > s (its Gram matrix is singular,
+                 see tp.gram_newton_schulz)
     home         duplicated's / t (balanced over many matrices)           bytes 2 (t-1)/t m n / t e       calls 2
 
 predicted seconds = FLOPs / flops_per_s + bytes / bytes_per_s + calls * latency_s / sharing (the n sharded
@@ -26,12 +27,12 @@ from dataclasses import dataclass
 import torch
 
 from dist_ortho.precision import compute_dtype
-from dist_ortho.tp.gram import restarts_of
+from dist_ortho.tp.gram import normalizes_first, restarts_of
 from dist_ortho.tp.jobs import MatrixJob, NsSpec
 from dist_ortho.tp.local import gram_recursion_flops, local_flops
 
 AUTO_CANDIDATES = ("duplicated", "distributed", "gram", "home")
-NORM_BYTES = 8  # distributed mode's float64 sum of squares, one per matrix
+NORM_BYTES = 8  # distributed and gram modes' float64 sum of squares, one per matrix
 
 
 @dataclass(frozen=True)
@@ -112,11 +113,13 @@ def mode_rounds(
     u = n if partition_dim == 0 else m
     t, s_l = len(sizes), max(sizes)
     small = torch.promote_types(compute, torch.float32).itemsize
+    norm_first = normalizes_first(compute, ns.sync_free)
     table = {
         "duplicated": [Rounds("all_gather", 0, 1, batch * s_l * u * dtype.itemsize)],
         "distributed": [Rounds("all_reduce", 0, 1, batch * NORM_BYTES),
                         Rounds("all_reduce", 1, ns.steps, batch * u * u * compute.itemsize)],
-        "gram": [Rounds("all_reduce", 0, 1 + len(restarts), batch * u * u * small)],
+        "gram": ([Rounds("all_reduce", 0, 1, batch * NORM_BYTES)] if norm_first else [])
+                + [Rounds("all_reduce", int(norm_first), 1 + len(restarts), batch * u * u * small)],
         "home": [Rounds("all_to_all", 0, 2, batch * m * n / t * dtype.itemsize)],
     }
     return table[mode]

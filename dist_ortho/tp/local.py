@@ -2,15 +2,25 @@
 is cheaper, and same-shape matrices as one batch.
 
 Gram on one device (Dao-AILab's Gram Newton-Schulz; tp/gram.py with no group): for X of k x n, k <= n,
-aspect a = n / k and s steps, the plain iteration costs s (4 a + 2) k^3 FLOPs (s 4 a k^3 for cubic sets),
-the Gram recursion (4 + 4 r) a k^3 + at most 8 s k^3 (6 s k^3 for cubic) with r restarts (exactly:
-:func:`gram_recursion_flops`). :func:`use_gram` picks
-it when the compute dtype is float32 or float64, a >= :data:`GRAM_MIN_ASPECT` and it needs fewer FLOPs.
-Then no restart is needed: measured against float64 (64 x 64a, every coefficient set, a = 2, 4, 8) its max
-error is at most 2.4x the plain iteration's and at most 1.8e-6 (the exact modes' float32 tolerance is 2e-5;
-scripts/bench_local_gram.py, docs/benchmarks.md); near a = 1 it would need restarts (errors up to 2e-4 for
-deepseekv4's 10 steps), and there the plain iteration is cheaper anyway. In bf16 the recursion's float32 k x k products cost more than
-the bf16 iteration saves, so bf16 keeps the plain iteration.
+aspect a = n / k, s steps and r restarts, the plain iteration costs s (4 a + 2) k^3 FLOPs (s 4 a k^3 for cubic
+sets), the Gram recursion (4 + 4 r) a k^3 + (2 s + 6 (s - 1 - r)) k^3 (cubic: 6 (s - 1 - r) k^3), exactly
+:func:`gram_recursion_flops`; plain minus Gram is (s - 1 - r)(4 a - 6) k^3, so with r <= s - 2 it is
+cheaper exactly when a > 1.5. :func:`use_gram` picks it when the compute dtype is float32 or float64, a >=
+:data:`GRAM_MIN_ASPECT` and it needs fewer FLOPs with the restarts it runs there
+(:func:`dist_ortho.tp.gram.default_gram_restarts`: (2,) for quintic, simple, aol, cubic5; (1, 2) for
+polar_express, polar_express_safer, cans; (1, 2, 5, 8) for deepseekv4's 10 steps): 0.67x the plain iteration's
+FLOPs at a = 4 with one restart (cubic5 0.62x), 0.78x with two, 0.72x for deepseekv4 (0.54x, 0.69x, 0.62x at
+a = 8; 0.56x and 0.39x at a = 4 and 8 without restarts).
+
+Accuracy with those restarts, float32 at "highest", on the battery of tests/gram_battery.py (random; rank 1, 2,
+8; condition 1e2 .. 1e6; rank 4 plus noise 1e-4; entries of 1e-30; zero; k = 4 .. 256 at a = 2, 4, 8, and k = 1024
+at a = 2 for the low-rank and condition-1e6 inputs; every coefficient set): max |O - O_float64| <= max(2 x the plain float32 iteration's, 2e-5) on every
+input, measured at most 0.63 of that bound for k <= 256 and 0.79 at k = 1024 (deepseekv4, condition 1e6); zero
+gives exactly zero. float64 likewise against a long-double reference up to condition 1e8 (at most 0.70 of the
+bound, its floor scaled by eps64 / eps32). Without restarts 417 of the 1512 float32 inputs with k <= 256 miss the
+bound, and deepseekv4 overflows on rank-deficient ones (tests/test_gram_accuracy.py; tables in docs/benchmarks.md,
+scripts/bench_local_gram.py). Near a = 1 the plain iteration is cheaper and stays. In bf16 the recursion's float32
+products cost more than the bf16 iteration saves, so bf16 keeps the plain iteration.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ from dist_ortho.coalesce import run
 from dist_ortho.iteration import orthogonalize
 from dist_ortho.precision import compute_dtype
 from dist_ortho.tp import batching
-from dist_ortho.tp.gram import gram_newton_schulz
+from dist_ortho.tp.gram import gram_newton_schulz, restarts_for
 from dist_ortho.tp.jobs import NsSpec
 
 LocalGram = Literal["auto", "always", "never"]
@@ -49,8 +59,8 @@ def plain_flops(shape: Sequence[int], ns: NsSpec) -> float:
 def gram_recursion_flops(k: int, n_local: int, ns: NsSpec, restarts: Sequence[int] = ()) -> float:
     """FLOPs of :func:`dist_ortho.tp.gram.gram_newton_schulz` on a k x n_local block, exactly as it runs: R = X X^T
     and the final Q X (2 k^2 n each), 4 k^2 n per restart (Q X, then R), and per step Z = b R + c R^2 (2 k^3
-    when c != 0), Q <- a Q + Z Q (2 k^3, none right after a (re)start) and R <- P (P R) (4 k^3, unless the
-    next step is the last or a restart)."""
+    when c != 0), Q <- a Q + Z Q (2 k^3, none right after a (re)start: Q is then a I + Z, applied as a X + Z X)
+    and R <- P R P (4 k^3, unless the next step is the last or a restart)."""
     steps = len(ns.coefficients)
     total = (4 + 4 * len(restarts)) * k * k * n_local
     fresh = True
@@ -64,15 +74,17 @@ def gram_recursion_flops(k: int, n_local: int, ns: NsSpec, restarts: Sequence[in
     return total
 
 
-def gram_flops(shape: Sequence[int], ns: NsSpec, restarts: Sequence[int] = ()) -> float:
-    """FLOPs of the Gram-space recursion on a whole matrix (or batch) of ``shape``."""
+def gram_flops(shape: Sequence[int], ns: NsSpec, dtype: torch.dtype = torch.float32,
+               device: torch.device | str | None = None) -> float:
+    """FLOPs of the Gram-space recursion on a whole matrix (or batch) of ``shape`` in ``dtype``, with the
+    restarts it runs there (:func:`dist_ortho.tp.gram.restarts_for`)."""
     k, n = min(shape[-2:]), max(shape[-2:])
-    return _batch(shape) * gram_recursion_flops(k, n, ns, restarts)
+    return _batch(shape) * gram_recursion_flops(k, n, ns, restarts_for(ns, dtype, device))
 
 
 def local_flops(shape: Sequence[int], ns: NsSpec, dtype: torch.dtype, device: torch.device | str | None = None) -> float:
     """FLOPs of :func:`local_newton_schulz` on a whole matrix (or batch) of ``shape``."""
-    return gram_flops(shape, ns) if use_gram(shape, ns, dtype, device) else plain_flops(shape, ns)
+    return gram_flops(shape, ns, dtype, device) if use_gram(shape, ns, dtype, device) else plain_flops(shape, ns)
 
 
 def use_gram(shape: Sequence[int], ns: NsSpec, dtype: torch.dtype, device: torch.device | str | None = None) -> bool:
@@ -84,7 +96,7 @@ def use_gram(shape: Sequence[int], ns: NsSpec, dtype: torch.dtype, device: torch
         compute_dtype(dtype, device) in (torch.float32, torch.float64)
         and k > 0
         and n >= GRAM_MIN_ASPECT * k
-        and gram_flops(shape, ns) < plain_flops(shape, ns)
+        and gram_flops(shape, ns, dtype, device) < plain_flops(shape, ns)
     )
 
 
@@ -94,7 +106,8 @@ def _one_device(x: torch.Tensor, ns: NsSpec) -> torch.Tensor:
     transpose = x.size(-2) > x.size(-1)
     X = x.mT if transpose else x
     # normalized with its float64 norm first: no host sync, and no collective to save on one device
-    out = run(gram_newton_schulz(X, ns.coefficients, ns.eps, None, (), ns.use_syrk, sync_free=True)).to(x.dtype)
+    restarts = restarts_for(ns, x.dtype, x.device)
+    out = run(gram_newton_schulz(X, ns.coefficients, ns.eps, None, restarts, ns.use_syrk, sync_free=True)).to(x.dtype)
     return (out.mT if transpose else out).contiguous()
 
 
