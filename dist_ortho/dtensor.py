@@ -1,12 +1,15 @@
 """DTensor parameters (FSDP2 ``fully_shard``, torch tensor parallel ``parallelize_module``, experts over EP): their
 placements read into dist_ortho.layout's description.
 
-A DTensor parameter lives on a device mesh whose dims (of size > 1) are the optimizer's TP group, its DP group or,
-for a stack of experts, a dim named "ep". Along the TP mesh dim, ``Shard(k)`` is the TP split (as the TE/Megatron
+A DTensor parameter lives on a device mesh whose dims (of size > 1) are tensor parallel, data parallel or (for a stack
+of experts) expert parallel: a dim whose ranks are the optimizer's ``tp_group`` / ``dp_group`` is that, any other is
+known by its name (:data:`MESH_DIM_ROLES`: the names torch's, torchtitan's, Megatron-LM's and Megatron-FSDP's meshes
+use); a dim neither given nor named so is refused by name. Along a TP mesh dim, ``Shard(k)`` is the TP split (as the TE/Megatron
 attributes ``tensor_model_parallel, partition_dim=k`` say) and ``Replicate`` a whole matrix. Along the DP mesh dim,
 ``Replicate`` is plain data parallelism (DDP, HSDP's replicas) and ``Shard(d)`` / FSDP2's ``_StridedShard(d)`` cuts
-this rank's TP block into consecutive pieces along matrix dim d, one per DP rank (uneven or empty as torch.chunk
-leaves them): a "pieces" split, moved to and from the matrix's owner by dist_ortho.pieces. The order the shards cut
+this rank's TP block into consecutive pieces along matrix dim d, one per DP rank in rank order: a "pieces" split,
+its extents read from the ranks' real local shapes (torch.chunk's for FSDP2; Megatron-FSDP's row-aligned bucket
+views are uneven and may be empty), moved to and from the matrix's owner by dist_ortho.pieces. The order the shards cut
 the tensor in is the mesh's, a strided shard cutting after the later dims' (:func:`read_dtensor`); that the reading
 is right is checked against DTensor's own offsets (:func:`offset_problem`).
 """
@@ -14,7 +17,7 @@ is right is checked against DTensor's own offsets (:func:`offset_problem`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -65,6 +68,16 @@ def _local_problem(p: DTensor, shape: tuple[int, ...], label: str) -> str | None
             "from another tensor, or with a shape= that does not match?)")
 
 
+MeshRole = Literal["tp", "dp", "ep"]
+MESH_DIM_ROLES: dict[str, MeshRole] = {
+    "tp": "tp", "etp": "tp",
+    # data parallel: plain, FSDP's shards, HSDP's replicas, context parallel (weights replicated over it), and the
+    # flattened names of torchtitan (dp_shard_cp, efsdp), Megatron-LM's Megatron-FSDP (dp_cp, outer_fsdp_dp)
+    "dp": "dp", "fsdp": "dp", "dp_shard": "dp", "dp_replicate": "dp", "cp": "dp", "dp_cp": "dp", "dp_shard_cp": "dp",
+    "efsdp": "dp", "outer_fsdp_dp": "dp",
+    "ep": "ep",
+}
+"""What a mesh dim is by its name, where its ranks are neither the optimizer's tp_group nor its dp_group."""
 _ROLES = {"tp": "tp_group", "dp": "dp_group"}
 
 
@@ -73,8 +86,11 @@ def mesh_groups(mesh: Any, tp_group: comm.ProcessGroup | None, dp_group: comm.Pr
     """(tp_group, dp_group) of a DeviceMesh with dims named "tp" and "dp" (either may be absent)."""
     names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
     if not names or set(names) - {"tp", "dp"}:
-        raise ValueError(f"device_mesh must have dims named 'dp' and/or 'tp', got {names or 'unnamed dims'}; "
-                         "or pass tp_group= and dp_group= instead")
+        hint = (" (experts over 'ep': leave device_mesh= out, the parameters' own meshes say every group)"
+                if "ep" in names else "")
+        raise ValueError(f"device_mesh must have dims named 'dp' and/or 'tp', got {names or 'unnamed dims'}{hint}; "
+                         "or pass tp_group= and dp_group= instead, or leave them all out where the parameters are "
+                         f"DTensors on meshes whose dims are named as {sorted(MESH_DIM_ROLES)} name them")
     if tp_group is not None or dp_group is not None:
         raise ValueError("pass either device_mesh= or tp_group=/dp_group=, not both")
     group = {name: mesh[name].get_group() if mesh.ndim > 1 else mesh.get_group() for name in names}
@@ -82,11 +98,14 @@ def mesh_groups(mesh: Any, tp_group: comm.ProcessGroup | None, dp_group: comm.Pr
 
 
 def groups_from_meshes(params: Sequence[torch.Tensor], experts: Sequence[bool]) -> dict[str, comm.ProcessGroup | None]:
-    """tp_group, dp_group and expert_tp_group read from the DTensor parameters' meshes, whose dims of size > 1
-    must be named "tp", "dp" (or "ep", the experts' own); a 3D expert weight's "tp" is the expert TP group when
-    it differs from the dense weights'. Raises ValueError (alike on every rank: meshes are global) when a dim is
-    unnamed or named otherwise, or when two parameters disagree, saying which argument to pass instead."""
+    """tp_group, dp_group and expert_tp_group read from the DTensor parameters' meshes, whose dims of size > 1 must be
+    named as :data:`MESH_DIM_ROLES` knows them; a 3D expert weight's TP dim is the expert TP group when it differs from
+    the dense weights'. Of several data-parallel dims (HSDP: replicas and shards), the one that shards the weights
+    is the DP group (its ranks own their pieces; every replica of them steps its own, alike); a weight replicated
+    over DP dims only gives its dim. Raises ValueError (alike on every rank: meshes are global) when a dim is unnamed
+    or named otherwise, or when two parameters disagree, saying which argument to pass instead."""
     found: dict[str, tuple[tuple[int, ...], comm.ProcessGroup]] = {}
+    replicated: dict[str, tuple[tuple[int, ...], comm.ProcessGroup]] = {}
     for p, expert in zip(params, experts):
         if not is_dtensor(p):
             continue
@@ -95,27 +114,30 @@ def groups_from_meshes(params: Sequence[torch.Tensor], experts: Sequence[bool]) 
             if mesh.size(i) == 1:
                 continue
             name = (mesh.mesh_dim_names or (None,) * mesh.ndim)[i]
-            if name == "ep":
+            role = MESH_DIM_ROLES.get(name) if name is not None else None
+            if role == "ep":
                 continue
-            if name not in _ROLES:
+            if role is None:
                 raise ValueError(
                     f"a DTensor parameter of shape {tuple(p.shape)} is on a mesh dim {name!r}, which does not say "
-                    "whether it is tensor or data parallel: name the mesh dims 'tp', 'dp' (and 'ep'), or pass "
-                    "device_mesh= (dims 'dp' and 'tp') or tp_group= / dp_group="
-                )
-            role = "expert_tp_group" if expert and name == "tp" else _ROLES[name]
+                    f"whether it is tensor or data parallel: name the mesh dims as {sorted(MESH_DIM_ROLES)} do, or "
+                    "pass device_mesh= (dims 'dp' and 'tp') or tp_group= / dp_group= (the groups of the mesh dims "
+                    "that shard the weights)")
+            key = "expert_tp_group" if expert and role == "tp" else _ROLES[role]
             group = mesh.get_group(i)
             ranks = tuple(dist.get_process_group_ranks(group))
-            if role in found and found[role][0] != ranks:
-                raise ValueError(f"the DTensor parameters' '{name}' mesh dims are different groups "
-                                 f"({list(found[role][0])} and {list(ranks)}): pass {role}= explicitly")
-            found[role] = (ranks, group)
+            into = replicated if role == "dp" and p.placements[i].is_replicate() else found
+            if key in into and into[key][0] != ranks:
+                raise ValueError(f"the DTensor parameters' {'replicating ' if into is replicated else ''}"
+                                 f"{role.upper()} mesh dims are different groups ({list(into[key][0])} on "
+                                 f"{name!r} and {list(ranks)}): pass {key}= explicitly")
+            into[key] = (ranks, group)
+    for key, value in replicated.items():
+        found.setdefault(key, value)
     groups = {role: value[1] for role, value in found.items()}
     if "expert_tp_group" in groups and "tp_group" in found and found["tp_group"][0] == found["expert_tp_group"][0]:
         del groups["expert_tp_group"]  # the experts' TP is the dense one
     return groups
-
-
 
 
 def is_expert_dtensor(p: torch.Tensor) -> bool:
@@ -163,19 +185,24 @@ def read_dtensor(p: DTensor, tp_group: comm.ProcessGroup | None, dp_group: comm.
         group = mesh.get_group(i)
         ranks, kind, dim = _ranks(group), _kind(placement), getattr(placement, "dim", None)
         where = f"{label} has placement {placement} on mesh dim {dim_names[i]!r}"
-        if expert and dim_names[i] == "ep":
+        role = ("tp" if ranks in (tp, etp) else "dp" if ranks == dp else
+                MESH_DIM_ROLES.get(dim_names[i]))
+        if expert and role == "ep":
             if kind != "shard" or dim != 0:
                 raise ValueError(f"{where}: over experts an expert weight [E, out, in] must be Shard(0), whole experts "
                                  "per rank (expert-major)")
             splits[i] = Split("experts", 0, group)
-        elif ranks in (tp, etp) or (expert and dim_names[i] in ("tp", "etp")):
+        elif role == "tp" and (ranks in (tp, etp) or expert or tp is None):
             if kind not in ("replicate", "shard") or (kind == "shard" and dim not in ((1, 2) if expert else (0, 1))):
                 raise ValueError(f"{where}: over TP it must be Replicate or Shard along a matrix dim "
                                  f"({'Shard(1) or Shard(2)' if expert else 'Shard(0) or Shard(1)'})")
             if kind == "shard":
                 splits[i] = Split("tp", dim, group)
-        elif ranks == dp or (expert and dim_names[i] == "dp"):
+        elif role == "dp":
             if kind == "replicate":
+                if replicas is not None:
+                    raise ValueError(f"{where}: replicated over two data-parallel mesh dims, which dist_ortho does not "
+                                     "read yet: flatten them into one")
                 replicas = group
             elif expert:
                 if kind != "shard" or dim != 0:
@@ -183,13 +210,17 @@ def read_dtensor(p: DTensor, tp_group: comm.ProcessGroup | None, dp_group: comm.
                                      "expert-major) or Replicate")
                 splits[i] = Split("experts", 0, group)
             elif kind in ("shard", "strided") and dim in (0, 1):
+                if any(split.kind == "pieces" for split in splits.values()):
+                    raise ValueError(f"{where}: sharded over two data-parallel mesh dims (e.g. HSDP's outer optimizer "
+                                     "state sharding), which dist_ortho does not read yet: replicate over the outer one")
                 splits[i] = Split("pieces", dim, group)
             else:
                 raise ValueError(f"{where}: over DP it must be Replicate, Shard(0|1) or FSDP2's strided shard")
         else:
             raise ValueError(
                 f"{where} (ranks {list(ranks or ())}), which is neither the optimizer's tp_group ({list(tp) if tp else None}) nor its dp_group "
-                f"({list(dp) if dp else None}){' nor a dim named ep' if expert else ''} on this rank: pass tp_group= and "
+                f"({list(dp) if dp else None}){' nor a dim named ep' if expert else ''} on this rank"
+                f"{', nor a dim named as ' + str(sorted(MESH_DIM_ROLES)) if role is None else ''}: pass tp_group= and "
                 f"dp_group= as mesh['{dim_names[i]}'].get_group() for the mesh dims that shard the weight (e.g. "
                 "device_mesh=mesh with dims named 'dp' and 'tp')")
     ordered = tuple(splits[i] for i in _cuts_after(p) if i in splits)
@@ -197,9 +228,14 @@ def read_dtensor(p: DTensor, tp_group: comm.ProcessGroup | None, dp_group: comm.
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     shape, _ = compute_local_shape_and_global_offset(p.shape, mesh, p.placements)
-    # the ranks exchange the shapes the placements give: a local tensor that is not its piece is this rank's
-    # problem, raised on every rank by the plan's agreement before any collective moves pieces of the wrong size
-    return Reading(ordered, tuple(shape), tuple(p.shape), replicas, _local_problem(p, tuple(shape), label))
+    # Along a dim that DP pieces cut, the local tensor's own extent is the piece's (uneven ones: Megatron-FSDP), and
+    # the ranks' exchange checks that the pieces make the block; along any other dim the placements' shape is
+    # exchanged, and a local tensor that is not that piece is this rank's problem, raised on every rank by the
+    # plan's agreement before any collective moves pieces of the wrong size.
+    actual = local(p).shape
+    pieces_dims = {split.dim for split in ordered if split.kind == "pieces"}
+    shape = tuple(actual[d] if d in pieces_dims else n for d, n in enumerate(shape))
+    return Reading(ordered, shape, tuple(p.shape), replicas, _local_problem(p, shape, label))
 
 
 def _check_order(splits: Sequence[Split], label: str) -> None:
@@ -223,11 +259,21 @@ def layout_offset(layout: Layout) -> tuple[int, ...]:
     return tuple(offset)
 
 
+def _chunk_sizes(n: int, parts: int) -> list[int]:
+    """torch.chunk's (and DTensor Shard's) extents of n entries cut into ``parts``: ceil(n / parts) each, the last
+    ones shorter or empty."""
+    step = -(-n // parts) if n else 0
+    return [max(0, min(n, (r + 1) * step) - r * step) for r in range(parts)]
+
+
 def offset_problem(p: DTensor, layout: Layout, name: str | None) -> str | None:
     """Why p's placements put this rank's piece elsewhere than ``layout`` (read from them) says, or None: the check
     that the reading describes what DTensor holds (found locally; raised on every rank by the plan's agreement)."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+    if any(split.kind == "pieces" and split.extents != tuple(_chunk_sizes(sum(split.extents), split.size))
+           for split in layout.splits if split.size > 1 and split.extents is not None):
+        return None  # uneven pieces (Megatron-FSDP): placed in rank order, as their exchanged extents say
     shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
     if tuple(shape) != tuple(local(p).shape) or tuple(offset) == layout_offset(layout):
         return None

@@ -210,12 +210,18 @@ class Reading:
     problem: str | None = None
 
 
-def exchange_extents(readings: Sequence[Reading], names: Sequence[str | None]) -> list[Layout]:
+def exchange_extents(readings: Sequence[Reading], names: Sequence[str | None],
+                     problems: dict[int, str] | None = None) -> list[Layout]:
     """The layouts of ``readings``: every split's extents asked of its group's ranks, innermost split first (its
     extents make the block the next one cuts), with one all-gather of every rank's block shapes per group and level
     (dist_ortho.tp.jobs.exchange_shard_sizes, which raises the same ValueError on every rank when they do not fit one
     tensor). Splits whose extents a reader knew, and groups of one, ask nothing. A global shape the blocks do not
-    make is a ValueError (alike on every rank: the extents are)."""
+    make is a ValueError (alike on every rank: the extents are).
+
+    With ``problems`` given, those ValueErrors are recorded there instead (by reading index), and every rank goes
+    on through every level with stand-in extents: a group's error must not leave the ranks of another group
+    waiting in the next level's exchange (the caller raises the problems on every rank, as the plan's agreement
+    does)."""
     splits = [list(r.splits) for r in readings]
     blocks = [list(r.local_shape) for r in readings]
     for level in reversed(range(max(map(len, splits), default=0))):
@@ -230,14 +236,26 @@ def exchange_extents(readings: Sequence[Reading], names: Sequence[str | None]) -
             group = splits[members[0]][level].group
             views = [_as_matrix(torch.zeros((), dtype=torch.int8).expand(blocks[i]), splits[i][level].dim) for i in members]
             dims = [_matrix_dim(len(blocks[i]), splits[i][level].dim) for i in members]
-            for i, extents in zip(members, exchange_shard_sizes(views, dims, group)):
+            try:
+                found = exchange_shard_sizes(views, dims, group)
+            except ValueError as e:
+                if problems is None:
+                    raise
+                found = [[blocks[i][splits[i][level].dim]] * splits[i][level].size for i in members]
+                for i in members:
+                    problems.setdefault(i, f"{names[i] or 'a tensor'}: its ranks' blocks do not fit one tensor ({e})")
+            for i, extents in zip(members, found):
                 splits[i][level] = replace(splits[i][level], extents=tuple(extents))
                 blocks[i][splits[i][level].dim] = sum(extents)
     out = []
     for reading, cuts, block_, name in zip(readings, splits, blocks, names):
         if reading.shape is not None and tuple(block_) != tuple(reading.shape):
-            raise ValueError(f"{name or 'a tensor'}: its ranks' blocks make a {tuple(block_)} tensor, not its global "
-                             f"shape {tuple(reading.shape)}: placements dist_ortho cannot reassemble")
+            message = (f"{name or 'a tensor'}: its ranks' blocks make a {tuple(block_)} tensor, not its global shape "
+                       f"{tuple(reading.shape)}: placements dist_ortho cannot reassemble")
+            if problems is None:
+                raise ValueError(message)
+            problems.setdefault(len(out), message)
+            block_ = list(reading.shape)
         out.append(Layout(tuple(block_), tuple(cuts), reading.replicas))
     return out
 

@@ -83,7 +83,7 @@ def run(kind: str, W: torch.Tensor, grads: list[torch.Tensor], hp: dict) -> torc
                     stat = (O**2).mean(dim=1, keepdim=True) if rows >= cols else (O**2).mean(dim=0, keepdim=True)
                     V = (1 - beta2) * stat if V is None else beta2 * V + (1 - beta2) * stat
                     U = O / V.clamp_min(eps).sqrt()
-                    U = U * (O.norm() / U.norm())
+                    U = U * (O.norm() / U.norm()) if U.norm() > 0 else U  # a zero gradient: no update
                 else:  # namo
                     stat = (g**2).sum()
                     V = (1 - beta2) * stat if V is None else beta2 * V + (1 - beta2) * stat

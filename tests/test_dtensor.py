@@ -150,7 +150,7 @@ def test_collectives_per_step(world):
 
 
 def _raised(ctx, what: str):
-    mesh = _mesh(2, 2)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("shards", "tp")) if what == "unknown dim" else _mesh(2, 2)
     placements = {"unknown dim": (Shard(0), Shard(1)), "interleaved": (Shard(0), Shard(0)),
                   "3d": (Shard(0), Shard(2))}[what]
     full = torch.randn(8, 6, 2) if what == "3d" else torch.randn(8, 6)
@@ -166,7 +166,8 @@ def _raised(ctx, what: str):
 
 
 @pytest.mark.parametrize("what,message", [
-    ("unknown dim", "on mesh dim 'dp' (ranks"),  # a DP mesh dim the optimizer was not given
+    # a mesh dim the optimizer was not given, named as no framework names one
+    ("unknown dim", "on mesh dim 'shards' (ranks"),
     ("interleaved", "before its TP shard does, so no TP rank holds one block"),  # Shard(0) over DP, then TP
     ("3d", "only 2D DTensor weights"),
 ])
@@ -197,6 +198,13 @@ def _wrong_local_piece(ctx, tp_only: bool, verify_plan: str):
 def test_a_local_tensor_that_is_not_its_piece_is_an_error_on_every_rank(world, tp_only, verify_plan):
     # Before: gloo's size enforce aborted the processes (TP only) or a CollectiveError after the timeout (DP x TP).
     errors = world.run(_wrong_local_piece, tp_only, verify_plan)
+    if not tp_only:  # the longer piece is along the dim DP pieces cut (whose extents are read from the local
+        # tensors, as Megatron-FSDP's uneven ones): the ranks whose exchanges find that the blocks do not fit say
+        # so, the others that they did
+        assert all(e and (e.startswith("w: its ranks' blocks") or "found by this group's rank(s)" in e)
+                   for e in errors), errors
+        assert sum(e.startswith("w: its ranks' blocks") for e in errors) >= 2, errors
+        return
     assert "parameter 'w': this rank's local tensor has shape" in errors[1], errors
     assert all(e and "found by this group's rank(s)" in e for r, e in enumerate(errors) if r != 1), errors
 

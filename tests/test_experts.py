@@ -169,7 +169,7 @@ def _bad_placement(ctx, case: str):
         "split over ep by rows": (("ep", "tp"), (Shard(1), Shard(2))),
         "split over dp by columns": (("dp", "ep"), (Shard(2), Shard(0))),
         "unnamed dims": (None, (Shard(0), Shard(1))),
-        "a dim named cp": (("cp", "ep"), (Replicate(), Shard(0))),
+        "a dim named xy": (("xy", "ep"), (Replicate(), Shard(0))),  # no framework names a dim so
     }[case]
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=names)
     fulls, _ = _weights()
@@ -187,7 +187,7 @@ def _bad_placement(ctx, case: str):
 
 @pytest.mark.parametrize("case,needle", [
     ("split over ep by rows", "expert-major"), ("split over dp by columns", "expert-major"),
-    ("unnamed dims", "device_mesh="), ("a dim named cp", "device_mesh="),
+    ("unnamed dims", "device_mesh="), ("a dim named xy", "device_mesh="),
 ])
 def test_placements_that_are_not_expert_major_are_errors_on_every_rank(world4, case, needle):
     messages = world4.run(_bad_placement, case)

@@ -272,7 +272,8 @@ class OrthogonalizedOptimizer(Optimizer):
             named = param_names.items() if isinstance(param_names, dict) else param_names
             self.names.update((p, name) for name, p in named)
         super().__init__(params, defaults)
-        if device_mesh is None and tp_group is None and dp_group is None and expert_tp_group is None:
+        self._groups_from_params = device_mesh is None and tp_group is None and dp_group is None and expert_tp_group is None
+        if self._groups_from_params:
             self._groups_from_meshes()
 
     def _groups(self) -> tuple[comm.ProcessGroup | None, ...]:
@@ -403,6 +404,8 @@ class OrthogonalizedOptimizer(Optimizer):
         """The global layout of p's matrix view."""
         if p not in self.layouts:
             self._carry_names()
+            if self._groups_from_params and not self.layouts.held:  # a wrapper (Megatron-FSDP's fully_shard) may have
+                self._groups_from_meshes()  # put DTensors in the groups after construction
             new = [(q, group) for group in self.param_groups for q in group["params"] if q not in self.layouts]
             self.layouts.find(new, self.names.get, self.is_expert_stack)
         return self.layouts.layouts[p]

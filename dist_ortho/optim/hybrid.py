@@ -76,22 +76,14 @@ class MuonAdamW(Optimizer):
         if kwargs.get("device_mesh") is not None:
             tp_group, dp_group = mesh_groups(kwargs["device_mesh"], tp_group, dp_group)
         dims = _global_dims(groups, named_groups, tp_group, kwargs.get("expert_tp_group"), kwargs.get("tp_mode") == "blockwise")
+        self._routing = {"min_dim": min_dim, "max_aspect_ratio": max_aspect_ratio, "verbose": verbose}
+        self._adamw = {"lr": adamw_lr, "betas": adamw_betas, "eps": adamw_eps, "weight_decay": adamw_weight_decay}
         matrix_groups: list[dict[str, Any]] = []
         fallback_groups: list[dict[str, Any]] = []
         for group, named in zip(groups, named_groups):
-            options = {k: v for k, v in group.items() if k != "params" and k not in _ROUTING_KEYS and k not in _ADAMW_KEYS}
-            flags = {k: group.get(k) for k in _ROUTING_KEYS}
-            matrices, others = [], []
-            for i, (name, p) in enumerate(named):
-                decision = route(p, **flags, dims=dims.get(p), min_dim=min_dim, max_aspect_ratio=max_aspect_ratio)
-                log_routing(name or f"param{i}", p, decision, verbose)
-                (matrices if decision.use_muon else others).append(p)
-            if matrices:
-                matrix_groups.append({"params": matrices, "use_muon": True, **options})
-            if others:
-                adamw = {"lr": adamw_lr, "betas": adamw_betas, "eps": adamw_eps, "weight_decay": adamw_weight_decay}
-                adamw.update({_ADAMW_KEYS[k]: v for k, v in group.items() if k in _ADAMW_KEYS})
-                fallback_groups.append({"params": others, "use_muon": False, **adamw})
+            matrices, others = self._route(group, named, dims)
+            matrix_groups += [matrices] if matrices["params"] else []
+            fallback_groups += [others] if others["params"] else []
         self.tp_group, self.dp_group = tp_group, dp_group
         names = {name: p for named in named_groups for name, p in named if name is not None}
         kwargs.setdefault("param_names", names)
@@ -101,6 +93,49 @@ class MuonAdamW(Optimizer):
         )
         if self.matrix_optimizer is not None:  # its groups, read from DTensor meshes when none were given
             self.tp_group, self.dp_group = self.matrix_optimizer.tp_group, self.matrix_optimizer.dp_group
+
+    def _route(self, group: dict[str, Any], named: list[tuple[str | None, torch.Tensor]], dims: dict
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``group`` split into its matrix optimizer's group and its AdamW group (route's rules, its flags)."""
+        options = {k: v for k, v in group.items() if k != "params" and k not in _ROUTING_KEYS and k not in _ADAMW_KEYS}
+        flags = {k: group.get(k) for k in _ROUTING_KEYS}
+        matrices, others = [], []
+        routing = getattr(self, "_routing", {"min_dim": 4, "max_aspect_ratio": 128.0, "verbose": False})
+        for i, (name, p) in enumerate(named):
+            decision = route(p, **flags, dims=dims.get(p), min_dim=routing["min_dim"],
+                             max_aspect_ratio=routing["max_aspect_ratio"])
+            log_routing(name or f"param{i}", p, decision, routing["verbose"])
+            (matrices if decision.use_muon else others).append(p)
+        adamw = dict(getattr(self, "_adamw", {}))
+        adamw.update({_ADAMW_KEYS[k]: v for k, v in group.items() if k in _ADAMW_KEYS})
+        return {"params": matrices, "use_muon": True, **options}, {"params": others, "use_muon": False, **adamw}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Route ``param_group``'s parameters to the matrix optimizer and to AdamW, as at construction. Where a
+        wrapper emptied ``param_groups`` first (Megatron-FSDP's ``fully_shard(module, optimizer)`` puts its DTensor
+        parameters in place of the model's: clear, then add), both inner optimizers start afresh with it."""
+        if getattr(self, "_assembling", True):  # Optimizer.__init__ registering the inner groups
+            super().add_param_group(param_group)
+            return
+        if not self.param_groups:
+            for _, optimizer in self._inner():
+                optimizer.param_groups.clear()
+                optimizer.state.clear()
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        named = _named(params)
+        dims = _global_dims([param_group], [named], self.tp_group, getattr(self.matrix_optimizer, "expert_tp_group", None),
+                            param_group.get("tp_mode", getattr(self.matrix_optimizer, "defaults", {}).get("tp_mode")) == "blockwise")
+        matrices, others = self._route(param_group, named, dims)
+        for group, optimizer in ((matrices, self.matrix_optimizer), (others, self.fallback_optimizer)):
+            if not group["params"]:
+                continue
+            if optimizer is None:
+                raise ValueError(f"MuonAdamW: parameters of shape {tuple(group['params'][0].shape)} route to the "
+                                 f"{'matrix optimizer' if group['use_muon'] else 'AdamW'}, which this MuonAdamW was "
+                                 "built without: give it such parameters at construction")
+            optimizer.add_param_group(group)
+        self.param_groups[:] = [g for _, o in self._inner() for g in o.param_groups]
 
     @classmethod
     def combine(cls, matrix_optimizer: Optimizer | None, fallback_optimizer: Optimizer | None) -> MuonAdamW:
@@ -117,7 +152,9 @@ class MuonAdamW(Optimizer):
             group.setdefault("use_muon", True)
         for group in fallback_optimizer.param_groups if fallback_optimizer else []:
             group.setdefault("use_muon", False)
+        self._assembling = True
         Optimizer.__init__(self, [g for _, o in self._inner() for g in o.param_groups], {})
+        self._assembling = False
         self.state = _StateView(self)  # type: ignore[assignment]
 
     def _inner(self) -> list[tuple[str, Optimizer]]:
@@ -232,6 +269,11 @@ class _StateView(Mapping):
 
     def __len__(self) -> int:
         return sum(len(state) for state in self._states())
+
+    def clear(self) -> None:
+        """Every inner optimizer's state dropped (a wrapper replacing the parameters: MuonAdamW.add_param_group)."""
+        for state in self._states():
+            state.clear()
 
 
 def counted_here(p: torch.Tensor, tp_group: comm.ProcessGroup | None, dp_group: comm.ProcessGroup | None) -> bool:

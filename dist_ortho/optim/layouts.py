@@ -72,11 +72,13 @@ class ParamLayouts:
             check_grid(self.tp_group, self.dp_group)
         for group in self._new_piece_groups(readings):
             check_grid(self.expert_tp_group if group in self._expert_groups(new, readings) else self.tp_group, group)
-        found = exchange_extents(readings, [names(p) for p, _ in new])
-        for (p, _), reading, layout in zip(new, readings, found):
+        exchanged: dict[int, str] = {}  # raised on every rank by the plan's agreement, as the readings' problems
+        found = exchange_extents(readings, [names(p) for p, _ in new], exchanged)
+        for i, ((p, _), reading, layout) in enumerate(zip(new, readings, found)):
             self.held[p] = layout
             self.layouts[p] = layout.compute()
-            problem = reading.problem or (offset_problem(p, layout, names(p)) if is_dtensor(p) else None)
+            problem = reading.problem or exchanged.get(i) or (
+                offset_problem(p, layout, names(p)) if is_dtensor(p) else None)
             if problem is not None:
                 self.problems[p] = problem
         for p, group in new:  # every rank has the same layouts now: errors are alike
@@ -132,8 +134,12 @@ class ParamLayouts:
             layout = self.held[p]
             experts = next((s for s in layout.splits if s.kind == "experts" and s.size > 1
                             and _ranks(s.group) == _ranks(self.dp_group)), None)
+            # replicas over a group other than the DP group (HSDP's outer dim beside a DP group of shards): every
+            # replica steps its own, alike
+            replicated = comm.group_size(self.dp_group) > 1 and (
+                layout.replicas is None or _ranks(layout.replicas) in (None, _ranks(self.dp_group)))
             group = (layout.pieces.group if layout.pieces is not None else experts.group if experts is not None
-                     else self.dp_group if comm.group_size(self.dp_group) > 1 else None)
+                     else self.dp_group if replicated else None)
             self.owner_groups[p] = group
         by_group: dict[tuple[int, ...] | None, list[torch.Tensor]] = {}
         for p in new:
