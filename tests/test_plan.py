@@ -200,3 +200,19 @@ def test_overlap_hides_the_grid_share_and_part_of_the_tp_collectives():
             assert 0.75 * r.comm_seconds < shown < r.comm_seconds, key
     rows = compare_overlap_6676()
     assert rows[0]["published stall share"] == 0.17 and rows[2]["predicted ms"] < rows[1]["predicted ms"] < rows[0]["predicted ms"]
+
+
+def test_gtp_pieces_are_owned_within_their_group():
+    """Megatron GTP (Layout.gtp): a TP block's pieces go to one owner of its GTP group, so with GTP = DP the
+    Newton-Schulz FLOPs per rank are the grid's over DP (the same owners), with an all-to-all in and one out per
+    bucket where the grid all-gathers once, and fewer bytes (each rank gets its piece back, not every block); with GTP 2 of DP 4 each of the two replicas of a GTP group steps its matrices.
+    A GTP size that does not divide DP is a ValueError."""
+    model = preset("llama3-8b")
+    grid = {r.arrangement: r for r in estimate(model, Layout(tp=2, dp=4), PROFILES["H100"], modes=["home"])}["grid"]
+    gtp4 = estimate(model, Layout(tp=2, dp=4, gtp=4), PROFILES["H100"], modes=["home"], arrangements=("replicated",))[0]
+    gtp2 = estimate(model, Layout(tp=2, dp=4, gtp=2), PROFILES["H100"], modes=["home"], arrangements=("replicated",))[0]
+    replicated = estimate(model, Layout(tp=2, dp=4), PROFILES["H100"], modes=["home"], arrangements=("replicated",))[0]
+    assert gtp4.flops == grid.flops < gtp2.flops < replicated.flops
+    assert gtp4.calls > grid.calls and gtp4.bytes < grid.bytes
+    with pytest.raises(ValueError, match="gtp = 3 must divide dp = 4"):
+        Layout(tp=2, dp=4, gtp=3)

@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ep", type=int)
     p.add_argument("--etp", type=int, help="expert TP size (default: tp)")
     p.add_argument("--pp", type=int)
+    p.add_argument("--gtp", type=int, help="Megatron GTP weight remat: dense TP blocks in this many pieces over DP ranks")
+    p.add_argument("--egtp", type=int, help="Megatron GTP weight remat of the experts (expt_gtp_remat)")
     p.add_argument("--precision", default="medium", choices=["highest", "high", "medium"],
                    help="fp32_matmul_prec: medium runs Newton-Schulz in bf16")
     p.add_argument("--steps", type=int, default=5)
@@ -168,7 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"PR 6683 (setting not published): {PR_6683_RATIO:.2f}x faster\n")
             return 0
         model, meg = _model(a)
-        sizes = {k: v for k, v in {"tp": a.tp, "dp": a.dp, "ep": a.ep, "etp": a.etp, "pp": a.pp}.items() if v is not None}
+        sizes = {k: v for k, v in {"tp": a.tp, "dp": a.dp, "ep": a.ep, "etp": a.etp, "pp": a.pp, "gtp": a.gtp,
+                                   "egtp": a.egtp}.items() if v is not None}
         layout = Layout(**{"tp": 1, "dp": 1, **{k: v for k, v in meg.items() if v is not None}, **sizes})
         profile = load_profile(a.device, _overrides(a.set))
         settings = Settings(steps=a.steps, coefficient_type=a.coefficients, precision=a.precision, capture=a.capture,

@@ -49,21 +49,29 @@ UPDATE_BYTES = 24  # per element: gradient read, momentum read + write, weight r
 
 @dataclass(frozen=True)
 class Layout:
-    """tp x dp x pp ranks; the experts of an MoE over ep ranks, each sharded over etp (default tp)."""
+    """tp x dp x pp ranks; the experts of an MoE over ep ranks, each sharded over etp (default tp). Megatron GTP
+    weight remat: each dense TP block held in ``gtp`` pieces over a group of DP ranks (its owner gathers it, steps
+    it and sends the pieces back; each of the dp / gtp replicas of that group does so), the experts' in ``egtp``."""
 
     tp: int
     dp: int
     ep: int = 1
     etp: int | None = None
     pp: int = 1
+    gtp: int = 1
+    egtp: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("tp", "dp", "ep", "pp"):
+        for name in ("tp", "dp", "ep", "pp", "gtp", "egtp"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"layout: {name} must be a positive integer, got {value!r}")
         if (self.tp * self.dp) % (self.ep * self.expert_tp):
             raise ValueError(f"layout: ep x expert tp = {self.ep * self.expert_tp} must divide tp x dp = {self.tp * self.dp}")
+        if self.dp % self.gtp:
+            raise ValueError(f"layout: gtp = {self.gtp} must divide dp = {self.dp} (its pieces live on DP ranks)")
+        if self.expert_dp % self.egtp:
+            raise ValueError(f"layout: egtp = {self.egtp} must divide the experts' DP = {self.expert_dp}")
 
     @property
     def expert_tp(self) -> int:
@@ -238,17 +246,20 @@ def _tp_step(
 
 def _domain(
     weights: Sequence[Weight], t: int, dp: int, dp_span: int, mode: str, arrangement: Arrangement, s: Settings,
-    profile: DeviceProfile, ranks_on_node: int,
+    profile: DeviceProfile, ranks_on_node: int, pieces: int = 1,
 ) -> tuple[RankLoad, dict[str, int]]:
-    """The slowest rank of one domain (dense TP x DP, or expert TP x expert DP)."""
+    """The slowest rank of one domain (dense TP x DP, or expert TP x expert DP). With ``pieces`` > 1 (GTP) the
+    owners are the ranks of a pieces group in either arrangement: the gradients' pieces go to them and the new
+    weights' pieces come back (an all-to-all each way, dist_ortho.pieces), no share over DP."""
     if not weights:
         return RankLoad(), {}
     mats = _matrices(weights, t)
     compute_name, _ = profile.compute(s.precision)
     rate = profile.matmul_rate(compute_name, ranks_on_node)
     tp_bw, tp_lat = profile.link(t)
-    dp_bw, dp_lat = profile.link(dp_span)
-    if arrangement == "grid" and dp > 1:
+    dp_bw, dp_lat = profile.link(dp_span if pieces == 1 else t * pieces)
+    if pieces > 1 or (arrangement == "grid" and dp > 1):
+        dp = pieces if pieces > 1 else dp
         shapes = [[m.shape for m in mats if m.weight == i] for i in range(len(weights))]
         owners = assign_owners(shapes, dp)
     else:
@@ -275,7 +286,15 @@ def _domain(
             seconds = (load.flops / rate + comm + kernels + host
                        + held[d][r] * UPDATE_BYTES / profile.memory_bytes_per_s)
             load.state_bytes = held[d][r] * s.state_bytes
-            if dp > 1:  # the owners' updated weights to every replica: one all-gather over DP
+            if pieces > 1:  # this rank's gradient pieces of the others' blocks in, its own blocks' pieces back out
+                others = sum(held[o][r] for o in range(dp)) - held[d][r]
+                moved = (others / pieces + held[d][r] * (pieces - 1) / pieces) * s.param_bytes
+                calls = 2 * max(1, math.ceil(max(held[o][r] for o in range(dp)) * s.param_bytes / s.bucket_bytes))
+                load.bytes += moved
+                load.calls += calls
+                seconds += calls * dp_lat + moved / dp_bw
+                comm += calls * dp_lat + moved / dp_bw
+            elif dp > 1:  # the owners' updated weights to every replica: one all-gather over DP
                 # the owners' weights, and each replica's finite verdict in the same buffer (one element)
                 longest = (max(held[o][r] for o in range(dp)) + 1) * s.param_bytes
                 share_calls = max(1, math.ceil(longest / s.bucket_bytes))
@@ -327,9 +346,10 @@ def estimate(
         for mode in modes:
             if arrangement == "grid" and mode in ANCHORS:
                 continue
-            a, chosen = _domain(dense, layout.tp, layout.dp, layout.tp * layout.dp, mode, arrangement, s, profile, ranks_on_node)
+            a, chosen = _domain(dense, layout.tp, layout.dp, layout.tp * layout.dp, mode, arrangement, s, profile,
+                                ranks_on_node, layout.gtp)
             b, chosen_e = _domain(experts, layout.expert_tp, layout.expert_dp, layout.tp * layout.dp, mode, arrangement, s,
-                                  profile, ranks_on_node)
+                                  profile, ranks_on_node, layout.egtp)
             for k, v in chosen_e.items():
                 chosen[k] = chosen.get(k, 0) + v
             out.append(Estimate(arrangement, mode, a.flops + b.flops, a.bytes + b.bytes, a.calls + b.calls,

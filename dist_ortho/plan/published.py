@@ -9,7 +9,7 @@ only the ratio is compared).
 Assumptions (ours, stated in docs/scale.md): the model is Qwen3-30B-A3B's shape (hidden 2048, 48 layers,
 32 heads in 4 query groups of 128 channels, 128 experts of 768 with SwiGLU, every layer MoE) - an MoE whose
 many same-shaped expert weights match the issue's description; the dense domain is tp = 16 (TP x GTP),
-dp = 2; upstream's duplicated and distributed modes issue one set of collectives per matrix (our
+dp = 2 (and, in one more row, the real layout: TP 2 with GTP 8 pieces, EP 8 with EGTP 2 pieces, LAYOUT_6676_GTP); upstream's duplicated and distributed modes issue one set of collectives per matrix (our
 "/per-matrix" anchors); layer-sharded is our home mode (one fused all-to-all each way per domain);
 Newton-Schulz in bf16 (fp32_matmul_prec "medium", Megatron's default), 5 quintic steps, one fused buffer per
 collective (no 256 MiB buckets, as upstream fuses); the built-in GB300
@@ -26,14 +26,18 @@ ISSUE_6676 = {"duplicated/per-matrix": (632.0, 76), "distributed/per-matrix": (3
 PR_6683_RATIO = 264.0 / 139.0
 ISSUE_6719_STALL = 0.17  # Megatron-LM issue 6719: ~17% of the layer-sharded optimizer step stalled in NCCL
 LAYOUT_6676 = Layout(tp=16, dp=2, ep=8, etp=2)
+# the same 32 ranks as Megatron GTP lays them out: dense TP 2 with each TP block in 8 GTP pieces over DP ranks,
+# experts EP 8 (expert TP 1) with each expert in 2 expert-GTP pieces; dist_ortho gathers a block's pieces on one
+# owner rank of its GTP group (tests/test_layouts.py, tests/test_megatron_gtp.py)
+LAYOUT_6676_GTP = Layout(tp=2, dp=16, ep=8, etp=1, gtp=8, egtp=2)
 
 
 def compare_6676() -> list[dict]:
     """Rows of predicted vs published for issue #6676's setting (the assumptions in the module doc): upstream's
     three modes modelled as a step per weight (as upstream's loops run: the model's check against the published
     figures), then dist_ortho's grouped home step, with its host time, and captured in a CUDA graph."""
-    def run(**settings: bool) -> dict[str, object]:
-        rows = estimate(preset("qwen3-30b-a3b"), LAYOUT_6676, PROFILES["GB300"],
+    def run(layout: Layout = LAYOUT_6676, **settings: bool) -> dict[str, object]:
+        rows = estimate(preset("qwen3-30b-a3b"), layout, PROFILES["GB300"],
                         Settings(precision="medium", bucket_bytes=2**62, **settings),
                         modes=list(ISSUE_6676), arrangements=("replicated",))
         return {r.mode: r for r in rows}
@@ -46,7 +50,9 @@ def compare_6676() -> list[dict]:
         out.append({"upstream mode": {"home": "layer-sharded"}.get(mode, mode.split("/")[0]), "dist_ortho mode": mode,
                     "published ms": ms, "predicted ms": 1e3 * r.seconds, "published vs layer-sharded": ms / ISSUE_6676["home"][0],
                     "predicted vs layer-sharded": r.seconds / home, "published calls": calls, "predicted calls": r.calls})
-    for label, settings in (("home, grouped step", {}), ("home, grouped step, CUDA graph", {"capture": True})):
+    for label, settings in (("home, grouped step", {}), ("home, grouped step, CUDA graph", {"capture": True}),
+                            ("home, grouped step, the real TP 2 x GTP 8 / EP 8 x EGTP 2 layout",
+                             {"layout": LAYOUT_6676_GTP})):
         r = run(**settings)["home"]
         out.append({"upstream mode": "-", "dist_ortho mode": label, "published ms": None, "predicted ms": 1e3 * r.seconds,
                     "published vs layer-sharded": None, "predicted vs layer-sharded": r.seconds / home,
