@@ -436,8 +436,10 @@ SITES: tuple[Site, ...] = (
          "barriers", step=False, bounded=False),
     Site("dist_ortho.train.checkpoint.load", "the main job's resume: torch.distributed.checkpoint's load", step=False,
          bounded=False),
-    Site("dist_ortho.dtensor.full_tensor", "a DTensor gathered whole (DTensor.full_tensor: the main job's checkpoint)",
-         step=False, bounded=False),
+    Site("dist_ortho.dtensor._held_extents", "a DTensor's pieces' extents from the ranks' local shapes (an object "
+         "all-gather per sharded mesh dim: the main job's checkpoint)", step=False),
+    Site("dist_ortho.dtensor.gather_pieces", "a DTensor gathered whole, uneven pieces too (an all-gather per sharded "
+         "mesh dim: the main job's checkpoint)", step=False),
     Site("dist_ortho.train.model.parallelize_native", "the main job's torch-native model: parallelize_module "
          "distributes the weights", step=False, bounded=False),
     Site("dist_ortho.plan.calibrate._probe", "the planner's calibration: timed all-reduces", step=False, bounded=False),

@@ -38,9 +38,43 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The global tensor of a DTensor (a collective over its mesh), or t itself."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
+def _held_extents(t: DTensor) -> list[tuple[int, int, list[int]]]:
+    """(mesh dim, tensor dim, every rank's extent) of each shard of ``t``, innermost first, read from the ranks'
+    real local shapes (one object all-gather per sharded mesh dim): even (torch.chunk) or uneven (Megatron-FSDP)."""
+    mesh, block, out = t.device_mesh, list(local(t).shape), []
+    for i in reversed(_cuts_after(t)):
+        if mesh.size(i) == 1:
+            continue
+        dim = t.placements[i].dim
+        extents = [shape[dim] for shape in comm.all_gather_object(tuple(block), mesh.get_group(i))]
+        out.append((i, dim, extents))
+        block[dim] = sum(extents)
+    return out
+
+
+def gather_pieces(t: torch.Tensor) -> torch.Tensor:
+    """The global tensor of a DTensor whose pieces may be uneven (DTensor.full_tensor assumes torch.chunk's), each
+    shard gathered over its mesh dim innermost first; a tensor that is not a DTensor is itself."""
+    if not isinstance(t, DTensor):
+        return t
+    if any(placement.is_partial() for placement in t.placements):
+        raise ValueError(f"a DTensor of shape {tuple(t.shape)} with a Partial placement {tuple(t.placements)} is not "
+                         "a held tensor: reduce it first")
+    piece = local(t)
+    for i, dim, extents in _held_extents(t):
+        padding = [0, 0] * (piece.ndim - 1 - dim) + [0, max(extents) - piece.size(dim)]
+        stacked = comm.all_gather(torch.nn.functional.pad(piece, padding), t.device_mesh.get_group(i))
+        piece = torch.cat([stacked[r].narrow(dim, 0, n) for r, n in enumerate(extents)], dim=dim)
+    return piece
+
+
+def piece_like(full: torch.Tensor, t: DTensor) -> torch.Tensor:
+    """This rank's piece of the global tensor ``full`` as DTensor ``t`` holds its own (uneven pieces too: offsets
+    from the ranks' local shapes, one object all-gather per sharded mesh dim)."""
+    offset = [0] * full.ndim
+    for i, dim, extents in _held_extents(t):
+        offset[dim] += sum(extents[: t.device_mesh.get_local_rank(i)])
+    return full[tuple(slice(o, o + n) for o, n in zip(offset, local(t).shape))]
 
 
 def piece_of(full: torch.Tensor, mesh: DeviceMesh, placements: Sequence[Placement]) -> torch.Tensor:

@@ -263,3 +263,30 @@ def test_parallelize_module_and_fully_shard_model_trains_as_one_process(world, k
         assert max(errors.values()) <= 1e-5, errors
         assert all(abs(mine - ref) <= 1e-5 * ref and mine > 0.05 for mine, ref in norms), norms  # clipping was active
     assert sorted(owns for _, owns, _ in results) == [False, False, True, True]  # one DP replica per TP group
+
+
+def _uneven_pieces(ctx) -> list[bool]:
+    """DTensors whose local pieces are uneven and empty (as Megatron-FSDP builds them, DTensor.from_local with
+    shape=): gathered whole and cut again from the ranks' own shapes (the main job's checkpoint reads them so)."""
+    from dist_ortho.dtensor import gather_pieces, piece_like
+
+    gen = torch.Generator().manual_seed(3)
+    out = []
+    flat = init_device_mesh("cpu", (4,), mesh_dim_names=("fsdp",))
+    full = torch.randn(10, 6, generator=gen)
+    rows = [3, 0, 5, 2]
+    start = sum(rows[: ctx.rank])
+    cases = [(full, flat, (Shard(0),), full[start: start + rows[ctx.rank]])]
+    grid = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_cp", "tp"))
+    full2 = torch.randn(7, 6, generator=gen)
+    d, t = grid["dp_cp"].get_local_rank(), grid["tp"].get_local_rank()
+    block = full2[:5] if d == 0 else full2[5:]  # rows 5 / 2 over DP, then columns 3 / 3 over TP
+    cases.append((full2, grid, (Shard(0), Shard(1)), block[:, 3 * t: 3 * t + 3]))
+    for whole, mesh, placements, piece in cases:
+        p = DTensor.from_local(piece.clone(), mesh, placements, shape=whole.shape, stride=whole.stride())
+        out.append(torch.equal(gather_pieces(p), whole) and torch.equal(piece_like(whole, p), piece))
+    return out
+
+
+def test_uneven_pieces_gathered_and_cut_by_their_real_shapes(world):
+    assert all(all(r) for r in world.run(_uneven_pieces))

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from dist_ortho import comm
-from dist_ortho.dtensor import full_tensor, is_dtensor, local, piece_of
+from dist_ortho.dtensor import gather_pieces, is_dtensor, local, piece_like
 from dist_ortho.optim.holding import declares, holding, owns, state_tensors
 from dist_ortho.params import held_like_param
 
@@ -44,11 +44,11 @@ def global_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, group
     sharded(model)
     model_sd, optim_sd = {}, {}
     for name, p in model.named_parameters():
-        model_sd[name] = full_tensor(p.detach()) if is_dtensor(p) else held_like_param(p, group).to_global(p.detach())
+        model_sd[name] = gather_pieces(p.detach()) if is_dtensor(p) else held_like_param(p, group).to_global(p.detach())
         for path, value in state_tensors(optimizer.state[p]):
             t = value if torch.is_tensor(value) else torch.tensor(value)
             if is_dtensor(t):  # a torch optimizer's state of a DTensor parameter (AdamW under FSDP2)
-                optim_sd["/".join([name, *path])] = full_tensor(t)
+                optim_sd["/".join([name, *path])] = gather_pieces(t)
                 continue
             optim_sd["/".join([name, *path])] = holding(optimizer, p, path, group).to_global(t)
     return {"model": model_sd, "optim": optim_sd}
@@ -149,7 +149,7 @@ def load(
                 if tuple(state["model"][name].shape) != tuple(p.shape):
                     raise ValueError(f"checkpoint {checkpoint}: {name} has shape {tuple(state['model'][name].shape)}, "
                                      f"the model {tuple(p.shape)}")
-                local(p).copy_(piece_of(state["model"][name], p.device_mesh, p.placements))
+                local(p).copy_(piece_like(state["model"][name], p))
                 continue
             mine = held_like_param(p, group).to_local(state["model"][name])
             if mine.shape != p.shape:
@@ -164,7 +164,7 @@ def load(
         if is_dtensor(p) and not declares(optimizer, p) and tuple(value.shape) == tuple(p.shape):
             from torch.distributed.tensor import DTensor
 
-            target[path[-1]] = DTensor.from_local(piece_of(value, p.device_mesh, p.placements).clone().to(local(p).device), p.device_mesh, p.placements,
+            target[path[-1]] = DTensor.from_local(piece_like(value, p).clone().to(local(p).device), p.device_mesh, p.placements,
                                                   shape=p.shape, stride=p.stride())
             continue
         target[path[-1]] = holding(optimizer, p, path, group).to_local(value).to(p.device)
