@@ -14,6 +14,8 @@ its CUDA calls by no-ops):
   "dp_cp", "tp", "outer_fsdp_dp", or standalone "fsdp"), v2 ``experimental.fully_shard`` + its
   ``fully_shard_optimizer``;
 - layouts: FSDP 4; TP 2 x FSDP 2 (v1); HSDP 2 x FSDP 2 (v1); every exact mode where there is TP; Muon and NorMuon;
+- gradients in ``.grad``, or in ``.decoupled_grad`` (``use_decoupled_grad=True``), also bf16 ones
+  (``main_grads_dtype``) beside float32 weights;
 - 3 training steps, each rank's loss on its own batch. v1's ``fully_shard_optimizer`` runs one step on zero
   gradients when it wraps the optimizer: a step like any other for us (weight decay applied once, the step count
   starts at 1), as for torch's own optimizers; the reference runs it too.
@@ -112,7 +114,7 @@ def _full(p: torch.Tensor) -> torch.Tensor:
     return full
 
 
-def _v1(ctx, weights, layout: str, names: str):
+def _v1(ctx, weights, layout: str, names: str, grads: str = "grad"):
     """The model and optimizer parameters under Megatron-FSDP v1 (fully_shard_model, its DTensor parameters)."""
     from tests.megatron_fsdp_cpu import import_megatron_fsdp
 
@@ -126,6 +128,10 @@ def _v1(ctx, weights, layout: str, names: str):
             p = getattr(net, n)
             p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, dim, 1
     hsdp = {"dp_outer_dim": outer_name, "hybrid_fsdp_group": dist.new_group(list(range(WORLD)))} if layout == "hsdp" else {}
+    if grads != "grad":  # into .decoupled_grad (precision-aware optimizers), bf16 ones where asked
+        hsdp["use_decoupled_grad"] = True
+        if grads == "decoupled bf16":
+            hsdp["mixed_precision_policy"] = mfsdp.MixedPrecisionPolicy(main_grads_dtype=torch.bfloat16)
     model = mfsdp.fully_shard_model(net, device_mesh=mesh, dp_shard_dim=dp_name, tp_dim="tp", device=torch.device("cpu"),
                                     fsdp_unit_modules=[_Net], **hsdp)
     model._replace_param_with_distributed_if_needed()
@@ -212,14 +218,14 @@ def test_megatron_fsdps_one_call_with_muon_adamw_equals_one_process(world):
             assert optim_reference.weights_agree(err, moved), (rank, n, err, moved)
 
 
-def _trained(ctx, version: str, layout: str, names: str, kind: str, mode: str) -> dict:
+def _trained(ctx, version: str, layout: str, names: str, kind: str, mode: str, grads: str = "grad") -> dict:
     from dist_ortho import get_optimizer
     from tests.megatron_fsdp_cpu import install
 
     install()
     gen = torch.Generator().manual_seed(0)
     weights = {n: torch.randn(shape, generator=gen) * 0.5 for n, shape, _ in SPECS}
-    model, named, dp_rank, wrap = (_v1 if version == "v1" else _v2)(ctx, weights, layout, names)
+    model, named, dp_rank, wrap = _v1(ctx, weights, layout, names, grads) if version == "v1" else _v2(ctx, weights, layout, names)
     opt = get_optimizer(kind)(named, tp_mode=mode, **HP)
     wrap(opt)
     tp = 2 if layout == "tp" else 1
@@ -253,6 +259,19 @@ CASES = [
     ("v2", "fsdp", "standalone", "muon", "home"),
     ("v2", "fsdp", "standalone", "normuon", "home"),
 ]
+
+
+@pytest.mark.parametrize("grads", ["decoupled", "decoupled bf16"])
+def test_decoupled_gradients_are_read(world, grads):
+    """``use_decoupled_grad=True``: Megatron-FSDP installs the reduced gradients in ``.decoupled_grad`` (``.grad``
+    stays None), in bf16 with ``main_grads_dtype=torch.bfloat16``; the step reads them (it stepped on zeros
+    before). float32 ones: the float64 tolerance; bf16 ones: within bf16 rounding of the gradient (the update is
+    Newton-Schulz of a momentum whose entries are rounded to 8 bits: 2e-2 of the distance moved)."""
+    results = world.run(_trained, "v1", "fsdp", "megatron", "muon", "home", grads)
+    for rank, r in enumerate(results):
+        for n, (err, moved) in r["errors"].items():
+            close = optim_reference.weights_agree(err, moved) if grads == "decoupled" else err <= 2e-2 * moved
+            assert moved > 1e-2 and close, (rank, n, err, moved)
 
 
 @pytest.mark.parametrize("version,layout,names,kind,mode", CASES)

@@ -45,7 +45,7 @@ from dist_ortho.dtensor import groups_from_meshes, is_expert_dtensor, local, mes
 from dist_ortho.grid import share_program, verdict_program
 from dist_ortho.optim.agreement import VERIFY_PLAN, PlanAgreement, VerifyPlan, agree_batching, plan_entry
 from dist_ortho.optim.context import MatrixContext
-from dist_ortho.optim.gradients import dp_own, reduce_into_owners, start_reduce_into_owners, sum_of_squares
+from dist_ortho.optim.gradients import decoupled_grads, dp_own, reduce_into_owners, start_reduce_into_owners, sum_of_squares
 from dist_ortho.optim.groups import ParamStack, Part
 from dist_ortho.optim.holding import part_of
 from dist_ortho.optim.layouts import ParamLayouts
@@ -583,7 +583,7 @@ class OrthogonalizedOptimizer(Optimizer):
         self._step_count += 1
         self._last_comm = stats = comm.CommStats()
         try:
-            with comm.count_collectives(stats):
+            with comm.count_collectives(stats), decoupled_grads([p for g in self.param_groups for p in g["params"]]):
                 self._step()
         except comm.CollectiveError as e:
             prefix = f"{type(self).__name__} step {self._step_count}: "

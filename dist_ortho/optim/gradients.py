@@ -8,7 +8,8 @@ already each rank's own, and left as they are).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -61,3 +62,21 @@ def sum_of_squares(params: Sequence[torch.Tensor], layouts: ParamLayouts, owns: 
         if dp_own(layouts, p) or owns(p):
             total += grad.double().square().sum().cpu()
     return total
+
+
+@contextlib.contextmanager
+def decoupled_grads(params: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Within: a parameter whose gradient is in ``decoupled_grad`` (Megatron-FSDP's ``use_decoupled_grad=True``,
+    for precision-aware optimizers; ``.grad`` then stays None) has it as ``.grad``, in the parameter's dtype; after,
+    ``.grad`` is None again. Without this the step would read no gradient: a zero-gradient step, silently."""
+    lent = []
+    for p in params:
+        grad = getattr(p, "decoupled_grad", None)
+        if p.grad is None and grad is not None:
+            p.grad = grad if grad.dtype == p.dtype else grad.to(p.dtype)
+            lent.append(p)
+    try:
+        yield
+    finally:
+        for p in lent:
+            p.grad = None

@@ -22,6 +22,7 @@ from dist_ortho.dtensor import is_dtensor, local
 from dist_ortho.grid import grid_sum
 from dist_ortho.dtensor import mesh_groups
 from dist_ortho.optim.base import OrthogonalizedOptimizer, call_closure
+from dist_ortho.optim.gradients import decoupled_grads
 from dist_ortho.optim.options import accepted_keywords, check_number, reject_unknown
 from dist_ortho.optim.registry import get_optimizer
 from dist_ortho.optim.routing import log_routing, needs_shape, route
@@ -209,8 +210,9 @@ class MuonAdamW(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = call_closure(closure)
-        for _, optimizer in self._inner():
-            optimizer.step()
+        with decoupled_grads([p for group in self.param_groups for p in group["params"]]):  # AdamW's too
+            for _, optimizer in self._inner():
+                optimizer.step()
         return loss
 
     def comm_stats(self) -> comm.CommStats:
