@@ -116,8 +116,11 @@ def parallel_groups(tp: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup | Non
     world, rank = dist.get_world_size(), dist.get_rank()
     if tp < 1 or world % tp:
         raise ValueError(f"--tp {tp} must divide the world size {world}")
-    tp_all = [dist.new_group(list(range(start, start + tp))) for start in range(0, world, tp)]
-    dp_all = [dist.new_group(list(range(t, world, tp))) for t in range(tp)]
+    # the library's timeout for these groups' own waits too (the checkpoint's barriers): new_group's default is
+    # torch's 30 minutes, not the world group's
+    bound = {"timeout": datetime.timedelta(seconds=comm.timeout_s())} if comm.timeout_s() > 0 else {}
+    tp_all = [dist.new_group(list(range(start, start + tp)), **bound) for start in range(0, world, tp)]
+    dp_all = [dist.new_group(list(range(t, world, tp)), **bound) for t in range(tp)]
     return tp_all[rank // tp], (dp_all[rank % tp] if world > tp else None)
 
 
