@@ -35,14 +35,21 @@ $(VENV_NEXT)/.installed: pyproject.toml Makefile
 
 setup-next: $(VENV_NEXT)/.installed
 
+# Test files run on two pytest workers, a file per worker (its gloo world started once): the multi-process tests
+# wait on each other and on timeouts, leaving cores idle. PYTEST_WORKERS=0 runs them in one process.
+PYTEST_WORKERS ?= 2
+PYTEST_ARGS := $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadfile)
+
+# The second environment is set up (mostly a download) while the main suite runs; its log: .venv-next.log.
 test: setup
-	$(BIN)/python -m pytest
-	@if [ -n "$(PYTHON_NEXT)" ]; then $(MAKE) --no-print-directory test-next; \
+	@if [ -n "$(PYTHON_NEXT)" ]; then $(MAKE) --no-print-directory setup-next > $(VENV_NEXT).log 2>&1 & fi; \
+	$(BIN)/python -m pytest $(PYTEST_ARGS); status=$$?; wait; [ $$status -eq 0 ] || exit $$status; \
+	if [ -n "$(PYTHON_NEXT)" ]; then $(MAKE) --no-print-directory test-next; \
 	else echo "SKIPPED: megatron-core >= 0.17 tests ($(NEXT_TESTS)): no Python >= 3.12 on this machine"; fi
 
 # The Megatron tests again on megatron-core 0.19 (Megatron-LM main's API) and upstream's own Muon.
 test-next: setup-next
-	$(VENV_NEXT)/bin/python -m pytest $(NEXT_TESTS)
+	$(VENV_NEXT)/bin/python -m pytest $(PYTEST_ARGS) $(NEXT_TESTS)
 
 bench: setup
 	$(BIN)/python scripts/bench_ns.py
