@@ -239,10 +239,14 @@ def read_dtensor(p: DTensor, tp_group: comm.ProcessGroup | None, dp_group: comm.
                                      "read yet: flatten them into one")
                 replicas = group
             elif expert:
-                if kind != "shard" or dim != 0:
+                if kind == "shard" and dim == 0:
+                    splits[i] = Split("experts", 0, group)
+                elif kind == "shard" and dim in (1, 2) and not any(s.kind == "pieces" for s in splits.values()):
+                    splits[i] = Split("pieces", dim, group)  # torchtitan's experts over efsdp: rows of each expert
+                else:
                     raise ValueError(f"{where}: over DP an expert weight must be Shard(0) (whole experts per rank: "
-                                     "expert-major) or Replicate")
-                splits[i] = Split("experts", 0, group)
+                                     "expert-major), Shard(1|2) (ranges of every expert's rows or columns) or "
+                                     "Replicate")
             elif kind in ("shard", "strided") and dim in (0, 1):
                 if any(split.kind == "pieces" for split in splits.values()):
                     raise ValueError(f"{where}: sharded over two data-parallel mesh dims (e.g. HSDP's outer optimizer "

@@ -130,6 +130,9 @@ MESHES = {
     "ep x tp, columns": (("ep", "tp"), (Shard(0), Shard(2))),
     "dp x ep": (("dp", "ep"), (Shard(0), Shard(0))),  # FSDP over whole experts: every DP rank its own
     "dp x tp, replicated over dp": (("dp", "tp"), (Replicate(), Shard(1))),
+    # torchtitan's experts when efsdp x ep > E: every expert's rows (or columns) in pieces over efsdp
+    "efsdp x ep": (("efsdp", "ep"), (Shard(1), Shard(0))),
+    "efsdp x ep, columns": (("efsdp", "ep"), (Shard(2), Shard(0))),
 }
 
 
@@ -167,7 +170,6 @@ def test_muon_adamw_routes_dtensor_experts(world4):
 def _bad_placement(ctx, case: str):
     names, placements = {
         "split over ep by rows": (("ep", "tp"), (Shard(1), Shard(2))),
-        "split over dp by columns": (("dp", "ep"), (Shard(2), Shard(0))),
         "unnamed dims": (None, (Shard(0), Shard(1))),
         "a dim named xy": (("xy", "ep"), (Replicate(), Shard(0))),  # no framework names a dim so
     }[case]
@@ -186,7 +188,7 @@ def _bad_placement(ctx, case: str):
 
 
 @pytest.mark.parametrize("case,needle", [
-    ("split over ep by rows", "expert-major"), ("split over dp by columns", "expert-major"),
+    ("split over ep by rows", "expert-major"),
     ("unnamed dims", "device_mesh="), ("a dim named xy", "device_mesh="),
 ])
 def test_placements_that_are_not_expert_major_are_errors_on_every_rank(world4, case, needle):
