@@ -81,10 +81,27 @@ class WorkerHang(AssertionError):
     pass
 
 
+_PORTS: Iterator[int] | None = None
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port for a world's rendezvous, below Linux's ephemeral range (32768 and up, where bind(0) and every
+    outgoing connection take theirs, so a port found free there could be taken before rank 0 binds it), from a
+    range of 3,000 of its own for each pytest-xdist worker (make test runs two), each checked free by binding it."""
+    global _PORTS
+    if _PORTS is None:
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+        base = 20000 + 3000 * (int(worker[2:]) % 4 if worker[2:].isdigit() else 0)
+        offset = (os.getpid() % 10) * 300  # two test runs at once on one machine start apart
+        _PORTS = (base + (offset + k) % 3000 for k in range(3000))
+    for port in _PORTS:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port left in this pytest worker's range")
 
 
 def _worker(rank: int, size: int, port: int, backend_name: str, tasks: mp.Queue, results: mp.Queue) -> None:
