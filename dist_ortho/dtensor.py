@@ -194,6 +194,16 @@ def _cuts_after(p: DTensor) -> list[int]:
     return [i for i in dims if _kind(p.placements[i]) != "strided"] + [i for i in dims if _kind(p.placements[i]) == "strided"]
 
 
+def _later_cuts(p: DTensor, i: int) -> int:
+    """Into how many ranges the mesh dims after ``i`` (of size > 1) cut p's tensor dim 0: what FSDP2's strided
+    shard on mesh dim ``i`` names its split factor when it cuts after them."""
+    n = 1
+    for j in range(i + 1, p.device_mesh.ndim):
+        if p.device_mesh.size(j) > 1 and _kind(p.placements[j]) in ("shard", "strided") and p.placements[j].dim == 0:
+            n *= p.device_mesh.size(j)
+    return n
+
+
 def read_dtensor(p: DTensor, tp_group: comm.ProcessGroup | None, dp_group: comm.ProcessGroup | None,
                  expert_tp_group: comm.ProcessGroup | None = None, expert: bool = False, name: str | None = None) -> Reading:
     """The holding of a DTensor parameter read from its placements (extents left to the ranks' exchange).
@@ -201,8 +211,10 @@ def read_dtensor(p: DTensor, tp_group: comm.ProcessGroup | None, dp_group: comm.
     Mesh dims of size 1 are ignored; the others must be the optimizer's TP group (``Shard(0|1)``: the TP split, or
     ``Replicate``), its DP group (``Replicate``: replicas; ``Shard(0|1)`` or FSDP2's strided shard: pieces of the TP
     block, consecutive in DP rank order) or, for a stack of experts [E, out, in] (``expert``), a dim named "ep"
-    (``Shard(0)``: each rank its own experts); over DP a stack is ``Shard(0)`` (each DP rank updates its own experts)
-    or ``Replicate``, and over TP (or ``expert_tp_group``, or a dim named "etp") ``Shard(1|2)`` or ``Replicate``.
+    (``Shard(0)``: each rank its own experts); over DP a stack is ``Shard(0)`` or FSDP2's ``_StridedShard(0)`` after
+    "ep" (each DP rank updates its own experts, consecutive in the EP rank's block), ``Shard(1|2)`` (pieces of
+    every expert) or ``Replicate``, and over TP (or ``expert_tp_group``, or a dim named "etp") ``Shard(1|2)`` or
+    ``Replicate``.
     Anything else is a ValueError naming the parameter and the placement (alike on every rank: meshes are global)."""
     label = f"parameter {name!r}" if name else f"a DTensor of shape {tuple(p.shape)}"
     if p.ndim != (3 if expert else 2):
@@ -239,14 +251,24 @@ def read_dtensor(p: DTensor, tp_group: comm.ProcessGroup | None, dp_group: comm.
                                      "read yet: flatten them into one")
                 replicas = group
             elif expert:
-                if kind == "shard" and dim == 0:
+                if kind == "strided" and dim == 0 and placement.split_factor != _later_cuts(p, i):
+                    raise ValueError(
+                        f"{where}: {placement!r}'s split factor is not the {_later_cuts(p, i)} "
+                        "range(s) the later mesh dims cut the experts into, so a rank's experts interleave (not "
+                        "one range of the stack), which dist_ortho does not read: Shard(0) over ep, then FSDP's "
+                        "strided shard over the DP dim")
+                if kind in ("shard", "strided") and dim == 0:
+                    # whole experts per DP rank; FSDP2's strided shard (torchtitan's experts over efsdp when efsdp x
+                    # ep <= E) cuts each EP rank's experts after "ep" does: consecutive ranges of that EP rank's
+                    # experts (rank (f, e) holds expert 2e + f at E = 4), as offset_problem checks against
+                    # DTensor's own offsets
                     splits[i] = Split("experts", 0, group)
                 elif kind == "shard" and dim in (1, 2) and not any(s.kind == "pieces" for s in splits.values()):
                     splits[i] = Split("pieces", dim, group)  # torchtitan's experts over efsdp: rows of each expert
                 else:
-                    raise ValueError(f"{where}: over DP an expert weight must be Shard(0) (whole experts per rank: "
-                                     "expert-major), Shard(1|2) (ranges of every expert's rows or columns) or "
-                                     "Replicate")
+                    raise ValueError(f"{where}: over DP an expert weight must be Shard(0) or FSDP2's strided shard "
+                                     "of dim 0 (whole experts per rank: expert-major), Shard(1|2) (ranges of every "
+                                     "expert's rows or columns) or Replicate")
             elif kind in ("shard", "strided") and dim in (0, 1):
                 if any(split.kind == "pieces" for split in splits.values()):
                     raise ValueError(f"{where}: sharded over two data-parallel mesh dims (e.g. HSDP's outer optimizer "

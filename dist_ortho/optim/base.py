@@ -422,8 +422,16 @@ class OrthogonalizedOptimizer(Optimizer):
     def state_holding(self, p: torch.Tensor, path: Sequence[str]) -> Held:
         """How the ranks hold state tensor ``state[p][path[0]]...``: like the matrix, reduced, or replicated.
 
-        Members declare their own keys in :meth:`held_state`; an undeclared key is an error."""
+        Members declare their own keys in :meth:`held_state`; an undeclared key is an error, and so is the state of
+        a stack whose experts are split over ranks (EP, FSDP over experts): a Held describes one split, and this
+        rank's experts are not the whole stack (read as such, a checkpoint would write them in its place)."""
         layout = self.layout(p)
+        experts = self.layouts.held[p].experts
+        if experts is not None:
+            raise ValueError(f"{self.name_of(p)}: its experts are split over {experts.size} ranks, and the checkpoint "
+                             "contract does not describe that yet (a Held is one split): checkpoint the stack's "
+                             "state per rank (torch.distributed.checkpoint of DTensor state) or through Megatron's "
+                             "dist-checkpointing")
         part = part_of(path)
         if part is not None:
             layout = self.part_layouts(p)[part]
