@@ -438,8 +438,6 @@ SITES: tuple[Site, ...] = (
          bounded=False),
     Site("dist_ortho.dtensor._held_extents", "a DTensor's pieces' extents from the ranks' local shapes (an object "
          "all-gather per sharded mesh dim: the main job's checkpoint)", step=False),
-    Site("dist_ortho.dtensor.gather_pieces", "a DTensor gathered whole, uneven pieces too (an all-gather per sharded "
-         "mesh dim: the main job's checkpoint)", step=False),
     Site("dist_ortho.train.model.parallelize_native", "the main job's torch-native model: parallelize_module "
          "distributes the weights", step=False, bounded=False),
     Site("dist_ortho.plan.calibrate._probe", "the planner's calibration: timed all-reduces", step=False, bounded=False),

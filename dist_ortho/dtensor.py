@@ -26,7 +26,9 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import Placement
 
 from dist_ortho import comm
+from dist_ortho.coalesce import run
 from dist_ortho.layout import Layout, Reading, Split
+from dist_ortho.tp.jobs import gather_program
 
 
 def is_dtensor(p: torch.Tensor) -> bool:
@@ -62,9 +64,7 @@ def gather_pieces(t: torch.Tensor) -> torch.Tensor:
                          "a held tensor: reduce it first")
     piece = local(t)
     for i, dim, extents in _held_extents(t):
-        padding = [0, 0] * (piece.ndim - 1 - dim) + [0, max(extents) - piece.size(dim)]
-        stacked = comm.all_gather(torch.nn.functional.pad(piece, padding), t.device_mesh.get_group(i))
-        piece = torch.cat([stacked[r].narrow(dim, 0, n) for r, n in enumerate(extents)], dim=dim)
+        piece = run(gather_program(piece, dim, t.device_mesh.get_group(i), extents))
     return piece
 
 

@@ -256,3 +256,33 @@ def test_registry_names_build_optimizers():
     assert get_optimizer("normuon")([W]).param_groups[0]["moment2_method"] == "normuon"
     with pytest.raises(ValueError, match="already registered"):
         dist_ortho.register_optimizer("muon", Muon)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoupled_gradients_are_read_by_the_step_and_by_clipping(dtype):
+    """Gradients in ``.decoupled_grad`` (Megatron-FSDP's use_decoupled_grad=True; ``.grad`` None) are the step's
+    and clipping's as if they were ``.grad`` (cast to the weight's dtype): the same norm, clipped in place (in
+    decoupled_grad), the same weights after the step; ``.grad`` is None again after each."""
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(12, 8, generator=gen), torch.randn(6, generator=gen)]
+    grads = [torch.randn(w.shape, generator=gen).to(dtype) * 10 for w in weights]
+    runs = []
+    for decoupled in (False, True):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        for p, g in zip(params, grads):
+            if decoupled:
+                p.decoupled_grad = g.clone()
+            else:
+                p.grad = g.clone().to(p.dtype)
+        opt = MuonAdamW([("w", params[0]), ("b", params[1])], "muon", lr=0.02, adamw_lr=0.01)
+        norm = opt.clip_grad_norm_(1.0)
+        clipped = [(p.decoupled_grad if decoupled else p.grad).float() for p in params]
+        opt.step()
+        if decoupled:
+            assert all(p.grad is None for p in params)
+        runs.append((norm, clipped, [p.detach().clone() for p in params]))
+    (norm, clipped, after), (norm_d, clipped_d, after_d) = runs
+    tolerance = 0 if dtype == torch.float32 else 1e-2  # bf16 gradients scaled and rounded back to bf16 in place
+    assert torch.allclose(norm, norm_d) and norm > 1.0
+    assert all(torch.allclose(a, b, atol=tolerance, rtol=tolerance) for a, b in zip(clipped, clipped_d))
+    assert all(torch.allclose(a, b, atol=1e-6 if dtype == torch.float32 else 1e-3) for a, b in zip(after, after_d))

@@ -696,6 +696,10 @@ class OrthogonalizedOptimizer(Optimizer):
         call it before reading gradients across the grid, e.g. :meth:`grad_sum_of_squares`)."""
         if not self.reduce_grads or comm.group_size(self.dp_group) == 1 or self._grads_reduced:
             return
+        with decoupled_grads([p for group in self.param_groups for p in group["params"]]):
+            self._reduce_gradients()
+
+    def _reduce_gradients(self) -> None:
         if self._backward is not None:  # overlap_with_backward: issued during backward, bucket by bucket
             self._backward.finish()
             self._grads_reduced = True
@@ -727,7 +731,8 @@ class OrthogonalizedOptimizer(Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         for p in params:
             self.layout(p)
-        return sum_of_squares(params, self.layouts, self.owns, self.tp_group)
+        with decoupled_grads(params):
+            return sum_of_squares(params, self.layouts, self.owns, self.tp_group)
 
     def _plan_key(self, params: Iterable[torch.Tensor]) -> tuple:
         """What a plan for ``params`` depends on that is cheap to compare: the parameters (by identity) and the

@@ -68,15 +68,19 @@ def sum_of_squares(params: Sequence[torch.Tensor], layouts: ParamLayouts, owns: 
 def decoupled_grads(params: Sequence[torch.Tensor]) -> Iterator[None]:
     """Within: a parameter whose gradient is in ``decoupled_grad`` (Megatron-FSDP's ``use_decoupled_grad=True``,
     for precision-aware optimizers; ``.grad`` then stays None) has it as ``.grad``, in the parameter's dtype; after,
-    ``.grad`` is None again. Without this the step would read no gradient: a zero-gradient step, silently."""
+    what was done to it in place (clipping's scale, a reduction into owners) is in ``decoupled_grad`` and ``.grad``
+    is None again. Every method that reads gradients runs inside (the step, reduce_gradients, the grid's sum of
+    squares, clipping): without it they read no gradient, silently."""
     lent = []
     for p in params:
         grad = getattr(p, "decoupled_grad", None)
         if p.grad is None and grad is not None:
             p.grad = grad if grad.dtype == p.dtype else grad.to(p.dtype)
-            lent.append(p)
+            lent.append((p, grad))
     try:
         yield
     finally:
-        for p in lent:
+        for p, grad in lent:
+            if p.grad is not None and p.grad is not grad:
+                grad.copy_(p.grad)
             p.grad = None

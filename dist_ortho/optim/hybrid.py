@@ -9,6 +9,7 @@ so ``param_groups``, ``zero_grad`` and torch LR schedulers work across both; the
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -101,13 +102,13 @@ class MuonAdamW(Optimizer):
         options = {k: v for k, v in group.items() if k != "params" and k not in _ROUTING_KEYS and k not in _ADAMW_KEYS}
         flags = {k: group.get(k) for k in _ROUTING_KEYS}
         matrices, others = [], []
-        routing = getattr(self, "_routing", {"min_dim": 4, "max_aspect_ratio": 128.0, "verbose": False})
+        routing = self._routing
         for i, (name, p) in enumerate(named):
             decision = route(p, **flags, dims=dims.get(p), min_dim=routing["min_dim"],
                              max_aspect_ratio=routing["max_aspect_ratio"])
             log_routing(name or f"param{i}", p, decision, routing["verbose"])
             (matrices if decision.use_muon else others).append(p)
-        adamw = dict(getattr(self, "_adamw", {}))
+        adamw = dict(self._adamw)
         adamw.update({_ADAMW_KEYS[k]: v for k, v in group.items() if k in _ADAMW_KEYS})
         return {"params": matrices, "use_muon": True, **options}, {"params": others, "use_muon": False, **adamw}
 
@@ -115,7 +116,7 @@ class MuonAdamW(Optimizer):
         """Route ``param_group``'s parameters to the matrix optimizer and to AdamW, as at construction. Where a
         wrapper emptied ``param_groups`` first (Megatron-FSDP's ``fully_shard(module, optimizer)`` puts its DTensor
         parameters in place of the model's: clear, then add), both inner optimizers start afresh with it."""
-        if getattr(self, "_assembling", True):  # Optimizer.__init__ registering the inner groups
+        if self._assembling:  # Optimizer.__init__ registering the inner groups
             super().add_param_group(param_group)
             return
         if not self.param_groups:
@@ -142,6 +143,10 @@ class MuonAdamW(Optimizer):
     def combine(cls, matrix_optimizer: Optimizer | None, fallback_optimizer: Optimizer | None) -> MuonAdamW:
         """One MuonAdamW over two optimizers built elsewhere (their groups are shared, not copied)."""
         self = cls.__new__(cls)
+        # groups added later are routed by the defaults of __init__, their AdamW options the fallback's own
+        defaults = inspect.signature(cls.__init__).parameters
+        self._routing = {key: defaults[key].default for key in ("min_dim", "max_aspect_ratio", "verbose")}
+        self._adamw = {}
         self.tp_group = getattr(matrix_optimizer, "tp_group", None)
         self.dp_group = getattr(matrix_optimizer, "dp_group", None)
         self._assemble(matrix_optimizer, fallback_optimizer)
@@ -187,6 +192,10 @@ class MuonAdamW(Optimizer):
         whatever the layout. Returns the norm (float64). Two scalar all-reduces; with reduce_grads the
         gradients are reduced into their owners first."""
         check_number("max_norm", max_norm)
+        with decoupled_grads([p for group in self.param_groups for p in group["params"]]):
+            return self._clip_grad_norm(max_norm, eps)
+
+    def _clip_grad_norm(self, max_norm: float, eps: float) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float64)
         if self.matrix_optimizer is not None:
             total += self.matrix_optimizer.grad_sum_of_squares()
