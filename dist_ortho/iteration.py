@@ -20,7 +20,7 @@ import torch
 
 from dist_ortho.coefficients import Triple
 from dist_ortho.kernels import gram, symmetric_polynomial
-from dist_ortho.precision import compute_dtype
+from dist_ortho.precision import NsDtype, compute_dtype
 
 DEFAULT_EPS = 1e-300
 """Guards the normalization against a zero matrix only. The norm is a float64 sum and the scale 1 / (norm +
@@ -71,15 +71,17 @@ def orthogonalize(
     eps: float = DEFAULT_EPS,
     transpose: bool | None = None,
     use_syrk: bool = False,
+    ns_dtype: NsDtype | None = None,
 ) -> torch.Tensor:
     """Newton-Schulz of the whole matrix (or batch) ``x`` on this device, returned contiguous in x's dtype.
 
-    ``transpose=None`` runs on the side with the smaller Gram matrix (rows > cols transposes).
+    ``transpose=None`` runs on the side with the smaller Gram matrix (rows > cols transposes). The compute
+    dtype: :func:`dist_ortho.precision.compute_dtype` of x's dtype and ``ns_dtype``.
     """
     if transpose is None:
         transpose = x.size(-2) > x.size(-1)
     X = x.mT if transpose else x
-    X = scale_to_unit(X, sum_of_squares(X), eps).to(compute_dtype(x.dtype, x.device))
+    X = scale_to_unit(X, sum_of_squares(X), eps).to(compute_dtype(x.dtype, x.device, ns_dtype))
     for a, b, c in coefficients:
         X = polynomial_step(X, gram(X, use_syrk), a, b, c, use_syrk)
     if transpose:

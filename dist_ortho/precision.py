@@ -27,6 +27,10 @@ _medium_override: torch.dtype | None = None
 MatmulPrecision = Literal["highest", "high", "medium"]
 MATMUL_PRECISIONS: tuple[str, ...] = get_args(MatmulPrecision)
 
+NsDtype = Literal["bf16", "fp16", "fp32"]
+NS_DTYPES: tuple[str, ...] = get_args(NsDtype)
+_NS_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
 
 @contextlib.contextmanager
 def matmul_precision(precision: MatmulPrecision) -> Iterator[None]:
@@ -73,13 +77,30 @@ def medium_dtype(device: torch.device | str | None = None) -> torch.dtype:
     return _device_medium_dtype(torch.device(device if device is not None else "cpu").type)
 
 
-def compute_dtype(dtype: torch.dtype, device: torch.device | str | None = None) -> torch.dtype:
+def check_ns_dtype(ns_dtype: object) -> NsDtype | None:
+    """``ns_dtype`` as given when it is None or one of :data:`NS_DTYPES`, else a ValueError naming it."""
+    if ns_dtype is not None and ns_dtype not in NS_DTYPES:
+        raise ValueError(f"ns_dtype must be None (fp32_matmul_prec decides) or one of {NS_DTYPES}, got {ns_dtype!r}")
+    return ns_dtype  # type: ignore[return-value]
+
+
+@functools.cache
+def log_ns_dtype(ns_dtype: NsDtype) -> None:
+    """One log line per process and ``ns_dtype`` (the optimizer calls it for each group's choice)."""
+    logger.info("ns_dtype=%r: Newton-Schulz of float32, bfloat16 and float16 matrices runs in %s (float64 in float64)",
+                ns_dtype, str(_NS_TORCH_DTYPES[ns_dtype]).removeprefix("torch."))
+
+
+def compute_dtype(dtype: torch.dtype, device: torch.device | str | None = None, ns_dtype: NsDtype | None = None) -> torch.dtype:
     """dtype the Newton-Schulz iterations run in.
 
-    float32 runs in :func:`medium_dtype` when ``torch.get_float32_matmul_precision() == "medium"`` and in
-    float32 under "high" / "highest". bfloat16, float16 and float64 run in their own dtype. Results are
-    always returned in the input's dtype.
+    ``ns_dtype`` given: that dtype for float32, bfloat16 and float16 inputs (float64 stays float64; torch's
+    float32 matmul precision still applies to float32 products). None: float32 runs in :func:`medium_dtype`
+    when ``torch.get_float32_matmul_precision() == "medium"`` and in float32 under "high" / "highest";
+    bfloat16, float16 and float64 run in their own dtype. Results are always returned in the input's dtype.
     """
+    if ns_dtype is not None and dtype != torch.float64:
+        return _NS_TORCH_DTYPES[ns_dtype]
     if dtype == torch.float32 and _medium_precision():
         return medium_dtype(device)
     return dtype

@@ -8,6 +8,8 @@ plain iteration in float64 (long double for float64 inputs), FLOPs, and the rest
     python scripts/bench_local_gram.py --search --seeds 3   # every schedule of the 5-step sets
     python scripts/bench_local_gram.py --dtype float64      # Gram and plain in float64, long double reference
     python scripts/bench_local_gram.py --half --sets quintic,polar_express   # bf16 and fp16: error, FLOPs, time
+    python scripts/bench_local_gram.py --half --search --ks 16,64,128        # 16-bit restart schedules
+    python scripts/bench_local_gram.py --half --device cuda --half-k 1024    # on a GPU (scripts/gpu_check.sh)
 
 The bound tested (tests/test_gram_accuracy.py): Gram error <= max(2 x the plain iteration's, 2e-5) per input
 (float64: 2e-5 x eps64 / eps32 = 3.7e-14 for the floor).
@@ -133,41 +135,78 @@ def seconds(fn, repeats: int) -> float:
 
 
 HALF_KINDS = ("random", "rank1", "cond1e6", "lowrank_noise", "tiny", "zero")
+HALF_SCHEDULES = [(2,), (1, 2), (1, 3), (2, 3), (2, 4), (1, 2, 3), (1, 2, 4), (1, 3, 4)]
+HALF_SCHEDULES_10 = [(1, 3, 5, 7, 9), (1, 3, 5, 7), (2, 4, 6, 8), (1, 2, 4, 6, 8), (1, 2, 5, 8), (1, 2, 3, 5, 7)]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def half(args: argparse.Namespace, _dtype: torch.dtype) -> None:
-    """bf16 and fp16 inputs (compute in their own dtype): the plain iteration against the Gram recursion as it runs
-    today when forced (``local_gram="always"``: no restarts, R, the k x k recursion and the products with X in float32,
-    so its FLOPs are float32 ones), both against the plain iteration in float64 on the same rounded input."""
-    k = args.half_k
-    print(f"torch {torch.__version__}; {torch.get_num_threads()} threads; k = {k}; error = max |O - O_float64|; "
-          f"time: median of {args.repeats} runs")
-    print("| dtype | coefficients | aspect | input | plain error | Gram error | Gram / plain FLOPs | plain ms | Gram ms "
-          "| Gram / plain time |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for dtype in (torch.bfloat16, torch.float16):
+    """bf16 and fp16 (float32 inputs, ``ns_dtype``): the plain iteration against the Gram recursion in the same
+    dtype with its default 16-bit restarts (local_gram="always"), both against the plain iteration in float64 on
+    the same input; FLOPs counted with those restarts; time (median) where the dtype has a fast matmul here (bf16
+    on a CPU with native bf16, both on CUDA; ``--half-time all`` times every dtype)."""
+    k, device = args.half_k, torch.device(args.device)
+    native = device.type == "cuda" or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    print(f"torch {torch.__version__}; device {device}; {torch.get_num_threads()} threads; native bf16 matmul: {native}; "
+          f"k = {k}; error = max |O - O_float64|; time: median of {args.repeats} runs")
+    print("| dtype | coefficients (restarts) | aspect | input | plain error | Gram error | Gram / plain error "
+          "| Gram / plain FLOPs | plain ms | Gram ms | Gram / plain time |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for ns_dtype in ("bf16", "fp16"):
+        timed = args.half_time == "all" or device.type == "cuda" or (ns_dtype == "bf16" and native)
         for name in args.sets:
             steps = steps_of(name)
-            plain_ns = NsSpec(steps, name, local_gram="never")
-            gram_ns = NsSpec(steps, name, local_gram="always")
+            plain_ns = NsSpec(steps, name, local_gram="never", ns_dtype=ns_dtype)
+            gram_ns = NsSpec(steps, name, local_gram="always", ns_dtype=ns_dtype)
+            restarts = restarts_for(gram_ns, torch.float32)
             for aspect in args.aspects:
                 timing = None
                 for kind in HALF_KINDS:
-                    case = battery.Case(kind, k, aspect)
-                    x = battery.make(case, dtype)
-                    if kind != "zero" and not bool(x.any()):  # fp16: entries of 1e-30 round to zero
-                        continue
+                    x = battery.make(battery.Case(kind, k, aspect), torch.float32)
                     ref = battery.reference(x, name, steps)
-                    plain = battery.max_error(local_newton_schulz(x, plain_ns), ref)
-                    gram = battery.max_error(local_newton_schulz(x, gram_ns), ref)
-                    if timing is None:  # once per shape: the time does not depend on the input
-                        timing = (seconds(lambda: local_newton_schulz(x, plain_ns), args.repeats),
-                                  seconds(lambda: local_newton_schulz(x, gram_ns), args.repeats))
-                        cells = f"{timing[0] * 1e3:.1f} | {timing[1] * 1e3:.1f} | {timing[1] / timing[0]:.2f}"
-                    else:
-                        cells = "| |"
-                    print(f"| {str(dtype)[6:]} | {name} | {aspect} | {kind} | {plain:.1e} | {gram:.1e} | "
-                          f"{flop_ratio(name, steps, aspect, (), k):.2f} | {cells} |", flush=True)
+                    x = x.to(device)
+                    plain = battery.max_error(local_newton_schulz(x, plain_ns).cpu(), ref)
+                    gram = battery.max_error(local_newton_schulz(x, gram_ns).cpu(), ref)
+                    cells = "| |"
+                    if timing is None and timed:  # once per shape: the time does not depend on the input
+                        def timer(ns):
+                            def call():
+                                local_newton_schulz(x, ns)
+                                _synchronize(device)
+                            return call
+                        timing = (seconds(timer(plain_ns), args.repeats), seconds(timer(gram_ns), args.repeats))
+                        cells = f"{timing[0] * 1e3:.2f} | {timing[1] * 1e3:.2f} | {timing[1] / timing[0]:.2f}"
+                    ratio = f"{gram / plain:.2f}" if plain > 0 else ("0 = 0" if gram == 0 else "inf")
+                    print(f"| {ns_dtype} | {name} {restarts} | {aspect} | {kind} | {plain:.1e} | {gram:.1e} | {ratio} | "
+                          f"{flop_ratio(name, steps, aspect, restarts, k):.2f} | {cells} |", flush=True)
+
+
+def half_search(args: argparse.Namespace, _dtype: torch.dtype) -> None:
+    """16-bit restart schedules: worst Gram / plain error (same dtype) over the battery, per set and dtype."""
+    kinds = args.kinds or tuple(kind for kind in battery.KINDS_FLOAT32 if kind != "zero")
+    for ns_dtype in ("bf16", "fp16"):
+        for name in args.sets:
+            steps = steps_of(name)
+            schedules = HALF_SCHEDULES if steps == 5 else HALF_SCHEDULES_10
+            worst = {s: (0.0, "") for s in schedules}
+            for case in battery.cases(kinds, args.ks, args.aspects, args.seeds):
+                x = battery.make(case, torch.float32)
+                ref = battery.reference(x, name, steps)
+                plain = battery.max_error(local_newton_schulz(x, NsSpec(steps, name, local_gram="never", ns_dtype=ns_dtype)), ref)
+                for s in schedules:
+                    ns = NsSpec(steps, name, gram_restarts=s, local_gram="always", ns_dtype=ns_dtype)
+                    ratio = battery.max_error(local_newton_schulz(x, ns), ref) / plain
+                    ratio = ratio if ratio == ratio else float("inf")
+                    if ratio > worst[s][0]:
+                        worst[s] = (ratio, str(case))
+            default = restarts_for(NsSpec(steps, name, ns_dtype=ns_dtype), torch.float32)
+            print(f"{ns_dtype} {name} (default {default}): restarts, worst Gram / plain error, Gram / plain FLOPs at aspect 4")
+            for s in sorted(schedules, key=lambda s: worst[s][0]):
+                print(f"  {str(s):>16}  {worst[s][0]:8.2f}  at {worst[s][1]:<24} {flop_ratio(name, steps, 4, s):.2f}", flush=True)
 
 
 def search(args: argparse.Namespace, dtype: torch.dtype) -> None:
@@ -203,6 +242,9 @@ def main() -> None:
     parser.add_argument("--search", action="store_true", help="every restart schedule instead of the default rule")
     parser.add_argument("--half", action="store_true", help="bf16 and fp16 rows: plain against Gram, error and time")
     parser.add_argument("--half-k", type=int, default=256)
+    parser.add_argument("--half-time", choices=["native", "all"], default="native",
+                        help="time bf16 only where it has a native matmul (CPU), or every dtype")
+    parser.add_argument("--device", default="cpu", help="--half: the device (cpu, cuda)")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     args.ks = tuple(int(v) for v in args.ks.split(","))
@@ -211,7 +253,10 @@ def main() -> None:
     args.kinds = tuple(args.kinds.split(",")) if args.kinds else ()
     dtype = getattr(torch, args.dtype)
     with matmul_precision("highest"):
-        (half if args.half else search if args.search else table)(args, dtype)
+        if args.half:
+            (half_search if args.search else half)(args, dtype)
+        else:
+            (search if args.search else table)(args, dtype)
 
 
 if __name__ == "__main__":

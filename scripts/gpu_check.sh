@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, for a lent GPU (one H200 with its preinstalled torch and triton, no network; megatron-core and
-# TransformerEngine absent): at most ~8 minutes. Run from the repository root:
+# TransformerEngine absent): at most ~10 minutes. Run from the repository root:
 #
 #     bash scripts/gpu_check.sh [OUT_DIR]       (default runs/gpu_check; the device tool's $OUT when set)
 #
@@ -9,6 +9,8 @@
 # 3. the host benchmarks of the grouped step on CUDA, with and without CUDA-graph capture, and the Qwen3-30B-A3B
 #    expert set at TP 1 (scripts/bench_host.py --device cuda);
 # 4. the planner's profile fitted to this GPU (python -m dist_ortho.plan --calibrate --calibrate-device cuda);
+# 5. Gram against plain Newton-Schulz in bf16 and fp16 on CUDA: error against float64, FLOPs, time
+#    (scripts/bench_local_gram.py --half --device cuda; k = 1024, aspects 2, 4, 8);
 # then one summary, summary.md, beside the JSON files. Each part has its own time limit; a failing part is
 # reported in the summary and the others still run.
 set -uo pipefail
@@ -34,11 +36,13 @@ part gpu_tests 120 "$py" -m pytest -q -p no:cacheprovider -m gpu -rs tests
 part syrk 90 "$py" scripts/bench_syrk.py --json "$out/syrk.json"
 part host 210 "$py" scripts/bench_host.py --device cuda --sections single host experts --repeats 5 --json "$out/host.json"
 part calibrate 60 "$py" -m dist_ortho.plan --calibrate --calibrate-device cuda --out "$out/profile.json"
+part gram_half 120 "$py" scripts/bench_local_gram.py --half --device cuda --half-k 1024 --aspects 2,4,8 \
+    --sets quintic,polar_express,cans,deepseekv4 --repeats 10
 {
     echo "# GPU check ($(cat "$out/env.txt"))"
     echo
     printf -- '- %s\n' "${status[@]}"
-    for name in gpu_tests syrk host calibrate; do
+    for name in gpu_tests syrk host calibrate gram_half; do
         echo
         echo "## $name"
         echo

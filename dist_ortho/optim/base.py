@@ -56,7 +56,7 @@ from dist_ortho.optim.overlap import ShareInFlight, layer_buckets
 from dist_ortho.optim.step import GroupStep, Pending, Verdict, descend, run_phase, shared_verdict
 from dist_ortho.layout import Held, Layout
 from dist_ortho.params import GTP_ATTRIBUTES, is_expert_stack, unreadable
-from dist_ortho.precision import MATMUL_PRECISIONS, MatmulPrecision
+from dist_ortho.precision import MATMUL_PRECISIONS, MatmulPrecision, NsDtype, check_ns_dtype, log_ns_dtype
 from dist_ortho.tp import TP_MODES, NsSpec
 from dist_ortho.tp.batching import BatchMatrices
 from dist_ortho.tp.local import LOCAL_GRAM, LocalGram
@@ -70,7 +70,7 @@ CONV_MODES: tuple[str, ...] = get_args(ConvMode)
 # Group options that shape a step's plan (its stacks, modes and collectives); the others (lr, momentum, ...)
 # are read at every step.
 STRUCTURAL_OPTIONS = (
-    "tp_mode", "coalesce", "fp32_matmul_prec", "local_gram", "batch_matrices", "nonfinite", "conv_mode", "split_qkv",
+    "tp_mode", "coalesce", "fp32_matmul_prec", "ns_dtype", "local_gram", "batch_matrices", "nonfinite", "conv_mode", "split_qkv",
     "qkv_split_shapes", "qkv_per_head", "num_ns_steps", "coefficient_type", "custom_coefficient_sets", "use_syrk",
 )
 __all__ = ["MatmulPrecision", "OrthogonalizedOptimizer", "check_choice", "check_number"]
@@ -84,6 +84,9 @@ class OrthogonalizedOptimizer(Optimizer):
         lr: learning rate. momentum: beta in [0, 1). weight_decay: >= 0.
         nesterov: use the Nesterov direction. weight_decay_method: one of :data:`WEIGHT_DECAY_METHODS`.
         fp32_matmul_prec: torch float32 matmul precision while orthogonalizing ("medium" runs NS in bf16).
+        ns_dtype: the dtype Newton-Schulz runs in, "bf16", "fp16" or "fp32" (float64 weights stay float64); None
+            (default): fp32_matmul_prec decides as above. Per group; fp16 and bf16 inputs are normalized with a
+            float64 norm first, so entries far below float16's range are orthogonalized, not flushed to zero.
         scaled_orthogonalize_fn: ``fn(matrix) -> update`` used by the default :meth:`update`; under TP it
             is applied to the gathered matrix (so any function is exact) and this rank's block is kept.
         tp_group: process group of tensor parallelism; parameters marked by the TE/Megatron protocol
@@ -154,7 +157,7 @@ class OrthogonalizedOptimizer(Optimizer):
     # The options a member's **kwargs may carry to this class; the others (lr, momentum, weight_decay,
     # nesterov, ...) a member names in its own signature, or fixes (Scion has no weight_decay).
     forwarded_options = frozenset({
-        "tp_group", "tp_mode", "expert_tp_group", "conv_mode", "split_qkv", "qkv_split_shapes", "is_qkv_fn",
+        "tp_group", "tp_mode", "ns_dtype", "expert_tp_group", "conv_mode", "split_qkv", "qkv_split_shapes", "is_qkv_fn",
         "qkv_per_head", "coalesce", "bucket_bytes", "local_gram", "batch_matrices", "nonfinite", "dp_group",
         "reduce_grads", "device_mesh", "capturable", "param_names", "overlap", "overlap_with_backward",
         "backward_bucket_bytes", "verify_plan",
@@ -184,6 +187,7 @@ class OrthogonalizedOptimizer(Optimizer):
         nesterov: bool,
         weight_decay_method: WeightDecayMethod,
         fp32_matmul_prec: MatmulPrecision,
+        ns_dtype: NsDtype | None = None,
         scaled_orthogonalize_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         tp_group: comm.ProcessGroup | None = None,
         tp_mode: str = "duplicated",
@@ -218,6 +222,7 @@ class OrthogonalizedOptimizer(Optimizer):
             nesterov=nesterov,
             weight_decay_method=weight_decay_method,
             fp32_matmul_prec=fp32_matmul_prec,
+            ns_dtype=ns_dtype,
             tp_mode=tp_mode,
             conv_mode=conv_mode,
             split_qkv=split_qkv,
@@ -350,6 +355,8 @@ class OrthogonalizedOptimizer(Optimizer):
         check_number("weight_decay", group["weight_decay"])
         check_choice("weight_decay_method", group["weight_decay_method"], WEIGHT_DECAY_METHODS)
         check_choice("fp32_matmul_prec", group["fp32_matmul_prec"], MATMUL_PRECISIONS)
+        if check_ns_dtype(group.get("ns_dtype")) is not None:
+            log_ns_dtype(group["ns_dtype"])
         check_choice("tp_mode", group["tp_mode"], TP_MODES)
         check_choice("local_gram", group["local_gram"], LOCAL_GRAM)
         check_choice("nonfinite", group["nonfinite"], NONFINITE)
@@ -516,7 +523,7 @@ class OrthogonalizedOptimizer(Optimizer):
         return NsSpec(
             group["num_ns_steps"], group["coefficient_type"], tuple(map(tuple, custom)) if custom else None,
             use_syrk=group.get("use_syrk", False), local_gram=group["local_gram"], batch=group["batch_matrices"],
-            sync_free=self.capturable,
+            sync_free=self.capturable, ns_dtype=group.get("ns_dtype"),
         )
 
     # -- the step --

@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--egtp", type=int, help="Megatron GTP weight remat of the experts (expt_gtp_remat)")
     p.add_argument("--precision", default="medium", choices=["highest", "high", "medium"],
                    help="fp32_matmul_prec: medium runs Newton-Schulz in bf16")
+    p.add_argument("--ns-dtype", choices=["bf16", "fp16", "fp32"], help="the optimizer's ns_dtype (overrides --precision's dtype)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--coefficients", default="quintic")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -175,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         layout = Layout(**{"tp": 1, "dp": 1, **{k: v for k, v in meg.items() if v is not None}, **sizes})
         profile = load_profile(a.device, _overrides(a.set))
         settings = Settings(steps=a.steps, coefficient_type=a.coefficients, precision=a.precision, capture=a.capture,
-                            overlap=a.overlap)
+                            overlap=a.overlap, ns_dtype=a.ns_dtype)
         rows = estimate(model, layout, profile, settings)
         if a.json:
             print(json.dumps({"model": dataclasses.asdict(model), "layout": dataclasses.asdict(layout),

@@ -100,9 +100,14 @@ class DeviceProfile:
         bandwidth, latency = self.link(span)
         return CostProfile(self.matmul_rate(compute, ranks_on_node), bandwidth, latency)
 
-    def compute(self, precision: str) -> tuple[str, torch.dtype]:
-        """(flops_per_s key, dtype) Newton-Schulz of float32 weights runs in under ``fp32_matmul_prec``."""
+    def compute(self, precision: str, ns_dtype: str | None = None) -> tuple[str, torch.dtype]:
+        """(flops_per_s key, dtype) Newton-Schulz of float32 weights runs in under ``fp32_matmul_prec``, or in
+        ``ns_dtype`` when given (fp16 at the bf16 rate: the same tensor cores on every profile here)."""
+        if ns_dtype in ("bf16", "fp16"):
+            return "bfloat16", torch.bfloat16 if ns_dtype == "bf16" else torch.float16
         name = {"highest": "float32", "high": "tf32", "medium": self.medium_compute}[precision]
+        if ns_dtype == "fp32" and name == "bfloat16":
+            name = "tf32" if "tf32" in self.flops_per_s else "float32"
         return name, torch.bfloat16 if name == "bfloat16" else torch.float32
 
 

@@ -93,6 +93,7 @@ class Settings:
     steps: int = 5
     coefficient_type: str = "quintic"
     precision: Precision = "medium"  # fp32_matmul_prec (Megatron's default): the device's medium_compute
+    ns_dtype: str | None = None  # the optimizer's ns_dtype ("bf16" | "fp16" | "fp32"): overrides precision's dtype
     param_bytes: int = 4  # the master weights / gradients Muon reads (float32)
     state_bytes: int = 4  # momentum per element
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
@@ -102,7 +103,7 @@ class Settings:
 
     @property
     def ns(self) -> NsSpec:
-        return NsSpec(self.steps, self.coefficient_type)
+        return NsSpec(self.steps, self.coefficient_type, ns_dtype=self.ns_dtype)
 
 
 @dataclass
@@ -180,8 +181,8 @@ def _tp_step(
     """Per TP rank: Newton-Schulz FLOPs, bytes, collectives and kernel launches of one group's matrices
     in ``mode`` (or an anchor); the matrices per mode auto chose."""
     base, per_matrix = mode.split("/")[0], mode.endswith("/per-matrix")
-    ns = NsSpec(s.steps, s.coefficient_type, local_gram="never", batch=False) if per_matrix else s.ns
-    compute_name, compute = profile.compute(s.precision)
+    ns = NsSpec(s.steps, s.coefficient_type, local_gram="never", batch=False, ns_dtype=s.ns_dtype) if per_matrix else s.ns
+    compute_name, compute = profile.compute(s.precision, s.ns_dtype)
     dtype = torch.float32 if s.param_bytes == 4 else torch.bfloat16
     restarts = restarts_for(ns, compute)
     ranks = [RankLoad() for _ in range(t)]
@@ -200,7 +201,7 @@ def _tp_step(
         chosen = base
         if base == "auto":
             counts = matrix_counts(m.shape, m.partition_dim, m.sizes, ns, dtype, compute, restarts, whole[m])
-            chosen = cheapest(mode_costs(counts, auto_profile, gram_offered(m.shape, m.partition_dim), sharing))
+            chosen = cheapest(mode_costs(counts, auto_profile, gram_offered(m.shape, m.partition_dim, compute), sharing))
         by_mode.setdefault(chosen, []).append(m)
     e = s.param_bytes
 
@@ -254,7 +255,7 @@ def _domain(
     if not weights:
         return RankLoad(), {}
     mats = _matrices(weights, t)
-    compute_name, _ = profile.compute(s.precision)
+    compute_name, _ = profile.compute(s.precision, s.ns_dtype)
     rate = profile.matmul_rate(compute_name, ranks_on_node)
     tp_bw, tp_lat = profile.link(t)
     dp_bw, dp_lat = profile.link(dp_span if pieces == 1 else t * pieces)

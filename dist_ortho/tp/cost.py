@@ -6,9 +6,9 @@ the FLOPs are exactly the matmuls the modes run, tp.local.plain_flops / gram_rec
 
     duplicated   FLOPs of the whole matrix (plain or one-device Gram)     bytes (t-1) s_l u e             calls 1
     distributed  the plain iteration on u x s_l                           bytes steps 2(t-1)/t u^2 c + norm  calls steps + 1
-    gram         the Gram recursion on u x s_l, r restarts                bytes (1 + r) 2(t-1)/t u^2 4 + norm  calls 2 + r
-                 (16-bit compute: no norm, calls 1 + r); not offered when u > s (its Gram matrix is singular,
-                 see tp.gram_newton_schulz)
+    gram         the Gram recursion on u x s_l, r restarts                bytes (1 + r) 2(t-1)/t u^2 c' + norm  calls 2 + r
+                 (c' = c in 16-bit compute at s >= 2u, else 4 or 8); not offered when u > s (its Gram matrix is singular,
+                 see tp.gram_newton_schulz), nor in 16-bit compute (its error, tp/gram.py)
     home         duplicated's / t (balanced over many matrices)           bytes 2 (t-1)/t m n / t e       calls 2
 
 predicted seconds = FLOPs / flops_per_s + bytes / bytes_per_s + calls * latency_s / sharing (the n sharded
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from dist_ortho.precision import compute_dtype
-from dist_ortho.tp.gram import normalizes_first, restarts_of
+from dist_ortho.tp.gram import HALF_MIN_ASPECT, restarts_of
 from dist_ortho.tp.jobs import MatrixJob, NsSpec
 from dist_ortho.tp.local import gram_recursion_flops, local_flops
 
@@ -112,14 +112,14 @@ def mode_rounds(
     m, n = shape[-2], shape[-1]
     u = n if partition_dim == 0 else m
     t, s_l = len(sizes), max(sizes)
-    small = torch.promote_types(compute, torch.float32).itemsize
-    norm_first = normalizes_first(compute, ns.sync_free)
+    half = compute.itemsize == 2 and sum(sizes) >= HALF_MIN_ASPECT * u  # R in 16-bit (tp.gram)
+    r_bytes = (compute if half else torch.promote_types(compute, torch.float32)).itemsize
     table = {
         "duplicated": [Rounds("all_gather", 0, 1, batch * s_l * u * dtype.itemsize)],
         "distributed": [Rounds("all_reduce", 0, 1, batch * NORM_BYTES),
                         Rounds("all_reduce", 1, ns.steps, batch * u * u * compute.itemsize)],
-        "gram": ([Rounds("all_reduce", 0, 1, batch * NORM_BYTES)] if norm_first else [])
-                + [Rounds("all_reduce", int(norm_first), 1 + len(restarts), batch * u * u * small)],
+        "gram": [Rounds("all_reduce", 0, 1, batch * NORM_BYTES),
+                 Rounds("all_reduce", 1, 1 + len(restarts), batch * u * u * r_bytes)],
         "home": [Rounds("all_to_all", 0, 2, batch * m * n / t * dtype.itemsize)],
     }
     return table[mode]
@@ -167,10 +167,11 @@ def mode_costs(counts: dict[str, Counts], profile: CostProfile, gram_offered: bo
     return costs
 
 
-def gram_offered(shape: Sequence[int], partition_dim: int) -> bool:
-    """gram mode needs the unsharded dim u <= the sharded s (else its Gram matrix is singular)."""
+def gram_offered(shape: Sequence[int], partition_dim: int, compute: torch.dtype = torch.float32) -> bool:
+    """Whether ``auto`` may pick gram mode: the unsharded dim u <= the sharded s (else its Gram matrix is
+    singular), and float32 or float64 compute (16-bit: up to ~2x the plain 16-bit iteration's error, tp/gram.py)."""
     s, u = (shape[-2], shape[-1]) if partition_dim == 0 else (shape[-1], shape[-2])
-    return u <= s
+    return u <= s and compute in (torch.float32, torch.float64)
 
 
 def cheapest(costs: dict[str, float]) -> str:
@@ -181,10 +182,10 @@ def cheapest(costs: dict[str, float]) -> str:
 def job_costs(job: MatrixJob, sharing: int = 1) -> dict[str, float]:
     """mode_costs of a job's global matrix, under the current fp32 matmul precision."""
     shape = job.global_shape
-    compute = compute_dtype(job.x.dtype, job.x.device)
+    compute = compute_dtype(job.x.dtype, job.x.device, job.ns.ns_dtype)
     whole = local_flops(shape, job.ns, job.x.dtype, job.x.device)
     counts = matrix_counts(shape, job.partition_dim, job.shard_sizes, job.ns, job.x.dtype, compute, restarts_of(job), whole)
-    return mode_costs(counts, cost_profile(job.x.device), gram_offered(shape, job.partition_dim), sharing)
+    return mode_costs(counts, cost_profile(job.x.device), gram_offered(shape, job.partition_dim, compute), sharing)
 
 
 def choose_mode(job: MatrixJob, sharing: int = 1) -> str:

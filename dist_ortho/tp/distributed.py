@@ -14,15 +14,17 @@ from dist_ortho.coalesce import AllReduce, Program
 from dist_ortho.coefficients import Triple
 from dist_ortho.iteration import polynomial_step, scale_to_unit
 from dist_ortho.kernels import gram
-from dist_ortho.precision import compute_dtype
+from dist_ortho.precision import NsDtype, compute_dtype
 from dist_ortho.tp.jobs import MatrixJob
 
 
 def column_sharded_newton_schulz(
-    x: torch.Tensor, coefficients: Sequence[Triple], eps: float, group: comm.ProcessGroup | None, use_syrk: bool = False
+    x: torch.Tensor, coefficients: Sequence[Triple], eps: float, group: comm.ProcessGroup | None, use_syrk: bool = False,
+    ns_dtype: NsDtype | None = None,
 ) -> Program[torch.Tensor]:
     """Program: Newton-Schulz of the matrix whose columns ``group`` holds in blocks, x this rank's block."""
-    X = scale_to_unit(x, (yield from reductions.sum_of_squares(x, group)), eps).to(compute_dtype(x.dtype, x.device))
+    dtype = compute_dtype(x.dtype, x.device, ns_dtype)
+    X = scale_to_unit(x, (yield from reductions.sum_of_squares(x, group)), eps).to(dtype)
     for a, b, c in coefficients:
         A = yield AllReduce(gram(X, use_syrk), group)
         X = polynomial_step(X, A, a, b, c, use_syrk)
@@ -31,5 +33,6 @@ def column_sharded_newton_schulz(
 
 def program(job: MatrixJob) -> Program[torch.Tensor]:
     X = job.x.mT if job.partition_dim == 0 else job.x  # the sharded dim becomes the contraction dim
-    out = yield from column_sharded_newton_schulz(X, job.ns.coefficients, job.ns.eps, job.group, job.ns.use_syrk)
+    ns = job.ns
+    out = yield from column_sharded_newton_schulz(X, ns.coefficients, ns.eps, job.group, ns.use_syrk, ns.ns_dtype)
     return (out.mT if job.partition_dim == 0 else out).contiguous()

@@ -16,6 +16,7 @@ from dist_ortho import comm
 from dist_ortho.coalesce import AllGather, Program, run
 from dist_ortho.coefficients import Triple, get_coefficients
 from dist_ortho.iteration import DEFAULT_EPS
+from dist_ortho.precision import check_ns_dtype
 from dist_ortho.tp.batching import BatchMatrices
 
 TpMode = Literal["duplicated", "distributed", "gram", "home", "auto", "blockwise"]
@@ -36,9 +37,11 @@ class NsSpec:
     local_gram: str = "auto"  # whole matrices on one rank: "auto" (dist_ortho.tp.local.use_gram), "always", "never"
     batch: BatchMatrices = "auto"  # same-shape whole matrices on one rank as one batched iteration (tp.batching)
     sync_free: bool = False  # no host sync (capturable steps): gram mode normalizes with a float64 norm first
+    ns_dtype: str | None = None  # "bf16" | "fp16" | "fp32": the compute dtype (dist_ortho.precision.compute_dtype)
     coefficients: list[Triple] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        check_ns_dtype(self.ns_dtype)
         object.__setattr__(
             self, "coefficients", get_coefficients(self.coefficient_type, self.steps, self.custom_coefficient_sets)
         )

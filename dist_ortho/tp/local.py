@@ -19,8 +19,14 @@ input, measured at most 0.63 of that bound for k <= 256 and 0.79 at k = 1024 (de
 gives exactly zero. float64 likewise against a long-double reference up to condition 1e8 (at most 0.70 of the
 bound, its floor scaled by eps64 / eps32). Without restarts 417 of the 1512 float32 inputs with k <= 256 miss the
 bound, and deepseekv4 overflows on rank-deficient ones (tests/test_gram_accuracy.py; tables in docs/benchmarks.md,
-scripts/bench_local_gram.py). Near a = 1 the plain iteration is cheaper and stays. In bf16 the recursion's float32
-products cost more than the bf16 iteration saves, so bf16 keeps the plain iteration.
+scripts/bench_local_gram.py). Near a = 1 the plain iteration is cheaper and stays.
+
+bfloat16 / float16 compute (``fp32_matmul_prec="medium"``, 16-bit matrices, or ``ns_dtype``): with
+``local_gram="always"`` the recursion runs wholly in that dtype with the restarts of
+:func:`dist_ortho.tp.gram.default_gram_restarts` (two or three over 5 steps: 0.78x / 0.89x the plain
+iteration's FLOPs at a = 4, 0.69x / 0.85x at a = 8); measured up to 1.2-3.3x the plain 16-bit iteration's max
+error (tp/gram.py), above the 1.5x at which it would count as that iteration's error, so "auto" keeps the
+plain iteration there.
 """
 
 from __future__ import annotations
@@ -93,7 +99,7 @@ def use_gram(shape: Sequence[int], ns: NsSpec, dtype: torch.dtype, device: torch
         return ns.local_gram == "always"
     k, n = min(shape[-2:]), max(shape[-2:])
     return (
-        compute_dtype(dtype, device) in (torch.float32, torch.float64)
+        compute_dtype(dtype, device, ns.ns_dtype) in (torch.float32, torch.float64)
         and k > 0
         and n >= GRAM_MIN_ASPECT * k
         and gram_flops(shape, ns, dtype, device) < plain_flops(shape, ns)
@@ -102,12 +108,13 @@ def use_gram(shape: Sequence[int], ns: NsSpec, dtype: torch.dtype, device: torch
 
 def _one_device(x: torch.Tensor, ns: NsSpec) -> torch.Tensor:
     if not use_gram(x.shape, ns, x.dtype, x.device):
-        return orthogonalize(x, ns.coefficients, ns.eps, None, ns.use_syrk)
+        return orthogonalize(x, ns.coefficients, ns.eps, None, ns.use_syrk, ns.ns_dtype)
     transpose = x.size(-2) > x.size(-1)
     X = x.mT if transpose else x
     # normalized with its float64 norm first: no host sync, and no collective to save on one device
     restarts = restarts_for(ns, x.dtype, x.device)
-    out = run(gram_newton_schulz(X, ns.coefficients, ns.eps, None, restarts, ns.use_syrk, sync_free=True)).to(x.dtype)
+    out = run(gram_newton_schulz(X, ns.coefficients, ns.eps, None, restarts, ns.use_syrk, sync_free=True,
+                                 ns_dtype=ns.ns_dtype)).to(x.dtype)
     return (out.mT if transpose else out).contiguous()
 
 
