@@ -24,3 +24,11 @@ def muon_on_components(W0: torch.Tensor, grads: list[torch.Tensor], split_shapes
     comp_grads = [split_components(g, split_shapes) for g in grads]
     out = [optim_reference.run("muon", c, [cg[i] for cg in comp_grads], hp) for i, c in enumerate(comps)]
     return join_components(out, split_shapes)
+
+
+def on_heads(kind: str, W0: torch.Tensor, grads: list[torch.Tensor], head_dim: int, hp: dict) -> torch.Tensor:
+    """Optimizer ``kind`` (float64 reference) on every head_dim-row block of a separate q/k/v weight as a matrix
+    of its own (its own momentum, state and scale), the blocks joined back in order."""
+    heads = [optim_reference.run(kind, W0[r : r + head_dim], [g[r : r + head_dim] for g in grads], hp)
+             for r in range(0, W0.size(0), head_dim)]
+    return torch.cat(heads)

@@ -57,6 +57,7 @@ from dist_ortho.optim.step import GroupStep, Pending, Verdict, descend, run_phas
 from dist_ortho.layout import Held, Layout
 from dist_ortho.params import GTP_ATTRIBUTES, is_expert_stack, unreadable
 from dist_ortho.precision import MATMUL_PRECISIONS, MatmulPrecision, NsDtype, check_ns_dtype, log_ns_dtype
+from dist_ortho.qkv import PerHead, check_per_head, head_dim_of, per_head_option, unmatched_keys
 from dist_ortho.tp import TP_MODES, NsSpec
 from dist_ortho.tp.batching import BatchMatrices
 from dist_ortho.tp.local import LOCAL_GRAM, LocalGram
@@ -72,6 +73,7 @@ CONV_MODES: tuple[str, ...] = get_args(ConvMode)
 STRUCTURAL_OPTIONS = (
     "tp_mode", "coalesce", "fp32_matmul_prec", "ns_dtype", "local_gram", "batch_matrices", "nonfinite", "conv_mode", "split_qkv",
     "qkv_split_shapes", "qkv_per_head", "num_ns_steps", "coefficient_type", "custom_coefficient_sets", "use_syrk",
+    "per_head",
 )
 __all__ = ["MatmulPrecision", "OrthogonalizedOptimizer", "check_choice", "check_number"]
 
@@ -104,6 +106,16 @@ class OrthogonalizedOptimizer(Optimizer):
             attribute, else from ``qkv_split_shapes`` here.
         qkv_per_head: with split_qkv, orthogonalize every attention head of a fused QKV weight (each
             query head, and each group's key and value head: kv_channels rows) as its own matrix.
+        per_head: separate attention weights orthogonalized head by head (torchtitan's wq, wk, wv; Dion's
+            ``num_heads``): a mapping of parameter-name keys to head_dim, e.g. ``{"wq": hd, "wk": hd, "wv": hd}``
+            with ``hd = dim // n_heads`` from the model config. A key matches a name when its dotted segments appear
+            consecutively in it ("wq" matches ``layers.0.attention.wq.weight``), or as a glob when it has ``*?[``;
+            names come from ``model.named_parameters()`` or ``param_names``. A ``head_dim`` attribute on a
+            parameter does the same. Head h is rows [h * head_dim, (h + 1) * head_dim) of the weight, orthogonalized
+            (and scaled, by its own head_dim x dim shape) as a matrix of its own, exactly under TP (whole heads per
+            rank, or heads cut over ranks) and FSDP pieces; the heads of one shape run as one batch
+            (dist_ortho.qkv, dist_ortho.tp.batching). A weight that cannot be split so (not 2D, experts, fused
+            QKV: use qkv_per_head, rows not a multiple of head_dim) is a ValueError naming it.
         local_gram: where a whole matrix is orthogonalized on one rank (duplicated, home, unsharded): "auto"
             runs the Gram-space recursion where it is cheaper (dist_ortho.tp.local), "always", "never".
         batch_matrices: whether same-shape whole matrices on one rank run Newton-Schulz as one batched
@@ -160,7 +172,7 @@ class OrthogonalizedOptimizer(Optimizer):
         "tp_group", "tp_mode", "ns_dtype", "expert_tp_group", "conv_mode", "split_qkv", "qkv_split_shapes", "is_qkv_fn",
         "qkv_per_head", "coalesce", "bucket_bytes", "local_gram", "batch_matrices", "nonfinite", "dp_group",
         "reduce_grads", "device_mesh", "capturable", "param_names", "overlap", "overlap_with_backward",
-        "backward_bucket_bytes", "verify_plan",
+        "backward_bucket_bytes", "verify_plan", "per_head",
     })
     # Members whose update reads ctx.orthogonalized: the step runs Newton-Schulz of every direction
     # first, for all matrices together.
@@ -197,6 +209,7 @@ class OrthogonalizedOptimizer(Optimizer):
         qkv_split_shapes: Sequence[int] | None = None,
         is_qkv_fn: Callable[[torch.Tensor], bool] | None = None,
         qkv_per_head: bool = False,
+        per_head: PerHead | None = None,
         coalesce: bool = True,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         local_gram: LocalGram = "auto",
@@ -228,6 +241,7 @@ class OrthogonalizedOptimizer(Optimizer):
             split_qkv=split_qkv,
             qkv_split_shapes=tuple(qkv_split_shapes) if qkv_split_shapes is not None else None,
             qkv_per_head=qkv_per_head,
+            per_head=per_head_option(per_head),
             coalesce=coalesce,
             local_gram=local_gram,
             batch_matrices=batch_matrices,
@@ -277,6 +291,10 @@ class OrthogonalizedOptimizer(Optimizer):
             named = param_names.items() if isinstance(param_names, dict) else param_names
             self.names.update((p, name) for name, p in named)
         super().__init__(params, defaults)
+        unmatched = unmatched_keys(defaults["per_head"], [self.names[p] for g in self.param_groups for p in g["params"]
+                                                          if p in self.names])
+        if unmatched:  # a warning, not an error: a pipeline stage or a wrapper's subset may hold none of them
+            logger.warning("%s: per_head keys %s match no parameter name here", type(self).__name__, unmatched)
         self._groups_from_params = device_mesh is None and tp_group is None and dp_group is None and expert_tp_group is None
         if self._groups_from_params:
             self._groups_from_meshes()
@@ -370,6 +388,7 @@ class OrthogonalizedOptimizer(Optimizer):
             get_coefficients(group["coefficient_type"], group["num_ns_steps"], group.get("custom_coefficient_sets"))
         if "extra_scale_factor" in group:
             check_number("extra_scale_factor", group["extra_scale_factor"])
+        group["per_head"] = per_head_option(group.get("per_head"))
         for p in group["params"]:
             self.check_param(p, group)
 
@@ -396,6 +415,9 @@ class OrthogonalizedOptimizer(Optimizer):
         problem = unreadable(p, self.names.get(p))
         if problem is not None:
             raise ValueError(problem)
+        head_dim = head_dim_of(p, self.names.get(p), group["per_head"])
+        if head_dim is not None:
+            check_per_head(p, self.names.get(p), head_dim, fused=self.is_qkv(p), expert=self.is_expert_stack(p))
         if p.ndim == 2 or (p.ndim > 2 and group["conv_mode"] is not None) or self.is_expert_stack(p):
             return
         hint = (
@@ -957,7 +979,8 @@ class OrthogonalizedOptimizer(Optimizer):
         if part.number is None:
             return name
         count = len(self.layouts.parts[p])
-        parts = {3: "qkv", 4: "qgkv"}.get(count) if not group["qkv_per_head"] else None
+        fused = self.is_qkv(p) and not group["qkv_per_head"]
+        parts = {3: "qkv", 4: "qgkv"}.get(count) if fused else None
         return f"{name} [{parts[part.number] if parts else f'head {part.number}'}]"
 
     def tp_plan(self) -> str:

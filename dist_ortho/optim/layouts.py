@@ -22,7 +22,7 @@ from dist_ortho.dtensor import is_dtensor, local, offset_problem, read_dtensor
 from dist_ortho.grid import assign_owners, check_grid
 from dist_ortho.layout import Layout, Reading, exchange_extents
 from dist_ortho.params import is_expert_stack, read_attributes, unreadable
-from dist_ortho.qkv import split_layout
+from dist_ortho.qkv import head_dim_of, head_split, split_layout
 
 
 def matrix_view(t: torch.Tensor, conv_mode: str | None) -> torch.Tensor:
@@ -82,8 +82,7 @@ class ParamLayouts:
             if problem is not None:
                 self.problems[p] = problem
         for p, group in new:  # every rank has the same layouts now: errors are alike
-            if group["split_qkv"] and self.is_qkv(p):
-                self._split(p, group, names(p) or f"fused QKV weight of shape {tuple(p.shape)}")
+            self._split(p, group, names(p))
         self._own([p for p, _ in new])
 
     def _read(self, p: torch.Tensor, group: dict[str, Any], name: str | None) -> Reading:
@@ -173,17 +172,27 @@ class ParamLayouts:
                 out.append(key)
         return out
 
-    def _split(self, p: torch.Tensor, group: dict[str, Any], name: str) -> None:
-        shapes = getattr(p, "qkv_split_shapes", None) or group["qkv_split_shapes"]
-        if shapes is None:
-            raise ValueError(f"{name} is marked as fused QKV but has no qkv_split_shapes (set it on the parameter or "
-                             "pass qkv_split_shapes=)")
-        if p.ndim != 2:
-            raise ValueError(f"{name}: a fused QKV weight must be 2D, got shape {tuple(p.shape)}")
+    def _split(self, p: torch.Tensor, group: dict[str, Any], name: str | None) -> None:
+        """The parts of p orthogonalized apart (dist_ortho.qkv): a fused QKV weight's components (``split_qkv``),
+        or the heads of a weight given a head_dim (``per_head`` / its ``head_dim`` attribute); else none."""
+        fused = group["split_qkv"] and self.is_qkv(p)
+        head_dim = None if fused else head_dim_of(p, name, group.get("per_head"))
+        if not fused and head_dim is None:
+            return
         layout = self.layouts[p]
         device = local(p).device
-        self.parts[p] = [(index.to(device), part)
-                         for index, part in split_layout(layout, layout.block_shape()[0], shapes, group["qkv_per_head"], name)]
+        if head_dim is not None:
+            split = head_split(layout, layout.block_shape()[0], head_dim, name or f"weight of shape {tuple(p.shape)}")
+        else:
+            name = name or f"fused QKV weight of shape {tuple(p.shape)}"
+            shapes = getattr(p, "qkv_split_shapes", None) or group["qkv_split_shapes"]
+            if shapes is None:
+                raise ValueError(f"{name} is marked as fused QKV but has no qkv_split_shapes (set it on the parameter "
+                                 "or pass qkv_split_shapes=)")
+            if p.ndim != 2:
+                raise ValueError(f"{name}: a fused QKV weight must be 2D, got shape {tuple(p.shape)}")
+            split = split_layout(layout, layout.block_shape()[0], shapes, group["qkv_per_head"], name)
+        self.parts[p] = [(index.to(device), part) for index, part in split]
 
     # -- how the step reads each parameter --
     def in_pieces(self, p: torch.Tensor) -> bool:
