@@ -6,6 +6,7 @@ from dist_ortho.optim.hybrid import MuonAdamW
 from dist_ortho.optim.mop import MOP
 from dist_ortho.optim.muon import Muon, MuonHyperball
 from dist_ortho.optim.polargrad import PolarGrad
+from dist_ortho.optim.qk_clip import QkLayer, QkWeight, qk_clip
 from dist_ortho.optim.registry import OPTIMIZERS, get_optimizer, register_optimizer
 
 OPTIMIZERS.setdefault("muon_adamw", MuonAdamW)
@@ -15,6 +16,6 @@ from dist_ortho.optim.scion import Scion
 
 __all__ = [
     "MOMENT2_METHODS", "MOP", "OPTIMIZERS", "SCALE_MODES", "AdaptiveMuon", "Muon", "MuonAdamW", "MuonHyperball",
-    "OrthogonalizedOptimizer", "PolarGrad", "Scion", "get_optimizer", "muon_scale",
-    "register_optimizer", "route",
+    "OrthogonalizedOptimizer", "PolarGrad", "QkLayer", "QkWeight", "Scion", "get_optimizer", "muon_scale",
+    "qk_clip", "register_optimizer", "route",
 ]

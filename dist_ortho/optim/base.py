@@ -642,6 +642,11 @@ class OrthogonalizedOptimizer(Optimizer):
             if self._in_flight.done():
                 self._in_flight = None
 
+    def qk_clip(self, max_logits: Any, tau: float, groups: Sequence[Any] = ()) -> Any:
+        """QK-clip (MuonClip) after the step, with maxima agreed over TP, DP and ``groups`` (dist_ortho.optim.qk_clip)."""
+        from dist_ortho.optim.qk_clip import qk_clip
+        return qk_clip(self, max_logits, tau, groups)
+
     def overlap_by_layer(self, layers: Sequence[torch.nn.Module]) -> list[Any]:
         """The model's layers, in forward order, as the units of overlap. With ``overlap=True`` the share is cut
         into one bucket per layer and each layer's bucket is waited for where the layer's weights are next read:
