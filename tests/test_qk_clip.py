@@ -245,3 +245,29 @@ def test_clipped_weights_give_logits_of_at_most_tau_on_the_same_input():
         s = before_f[g * per : (g + 1) * per]
         if s.max() > tau:  # the group's hottest head lands on tau exactly
             assert math.isclose(float(after_f[g * per + int(s.argmax())]), tau, rel_tol=1e-5)
+
+
+def _main_job(ctx, out: str, tau: float):
+    """The main job at DP 2 x TP 2 with --qk-clip: a whole run, and one stopped after 2 steps and resumed."""
+    from dist_ortho.train.cli import parallel_groups, parser, run
+
+    small = ["--layers", "1", "--hidden", "32", "--heads", "4", "--groups", "2", "--ffn", "64", "--seq-len", "16",
+             "--batch-size", "4", "--steps", "4", "--eval-interval", "0", "--eval-batches", "1", "--no-progress",
+             "--muon-fp32-matmul-prec", "highest", "--warmup", "1", "--lr", "0.05", "--qk-clip", str(tau)]
+    group, dp_group = parallel_groups(2)
+    losses = [run(parser().parse_args(small + ["--out", f"{out}/{name}", *extra]), group, torch.device("cpu"), dp_group)
+              [0]["losses"] for name, extra in (("whole", []), ("parts", ["--stop-after", "2"]), ("parts", ["--resume"]))]
+    return losses
+
+
+def test_main_job_clips_at_dp2_x_tp2_logs_max_logits_under_tau_and_resumes(world, tmp_path):
+    import json
+
+    tau = 0.3  # logits grow from 0.06 to 1.6 in 4 steps unclipped (lr 0.05): clipped from step 2 on
+    whole, first, second = world.run(_main_job, str(tmp_path), tau)[0]
+    assert {**first, **second} == whole  # resumed bit for bit (the clip keeps no state)
+    for run in ("whole", "parts"):
+        log = [json.loads(line) for line in (tmp_path / run / "muon" / "log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in log] == [1, 2, 3, 4]
+        assert all(r["max_logit_clipped"] <= tau * (1 + 1e-9) for r in log), log
+        assert all(r["qk_clipped_heads"] > 0 and r["max_logit"] > tau for r in log[1:]), log

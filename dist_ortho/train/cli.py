@@ -3,7 +3,6 @@
     torchrun --standalone --nproc-per-node 2 -m dist_ortho.train --tp 2 --optimizer muon --compare adamw
     torchrun --standalone --nproc-per-node 4 -m dist_ortho.train --tp 2   # DP 2 x TP 2
     torchrun --standalone --nproc-per-node 4 -m dist_ortho.train --tp 2 --torch-native   # DTensor weights
-    torchrun --standalone --nproc-per-node 4 -m dist_ortho.train --torch-native --hsdp 2 --experts 4 --ep 2 --topk 2
 
 Backend: gloo on CPU, NCCL on CUDA (one GPU per local rank). Data: the Python standard library's
 source, byte-tokenized (or --data FILE); the last 10% is held out. Per run, rank 0 writes a JSON-lines
@@ -36,7 +35,6 @@ from dist_ortho.optim.registry import OPTIMIZERS, get_optimizer
 from dist_ortho.train import checkpoint
 from dist_ortho.train.data import ByteData, load_corpus
 from dist_ortho.train.model import GPT, GPTConfig, parallelize_native
-from dist_ortho.train.titan import check_layout, parallelize_titan
 
 logger = logging.getLogger("dist_ortho.train")
 
@@ -93,16 +91,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-native", action="store_true",
                    help="build the model the torch-native way: DTensor weights by parallelize_module (TP) and "
                    "fully_shard (FSDP2 over DP) instead of layers that carry the TE/Megatron attributes")
-    p.add_argument("--hsdp", type=positive_int, default=1,
-                   help="with --torch-native: HSDP, R replicas x (world / R / TP) FSDP shards, on torchtitan's mesh "
-                   "dims (dp_replicate, fsdp, tp); the optimizer reads its groups from the weights' meshes")
-    p.add_argument("--experts", type=nonnegative_int, default=0,
-                   help="with --torch-native: every block's feed-forward a mixture of E SwiGLU experts (a router and "
-                   "3D stacks w1/w2/w3 [E, out, in], dropless), Muon'd expert by expert")
-    p.add_argument("--ep", type=positive_int, default=1,
-                   help="with --experts: expert-parallel size N (each stack Shard(0) over mesh dim 'ep', tokens "
-                   "dispatched by all-to-all; N divides the FSDP size); the stacks FSDP'd over 'efsdp' = FSDP / N")
-    p.add_argument("--topk", type=positive_int, default=1, help="with --experts: experts per token")
     p.add_argument("--reduce-grads", action="store_true",
                    help="under DP, average each matrix's gradient into its owner with one reduce-scatter (half the "
                    "bytes of an all-reduce) instead of all-reducing every gradient (the AdamW side is all-reduced)")
@@ -110,6 +98,9 @@ def parser() -> argparse.ArgumentParser:
                    help="hide communication: gradients reduced per layer during backward, the loss all-reduce waited "
                    "for at logging, and the optimizer's share over DP waited for per layer before its forward "
                    "(overlap=True; with --reduce-grads also overlap_with_backward=True). Bit-identical weights")
+    p.add_argument("--qk-clip", type=float, default=None, metavar="TAU",
+                   help="QK-clip (MuonClip) after every step: heads whose largest pre-softmax logit (agreed over TP x DP) "
+                   "exceeds TAU get their query and key rows scaled down (dist_ortho.optim.qk_clip); logged per step")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--timeout-s", type=float, default=comm.DEFAULT_TIMEOUT_S,
                    help="how long a collective may wait for the other ranks before every rank fails (process group "
@@ -179,10 +170,7 @@ def build_optimizer(
     kwargs = {k: getattr(args, flag) for k, flag in _FLAG_OF.items() if k in accepted}
     if "weight_decay" in accepted:
         kwargs["weight_decay"] = args.weight_decay
-    if titan_layout(args) and mesh is not None:  # no group argument: the optimizer reads them from the meshes
-        groups = {}
-    else:
-        groups = {"device_mesh": mesh} if mesh is not None else {"tp_group": group, "dp_group": dp_group}
+    groups = {"device_mesh": mesh} if mesh is not None else {"tp_group": group, "dp_group": dp_group}
     if getattr(args, "reduce_grads", False) and mesh is None and dp_group is not None:
         kwargs["reduce_grads"] = True
         kwargs["overlap_with_backward"] = getattr(args, "overlap", False)
@@ -199,25 +187,9 @@ def build_model(config: GPTConfig, args: argparse.Namespace, group: Any, dp_grou
     from torch.distributed.device_mesh import init_device_mesh
 
     tp, dp = comm.group_size(group), comm.group_size(dp_group)
-    if titan_layout(args):
-        model = GPT(config, None, seed=args.seed, tp_size=tp).to(device)
-        return parallelize_titan(model, tp * dp, args.hsdp, tp, args.ep, device)
     dims = [(n, size) for n, size in (("dp", dp), ("tp", tp)) if size > 1] or [("tp", 1)]
     mesh = init_device_mesh(device.type, tuple(size for _, size in dims), mesh_dim_names=tuple(n for n, _ in dims))
     return parallelize_native(GPT(config, None, seed=args.seed, tp_size=tp).to(device), mesh), mesh
-
-
-def titan_layout(args: argparse.Namespace) -> bool:
-    """Whether the run is laid out as torchtitan's (dist_ortho.train.titan): --hsdp or --experts."""
-    return getattr(args, "hsdp", 1) > 1 or getattr(args, "experts", 0) > 0
-
-
-def check_titan_args(args: argparse.Namespace, ranks: int, tp: int) -> None:
-    """--hsdp / --experts / --ep / --topk against each other and the run's size (before any collective)."""
-    if titan_layout(args) and not args.torch_native:
-        raise ValueError("--hsdp and --experts lay the model out with DTensors: add --torch-native")
-    if titan_layout(args) or args.ep > 1:
-        check_layout(ranks, args.hsdp, tp, args.experts, args.ep)
 
 
 def lr_factor(step: int, args: argparse.Namespace) -> float:
@@ -240,10 +212,8 @@ def train_one(
     """One training run over TP ``group`` x DP ``dp_group``; returns its final train and eval loss and timing.
 
     Each DP rank takes its share of the batch; gradients are averaged over DP before the step."""
-    config = GPTConfig(256, args.seq_len, args.layers, args.hidden, args.heads, args.groups, args.ffn,
-                       getattr(args, "experts", 0), getattr(args, "topk", 1))
+    config = GPTConfig(256, args.seq_len, args.layers, args.hidden, args.heads, args.groups, args.ffn)
     dp_size, dp_rank = comm.group_size(dp_group), comm.group_rank(dp_group)
-    check_titan_args(args, comm.group_size(group) * dp_size, comm.group_size(group))
     if args.batch_size % dp_size:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the data-parallel size {dp_size}")
     run_group = group if dp_group is None else None  # every rank of this run (the world under DP)
@@ -302,6 +272,9 @@ def train_one(
         share = args.batch_size // dp_size
         tokens, targets = (t[dp_rank * share : (dp_rank + 1) * share].to(device)
                            for t in data.batch(step, args.batch_size))
+        if args.qk_clip is not None:  # the attention reports its heads' max logits for this step's forward
+            for block in model.blocks:
+                block.max_logits = torch.full((config.num_attention_heads,), float("-inf"), device=device)
         loss = model(tokens, targets)
         loss.backward()
         with comm.count_collectives() as waits:  # the step's collectives: gradients, loss, the optimizer's
@@ -314,6 +287,7 @@ def train_one(
             optimizer.step()
             opt_time += time.perf_counter() - opt_began
         optimizer.zero_grad(set_to_none=True)
+        clipped = _qk_clip(model, optimizer, args.qk_clip) if args.qk_clip is not None else {}
         with comm.count_collectives(waits):
             loss = summed.wait() / dp_size
         elapsed = time.perf_counter() - began
@@ -324,7 +298,7 @@ def train_one(
         last_logged = last_stats.wait_ms if last_stats is not None else 0.0
         record = {"step": step + 1, "loss": loss.item(), "lr_factor": lr_factor(step, args),
                   "tokens_per_s": tokens_per_step / elapsed, "optimizer_share": opt_time / total_time,
-                  "comm_wait_ms": waits.wait_ms + deferred, "optimizer_comm_wait_ms": last_logged + deferred}
+                  "comm_wait_ms": waits.wait_ms + deferred, "optimizer_comm_wait_ms": last_logged + deferred, **clipped}
         if args.eval_interval and (step + 1) % args.eval_interval == 0 or step + 1 == args.steps:
             record["eval_loss"] = evaluate(model, data, args, device)
         if args.save_interval and (step + 1) % args.save_interval == 0 or step + 1 == stop:
@@ -345,6 +319,20 @@ def train_one(
     if log:
         log.close()
     return result
+
+
+def _qk_clip(model: GPT, optimizer: Any, tau: float) -> dict[str, float]:
+    """QK-clip of every block after the step, with the maxima its forward recorded; what the log shows of it: the
+    largest agreed max logit, the largest the clipped weights give on the same batch (<= tau), heads clipped."""
+    matrices = getattr(optimizer, "matrix_optimizer", None)
+    if matrices is None:
+        raise ValueError("--qk-clip clips through dist_ortho's optimizer: not with --optimizer/--compare adamw")
+    if any(block.linear_qkv.group is None and block.tp > 1 for block in model.blocks):
+        raise ValueError("--qk-clip with --torch-native needs --tp 1 (the attention does not know its TP rank's heads)")
+    result = matrices.qk_clip({block.linear_qkv.weight: block.max_logits for block in model.blocks}, tau)
+    for block in model.blocks:
+        block.max_logits = None
+    return {"max_logit": result.max_logit, "max_logit_clipped": result.max_logit_after, "qk_clipped_heads": result.clipped}
 
 
 def _optimizer_stats(optimizer: Any) -> comm.CommStats | None:
@@ -445,8 +433,7 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger().setLevel(logging.ERROR)
     code = 0
     try:
-        default_tp = 1 if titan_layout(args) else dist.get_world_size()  # torchtitan's: TP only when asked
-        group, dp_group = parallel_groups(args.tp if args.tp is not None else default_tp)
+        group, dp_group = parallel_groups(args.tp if args.tp is not None else dist.get_world_size())
         run(args, group, device, dp_group)
     except ValueError as e:  # the same on every rank: all exit, none hangs
         logger.error("rank %d: %s", dist.get_rank(), e)
