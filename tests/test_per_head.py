@@ -137,6 +137,31 @@ def test_separate_qkv_per_head_exact(world, tp, how):
     assert all(world.run(_separate_qkv, tp, how))
 
 
+def _whole_heads_collectives(ctx, tp: int) -> dict[str, int]:
+    fulls, grads = _fulls()
+    group, _ = ctx.new_groups(tp)
+    r = dist.get_rank(group)
+    calls = {}
+    for mode in MODES:
+        p = nn.Parameter(torch.tensor_split(fulls[0], tp)[r].clone())
+        p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, 0, 1
+        opt = get_optimizer("muon")([p], tp_group=group, tp_mode=mode, param_names={NAMES[0]: p},
+                                    per_head={"wq": HD}, **HP)
+        for step in grads:
+            p.grad = torch.tensor_split(step[0], tp)[r].clone()
+            opt.step()
+        calls[mode] = opt.comm_stats().total_calls
+    return calls
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_whole_heads_on_a_rank_need_no_collective(world, tp):
+    """Colwise TP holding whole heads (n_heads % tp == 0): each rank steps its own heads alone, in every mode (a
+    head held by one rank runs there, dist_ortho.tp._held_whole): no collective in the step."""
+    for calls in world.run(_whole_heads_collectives, tp):
+        assert calls == dict.fromkeys(MODES, 0), calls
+
+
 def _fsdp_cuts_a_head(ctx):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard

@@ -60,6 +60,21 @@ def _local(jobs: Sequence[MatrixJob]) -> Program[list[torch.Tensor]]:
     return local_many([job.x for job in jobs], [job.ns for job in jobs])
 
 
+def _held_whole(job: MatrixJob) -> bool | None:
+    """For a sharded job that one rank holds all of (the others hold nothing of it: a head of a per-head split
+    inside one TP rank's rows, dist_ortho.qkv): whether this rank is that one; None for any other job. Such a job
+    runs on its holder alone as a whole matrix, with no collective, in every mode (the same result as "home" with
+    the holder as home); the other ranks' blocks are empty."""
+    if not job.sharded or job.sizes is None or sum(1 for n in job.sizes if n) != 1:
+        return None
+    return bool(job.sizes[comm.group_rank(job.group)])
+
+
+def _empty(x: torch.Tensor) -> Program[torch.Tensor]:
+    yield from ()
+    return x
+
+
 PIPELINE_BUCKETS = 4
 """The buckets of matrix shapes a pipelined step (``overlap=True``) cuts its Newton-Schulz into, at most."""
 
@@ -97,9 +112,12 @@ def _programs(
     slots: dict[int, tuple[int, int | None]] = {}
     shared: dict[tuple, list[int]] = {}
     for i in members:
-        job = jobs[i]
-        if not job.sharded:
+        job, whole = jobs[i], _held_whole(jobs[i])
+        if not job.sharded or whole:
             shared.setdefault(("local",), []).append(i)
+        elif whole is False:
+            slots[i] = (len(programs), None)
+            programs.append(_empty(job.x))
         elif job.mode in _PER_GROUP:
             shared.setdefault((job.mode, id(job.group), job.x.dtype), []).append(i)
         else:
