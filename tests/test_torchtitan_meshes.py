@@ -18,8 +18,8 @@ the same ranks with the same names. Reproduced here on gloo with ``init_device_m
 - routed experts [E, out, in] when efsdp x ep <= E (world 4, E = 4): Shard(0) over "ep", then ``fully_shard`` over
   "efsdp" with ``Shard(0)``: ``(_StridedShard(0, sf=2), Shard(0))`` on ("efsdp", "ep"), rank (f, e) holding expert
   2e + f; each expert against one process. A strided shard whose experts interleave (split factor not the later
-  dims' cuts) is a ValueError on every rank before any collective; the checkpoint contract's holding of a stack's
-  state (no experts split: this rank's experts written as the whole stack) is pinned as a strict xfail.
+  dims' cuts) is a ValueError on every rank before any collective; the checkpoint contract holds a stack's state by
+  experts (dist_ortho.optim.holding.StackHeld), gathered whole.
 
 The model is test_dtensor's (Linear 6 -> 10 without bias, Linear 10 -> 7 with bias, LayerNorm 7: odd sizes, so
 FSDP's pieces are uneven), under MuonAdamW built WITHOUT device_mesh= / tp_group= / dp_group=: the groups are read
@@ -392,10 +392,13 @@ def test_experts_strided_into_interleaved_ranges_are_refused(world):
     assert all(used == [] for _, used in results), results
 
 
-def _expert_state_held(ctx) -> dict[str, tuple[int, ...]]:
-    """The global shape the checkpoint contract (dist_ortho.optim.holding) gives a stack's momentum after one step:
-    strided over efsdp inside EP, and Shard(0) over "ep" replicated over efsdp (what dist_ortho read before)."""
+def _expert_state_held(ctx) -> dict[str, dict]:
+    """The checkpoint contract (dist_ortho.optim.holding) of a stack's momentum after one step, strided over efsdp
+    inside EP, and Shard(0) over "ep" replicated over efsdp: which experts this rank says it holds, the whole stack
+    it gathers, the same assembled independently (every keeping rank's momentum placed at DTensor's own offsets),
+    and what it says of a tensor that is not one entry per expert."""
     from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     from dist_ortho.optim.holding import holding
 
@@ -408,24 +411,41 @@ def _expert_state_held(ctx) -> dict[str, tuple[int, ...]]:
         opt = MuonAdamW([("layers.0.moe.experts.w1", p)], "muon", **HP)
         p.grad = _like(full, p)
         opt.step()
-        state = opt.optimizer_of(p).state[p]
+        momentum = opt.optimizer_of(p).state[p].get("momentum_buffer")
+        _, offset = compute_local_shape_and_global_offset(p.shape, mesh, placements)
+        kept = comm.all_gather_object((offset[0], momentum) if opt.owns(p) else None, dist.group.WORLD)
+        assembled = torch.full(full.shape, float("nan"))
+        for entry in filter(None, kept):
+            assembled[entry[0] : entry[0] + entry[1].shape[0]] = entry[1]
         if opt.owns(p):  # (over efsdp's replicas one of them keeps the state)
+            held = holding(opt, p, ["momentum_buffer"], None)
             try:
-                out[case] = tuple(holding(opt, p, ["momentum_buffer"], None).to_global(state["momentum_buffer"]).shape)
+                held.to_global(momentum[:0])
+                refused = "no error"
             except ValueError as e:
-                out[case] = str(e)
+                refused = str(e)
+            out[case] = {"first": held.first(), "count": held.count(), "offset": offset[0], "refused": refused,
+                         "gathered": held.to_global(momentum), "assembled": assembled}
     return out
 
 
-def test_expert_state_has_no_whole_tensor_holding_and_says_so(world):
-    """The checkpoint contract (a Held: one split per tensor) cannot describe a stack's experts split over ranks;
-    it gave Held(None) (replicated), so a checkpoint would have written this rank's experts' momentum as the whole
-    stack's, for every EP layout: now a ValueError naming the parameter, on every rank that keeps state."""
+def test_expert_state_is_held_by_experts_and_gathers_whole(world):
+    """A stack's experts split over ranks (EP, FSDP's strided shard over experts) is held as a StackHeld: this
+    rank's experts (its first is DTensor's own offset; rank (f, e) holds expert 2e + f when strided), and its
+    to_global gathers the whole stack's momentum, equal to the keeping ranks' momenta placed at their offsets (it
+    gave Held(None) before: one rank's experts written as the whole stack). A state tensor that is not one entry
+    per expert of the rank is refused, before any collective."""
     results = world.run(_expert_state_held)
     assert all("strided" in r for r in results) and any("ep" in r for r in results), results
-    for r in results:
-        assert all(isinstance(v, str) and "layers.0.moe.experts.w1: its experts are split over 2 ranks" in v
-                   for v in r.values()), r
+    for rank, r in enumerate(results):
+        f, e = divmod(rank, 2)
+        assert (r["strided"]["first"], r["strided"]["count"]) == (2 * e + f, 1), (rank, r["strided"])
+        for case, v in r.items():
+            assert v["first"] == v["offset"], (rank, case, v["first"], v["offset"])
+            assert not v["assembled"].isnan().any() and torch.equal(v["gathered"], v["assembled"]), (rank, case)
+            assert "not one entry per expert" in v["refused"], (rank, case, v["refused"])
+        if "ep" in r:
+            assert (r["ep"]["first"], r["ep"]["count"]) == (2 * e, 2), (rank, r["ep"])
 
 
 @pytest.mark.slow

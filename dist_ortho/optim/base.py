@@ -47,7 +47,7 @@ from dist_ortho.optim.agreement import VERIFY_PLAN, PlanAgreement, VerifyPlan, a
 from dist_ortho.optim.context import MatrixContext
 from dist_ortho.optim.gradients import decoupled_grads, dp_own, reduce_into_owners, start_reduce_into_owners, sum_of_squares
 from dist_ortho.optim.groups import ParamStack, Part
-from dist_ortho.optim.holding import part_of
+from dist_ortho.optim.holding import StackHeld, part_of
 from dist_ortho.optim.layouts import ParamLayouts
 from dist_ortho.optim.nonfinite import NONFINITE, Nonfinite
 from dist_ortho.optim.options import accepted_keywords, check_bool, check_choice, check_number, reject_unknown
@@ -448,19 +448,14 @@ class OrthogonalizedOptimizer(Optimizer):
         return bool(self.is_qkv_fn(p)) if self.is_qkv_fn is not None else getattr(p, "is_qkv", False) is True
 
     # -- how each state tensor is held (read by checkpoints) --
-    def state_holding(self, p: torch.Tensor, path: Sequence[str]) -> Held:
-        """How the ranks hold state tensor ``state[p][path[0]]...``: like the matrix, reduced, or replicated.
+    def state_holding(self, p: torch.Tensor, path: Sequence[str]) -> Held | StackHeld:
+        """How the ranks hold state tensor ``state[p][path[0]]...``: like the matrix, reduced, or replicated; for a
+        stack whose experts are split over ranks (EP, FSDP over experts) a StackHeld: which experts this rank holds
+        (the owner's gathered block where the stack is held in pieces), each held so.
 
-        Members declare their own keys in :meth:`held_state`; an undeclared key is an error, and so is the state of
-        a stack whose experts are split over ranks (EP, FSDP over experts): a Held describes one split, and this
-        rank's experts are not the whole stack (read as such, a checkpoint would write them in its place)."""
+        Members declare their own keys in :meth:`held_state`; an undeclared key is an error."""
         layout = self.layout(p)
-        experts = self.layouts.held[p].experts
-        if experts is not None:
-            raise ValueError(f"{self.name_of(p)}: its experts are split over {experts.size} ranks, and the checkpoint "
-                             "contract does not describe that yet (a Held is one split): checkpoint the stack's "
-                             "state per rank (torch.distributed.checkpoint of DTensor state) or through Megatron's "
-                             "dist-checkpointing")
+        experts = tuple(s for s in self.layouts.held[p].splits if s.kind == "experts" and s.size > 1)
         part = part_of(path)
         if part is not None:
             layout = self.part_layouts(p)[part]
@@ -468,7 +463,7 @@ class OrthogonalizedOptimizer(Optimizer):
         held = self.held_state(path[-1], layout, group)
         if held is None:
             raise KeyError(f"{type(self).__name__} does not declare how its state {'/'.join(path)!r} is held")
-        return held
+        return StackHeld(held, experts) if experts else held
 
     def held_state(self, key: str, layout: Layout, group: dict[str, Any]) -> Held | None:
         """How a state tensor ``key`` of a matrix with ``layout`` is held; members extend this (call super)."""

@@ -5,7 +5,8 @@ and DP size. For that it asks, per state tensor ``state[p][path...]`` (a split f
 its own under ``part<i>``, see :func:`state_tensors`):
 
 - :func:`holding`: a :class:`~dist_ortho.layout.Held` saying how to gather it (like its matrix, along a reduced
-  dim, or replicated). dist_ortho's optimizers declare it (``state_holding``, from each member's
+  dim, or replicated), or for a stack whose experts are split over ranks a :class:`StackHeld` (which experts this
+  rank holds, each held as a Held says). dist_ortho's optimizers declare it (``state_holding``, from each member's
   ``held_state``); a torch optimizer's state is held like its parameter, its ``step`` replicated.
 - :func:`owns`: whether this rank keeps it (on the DP x TP grid only the owner replica does).
 
@@ -16,13 +17,58 @@ dist_ortho.train.checkpoint (torch.distributed.checkpoint) and the Megatron inte
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Union
 
 import torch
 
 from dist_ortho import comm
-from dist_ortho.layout import REPLICATED_HELD, Held
+from dist_ortho.coalesce import run
+from dist_ortho.layout import REPLICATED_HELD, Held, Split
 from dist_ortho.params import held_like_param
+from dist_ortho.tp.jobs import block, gather_program
+
+
+@dataclass(frozen=True)
+class StackHeld:
+    """How the ranks hold a state tensor [e, ...] of a stack whose experts are split over ranks: this rank's e experts
+    are the range the ``experts`` splits (of tensor dim 0, outermost first, each cutting the range the ones before
+    leave: EP's, then FSDP's over experts) leave it, :meth:`first` onward, and each expert's tensor is held as
+    ``matrix`` says (its TP split, or whole). The owner of a stack held in pieces keeps its experts' gathered
+    block, so this describes the owner's state there too."""
+
+    matrix: Held
+    experts: tuple[Split, ...]
+
+    def first(self) -> int:
+        """The global index of this rank's first expert."""
+        return sum(s.start(s.rank) for s in self.experts)
+
+    def count(self) -> int:
+        """How many experts this rank holds."""
+        return self.experts[-1].extents[self.experts[-1].rank]
+
+    def to_global(self, t: torch.Tensor) -> torch.Tensor:
+        """The whole stack's tensor from this rank's experts' (one all-gather per split, and the matrix's own)."""
+        if t.ndim < 1 or t.size(0) != self.count():
+            raise ValueError(f"a state tensor of shape {tuple(t.shape)} is not one entry per expert of this rank's "
+                             f"{self.count()}: its holding over the expert splits is unknown")
+        out = self.matrix.to_global(t)
+        for split in reversed(self.experts):
+            out = run(gather_program(out, 0, split.group, split.extents))
+        return out
+
+    def to_local(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's experts' block of the whole stack's tensor ``full`` (a copy)."""
+        for split in self.experts:
+            if sum(split.extents) != full.size(0):
+                raise ValueError(f"a state tensor of {full.size(0)} experts cannot be cut into {list(split.extents)}")
+            full = block(full, 0, split.rank, split.extents)
+        return self.matrix.to_local(full)
+
+
+Holding = Union[Held, StackHeld]
+"""What :func:`holding` answers: both gather a rank's tensor (``to_global``) and cut it back (``to_local``)."""
 
 
 def part_key(number: int) -> str:
@@ -51,7 +97,7 @@ def fallback_holding(p: torch.Tensor, path: Sequence[str], tp_group: comm.Proces
     return REPLICATED_HELD if path[-1] == "step" else held_like_param(p, tp_group)
 
 
-def holding(optimizer: torch.optim.Optimizer, p: torch.Tensor, path: Sequence[str], tp_group: Any) -> Held:
+def holding(optimizer: torch.optim.Optimizer, p: torch.Tensor, path: Sequence[str], tp_group: Any) -> Holding:
     """How the ranks hold ``optimizer``'s state tensor ``path`` of ``p`` (see the module doc)."""
     declared = getattr(optimizer, "state_holding", None)
     return declared(p, list(path)) if declared is not None else fallback_holding(p, path, tp_group)

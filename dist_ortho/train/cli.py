@@ -3,6 +3,7 @@
     torchrun --standalone --nproc-per-node 2 -m dist_ortho.train --tp 2 --optimizer muon --compare adamw
     torchrun --standalone --nproc-per-node 4 -m dist_ortho.train --tp 2   # DP 2 x TP 2
     torchrun --standalone --nproc-per-node 4 -m dist_ortho.train --tp 2 --torch-native   # DTensor weights
+    torchrun --standalone --nproc-per-node 4 -m dist_ortho.train --torch-native --hsdp 2 --experts 4 --ep 2 --topk 2
 
 Backend: gloo on CPU, NCCL on CUDA (one GPU per local rank). Data: the Python standard library's
 source, byte-tokenized (or --data FILE); the last 10% is held out. Per run, rank 0 writes a JSON-lines
@@ -35,6 +36,7 @@ from dist_ortho.optim.registry import OPTIMIZERS, get_optimizer
 from dist_ortho.train import checkpoint
 from dist_ortho.train.data import ByteData, load_corpus
 from dist_ortho.train.model import GPT, GPTConfig, parallelize_native
+from dist_ortho.train.titan import check_layout, parallelize_titan
 
 logger = logging.getLogger("dist_ortho.train")
 
@@ -91,6 +93,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-native", action="store_true",
                    help="build the model the torch-native way: DTensor weights by parallelize_module (TP) and "
                    "fully_shard (FSDP2 over DP) instead of layers that carry the TE/Megatron attributes")
+    p.add_argument("--hsdp", type=positive_int, default=1,
+                   help="with --torch-native: HSDP, R replicas x (world / R / TP) FSDP shards, on torchtitan's mesh "
+                   "dims (dp_replicate, fsdp, tp); the optimizer reads its groups from the weights' meshes")
+    p.add_argument("--experts", type=nonnegative_int, default=0,
+                   help="with --torch-native: every block's feed-forward a mixture of E SwiGLU experts (a router and "
+                   "3D stacks w1/w2/w3 [E, out, in], dropless), Muon'd expert by expert")
+    p.add_argument("--ep", type=positive_int, default=1,
+                   help="with --experts: expert-parallel size N (each stack Shard(0) over mesh dim 'ep', tokens "
+                   "dispatched by all-to-all; N divides the FSDP size); the stacks FSDP'd over 'efsdp' = FSDP / N")
+    p.add_argument("--topk", type=positive_int, default=1, help="with --experts: experts per token")
     p.add_argument("--reduce-grads", action="store_true",
                    help="under DP, average each matrix's gradient into its owner with one reduce-scatter (half the "
                    "bytes of an all-reduce) instead of all-reducing every gradient (the AdamW side is all-reduced)")
@@ -170,7 +182,10 @@ def build_optimizer(
     kwargs = {k: getattr(args, flag) for k, flag in _FLAG_OF.items() if k in accepted}
     if "weight_decay" in accepted:
         kwargs["weight_decay"] = args.weight_decay
-    groups = {"device_mesh": mesh} if mesh is not None else {"tp_group": group, "dp_group": dp_group}
+    if titan_layout(args) and mesh is not None:  # no group argument: the optimizer reads them from the meshes
+        groups = {}
+    else:
+        groups = {"device_mesh": mesh} if mesh is not None else {"tp_group": group, "dp_group": dp_group}
     if getattr(args, "reduce_grads", False) and mesh is None and dp_group is not None:
         kwargs["reduce_grads"] = True
         kwargs["overlap_with_backward"] = getattr(args, "overlap", False)
@@ -187,9 +202,25 @@ def build_model(config: GPTConfig, args: argparse.Namespace, group: Any, dp_grou
     from torch.distributed.device_mesh import init_device_mesh
 
     tp, dp = comm.group_size(group), comm.group_size(dp_group)
+    if titan_layout(args):
+        model = GPT(config, None, seed=args.seed, tp_size=tp).to(device)
+        return parallelize_titan(model, tp * dp, args.hsdp, tp, args.ep, device)
     dims = [(n, size) for n, size in (("dp", dp), ("tp", tp)) if size > 1] or [("tp", 1)]
     mesh = init_device_mesh(device.type, tuple(size for _, size in dims), mesh_dim_names=tuple(n for n, _ in dims))
     return parallelize_native(GPT(config, None, seed=args.seed, tp_size=tp).to(device), mesh), mesh
+
+
+def titan_layout(args: argparse.Namespace) -> bool:
+    """Whether the run is laid out as torchtitan's (dist_ortho.train.titan): --hsdp or --experts."""
+    return getattr(args, "hsdp", 1) > 1 or getattr(args, "experts", 0) > 0
+
+
+def check_titan_args(args: argparse.Namespace, ranks: int, tp: int) -> None:
+    """--hsdp / --experts / --ep / --topk against each other and the run's size (before any collective)."""
+    if titan_layout(args) and not args.torch_native:
+        raise ValueError("--hsdp and --experts lay the model out with DTensors: add --torch-native")
+    if titan_layout(args) or args.ep > 1:
+        check_layout(ranks, args.hsdp, tp, args.experts, args.ep)
 
 
 def lr_factor(step: int, args: argparse.Namespace) -> float:
@@ -212,8 +243,10 @@ def train_one(
     """One training run over TP ``group`` x DP ``dp_group``; returns its final train and eval loss and timing.
 
     Each DP rank takes its share of the batch; gradients are averaged over DP before the step."""
-    config = GPTConfig(256, args.seq_len, args.layers, args.hidden, args.heads, args.groups, args.ffn)
+    config = GPTConfig(256, args.seq_len, args.layers, args.hidden, args.heads, args.groups, args.ffn,
+                       getattr(args, "experts", 0), getattr(args, "topk", 1))
     dp_size, dp_rank = comm.group_size(dp_group), comm.group_rank(dp_group)
+    check_titan_args(args, comm.group_size(group) * dp_size, comm.group_size(group))
     if args.batch_size % dp_size:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the data-parallel size {dp_size}")
     run_group = group if dp_group is None else None  # every rank of this run (the world under DP)
@@ -433,7 +466,8 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger().setLevel(logging.ERROR)
     code = 0
     try:
-        group, dp_group = parallel_groups(args.tp if args.tp is not None else dist.get_world_size())
+        default_tp = 1 if titan_layout(args) else dist.get_world_size()  # torchtitan's: TP only when asked
+        group, dp_group = parallel_groups(args.tp if args.tp is not None else default_tp)
         run(args, group, device, dp_group)
     except ValueError as e:  # the same on every rank: all exit, none hangs
         logger.error("rank %d: %s", dist.get_rank(), e)

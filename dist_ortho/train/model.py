@@ -23,6 +23,7 @@ from torch import nn
 
 from dist_ortho import comm
 from dist_ortho.qkv import qkv_split_shapes
+from dist_ortho.train.moe import MoE
 from dist_ortho.tp import shard
 
 
@@ -35,6 +36,8 @@ class GPTConfig:
     num_attention_heads: int = 8
     num_query_groups: int = 2
     ffn_hidden_size: int = 512
+    num_experts: int = 0  # > 0: every block's feed-forward is a mixture of experts (dist_ortho.train.moe)
+    moe_topk: int = 1
 
     @property
     def kv_channels(self) -> int:
@@ -50,9 +53,17 @@ class GPTConfig:
                 f"the TP size {tp_size} must divide num_query_groups={self.num_query_groups} and "
                 f"ffn_hidden_size={self.ffn_hidden_size}"
             )
+        if self.num_experts and not 1 <= self.moe_topk <= self.num_experts:
+            raise ValueError(f"--topk {self.moe_topk} must be in [1, --experts {self.num_experts}]")
+        if self.num_experts and tp_size > 1:
+            raise ValueError(f"--experts {self.num_experts} runs without TP (--tp 1), got TP size {tp_size}")
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The fields (the MoE ones only for an MoE model: a dense model's checkpoints read as before)."""
+        out = asdict(self)
+        if not self.num_experts:
+            del out["num_experts"], out["moe_topk"]
+        return out
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -124,8 +135,14 @@ class Block(nn.Module):
         qkv_rows = c.num_query_groups * sum(qkv_split_shapes(c.num_attention_heads, c.num_query_groups, c.kv_channels))
         self.linear_qkv = ColumnParallelLinear(torch.randn(qkv_rows, c.hidden_size, generator=gen) * std, group)
         self.linear_proj = RowParallelLinear(torch.randn(c.hidden_size, c.hidden_size, generator=gen) * out_std, group)
-        self.fc1 = ColumnParallelLinear(torch.randn(c.ffn_hidden_size, c.hidden_size, generator=gen) * std, group)
-        self.fc2 = RowParallelLinear(torch.randn(c.hidden_size, c.ffn_hidden_size, generator=gen) * out_std, group)
+        if c.num_experts:
+            E, F_, H = c.num_experts, c.ffn_hidden_size, c.hidden_size
+            self.moe = MoE(torch.randn(E, H, generator=gen) * std, torch.randn(E, F_, H, generator=gen) * std,
+                           torch.randn(E, H, F_, generator=gen) * out_std, torch.randn(E, F_, H, generator=gen) * std,
+                           c.moe_topk)
+        else:
+            self.fc1 = ColumnParallelLinear(torch.randn(c.ffn_hidden_size, c.hidden_size, generator=gen) * std, group)
+            self.fc2 = RowParallelLinear(torch.randn(c.hidden_size, c.ffn_hidden_size, generator=gen) * out_std, group)
         self.mark_qkv()
 
     def mark_qkv(self) -> None:
@@ -163,6 +180,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.norm1(x))
+        if self.config.num_experts:
+            return x + self.moe(self.norm2(x))
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 
