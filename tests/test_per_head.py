@@ -162,6 +162,39 @@ def test_whole_heads_on_a_rank_need_no_collective(world, tp):
         assert calls == dict.fromkeys(MODES, 0), calls
 
 
+def _round_trip(ctx) -> tuple[float, float]:
+    """NorMuon at TP 4 (its second moment per head: state part0, part1, ...) rebuilt from its state dict after step
+    1, against one process."""
+    import copy
+
+    fulls, grads = _fulls()
+    group, _ = ctx.new_groups(4)
+    r = dist.get_rank(group)
+    p = nn.Parameter(torch.tensor_split(fulls[1], 4)[r].clone())  # wk: each head cut over two ranks
+    p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, 0, 1
+
+    def build():
+        return get_optimizer("normuon")([p], tp_group=group, param_names={NAMES[1]: p}, per_head={"wk": HD}, **HP)
+
+    opt = build()
+    for i, step in enumerate(grads):
+        p.grad = torch.tensor_split(step[1], 4)[r].clone()
+        opt.step()
+        if i == 0:
+            state = copy.deepcopy(opt.state_dict())
+            assert "part1" in state["state"][0], state["state"][0].keys()
+            opt = build()
+            opt.load_state_dict(state)
+    expected = on_heads("normuon", fulls[1], [s[1] for s in grads], HD, HP)
+    err = (p.detach().double() - torch.tensor_split(expected, 4)[r]).abs().max().item()
+    return err, (expected - fulls[1].double()).abs().max().item()
+
+
+def test_state_dict_round_trip_per_head(world):
+    for err, moved in world.run(_round_trip):
+        assert optim_reference.weights_agree(err, moved), (err, moved)
+
+
 def _fsdp_cuts_a_head(ctx):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
