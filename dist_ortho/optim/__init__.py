@@ -3,6 +3,7 @@
 from dist_ortho.optim.adaptive import MOMENT2_METHODS, AdaptiveMuon
 from dist_ortho.optim.base import OrthogonalizedOptimizer
 from dist_ortho.optim.hybrid import MuonAdamW
+from dist_ortho.optim.hooks import HyperballHook, NoOpWeightUpdateHook, RadialBrakeHook, RelativeUpdateHook
 from dist_ortho.optim.mop import MOP
 from dist_ortho.optim.muon import Muon, MuonHyperball
 from dist_ortho.optim.polargrad import PolarGrad
@@ -18,4 +19,5 @@ __all__ = [
     "MOMENT2_METHODS", "MOP", "OPTIMIZERS", "SCALE_MODES", "AdaptiveMuon", "Muon", "MuonAdamW", "MuonHyperball",
     "OrthogonalizedOptimizer", "PolarGrad", "QkLayer", "QkWeight", "Scion", "get_optimizer", "muon_scale",
     "qk_clip", "register_optimizer", "route",
+    "HyperballHook", "NoOpWeightUpdateHook", "RadialBrakeHook", "RelativeUpdateHook",
 ]

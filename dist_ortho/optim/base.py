@@ -48,6 +48,7 @@ from dist_ortho.optim.context import MatrixContext
 from dist_ortho.optim.gradients import decoupled_grads, dp_own, reduce_into_owners, start_reduce_into_owners, sum_of_squares
 from dist_ortho.optim.groups import ParamStack, Part
 from dist_ortho.optim.holding import StackHeld, part_of
+from dist_ortho.optim.hooks import NoOpWeightUpdateHook, WeightUpdateHook, as_program_hook, check_whole
 from dist_ortho.optim.layouts import ParamLayouts
 from dist_ortho.optim.nonfinite import NONFINITE, Nonfinite
 from dist_ortho.optim.options import accepted_keywords, check_bool, check_choice, check_number, reject_unknown
@@ -73,6 +74,7 @@ CONV_MODES: tuple[str, ...] = get_args(ConvMode)
 STRUCTURAL_OPTIONS = (
     "tp_mode", "coalesce", "fp32_matmul_prec", "ns_dtype", "local_gram", "batch_matrices", "nonfinite", "conv_mode", "split_qkv",
     "qkv_split_shapes", "qkv_per_head", "num_ns_steps", "coefficient_type", "custom_coefficient_sets", "use_syrk",
+    "ns_eps",
     "per_head",
 )
 __all__ = ["MatmulPrecision", "OrthogonalizedOptimizer", "check_choice", "check_number"]
@@ -91,6 +93,9 @@ class OrthogonalizedOptimizer(Optimizer):
             float64 norm first, so entries far below float16's range are orthogonalized, not flushed to zero.
         scaled_orthogonalize_fn: ``fn(matrix) -> update`` used by the default :meth:`update`; under TP it
             is applied to the gathered matrix (so any function is exact) and this rank's block is kept.
+        weight_update_hook: run around each matrix's W <- W - lr U (Emerging-Optimizers' WeightUpdateHook:
+            ``pre_weight_update_inplace(W, U) -> state``, ``post_weight_update_inplace(W, state)``); the hooks of
+            dist_ortho.optim.hooks are exact on TP shards, another class's run where a matrix is whole on the rank.
         tp_group: process group of tensor parallelism; parameters marked by the TE/Megatron protocol
             (``tensor_model_parallel``, ``partition_dim``) are treated as its shards.
         tp_mode: how Newton-Schulz runs on shards, one of :data:`dist_ortho.TP_MODES`.
@@ -201,6 +206,7 @@ class OrthogonalizedOptimizer(Optimizer):
         fp32_matmul_prec: MatmulPrecision,
         ns_dtype: NsDtype | None = None,
         scaled_orthogonalize_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        weight_update_hook: WeightUpdateHook[Any] | None = None,
         tp_group: comm.ProcessGroup | None = None,
         tp_mode: str = "duplicated",
         expert_tp_group: comm.ProcessGroup | None = None,
@@ -251,6 +257,8 @@ class OrthogonalizedOptimizer(Optimizer):
         if scaled_orthogonalize_fn is None and type(self).update is OrthogonalizedOptimizer.update:
             raise TypeError("OrthogonalizedOptimizer needs scaled_orthogonalize_fn, or a subclass that overrides update")
         self.scaled_orthogonalize_fn = scaled_orthogonalize_fn
+        self._weight_update_hook = as_program_hook(weight_update_hook)
+        self._hook_states: dict[int, Any] = {}  # a weight-update context's pre-hook state, for its post-hook
         self.tp_group = tp_group
         self.expert_tp_group = expert_tp_group
         self.dp_group = dp_group
@@ -497,14 +505,14 @@ class OrthogonalizedOptimizer(Optimizer):
         if type(self).pre_weight_update_fn_inplace is not OrthogonalizedOptimizer.pre_weight_update_fn_inplace:
             for p, u in zip(*self._members(ctx, ctx.param, update)):
                 self.pre_weight_update_fn_inplace(p, u)
-        yield from ()
+        self._hook_states[id(ctx)] = yield from self._weight_update_hook.pre_update(ctx, ctx.param, update)
 
     def post_weight_update(self, ctx: MatrixContext) -> Program[None]:
         """Program run after the update."""
         if type(self).post_weight_update_fn_inplace is not OrthogonalizedOptimizer.post_weight_update_fn_inplace:
             for (p,) in zip(*self._members(ctx, ctx.param)):
                 self.post_weight_update_fn_inplace(p)
-        yield from ()
+        yield from self._weight_update_hook.post_update(ctx, ctx.param, self._hook_states.pop(id(ctx), None))
 
     @staticmethod
     def _members(ctx: MatrixContext, *batches: torch.Tensor) -> list[Sequence[torch.Tensor]]:
@@ -781,6 +789,7 @@ class OrthogonalizedOptimizer(Optimizer):
             if p.grad is not None and p.grad.is_sparse:
                 raise TypeError(f"{type(self).__name__} does not support sparse gradients")
         self._agree(taking_part)
+        check_whole(self._weight_update_hook, [(self.name_of(p), self.layout(p)) for p in params])
         if self.overlap and self._layers:  # parameter groups added after overlap_by_layer
             self._check_layers_cover()
         owned = [(p, group) for p, group in taking_part if self.owns(p)]
@@ -906,6 +915,7 @@ class OrthogonalizedOptimizer(Optimizer):
         OrthogonalizedOptimizer's) and no group adds "l2" decay to the gradient (which reads the weight)."""
         cls = type(self)
         return (all(getattr(cls, hook) is getattr(OrthogonalizedOptimizer, hook) for hook in self._WEIGHT_HOOKS)
+                and isinstance(self._weight_update_hook, NoOpWeightUpdateHook)
                 and not any(self._l2(group) for group in self.param_groups))
 
     def _landing_options(self) -> dict[int, dict[str, Any]]:

@@ -2,12 +2,29 @@
 
     U = scale(out, in) * extra_scale_factor * NS(D)
 
+Arguments as Emerging-Optimizers' Muon (positional: params, lr, momentum, weight_decay), its read-only structural
+properties included (``num_ns_steps``, ``coefficient_type``, ``scale_mode``, ``extra_scale_factor``, ``use_syrk``:
+the constructor's values; setting one is an AttributeError) and its ``weight_update_hook=``
+(dist_ortho.optim.hooks). torch.optim.Muon's names are accepted as keywords (its positional order, lr,
+weight_decay, momentum, is not EO's; its defaults are not taken either: nesterov, weight_decay and lr keep EO's):
+
+- ``ns_steps``: num_ns_steps.  ``ns_coefficients=(a, b, c)``: that triple at every step (coefficient_type "custom").
+- ``eps``: Newton-Schulz's X_0 = G / (||G||_F + eps) (torch divides by max(||G||_F, eps): the same but within eps).
+- ``adjust_lr_fn``: scale_mode by dist_ortho.optim.scale.TORCH_ADJUST_LR ("original" shape_scaling,
+  "match_rms_adamw", "spectral_unclamped" unit_rms_norm).
+
+Where the math differs from torch.optim.Muon: torch runs the iteration in bfloat16 (here: float32 or wider, under
+``fp32_matmul_prec``), and its adjust_lr_fn=None is "original" (here None keeps ``scale_mode``).
+
 MuonHyperball keeps every weight on the sphere ||W||_F = R (R = the weight's initial norm, or
-``hyperball_radius``): U <- R U / (||U||_F + eps) before the update, W <- R W / (||W||_F + eps) after.
+``hyperball_radius``): U <- R U / (||U||_F + eps) before the update, W <- R W / (||W||_F + eps) after: Muon with
+that hook (:class:`SphereHook`), whose radius is each weight's own, kept in the optimizer state.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from typing import Any
 
 import torch
@@ -17,13 +34,66 @@ from dist_ortho import comm
 from dist_ortho.coalesce import Program
 from dist_ortho.optim.base import MatmulPrecision, OrthogonalizedOptimizer, WeightDecayMethod
 from dist_ortho.optim.context import MatrixContext
+from dist_ortho.optim.hooks import HookView, ProgramHook, WeightUpdateHook
 from dist_ortho.optim.options import check_number
-from dist_ortho.optim.scale import ScaleMode, check_scale_mode
+from dist_ortho.optim.scale import TORCH_ADJUST_LR, ScaleMode, TorchAdjustLr, check_scale_mode
 from dist_ortho.layout import REPLICATED_HELD, Held, Layout
+from dist_ortho.tp import NsSpec
+
+STRUCTURAL_PROPERTIES = ("num_ns_steps", "coefficient_type", "scale_mode", "extra_scale_factor", "use_syrk")
+
+
+def _read_only(name: str) -> property:
+    def get(self: OrthogonalizedOptimizer) -> Any:
+        return self.defaults[name]
+
+    def refuse(self: OrthogonalizedOptimizer, _value: Any) -> None:
+        raise AttributeError(f"Cannot set `{name}` post-initialization (a param group's {name!r} sets it per group)")
+    return property(get, refuse, doc=f"The constructor's {name} (read-only, as in Emerging-Optimizers' Muon).")
+
+
+def _declares(cls: type, name: str, below: type) -> bool:
+    """Whether a class of ``cls``'s MRO before ``below`` names ``name`` in its own ``__init__``."""
+    for klass in cls.__mro__:
+        if klass is below:
+            return False
+        init = klass.__dict__.get("__init__")
+        if init is not None and name in inspect.signature(init).parameters:
+            return True
+    return False
+
+
+def _torch_names(ns_coefficients: Any, ns_steps: int | None, eps: float | None, adjust_lr_fn: str | None,
+                 coefficient_type: str, num_ns_steps: int, scale_mode: str) -> tuple[str, int, str, dict[str, Any]]:
+    """(coefficient_type, num_ns_steps, scale_mode, further member options) with torch.optim.Muon's names read;
+    a torch name beside its EO name set away from the default is a ValueError naming both."""
+    options: dict[str, Any] = {}
+    if ns_coefficients is not None:
+        if coefficient_type != "quintic":
+            raise ValueError(f"pass ns_coefficients or coefficient_type, not both (got {coefficient_type!r})")
+        triple = tuple(ns_coefficients)
+        if len(triple) != 3:
+            raise ValueError(f"ns_coefficients must be three numbers (a, b, c), got {ns_coefficients!r}")
+        coefficient_type = "custom"
+        options["custom_coefficient_sets"] = [tuple(check_number("ns_coefficients", c, -float("inf")) for c in triple)]
+    if ns_steps is not None:
+        if num_ns_steps != 5:
+            raise ValueError(f"pass ns_steps or num_ns_steps, not both (got ns_steps={ns_steps}, num_ns_steps={num_ns_steps})")
+        num_ns_steps = ns_steps
+    if adjust_lr_fn is not None:
+        if scale_mode != "spectral":
+            raise ValueError(f"pass adjust_lr_fn or scale_mode, not both (got scale_mode={scale_mode!r})")
+        if adjust_lr_fn not in TORCH_ADJUST_LR:
+            raise ValueError(f"adjust_lr_fn must be one of {tuple(TORCH_ADJUST_LR)} or None, got {adjust_lr_fn!r}")
+        scale_mode = TORCH_ADJUST_LR[adjust_lr_fn]
+    if eps is not None:
+        options["ns_eps"] = check_number("eps", eps)
+    return coefficient_type, num_ns_steps, scale_mode, options
 
 
 class Muon(OrthogonalizedOptimizer):
-    """Muon: momentum, Newton-Schulz, shape scale. Arguments as emerging_optimizers' Muon, plus TP ones."""
+    """Muon: momentum, Newton-Schulz, shape scale. Arguments as emerging_optimizers' Muon, torch.optim.Muon's names
+    as keywords (see the module doc), plus TP ones."""
 
     uses_newton_schulz = True
     batched = True
@@ -43,10 +113,19 @@ class Muon(OrthogonalizedOptimizer):
         scale_mode: ScaleMode = "spectral",
         extra_scale_factor: float = 1.0,
         use_syrk: bool = False,
+        weight_update_hook: WeightUpdateHook[Any] | None = None,
+        ns_coefficients: tuple[float, float, float] | None = None,
+        ns_steps: int | None = None,
+        eps: float | None = None,
+        adjust_lr_fn: TorchAdjustLr | None = None,
         tp_group: comm.ProcessGroup | None = None,
         tp_mode: str = "duplicated",
         **kwargs: Any,
     ) -> None:
+        if eps is not None and _declares(type(self), "eps", Muon):  # a member's own eps (AdaptiveMuon's)
+            kwargs["eps"], eps = eps, None
+        coefficient_type, num_ns_steps, scale_mode, torch_options = _torch_names(
+            ns_coefficients, ns_steps, eps, adjust_lr_fn, coefficient_type, num_ns_steps, scale_mode)
         super().__init__(
             params,
             lr,
@@ -55,6 +134,7 @@ class Muon(OrthogonalizedOptimizer):
             nesterov=nesterov,
             weight_decay_method=weight_decay_method,
             fp32_matmul_prec=fp32_matmul_prec,
+            weight_update_hook=weight_update_hook,
             coefficient_type=coefficient_type,
             num_ns_steps=num_ns_steps,
             scale_mode=scale_mode,
@@ -62,33 +142,71 @@ class Muon(OrthogonalizedOptimizer):
             use_syrk=use_syrk,
             tp_group=tp_group,
             tp_mode=tp_mode,
+            **torch_options,
             **kwargs,
         )
+
+    num_ns_steps = _read_only("num_ns_steps")
+    coefficient_type = _read_only("coefficient_type")
+    scale_mode = _read_only("scale_mode")
+    extra_scale_factor = _read_only("extra_scale_factor")
+    use_syrk = _read_only("use_syrk")
 
     def check_group(self, group: dict[str, Any]) -> None:
         super().check_group(group)
         check_scale_mode(group["scale_mode"])
+        if "ns_eps" in group:
+            check_number("eps", group["ns_eps"])
+
+    def ns_spec(self, group: dict[str, Any]) -> NsSpec | None:
+        spec = super().ns_spec(group)
+        if spec is None or "ns_eps" not in group:
+            return spec
+        return dataclasses.replace(spec, eps=group["ns_eps"])
 
     def update(self, ctx: MatrixContext) -> Program[torch.Tensor]:
         yield from ()
         return ctx.orthogonalized.mul_(ctx.shape_scale())  # the step's own tensor: scaled in place
 
 
+class SphereHook(ProgramHook):
+    """MuonHyperball's hook: x <- R x / (||x||_F + eps) for U before and W after the update, R each matrix's
+    radius, ``state["hyperball_radius"]`` (so it runs in MuonHyperball only, which keeps that state)."""
+
+    def __init__(self, eps: float) -> None:
+        self.eps = eps
+
+    def _to_sphere(self, view: HookView, x: torch.Tensor) -> Program[None]:
+        radius = view.state["hyperball_radius"].double()
+        norm = yield from view.norm(x)
+        x.mul_((radius / (norm + self.eps)).to(x.dtype)[..., None, None])
+
+    def pre_update(self, view: HookView, p: torch.Tensor, update: torch.Tensor) -> Program[None]:
+        yield from self._to_sphere(view, update)
+
+    def post_update(self, view: HookView, p: torch.Tensor, state: Any) -> Program[None]:
+        yield from self._to_sphere(view, p)
+
+
 class MuonHyperball(Muon):
-    """Muon on the Frobenius sphere of each weight. Arguments as Muon, plus hyperball_eps, hyperball_radius.
+    """Muon on the Frobenius sphere of each weight (Muon with a :class:`SphereHook`). Arguments as Muon, plus
+    hyperball_eps, hyperball_radius; not weight_update_hook (it is the sphere's).
 
     The radius is fixed at a parameter's first step (its norm then, or ``hyperball_radius``, to which the
     parameter is rescaled) and kept in the optimizer state, so a restored optimizer keeps it.
     """
 
     def __init__(self, *args: Any, hyperball_eps: float = 1e-8, hyperball_radius: float | None = None, **kwargs: Any):
+        if "weight_update_hook" in kwargs:
+            raise TypeError("MuonHyperball does not take weight_update_hook: its hook is the sphere's (pass "
+                            "weight_update_hook=HyperballHook(radius) to Muon for Emerging-Optimizers' fixed radius)")
         self.hyperball_eps = check_number("hyperball_eps", hyperball_eps)
         if hyperball_radius is not None:
             check_number("hyperball_radius", hyperball_radius)
             if hyperball_radius == 0:
                 raise ValueError("hyperball_radius must be > 0 (or None for each weight's initial norm), got 0")
         self.hyperball_radius = hyperball_radius
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, weight_update_hook=SphereHook(self.hyperball_eps), **kwargs)
 
     def init_state_program(self, ctx: MatrixContext) -> Program[None]:
         yield from super().init_state_program(ctx)
@@ -106,14 +224,3 @@ class MuonHyperball(Muon):
 
     def held_state(self, key: str, layout: Layout, group: dict[str, Any]) -> Held | None:
         return REPLICATED_HELD if key == "hyperball_radius" else super().held_state(key, layout, group)
-
-    def _to_sphere(self, ctx: MatrixContext, x: torch.Tensor) -> Program[None]:
-        radius = ctx.state["hyperball_radius"].double()
-        norm = yield from ctx.norm(x)
-        x.mul_((radius / (norm + self.hyperball_eps)).to(x.dtype)[..., None, None])
-
-    def pre_weight_update(self, ctx: MatrixContext, update: torch.Tensor) -> Program[None]:
-        yield from self._to_sphere(ctx, update)
-
-    def post_weight_update(self, ctx: MatrixContext) -> Program[None]:
-        yield from self._to_sphere(ctx, ctx.param)
