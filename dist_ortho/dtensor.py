@@ -16,7 +16,7 @@ is right is checked against DTensor's own offsets (:func:`offset_problem`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -114,6 +114,33 @@ MESH_DIM_ROLES: dict[str, MeshRole] = {
 """What a mesh dim is by its name, where its ranks are neither the optimizer's tp_group nor its dp_group."""
 _ROLES = {"tp": "tp_group", "dp": "dp_group"}
 
+MeshDims = Mapping[str, str]
+"""The optimizers' ``mesh_dims=``: a mesh's own dim names -> the names :data:`MESH_DIM_ROLES` knows, e.g.
+``{"replica": "dp_replicate", "shard": "fsdp", "model": "tp"}``."""
+
+
+def check_mesh_dims(mesh_dims: Any) -> dict[str, str]:
+    """``mesh_dims`` as a dict, or a TypeError / ValueError naming mesh_dims and what is wrong (before any
+    collective: it is an argument)."""
+    if mesh_dims is None:
+        return {}
+    if not isinstance(mesh_dims, Mapping):
+        raise TypeError(f"mesh_dims must be a mapping of mesh dim names to role names, got {type(mesh_dims).__name__}")
+    for name, known in mesh_dims.items():
+        if not isinstance(name, str) or not isinstance(known, str):
+            raise TypeError(f"mesh_dims must map str to str, got {name!r}: {known!r}")
+        if known not in MESH_DIM_ROLES:
+            raise ValueError(f"mesh_dims[{name!r}] = {known!r} is not a mesh-dim role dist_ortho knows: use one of "
+                             f"{sorted(MESH_DIM_ROLES)}")
+    return dict(mesh_dims)
+
+
+def mesh_role(name: str | None, mesh_dims: MeshDims | None = None) -> MeshRole | None:
+    """The role of mesh dim ``name``: through ``mesh_dims`` (a user's naming) first, else :data:`MESH_DIM_ROLES`."""
+    if name is None:
+        return None
+    return MESH_DIM_ROLES.get((mesh_dims or {}).get(name, name))
+
 
 def mesh_groups(mesh: Any, tp_group: comm.ProcessGroup | None, dp_group: comm.ProcessGroup | None
                 ) -> tuple[comm.ProcessGroup | None, comm.ProcessGroup | None]:
@@ -131,41 +158,45 @@ def mesh_groups(mesh: Any, tp_group: comm.ProcessGroup | None, dp_group: comm.Pr
     return group.get("tp"), group.get("dp")
 
 
-def groups_from_meshes(params: Sequence[torch.Tensor], experts: Sequence[bool]) -> dict[str, comm.ProcessGroup | None]:
+def groups_from_meshes(params: Sequence[torch.Tensor], experts: Sequence[bool], mesh_dims: MeshDims | None = None,
+                       labels: Sequence[str | None] | None = None) -> dict[str, comm.ProcessGroup | None]:
     """tp_group, dp_group and expert_tp_group read from the DTensor parameters' meshes, whose dims of size > 1 must be
     named as :data:`MESH_DIM_ROLES` knows them; a 3D expert weight's TP dim is the expert TP group when it differs from
     the dense weights'. Of several data-parallel dims (HSDP: replicas and shards), the one that shards the weights
     is the DP group (its ranks own their pieces; every replica of them steps its own, alike); a weight replicated
     over DP dims only gives its dim. Raises ValueError (alike on every rank: meshes are global) when a dim is unnamed
-    or named otherwise, or when two parameters disagree, saying which argument to pass instead."""
-    found: dict[str, tuple[tuple[int, ...], comm.ProcessGroup]] = {}
-    replicated: dict[str, tuple[tuple[int, ...], comm.ProcessGroup]] = {}
-    for p, expert in zip(params, experts):
+    or named otherwise (``mesh_dims`` maps other names to known ones), or when two parameters disagree, saying which
+    argument to pass instead."""
+    found: dict[str, tuple[Any, ...]] = {}  # role -> (ranks, group, ranks as a list, mesh dim name)
+    replicated: dict[str, tuple[Any, ...]] = {}
+    for k, (p, expert) in enumerate(zip(params, experts)):
         if not is_dtensor(p):
             continue
         mesh = p.device_mesh
+        label = f"parameter {labels[k]!r}" if labels and labels[k] else f"a DTensor parameter of shape {tuple(p.shape)}"
         for i in range(mesh.ndim):
             if mesh.size(i) == 1:
                 continue
             name = (mesh.mesh_dim_names or (None,) * mesh.ndim)[i]
-            role = MESH_DIM_ROLES.get(name) if name is not None else None
+            role = mesh_role(name, mesh_dims)
             if role == "ep":
                 continue
             if role is None:
                 raise ValueError(
-                    f"a DTensor parameter of shape {tuple(p.shape)} is on a mesh dim {name!r}, which does not say "
-                    f"whether it is tensor or data parallel: name the mesh dims as {sorted(MESH_DIM_ROLES)} do, or "
-                    "pass device_mesh= (dims 'dp' and 'tp') or tp_group= / dp_group= (the groups of the mesh dims "
-                    "that shard the weights)")
+                    f"{label} is on a mesh dim {name!r} (placement {p.placements[i]!r}), which does not say "
+                    f"whether it is tensor or data parallel: name the mesh dims as {sorted(MESH_DIM_ROLES)} do, map "
+                    f"them with mesh_dims= (e.g. {{{name!r}: 'fsdp'}}), or pass device_mesh= (dims 'dp' and 'tp') or "
+                    "tp_group= / dp_group= (the groups of the mesh dims that shard the weights)")
             key = "expert_tp_group" if expert and role == "tp" else _ROLES[role]
             group = mesh.get_group(i)
             ranks = tuple(dist.get_process_group_ranks(group))
             into = replicated if role == "dp" and p.placements[i].is_replicate() else found
             if key in into and into[key][0] != ranks:
                 raise ValueError(f"the DTensor parameters' {'replicating ' if into is replicated else ''}"
-                                 f"{role.upper()} mesh dims are different groups ({list(into[key][0])} on "
-                                 f"{name!r} and {list(ranks)}): pass {key}= explicitly")
-            into[key] = (ranks, group)
+                                 f"{role.upper()} mesh dims are different groups ({list(into[key][2])} on "
+                                 f"{into[key][3]!r} and {list(ranks)} on {name!r}, where {label} has placement "
+                                 f"{p.placements[i]!r} (placements {tuple(p.placements)})): pass {key}= explicitly")
+            into[key] = (ranks, group, list(ranks), name)
     for key, value in replicated.items():
         found.setdefault(key, value)
     groups = {role: value[1] for role, value in found.items()}
@@ -174,9 +205,11 @@ def groups_from_meshes(params: Sequence[torch.Tensor], experts: Sequence[bool]) 
     return groups
 
 
-def is_expert_dtensor(p: torch.Tensor) -> bool:
-    """A 3D DTensor on a mesh with a dim named "ep": a weight [E, out, in] of experts."""
-    return is_dtensor(p) and p.ndim == 3 and "ep" in (p.device_mesh.mesh_dim_names or ())
+def is_expert_dtensor(p: torch.Tensor, mesh_dims: MeshDims | None = None) -> bool:
+    """A 3D DTensor on a mesh with a dim named "ep" (or mapped to it by ``mesh_dims``): a weight [E, out, in] of
+    experts."""
+    return is_dtensor(p) and p.ndim == 3 and any(
+        (mesh_dims or {}).get(name, name) == "ep" for name in (p.device_mesh.mesh_dim_names or ()))
 
 
 def _kind(placement: Placement) -> str:
@@ -194,18 +227,19 @@ def _cuts_after(p: DTensor) -> list[int]:
     return [i for i in dims if _kind(p.placements[i]) != "strided"] + [i for i in dims if _kind(p.placements[i]) == "strided"]
 
 
-def _later_cuts(p: DTensor, i: int) -> int:
-    """Into how many ranges the mesh dims after ``i`` (of size > 1) cut p's tensor dim 0: what FSDP2's strided
+def _later_cuts(p: DTensor, i: int, dim: int = 0) -> int:
+    """Into how many ranges the mesh dims after ``i`` (of size > 1) cut p's tensor dim ``dim``: what FSDP2's strided
     shard on mesh dim ``i`` names its split factor when it cuts after them."""
     n = 1
     for j in range(i + 1, p.device_mesh.ndim):
-        if p.device_mesh.size(j) > 1 and _kind(p.placements[j]) in ("shard", "strided") and p.placements[j].dim == 0:
+        if p.device_mesh.size(j) > 1 and _kind(p.placements[j]) in ("shard", "strided") and p.placements[j].dim == dim:
             n *= p.device_mesh.size(j)
     return n
 
 
 def read_dtensor(p: DTensor, tp_group: comm.ProcessGroup | None, dp_group: comm.ProcessGroup | None,
-                 expert_tp_group: comm.ProcessGroup | None = None, expert: bool = False, name: str | None = None) -> Reading:
+                 expert_tp_group: comm.ProcessGroup | None = None, expert: bool = False, name: str | None = None,
+                 mesh_dims: MeshDims | None = None) -> Reading:
     """The holding of a DTensor parameter read from its placements (extents left to the ranks' exchange).
 
     Mesh dims of size 1 are ignored; the others must be the optimizer's TP group (``Shard(0|1)``: the TP split, or
@@ -215,7 +249,9 @@ def read_dtensor(p: DTensor, tp_group: comm.ProcessGroup | None, dp_group: comm.
     "ep" (each DP rank updates its own experts, consecutive in the EP rank's block), ``Shard(1|2)`` (pieces of
     every expert) or ``Replicate``, and over TP (or ``expert_tp_group``, or a dim named "etp") ``Shard(1|2)`` or
     ``Replicate``.
-    Anything else is a ValueError naming the parameter and the placement (alike on every rank: meshes are global)."""
+    Anything else is a ValueError naming the parameter and the placement (alike on every rank: meshes are global).
+    Replicated over one DP dim and in pieces over another (HSDP), the reading also gives the grid of both
+    (:func:`_replica_grid`), over which the pieces' owners are spread."""
     label = f"parameter {name!r}" if name else f"a DTensor of shape {tuple(p.shape)}"
     if p.ndim != (3 if expert else 2):
         raise ValueError(f"{label} is a DTensor with {p.ndim} dims: only 2D DTensor weights and 3D stacks of experts "
@@ -224,15 +260,15 @@ def read_dtensor(p: DTensor, tp_group: comm.ProcessGroup | None, dp_group: comm.
     dim_names = mesh.mesh_dim_names or tuple(str(i) for i in range(mesh.ndim))
     tp, dp, etp = _ranks(tp_group), _ranks(dp_group), _ranks(expert_tp_group)
     splits: dict[int, Split] = {}
-    replicas = None
+    replicas, replica_dim, pieces_dim = None, None, None
     for i, placement in enumerate(p.placements):
         if mesh.size(i) == 1:
             continue
         group = mesh.get_group(i)
         ranks, kind, dim = _ranks(group), _kind(placement), getattr(placement, "dim", None)
-        where = f"{label} has placement {placement} on mesh dim {dim_names[i]!r}"
+        where = f"{label} has placement {placement!r} on mesh dim {dim_names[i]!r}"
         role = ("tp" if ranks in (tp, etp) else "dp" if ranks == dp else
-                MESH_DIM_ROLES.get(dim_names[i]))
+                mesh_role(dim_names[i], mesh_dims))
         if expert and role == "ep":
             if kind != "shard" or dim != 0:
                 raise ValueError(f"{where}: over experts an expert weight [E, out, in] must be Shard(0), whole experts "
@@ -249,7 +285,7 @@ def read_dtensor(p: DTensor, tp_group: comm.ProcessGroup | None, dp_group: comm.
                 if replicas is not None:
                     raise ValueError(f"{where}: replicated over two data-parallel mesh dims, which dist_ortho does not "
                                      "read yet: flatten them into one")
-                replicas = group
+                replicas, replica_dim = group, i
             elif expert:
                 if kind == "strided" and dim == 0 and placement.split_factor != _later_cuts(p, i):
                     raise ValueError(
@@ -265,15 +301,24 @@ def read_dtensor(p: DTensor, tp_group: comm.ProcessGroup | None, dp_group: comm.
                     splits[i] = Split("experts", 0, group)
                 elif kind == "shard" and dim in (1, 2) and not any(s.kind == "pieces" for s in splits.values()):
                     splits[i] = Split("pieces", dim, group)  # torchtitan's experts over efsdp: rows of each expert
+                    pieces_dim = i
                 else:
                     raise ValueError(f"{where}: over DP an expert weight must be Shard(0) or FSDP2's strided shard "
                                      "of dim 0 (whole experts per rank: expert-major), Shard(1|2) (ranges of every "
                                      "expert's rows or columns) or Replicate")
             elif kind in ("shard", "strided") and dim in (0, 1):
+                if (kind == "strided" and getattr(mesh, "_shard_order", None) is None
+                        and placement.split_factor != _later_cuts(p, i, dim)):
+                    raise ValueError(
+                        f"{where}: {placement!r}'s split factor is not the {_later_cuts(p, i, dim)} range(s) the later "
+                        f"mesh dims cut tensor dim {dim} into (placements {tuple(p.placements)}), so a rank's piece is "
+                        "not one range of its TP block, which dist_ortho does not read: fully_shard after "
+                        "parallelize_module gives the strided shard it reads")
                 if any(split.kind == "pieces" for split in splits.values()):
                     raise ValueError(f"{where}: sharded over two data-parallel mesh dims (e.g. HSDP's outer optimizer "
                                      "state sharding), which dist_ortho does not read yet: replicate over the outer one")
                 splits[i] = Split("pieces", dim, group)
+                pieces_dim = i
             else:
                 raise ValueError(f"{where}: over DP it must be Replicate, Shard(0|1) or FSDP2's strided shard")
         else:
@@ -284,7 +329,7 @@ def read_dtensor(p: DTensor, tp_group: comm.ProcessGroup | None, dp_group: comm.
                 f"dp_group= as mesh['{dim_names[i]}'].get_group() for the mesh dims that shard the weight (e.g. "
                 "device_mesh=mesh with dims named 'dp' and 'tp')")
     ordered = tuple(splits[i] for i in _cuts_after(p) if i in splits)
-    _check_order(ordered, label)
+    _check_order(ordered, f"{label} (placements {tuple(p.placements)})")
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     shape, _ = compute_local_shape_and_global_offset(p.shape, mesh, p.placements)
@@ -295,7 +340,21 @@ def read_dtensor(p: DTensor, tp_group: comm.ProcessGroup | None, dp_group: comm.
     actual = local(p).shape
     pieces_dims = {split.dim for split in ordered if split.kind == "pieces"}
     shape = tuple(actual[d] if d in pieces_dims else n for d, n in enumerate(shape))
-    return Reading(ordered, shape, tuple(p.shape), replicas, _local_problem(p, shape, label))
+    grid = _replica_grid(mesh, replica_dim, pieces_dim) if replica_dim is not None and pieces_dim is not None else None
+    return Reading(ordered, shape, tuple(p.shape), replicas, _local_problem(p, shape, label), grid)
+
+
+def _replica_grid(mesh: DeviceMesh, replica_dim: int, pieces_dim: int) -> tuple[tuple[int, ...], ...]:
+    """The global ranks of the mesh slice through this rank over ``replica_dim`` x ``pieces_dim``: per replica (in
+    its mesh order), the ranks of its pieces group in mesh order (no communication: the mesh is global)."""
+    coordinate = mesh.get_coordinate()
+    assert coordinate is not None
+    index: list[Any] = list(coordinate)
+    index[replica_dim] = index[pieces_dim] = slice(None)
+    plane = mesh.mesh[tuple(index)]
+    if pieces_dim < replica_dim:
+        plane = plane.t()
+    return tuple(tuple(int(r) for r in row) for row in plane.tolist())
 
 
 def _check_order(splits: Sequence[Split], label: str) -> None:

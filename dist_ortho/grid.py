@@ -13,7 +13,7 @@ about total / (DP x TP), and optimizer state about 1 / DP of the unsharded optim
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -32,6 +32,21 @@ def assign_owners(
     for matrices, owner in taken:
         loads[owner] += sum(ns_cost(s) for s in matrices)
     return assign_homes([sum(ns_cost(s) for s in matrices) for matrices in shapes], dp_size, loads)
+
+
+_GRID_GROUPS: dict[tuple[int, tuple[int, ...]], tuple[Any, comm.ProcessGroup]] = {}
+
+
+def grid_group(ranks: Sequence[int]) -> comm.ProcessGroup:
+    """A process group of ``ranks`` (HSDP's replicas x shards of one TP rank: the owners spread over both), made by
+    its members only (``use_local_synchronization``: other ranks, e.g. other pipeline stages, call nothing) and once
+    per world: the same group for every optimizer that asks (a second group of the same ranks would take the same
+    name)."""
+    world = dist.distributed_c10d._get_default_group()
+    key = (id(world), tuple(sorted(ranks)))
+    if key not in _GRID_GROUPS:  # the world kept alive beside its group: its id is not reused while cached
+        _GRID_GROUPS[key] = (world, dist.new_group(list(key[1]), use_local_synchronization=True))
+    return _GRID_GROUPS[key][1]
 
 
 def check_grid(tp_group: comm.ProcessGroup | None, dp_group: comm.ProcessGroup | None) -> None:

@@ -208,6 +208,7 @@ class Reading:
     shape: tuple[int, ...] | None = None
     replicas: comm.ProcessGroup | None = None
     problem: str | None = None
+    grid: tuple[tuple[int, ...], ...] | None = None  # HSDP: every replica's pieces-group ranks (global), by replica
 
 
 def exchange_extents(readings: Sequence[Reading], names: Sequence[str | None],

@@ -160,9 +160,8 @@ def _check(results: list[dict], layout: str) -> dict[str, float]:
 @pytest.mark.parametrize("mode", ["home", "duplicated"])
 @pytest.mark.parametrize("names", ["fsdp", "dp_shard"])
 def test_hsdp_without_tp_needs_no_group_argument(world, names, mode):
-    """(Replicate(), Shard(0)) on ("dp_replicate", "fsdp" | "dp_shard"), read by the dims' names. (How the owners
-    are spread over replicas is not asserted here: today the sharding dim is the DP group and each replica steps
-    its own pieces' matrices, alike; issue 28 asks to spread them over replicas x shards.)"""
+    """(Replicate(), Shard(0)) on ("dp_replicate", "fsdp" | "dp_shard"), read by the dims' names. (The owners spread
+    over replicas x shards, each matrix stepped once in the world, are tests/test_hsdp.py's.)"""
     results = world.run(_trained, "hsdp", names, mode)
     _check(results, "hsdp")
     for r in results:

@@ -41,7 +41,7 @@ from dist_ortho import comm
 from dist_ortho.backward import DEFAULT_GRAD_BUCKET_BYTES, BackwardReducer, cut_by_bytes
 from dist_ortho.coalesce import DEFAULT_BUCKET_BYTES, Program, start_many
 from dist_ortho.coefficients import get_coefficients
-from dist_ortho.dtensor import groups_from_meshes, is_expert_dtensor, local, mesh_groups
+from dist_ortho.dtensor import MeshDims, check_mesh_dims, groups_from_meshes, is_expert_dtensor, local, mesh_groups
 from dist_ortho.grid import share_program, verdict_program
 from dist_ortho.optim.agreement import VERIFY_PLAN, PlanAgreement, VerifyPlan, agree_batching, plan_entry
 from dist_ortho.optim.context import MatrixContext
@@ -148,6 +148,10 @@ class OrthogonalizedOptimizer(Optimizer):
         device_mesh: a 2D DeviceMesh with dims named "dp" and "tp": the same as dp_group=mesh["dp"].get_group(),
             tp_group=mesh["tp"].get_group(). DTensor parameters (FSDP2, torch tensor parallel) on these mesh
             dims are orthogonalized exactly (dist_ortho.dtensor); their placements replace the TE attributes.
+        mesh_dims: the DTensor meshes' own dim names mapped to names dist_ortho.dtensor.MESH_DIM_ROLES knows, e.g.
+            ``{"replica": "dp_replicate", "shard": "fsdp", "model": "tp"}`` (an unknown one: ValueError). HSDP
+            (replicated over one DP dim, in pieces over another) spreads each matrix's owner over replicas x
+            shards (x TP): it is stepped once in the world, its state kept by its owner only.
         overlap: with dp_group, the step issues its share (the owners' new weights to every replica) without waiting
             for it: it is waited for where the weights are next read, by the hooks that :meth:`overlap_by_layer`
             installs (each layer's forward, ``state_dict`` and ``load_state_dict``), :meth:`wait_for`, or
@@ -177,7 +181,7 @@ class OrthogonalizedOptimizer(Optimizer):
         "tp_group", "tp_mode", "ns_dtype", "expert_tp_group", "conv_mode", "split_qkv", "qkv_split_shapes", "is_qkv_fn",
         "qkv_per_head", "coalesce", "bucket_bytes", "local_gram", "batch_matrices", "nonfinite", "dp_group",
         "reduce_grads", "device_mesh", "capturable", "param_names", "overlap", "overlap_with_backward",
-        "backward_bucket_bytes", "verify_plan", "per_head",
+        "backward_bucket_bytes", "verify_plan", "per_head", "mesh_dims",
     })
     # Members whose update reads ctx.orthogonalized: the step runs Newton-Schulz of every direction
     # first, for all matrices together.
@@ -224,6 +228,7 @@ class OrthogonalizedOptimizer(Optimizer):
         dp_group: comm.ProcessGroup | None = None,
         reduce_grads: bool = False,
         device_mesh: Any = None,
+        mesh_dims: MeshDims | None = None,
         capturable: bool = False,
         param_names: Any = None,
         overlap: bool = False,
@@ -267,6 +272,7 @@ class OrthogonalizedOptimizer(Optimizer):
         self.bucket_bytes = bucket_bytes
         # Derived once from the parameters (their shapes on every rank), never changed after:
         self.layouts = ParamLayouts(tp_group, expert_tp_group, dp_group, self.is_qkv)
+        self.mesh_dims = self.layouts.mesh_dims = check_mesh_dims(mesh_dims)
         self._logged_plan: str | None = None
         self._agreement = PlanAgreement(type(self).__name__)
         self.verify_plan = check_choice("verify_plan", verify_plan, VERIFY_PLAN)
@@ -331,7 +337,8 @@ class OrthogonalizedOptimizer(Optimizer):
     def _groups_from_meshes(self) -> None:
         """Without device_mesh= or groups: read them from DTensor parameters' named mesh dims, if any."""
         params = [p for group in self.param_groups for p in group["params"]]
-        found = groups_from_meshes(params, [p.ndim == 3 and self.is_expert_stack(p) for p in params])
+        found = groups_from_meshes(params, [p.ndim == 3 and self.is_expert_stack(p) for p in params], self.mesh_dims,
+                                   [self.names.get(p) for p in params])
         self.tp_group = self.layouts.tp_group = found.get("tp_group")
         self.dp_group = self.layouts.dp_group = found.get("dp_group")
         self.expert_tp_group = self.layouts.expert_tp_group = found.get("expert_tp_group")
@@ -417,7 +424,7 @@ class OrthogonalizedOptimizer(Optimizer):
     def is_expert_stack(self, p: torch.Tensor) -> bool:
         """A 3D weight [E, out, in] of E expert matrices (dist_ortho.params.is_expert_stack, or a DTensor on a mesh
         with an "ep" dim)."""
-        return is_expert_stack(p, self.names.get(p)) or is_expert_dtensor(p)
+        return is_expert_stack(p, self.names.get(p)) or is_expert_dtensor(p, self.mesh_dims)
 
     def check_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         problem = unreadable(p, self.names.get(p))
@@ -725,7 +732,9 @@ class OrthogonalizedOptimizer(Optimizer):
         return self.layouts.owners[p]
 
     def owns(self, p: torch.Tensor) -> bool:
-        """Whether this rank's replica updates ``p`` and keeps its state."""
+        """Whether this rank updates ``p`` and keeps its state (the checkpoint contract's owner, with the holding of
+        :meth:`state_holding`): its owner replica's ranks; held in pieces its owner rank only, under HSDP one rank of
+        the replicas x shards grid (the other replicas keep none)."""
         return self.owner(p) == comm.group_rank(self.layouts.owner_group(p))
 
     def reduce_gradients(self) -> None:

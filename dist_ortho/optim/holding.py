@@ -8,7 +8,8 @@ its own under ``part<i>``, see :func:`state_tensors`):
   dim, or replicated), or for a stack whose experts are split over ranks a :class:`StackHeld` (which experts this
   rank holds, each held as a Held says). dist_ortho's optimizers declare it (``state_holding``, from each member's
   ``held_state``); a torch optimizer's state is held like its parameter, its ``step`` replicated.
-- :func:`owns`: whether this rank keeps it (on the DP x TP grid only the owner replica does).
+- :func:`owns`: whether this rank keeps it (on the DP x TP grid only the owner replica does; a matrix held in pieces
+  only its owner rank, under HSDP one rank of the replicas x shards grid: the other replicas keep none).
 
 dist_ortho.train.checkpoint (torch.distributed.checkpoint) and the Megatron integration
 (dist-checkpointing) both read the contract here.

@@ -6,6 +6,15 @@ DTensor placements), the block the step runs on (its TP block: :meth:`Layout.com
 Megatron GTP's, or the DP group that replicates it) that steps it (dist_ortho.grid). Reading is local; finding the extents
 takes one shape exchange per process group and level, and checking the grid one more, so every rank then holds the
 same layouts and an error found after it is raised alike on every rank.
+
+HSDP (a DTensor replicated over one DP mesh dim and in pieces over another, e.g. (Replicate(), Shard(0)) on
+("dp_replicate", "fsdp"), with or without TP): the owner group is the replicas x pieces grid of this TP rank (one
+group over both, made once: dist_ortho.grid.grid_group), so each matrix is stepped once in the world, by one rank
+of one replica, from its own replica's gradient pieces (FSDP2 all-reduces them over the replicas in backward: every
+replica holds the same, nothing is reduced again), and every rank of every replica gets its piece of the result in
+the same all-to-all (dist_ortho.pieces.Spread). Owners are balanced over grid places (replica, piece rank), so the
+TP ranks of a matrix own it at the same place. ``spread_replicas = False`` gives the rule before it (each replica
+steps every matrix of its pieces, alike): what the benchmark compares against.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ import torch.distributed as dist
 from dist_ortho import comm, pieces
 from dist_ortho.coalesce import Program
 from dist_ortho.dtensor import is_dtensor, local, offset_problem, read_dtensor
-from dist_ortho.grid import assign_owners, check_grid
+from dist_ortho.grid import assign_owners, check_grid, grid_group
 from dist_ortho.layout import Layout, Reading, exchange_extents
 from dist_ortho.params import is_expert_stack, read_attributes, unreadable
 from dist_ortho.qkv import head_dim_of, head_split, split_layout
@@ -54,6 +63,10 @@ class ParamLayouts:
         self.problems: dict[torch.Tensor, str] = {}  # why this rank cannot step a parameter (raised on every rank)
         self.blocks: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}  # the owner's (values, grad) blocks
         self.owner_groups: dict[torch.Tensor, comm.ProcessGroup | None] = {}  # whose ranks own each parameter
+        self.mesh_dims: dict[str, str] = {}  # the optimizer's mesh_dims= (dist_ortho.dtensor.mesh_role)
+        self.spread_replicas = True  # HSDP: owners over replicas x pieces (see the module doc)
+        self.grids: dict[torch.Tensor, tuple[tuple[int, ...], ...]] = {}  # HSDP: replicas x pieces ranks (Reading.grid)
+        self.spreads: dict[torch.Tensor, pieces.Spread] = {}  # HSDP: where each owner-group rank is
 
     def __contains__(self, p: object) -> bool:
         return p in self.layouts
@@ -67,6 +80,7 @@ class ParamLayouts:
                 raise ValueError(problem)
         self.experts.update(p for p, _ in new if is_expert_stack(p, names(p)) or is_expert(p))
         readings = [self._read(p, group, names(p)) for p, group in new]
+        self.grids.update((p, r.grid) for (p, _), r in zip(new, readings) if r.grid is not None)
         first = not self.held
         if first:
             check_grid(self.tp_group, self.dp_group)
@@ -88,7 +102,7 @@ class ParamLayouts:
     def _read(self, p: torch.Tensor, group: dict[str, Any], name: str | None) -> Reading:
         expert = p in self.experts
         if is_dtensor(p):
-            return read_dtensor(p, self.tp_group, self.dp_group, self.expert_tp_group, expert, name)
+            return read_dtensor(p, self.tp_group, self.dp_group, self.expert_tp_group, expert, name, self.mesh_dims)
         blockwise = group["tp_mode"] == "blockwise"
         if not expert:
             return read_attributes(p, matrix_view(p.detach(), group["conv_mode"]), self.tp_group, self.expert_tp_group,
@@ -124,8 +138,19 @@ class ParamLayouts:
         it; None when every rank holding it steps it (replicated without a DP group, or TP-split only)."""
         return self.owner_groups[p]
 
+    def _spread(self, p: torch.Tensor) -> tuple[comm.ProcessGroup, pieces.Spread] | None:
+        """HSDP: p's owner group over replicas x pieces and where each of its ranks is (see the module doc), or None
+        (not replicated beside its pieces, or ``spread_replicas`` off). Makes the group at its first use."""
+        grid = self.grids.get(p)
+        if not self.spread_replicas or grid is None or self.held[p].pieces is None or len(grid) < 2 or self.dp_local(p):
+            return None
+        ranks = sorted(r for row in grid for r in row)
+        place = {r: (replica, piece) for replica, row in enumerate(grid) for piece, r in enumerate(row)}
+        return grid_group(ranks), pieces.Spread(tuple(place[r][1] for r in ranks), tuple(place[r][0] for r in ranks))
+
     def _own(self, new: Sequence[torch.Tensor]) -> None:
-        """Owners, balanced by Newton-Schulz cost (LPT) within each owner group over its parameters in order."""
+        """Owners, balanced by Newton-Schulz cost (LPT) within each owner group over its parameters in order; over
+        an HSDP grid by place (replica, piece rank), the same for every TP rank of a matrix."""
         def shapes(p: torch.Tensor) -> list[tuple[int, ...]]:
             return [layout.shape for _, layout in self.parts.get(p, [])] or [self.layouts[p].shape]
 
@@ -139,6 +164,9 @@ class ParamLayouts:
                 layout.replicas is None or _ranks(layout.replicas) in (None, _ranks(self.dp_group)))
             group = (layout.pieces.group if layout.pieces is not None else experts.group if experts is not None
                      else self.dp_group if replicated else None)
+            spread = self._spread(p)
+            if spread is not None:
+                group, self.spreads[p] = spread
             self.owner_groups[p] = group
         by_group: dict[tuple[int, ...] | None, list[torch.Tensor]] = {}
         for p in new:
@@ -149,9 +177,15 @@ class ParamLayouts:
             self.owners.update((p, comm.group_rank(group)) for p in own)
             shared = [p for p in members if not self.dp_local(p)]
             new_ids = {id(p) for p in shared}
-            taken = [(shapes(q), owner) for q, owner in self.owners.items()
+            spread = self.spreads.get(members[0])
+            # grid places (replica, piece rank) in order, and the group rank at each (identity without a grid)
+            at = (list(range(comm.group_size(group))) if spread is None else
+                  sorted(range(len(spread.piece)), key=lambda c: (spread.replica[c], spread.piece[c])))
+            place_of = {c: k for k, c in enumerate(at)}
+            taken = [(shapes(q), place_of[owner]) for q, owner in self.owners.items()
                      if id(q) not in new_ids and not self.dp_local(q) and _ranks(self.owner_groups[q]) == key]
-            self.owners.update(zip(shared, assign_owners([shapes(p) for p in shared], comm.group_size(group), taken)))
+            places = assign_owners([shapes(p) for p in shared], comm.group_size(group), taken)
+            self.owners.update((p, at[k]) for p, k in zip(shared, places))
 
     @staticmethod
     def ranks(group: comm.ProcessGroup | None) -> tuple[int, ...] | None:
@@ -226,10 +260,12 @@ class ParamLayouts:
     def gather(self, params: Sequence[torch.Tensor], owners: Sequence[int], group: comm.ProcessGroup | None,
                values: bool = True) -> None:
         """Every piece of ``params`` (held in pieces over ``group``) to its owner, as one TP block (dist_ortho.pieces)."""
-        pieces.gather_blocks(params, [self.held[p] for p in params], owners, group, self.blocks, values)
+        pieces.gather_blocks(params, [self.held[p] for p in params], owners, group, self.blocks, values,
+                             spreads=[self.spreads.get(p) for p in params])
 
     def scatter(self, params: Sequence[torch.Tensor], owners: Sequence[int], group: comm.ProcessGroup | None,
                 sources: dict[torch.Tensor, torch.Tensor], flag: torch.Tensor | None = None, land: pieces.Land | None = None
                 ) -> Program[tuple[torch.Tensor | None, Callable[[torch.Tensor | None], None]]]:
         """Program: the owners' blocks ``sources`` back to every rank's piece (dist_ortho.pieces.scatter_program)."""
-        return pieces.scatter_program(params, [self.held[p] for p in params], owners, group, sources, flag, land)
+        return pieces.scatter_program(params, [self.held[p] for p in params], owners, group, sources, flag, land,
+                                      [self.spreads.get(p) for p in params])
