@@ -12,7 +12,7 @@ PYTHON_NEXT ?= $(shell for p in python3.12 python3.13 "$$(pyenv root 2>/dev/null
 VENV_NEXT ?= .venv-next
 TORCH_NEXT_SPEC ?= torch==2.14.1
 NEXT_TESTS := tests/test_megatron.py tests/test_megatron_stack.py tests/test_megatron_checkpoint.py tests/test_megatron_gpt.py \
-	tests/test_megatron_upstream.py tests/test_megatron_gtp.py tests/test_eo_hooks.py
+	tests/test_megatron_upstream.py tests/test_megatron_gtp.py tests/test_eo_hooks.py tests/test_megatron_qk_clip.py
 
 .PHONY: setup setup-next demo test test-next bench
 
