@@ -10,7 +10,11 @@ runs must be within 2e-5 of it: the model is identical (weights from one seed, d
 float32 rounding only: each DP rank's mean over its batch share, averaged, against one mean over the batch; matmuls
 over 1/4 of the rows and each expert over the token copies routed to it (in another order after the all-to-all);
 FSDP's reduce-scatter summing gradients in another order; Newton-Schulz in float32 ("highest") on those. Measured:
-<= 2e-6 over 8 steps (losses ~5.5); a dropped or mis-placed expert's state moves a loss by far more.
+4.8e-7 over 8 steps (one float32 ulp at a loss of 5.5); resuming with each rank cut the wrong expert's momentum
+moves step 5's loss by 1.6e-3.
+
+Also: dense HSDP 2 x TP 2 (no experts; TP on "tp", then HSDP with fsdp 1) in the harness's world against world 1,
+and bad layout flags refused alike on every rank before any collective.
 
 The checkpoint holds the expert stacks' optimizer state whole (gathered over "ep" by its StackHeld): its momentum is
 the reference's within float32 (2e-5 relative), and after loading at FSDP 4 / EP 1 every rank's momentum of each
@@ -131,6 +135,36 @@ def test_moe_hsdp_run_and_its_resume_at_another_layout_match_world_1(world, tmp_
             assert first_expert == rank and momentum.shape[0] == 1, (rank, name, first_expert)
             want = saved[f"optim.{name}/momentum_buffer"][first_expert : first_expert + momentum.shape[0]]
             assert torch.equal(momentum, want), (rank, name)
+
+
+def _dense_hsdp_tp(ctx, out: str) -> dict[int, float] | None:
+    """Dense (no experts) HSDP 2 x TP 2 (FSDP 1) on the world, and rank 0's world-1 run; their loss differences."""
+    from dist_ortho.train.cli import parallel_groups, run
+
+    singles = [dist.new_group([r]) for r in range(ctx.world_size)]
+    dense = ["--steps", "4", "--eval-interval", "4"]
+    group, dp_group = parallel_groups(2)
+    losses = run(parser_args(dense + ["--torch-native", "--hsdp", "2", "--tp", "2", "--out", f"{out}/hsdp_tp"]), group,
+                 torch.device("cpu"), dp_group)[0]["losses"]
+    if ctx.rank != 0:
+        return None
+    # world 1: the model with TE/Megatron attributes at TP 1 (the same global weights; --torch-native would build a
+    # device mesh, a collective of the whole world)
+    ref = run(parser_args(dense + ["--tp", "1", "--out", f"{out}/world1"]), singles[0], torch.device("cpu"))[0]["losses"]
+    return {s: abs(losses[s] - ref[s]) for s in ref}
+
+
+def parser_args(extra: list[str]):
+    from dist_ortho.train.cli import parser
+
+    return parser().parse_args(SMALL + extra)
+
+
+def test_dense_hsdp_and_tp_matches_world_1(world, tmp_path):
+    """--hsdp 2 --tp 2 without experts: TP on "tp", then HSDP (dp_replicate 2 x fsdp 1) on the dense mesh, the
+    optimizer given no group; the losses are world 1's within float32 (the same 2e-5 and reasons as above)."""
+    diffs = world.run(_dense_hsdp_tp, str(tmp_path))[0]
+    assert sorted(diffs) == [1, 2, 3, 4] and max(diffs.values()) <= LOSS_TOL, diffs
 
 
 def _bad(ctx, out: str, extra: list[str], native: bool) -> str:
