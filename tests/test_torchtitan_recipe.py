@@ -92,6 +92,16 @@ def world():
         yield w
 
 
+@pytest.fixture(scope="module")
+def titan_world():
+    """A world of its own for torchtitan's builds (after the stand-ins' in the same processes, torchtitan's
+    full_dtensor build met a mesh that was not the one it passed to fully_shard)."""
+    pytest.importorskip("torchtitan", reason="torchtitan is not installed (not in the test extra: pip install "
+                                             "torchtitan==0.3.0 to run this against torchtitan itself)")
+    with started_world(4) as w:
+        yield w
+
+
 # -- the stand-in: torchtitan's tiny Qwen3 MoE tree, its meshes and placements with torch's APIs --
 
 class _Attention(torch.nn.Module):
@@ -321,10 +331,8 @@ def test_recipe_on_torchtitans_layouts_with_torch_apis(world, layout, build, mod
 @pytest.mark.parametrize("layout", [pytest.param(layout, marks=[_EP_READ_AS_TP] if layout == "fsdp_tp_ep" else [])
                                     for layout in LAYOUTS])
 @pytest.mark.parametrize("backend", ["partial", "full"])
-def test_recipe_through_torchtitans_own_parallelize_and_container(world, backend, layout):
+def test_recipe_through_torchtitans_own_parallelize_and_container(titan_world, backend, layout):
     """torchtitan's own ParallelDims, parallelize_qwen3 (spmd_backend partial_dtensor or full_dtensor) and, through
     the doc's block "torchtitan", its OptimizersContainer building MuonAdamW: the stand-in's placements, exact."""
-    pytest.importorskip("torchtitan", reason="torchtitan is not installed (not in the test extra: pip install "
-                                             "torchtitan==0.3.0 to run this against torchtitan itself)")
     build = f"torchtitan_{backend}"
-    _check(world.run(_trained, layout, build, "torchtitan", "home"), layout, build)
+    _check(titan_world.run(_trained, layout, build, "torchtitan", "home"), layout, build)
