@@ -63,7 +63,8 @@ _NAMES = ["tok_embeddings.weight", "lm_head.weight", "norm.weight", "layers.0.at
 PLACEMENTS = {  # what torchtitan 0.3.0 gives on torch 2.13 (partial_dtensor and full_dtensor alike), by layout
     "hsdp_ep": {**{n: _HSDP for n in _NAMES}, **{n: ("Replicate()", *_COL) for n in _EXPERTS}},
     "fsdp_tp_ep": {**{n: ("Shard(dim=0)", "Replicate()") for n in _NAMES},  # norms and gate: replicated over TP
-                   **{f"{n}.weight": _COL for n, style in _TP_PLAN.items() if style == "col" or "emb" in n},
+                   # TP's Shard(0) (colwise, and the embedding's rowwise: its rows), then FSDP's strided shard
+                   **{f"{n}.weight": _COL for n in _TP_PLAN if n != "layers.0.attention.wo"},
                    "layers.0.attention.wo.weight": ("Shard(dim=0)", "Shard(dim=1)"), **{n: _COL for n in _EXPERTS}},
 }
 MESHES = {  # (dense, experts) mesh dim names by layout and fully_shard path ("fsdp": its old name, "dp_shard": SPMD)
