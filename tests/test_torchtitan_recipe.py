@@ -1,4 +1,5 @@
-"""launch/torchtitan.md's recipe, run as written there, on a small torchtitan MoE decoder at world 4, against one process.
+"""launch/torchtitan.md's recipe, run as written there, on a small torchtitan MoE decoder at world 4, against one
+process.
 
 The doc's code blocks are taken from the file and executed in every rank (block "build": a MuonAdamW over the model
 parts; block "torchtitan": torchtitan's OptimizersContainer with a "MuonAdamW" optimizer name). The model is
