@@ -440,6 +440,17 @@ SITES: tuple[Site, ...] = (
          "all-gather per sharded mesh dim: the main job's checkpoint)", step=False),
     Site("dist_ortho.train.model.parallelize_native", "the main job's torch-native model: parallelize_module "
          "distributes the weights", step=False, bounded=False),
+    Site("dist_ortho.grid.grid_group", "HSDP: the replicas x shards group of a TP rank, made by its members at the "
+         "first step's layout reading, before the step's collectives (new_group with use_local_synchronization: a "
+         "store barrier, once per world, under the library's timeout)", step=False, bounded=False),
+    Site("dist_ortho.optim.qk_clip._max_over", "QK-clip: the max logits agreed (all-reduce MAX over the groups that "
+         "replicate the batch's heads)", step=False),
+    Site("dist_ortho.train.moe._exchange", "the main job's MoE: tokens to their experts' EP ranks and back "
+         "(all-to-all, forward and backward)", step=False),
+    Site("dist_ortho.train.moe.MoE._run_experts", "the main job's MoE: the per-expert token counts exchanged over EP",
+         step=False),
+    Site("dist_ortho.train.titan.parallelize_titan", "the main job laid out as torchtitan does: init_device_mesh, "
+         "parallelize_module and fully_shard (torch's own calls)", step=False, bounded=False),
     Site("dist_ortho.plan.calibrate._probe", "the planner's calibration: timed all-reduces", step=False, bounded=False),
     Site("dist_ortho.demo.main", "the demo's agreement check", step=False, bounded=False),
 )

@@ -12,6 +12,7 @@ about total / (DP x TP), and optimizer state about 1 / DP of the unsharded optim
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
@@ -45,7 +46,9 @@ def grid_group(ranks: Sequence[int]) -> comm.ProcessGroup:
     world = dist.distributed_c10d._get_default_group()
     key = (id(world), tuple(sorted(ranks)))
     if key not in _GRID_GROUPS:  # the world kept alive beside its group: its id is not reused while cached
-        _GRID_GROUPS[key] = (world, dist.new_group(list(key[1]), use_local_synchronization=True))
+        seconds = comm.timeout_s()  # the store barrier among the members: bounded like the library's waits
+        timeout = datetime.timedelta(seconds=seconds) if seconds > 0 else None
+        _GRID_GROUPS[key] = (world, dist.new_group(list(key[1]), timeout=timeout, use_local_synchronization=True))
     return _GRID_GROUPS[key][1]
 
 
