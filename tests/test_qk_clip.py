@@ -151,8 +151,9 @@ def _clip_vs_reference(ctx, tp: int, overlap: bool, hot: int | None):
 @pytest.mark.parametrize("tp", [2, 4], ids=["dp2xtp2", "tp4_over_2_groups"])
 def test_clip_equals_one_process_muonclip_on_the_gathered_weights_and_overlap_is_bit_identical(world, tp):
     plain = world.run(_clip_vs_reference, tp, False, None)
-    # overlap's share exists under DP only (at TP 4 alone its Newton-Schulz pipeline also stalls: see the report)
-    overlapped = world.run(_clip_vs_reference, tp, True, None) if tp < 4 else plain
+    # at TP 4 alone overlap pipelines the Newton-Schulz collectives (bucketed by shape): the QKV parts of partial
+    # query groups have different local sizes per rank, which once cut the buckets differently (a collective mismatch)
+    overlapped = world.run(_clip_vs_reference, tp, True, None)
     for errors, changed, _, clipped, after in plain:
         assert max(errors.values()) <= 1e-6, errors
         assert all(changed.values()) and clipped > 0, (changed, clipped)

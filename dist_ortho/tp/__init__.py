@@ -18,6 +18,7 @@ shards may be of unequal size along ``partition_dim``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -142,7 +143,8 @@ def _pipelined(jobs: list[MatrixJob], bucket_bytes: int, pipeline: int) -> list[
             reduced.append(i)
         else:
             shapes.setdefault((tuple(job.global_shape[-2:]), job.x.dtype, job.ns), []).append(i)
-    cost = {key: sum(jobs[i].x.numel() * min(key[0]) for i in members) for key, members in shapes.items()}
+    # from the global shapes, as every rank has them (a rank's own shard sizes differ: QKV parts of partial groups)
+    cost = {key: sum(math.prod(jobs[i].global_shape) * min(key[0]) for i in members) for key, members in shapes.items()}
     cut: list[list[int]] = [[] for _ in range(min(pipeline, len(shapes)))]
     loads = [0.0] * len(cut)
     for key in sorted(shapes, key=lambda k: -cost[k]):  # largest first, each to the lightest bucket
