@@ -34,8 +34,10 @@ def _disagreement(ctx, case: str) -> str:
     params, _ = _named_params(ctx, order)
     if case == "mode" and ctx.rank == 1:
         mode = "home"
+    # gram mode's collectives in bf16 on one rank, float32 on the others: another byte count
+    ns = {"tp_mode": "gram", "ns_dtype": "bf16" if ctx.rank == 1 else "fp32"} if case == "ns_dtype" else {"tp_mode": mode}
     names = dict(zip(order or ["a.weight", "b.weight", "c.weight"], params))
-    opt = get_optimizer("muon")(params, tp_group=ctx.group, tp_mode=mode, param_names=names)
+    opt = get_optimizer("muon")(params, tp_group=ctx.group, param_names=names, **ns)
     try:
         for step in range(2):
             for p in params:
@@ -50,7 +52,7 @@ def _disagreement(ctx, case: str) -> str:
     return "no error"
 
 
-@pytest.mark.parametrize("case", ["reversed", "mode", "later"])
+@pytest.mark.parametrize("case", ["reversed", "mode", "later", "ns_dtype"])
 def test_ranks_that_disagree_all_raise_the_same_error(world, case):
     if world.size == 1:
         pytest.skip("needs two ranks to disagree")
