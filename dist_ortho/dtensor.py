@@ -160,9 +160,10 @@ def mesh_groups(mesh: Any, tp_group: comm.ProcessGroup | None, dp_group: comm.Pr
 
 def groups_from_meshes(params: Sequence[torch.Tensor], experts: Sequence[bool], mesh_dims: MeshDims | None = None,
                        labels: Sequence[str | None] | None = None) -> dict[str, comm.ProcessGroup | None]:
-    """tp_group, dp_group and expert_tp_group read from the DTensor parameters' meshes, whose dims of size > 1 must be
-    named as :data:`MESH_DIM_ROLES` knows them; a 3D expert weight's TP dim is the expert TP group when it differs from
-    the dense weights'. Of several data-parallel dims (HSDP: replicas and shards), the one that shards the weights
+    """tp_group, dp_group, expert_tp_group and expert_dp_group read from the DTensor parameters' meshes, whose dims of
+    size > 1 must be named as :data:`MESH_DIM_ROLES` knows them; a 3D expert weight's TP dim is the expert TP group,
+    and the DP dim that shards it the expert DP group, when it differs from the dense weights' (one MoE model: dense
+    weights FSDP'd over "fsdp", expert stacks over "efsdp"). Of several data-parallel dims (HSDP: replicas and shards), the one that shards the weights
     is the DP group (its ranks own their pieces; every replica of them steps its own, alike); a weight replicated
     over DP dims only gives its dim. Raises ValueError (alike on every rank: meshes are global) when a dim is unnamed
     or named otherwise (``mesh_dims`` maps other names to known ones), or when two parameters disagree, saying which
@@ -187,21 +188,27 @@ def groups_from_meshes(params: Sequence[torch.Tensor], experts: Sequence[bool], 
                     f"whether it is tensor or data parallel: name the mesh dims as {sorted(MESH_DIM_ROLES)} do, map "
                     f"them with mesh_dims= (e.g. {{{name!r}: 'fsdp'}}), or pass device_mesh= (dims 'dp' and 'tp') or "
                     "tp_group= / dp_group= (the groups of the mesh dims that shard the weights)")
-            key = "expert_tp_group" if expert and role == "tp" else _ROLES[role]
+            into = replicated if role == "dp" and p.placements[i].is_replicate() else found
+            # an expert stack's own TP group, and its own DP group where it shards over another DP dim than the
+            # dense weights do (torchtitan's efsdp beside fsdp; Megatron's expt_dp beside dp_cp)
+            key = f"expert_{_ROLES[role]}" if expert and into is found else _ROLES[role]
             group = mesh.get_group(i)
             ranks = tuple(dist.get_process_group_ranks(group))
-            into = replicated if role == "dp" and p.placements[i].is_replicate() else found
             if key in into and into[key][0] != ranks:
+                fix = ("the expert stacks must shard over one DP group" if key == "expert_dp_group" else
+                       f"pass {key}= explicitly")
                 raise ValueError(f"the DTensor parameters' {'replicating ' if into is replicated else ''}"
                                  f"{role.upper()} mesh dims are different groups ({list(into[key][2])} on "
                                  f"{into[key][3]!r} and {list(ranks)} on {name!r}, where {label} has placement "
-                                 f"{p.placements[i]!r} (placements {tuple(p.placements)})): pass {key}= explicitly")
+                                 f"{p.placements[i]!r} (placements {tuple(p.placements)})): {fix}")
             into[key] = (ranks, group, list(ranks), name)
     for key, value in replicated.items():
         found.setdefault(key, value)
     groups = {role: value[1] for role, value in found.items()}
     if "expert_tp_group" in groups and "tp_group" in found and found["tp_group"][0] == found["expert_tp_group"][0]:
         del groups["expert_tp_group"]  # the experts' TP is the dense one
+    if "expert_dp_group" in groups and ("dp_group" not in found or found["dp_group"][0] == found["expert_dp_group"][0]):
+        groups["dp_group"] = groups.pop("expert_dp_group")  # the experts' DP is the dense one, or there is no dense one
     return groups
 
 

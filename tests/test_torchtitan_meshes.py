@@ -447,6 +447,116 @@ def test_expert_state_is_held_by_experts_and_gathers_whole(world):
             assert (r["ep"]["first"], r["ep"]["count"]) == (2 * e, 2), (rank, r["ep"])
 
 
+# -- one MoE model: dense weights FSDP'd over "fsdp" (4 ranks), expert stacks over "efsdp" (2) x "ep" (2) --
+
+MOE_SHAPES = {"attention.wq.weight": (10, 6), "feed_forward.w1.weight": (12, 6),  # dense, FSDP 4 (10 rows: uneven)
+              "moe.experts.w1": (EXPERTS, 10, 6), "moe.experts.w2": (EXPERTS, 6, 10)}
+MOE_PLACEMENTS = {"moe.experts.w1": STRIDED,  # efsdp x ep <= E: whole experts, interleaved (fully_shard's Shard(0))
+                  "moe.experts.w2": (Shard(1), Shard(0))}  # efsdp x ep > E in torchtitan: rows of every expert
+MOE_STEPS = 2
+
+
+def _moe(ctx, member: str, mode: str) -> dict:
+    """torchtitan's FSDP 4 x EP 2 at world 4: the dense weights ``fully_shard`` over "fsdp" of the dense mesh
+    ("dp_replicate", "fsdp", "tp") = (1, 4, 1), the expert stacks on the experts' mesh ("dp_replicate", "efsdp",
+    "ep") = (1, 2, 2) over the same ranks (efsdp = dp_shard x cp x tp / ep = 2), Shard(0) over "ep" and over
+    "efsdp" FSDP's _StridedShard(0) (w1) or Shard(1) (w2): two FSDP groups in one model, one optimizer, no group
+    argument. 2 steps of seeded one-process gradients."""
+    fulls, params = _moe_params()
+    opt = MuonAdamW(list(params.items()), member, tp_mode=mode, **HP)  # no group argument
+    grads = []
+    for step in range(MOE_STEPS):
+        grads.append(_global_grads(MOE_SHAPES, step))
+        for n, p in params.items():
+            p.grad = _like(grads[-1][n], p)
+        opt.step()
+        opt.zero_grad()
+    errors = {}
+    for n, p in params.items():
+        full = p.detach().full_tensor()
+        for k, (w, w0) in enumerate(zip(full, fulls[n]) if full.ndim == 3 else [(full, fulls[n])]):
+            ref = optim_reference.run(member, w0.double(), [g[n][k] if full.ndim == 3 else g[n] for g in grads], HP)
+            errors[f"{n}[{k}]"] = ((w.double() - ref).abs().max().item(), (ref - w0.double()).abs().max().item())
+    inner = opt.matrix_optimizer
+    ranks = {n: tuple(dist.get_process_group_ranks(inner.layouts.owner_group(p)))
+             for n, p in params.items() if inner.layouts.owner_group(p) is not None}
+    return {"errors": errors, "owner_groups": ranks,
+            "placements": {n: tuple(map(repr, p.placements)) for n, p in params.items()},
+            "groups": [None if g is None else tuple(dist.get_process_group_ranks(g))
+                       for g in (inner.dp_group, inner.expert_dp_group)],
+            "owns": sum(inner.owns(p) for p in params.values()), "skipped": inner.skipped_steps}
+
+
+def _moe_params() -> tuple[dict[str, torch.Tensor], dict[str, torch.nn.Parameter]]:
+    """The whole tensors of :data:`MOE_SHAPES` and their DTensor parameters as :func:`_moe` lays them out."""
+    from torch.distributed.fsdp import fully_shard
+
+    dense = init_device_mesh("cpu", (1, 4, 1), mesh_dim_names=("dp_replicate", "fsdp", "tp"))
+    experts = init_device_mesh("cpu", (1, 2, 2), mesh_dim_names=("dp_replicate", "efsdp", "ep"))
+    gen = torch.Generator().manual_seed(11)
+    fulls = {n: torch.randn(shape, generator=gen) for n, shape in MOE_SHAPES.items()}
+    params = {}
+    for n, full in fulls.items():
+        if full.ndim == 2:
+            layer = torch.nn.Module()
+            layer.register_parameter("weight", torch.nn.Parameter(full.clone()))
+            fully_shard(layer, mesh=dense["fsdp"])
+            params[n] = layer.weight
+        else:
+            mesh = experts["efsdp", "ep"]
+            params[n] = torch.nn.Parameter(DTensor.from_local(
+                piece_of(full, mesh, MOE_PLACEMENTS[n]).clone(), mesh, MOE_PLACEMENTS[n], shape=full.shape,
+                stride=full.stride()))
+    return fulls, params
+
+
+def _moe_nonfinite(ctx) -> dict:
+    """The MoE model of :func:`_moe` with nonfinite="skip": a NaN in the gradient of rank 0's own expert of w1 (its
+    efsdp pair's, not the dense weights' group); which ranks skip and whether anything was written."""
+    _, params = _moe_params()
+    opt = MuonAdamW(list(params.items()), "muon", nonfinite="skip", **HP)
+    grads = _global_grads(MOE_SHAPES, 0)
+    before = {n: p.detach().to_local().clone() for n, p in params.items()}
+    for n, p in params.items():
+        p.grad = _like(grads[n], p)
+    if ctx.rank == 0:
+        params["moe.experts.w1"].grad.to_local()[0, 0, 0] = float("nan")
+    opt.step()
+    return {"skipped": opt.matrix_optimizer.skipped_steps,
+            "unchanged": [n for n, p in params.items() if torch.equal(p.detach().to_local(), before[n])]}
+
+
+@pytest.mark.parametrize("member,mode", [("muon", "home"), ("muon", "duplicated"), ("normuon", "distributed"),
+                                         ("normuon", "gram")])
+def test_moe_model_with_dense_and_expert_dp_groups_is_exact(world, member, mode):
+    """One MoE model whose dense weights are FSDP'd over 4 ranks and whose expert stacks are over efsdp 2 x ep 2
+    (refused before: "the DTensor parameters' DP mesh dims are different groups"): the dense DP group is "fsdp"
+    and the experts' own (expert_dp_group) "efsdp"; a dense weight's pieces are owned within the 4 ranks, a
+    Shard(1) stack's within its efsdp pair, a strided one by each rank for its own expert; every matrix after 2
+    steps equals float64 one process (weights_agree: 1e-5 + 1e-4 x how far it moved). The modes are TP modes: with
+    no TP they run alike, exercised so the plan's mode paths see an expert DP group."""
+    results = world.run(_moe, member, mode)
+    for rank, r in enumerate(results):
+        f, e = divmod(rank, 2)
+        assert r["groups"] == [(0, 1, 2, 3), (e, e + 2)], r
+        assert r["owner_groups"]["attention.wq.weight"] == (0, 1, 2, 3), r
+        assert r["owner_groups"]["moe.experts.w2"] == (e, e + 2), r  # rows of each expert, over its efsdp pair
+        assert r["owner_groups"]["moe.experts.w1"] == (e, e + 2) and r["skipped"] == 0, r
+        bad = {n: v for n, v in r["errors"].items() if not optim_reference.weights_agree(*v)}
+        assert not bad, f"rank {rank}: (err, moved) beyond tolerance: {bad}"
+    # each dense matrix and each w2 stack owned once in its group; w1's experts each by their own rank
+    assert sum(r["owns"] for r in results) == 2 + 2 + 4, [r["owns"] for r in results]
+
+
+def test_moe_model_skips_a_step_on_every_rank_alike(world):
+    """A non-finite update of one rank's own expert (an efsdp pair's matter) skips the whole step on every rank of
+    the world, dense weights included, as one process would (each rank's verdict is about its whole step, and the
+    dense weights' share over the 4 ranks carries it): skipped_steps 1 everywhere, nothing written."""
+    results = world.run(_moe_nonfinite)
+    for rank, r in enumerate(results):
+        assert r["skipped"] == 1 and r["unchanged"] == list(MOE_SHAPES), (rank, r)
+
+
 @pytest.mark.slow
 def test_hsdp_and_tp_at_world_8_needs_no_group_argument():
     """("dp_replicate", "fsdp", "tp") 2 x 2 x 2: colwise (Replicate(), _StridedShard(0, sf=2), Shard(0)), rowwise

@@ -167,6 +167,29 @@ def test_dense_hsdp_and_tp_matches_world_1(world, tmp_path):
     assert sorted(diffs) == [1, 2, 3, 4] and max(diffs.values()) <= LOSS_TOL, diffs
 
 
+def _moe_fsdp_ep(ctx, out: str) -> dict[int, float] | None:
+    """The MoE at FSDP 4 x EP 2 (dense weights over "fsdp" of 4 ranks, the stacks over "efsdp" of 2 x "ep" 2: two
+    DP groups in one optimizer) on the world, and rank 0's world-1 run; their loss differences."""
+    from dist_ortho.train.cli import parallel_groups, run
+
+    singles = [dist.new_group([r]) for r in range(ctx.world_size)]
+    steps = ["--steps", "4", "--eval-interval", "4"]
+    group, dp_group = parallel_groups(1)
+    losses = run(_args(*steps, "--ep", "2", "--out", f"{out}/fsdp_ep"), group, torch.device("cpu"), dp_group)
+    if ctx.rank != 0:
+        return None
+    ref = run(_args(*steps, "--out", f"{out}/world1"), singles[0], torch.device("cpu"))[0]["losses"]
+    return {s: abs(losses[0]["losses"][s] - ref[s]) for s in ref}
+
+
+def test_moe_fsdp_and_ep_with_two_dp_groups_matches_world_1(world, tmp_path):
+    """--experts 4 --ep 2 at FSDP 4 (no --hsdp): the dense weights' DP group is "fsdp" (4 ranks), the stacks' is
+    "efsdp" (2 ranks: efsdp x ep = 4 <= E, whole experts per rank), read from the meshes with no group argument
+    (refused before: no single dp_group described both); the losses are world 1's within 2e-5 (the reasons above)."""
+    diffs = world.run(_moe_fsdp_ep, str(tmp_path))[0]
+    assert sorted(diffs) == [1, 2, 3, 4] and max(diffs.values()) <= LOSS_TOL, diffs
+
+
 def _bad(ctx, out: str, extra: list[str], native: bool) -> str:
     from dist_ortho.train.cli import parallel_groups, run
 

@@ -45,7 +45,7 @@ from dist_ortho.dtensor import MeshDims, check_mesh_dims, groups_from_meshes, is
 from dist_ortho.grid import share_program, verdict_program
 from dist_ortho.optim.agreement import VERIFY_PLAN, PlanAgreement, VerifyPlan, agree_batching, plan_entry
 from dist_ortho.optim.context import MatrixContext
-from dist_ortho.optim.gradients import decoupled_grads, dp_own, reduce_into_owners, start_reduce_into_owners, sum_of_squares
+from dist_ortho.optim.gradients import decoupled_grads, dp_own, start_reduce_into_owners, sum_of_squares
 from dist_ortho.optim.groups import ParamStack, Part
 from dist_ortho.optim.holding import StackHeld, part_of
 from dist_ortho.optim.hooks import NoOpWeightUpdateHook, WeightUpdateHook, as_program_hook, check_whole
@@ -267,6 +267,7 @@ class OrthogonalizedOptimizer(Optimizer):
         self.tp_group = tp_group
         self.expert_tp_group = expert_tp_group
         self.dp_group = dp_group
+        self.expert_dp_group: comm.ProcessGroup | None = None  # read from expert DTensors' meshes (dp_of)
         self.reduce_grads = reduce_grads
         self.is_qkv_fn = is_qkv_fn
         self.bucket_bytes = bucket_bytes
@@ -317,7 +318,7 @@ class OrthogonalizedOptimizer(Optimizer):
         """Every group whose ranks must agree on the plan: TP, expert TP, DP and the owner groups found so far."""
         groups = {self.layouts.owner_key(p): g for p, g in self.layouts.owner_groups.items() if g is not None}
         groups.pop(self.layouts.ranks(self.dp_group), None)  # the DP group is there already
-        return (self.tp_group, self.expert_tp_group, self.dp_group, *groups.values())
+        return (self.tp_group, self.expert_tp_group, self.dp_group, self.expert_dp_group, *groups.values())
 
     @property
     def skipped_steps(self) -> int:
@@ -342,6 +343,7 @@ class OrthogonalizedOptimizer(Optimizer):
         self.tp_group = self.layouts.tp_group = found.get("tp_group")
         self.dp_group = self.layouts.dp_group = found.get("dp_group")
         self.expert_tp_group = self.layouts.expert_tp_group = found.get("expert_tp_group")
+        self.expert_dp_group = self.layouts.expert_dp_group = found.get("expert_dp_group")
 
     # -- names --
     def _carry_names(self) -> None:
@@ -758,16 +760,28 @@ class OrthogonalizedOptimizer(Optimizer):
         if key != self._reduced_plan:  # the reduce-scatter's buffers follow the plan: agree first (as _step_plan)
             self._agree(every)
             self._reduced_plan = key
-        reduce_into_owners([p for p, _ in every], [self.owner(p) for p, _ in every], self.dp_group)
+        self._start_reduce([p for p, _ in every])()
         self._grads_reduced = True
         if self.overlap_with_backward:  # the layout is known now: later steps reduce during backward
             params = [p for p, _ in every]
             per_layer, rest = layer_buckets(params, self._layers)
             buckets = [*([params[i] for i in layer] for layer in reversed(per_layer)),
                        *cut_by_bytes([params[i] for i in reversed(rest)], self.backward_bucket_bytes)]
-            self._backward = BackwardReducer(
-                buckets, lambda bucket: start_reduce_into_owners(bucket, [self.owner(p) for p in bucket], self.dp_group),
-                self.name_of)
+            self._backward = BackwardReducer(buckets, self._start_reduce, self.name_of)
+
+    def _start_reduce(self, params: Sequence[torch.Tensor]) -> Callable[[], None]:
+        """Start averaging ``params``' gradients into their owners over each one's DP group (the experts' own apart:
+        ParamLayouts.dp_of); the callable returned writes them."""
+        by_dp: dict[Any, list[torch.Tensor]] = {}
+        for p in params:
+            by_dp.setdefault(self.layouts.dp_of(p), []).append(p)
+        writes = [start_reduce_into_owners(members, [self.owner(p) for p in members], dp_group)
+                  for dp_group, members in by_dp.items()]
+
+        def write() -> None:
+            for each in writes:
+                each()
+        return write
 
     def grad_sum_of_squares(self) -> torch.Tensor:
         """This rank's share of sum(g^2) over every gradient of the optimizer, float64, each element counted on
@@ -865,7 +879,10 @@ class OrthogonalizedOptimizer(Optimizer):
         values, layouts = pending.new_values(), self.layouts
         updates, landing = (pending.updates(), self._landing_options()) if travel else (None, {})
         device = local(next(p for p, _ in plan.owned) if plan.owned else self._any_param()).device
-        flags: list[torch.Tensor | None] = [pending.flag(share.key, device) for share in plan.shares]
+        # each rank's verdict about its whole step, so that a group whose ranks found nothing learns of another
+        # group's non-finite update (dense weights over "fsdp", experts over "efsdp": the dense share spans both)
+        whole = torch.stack([pending.flag(share.key, device) for share in plan.shares]).min() if plan.shares else None
+        flags: list[torch.Tensor | None] = [whole for _ in plan.shares]
         every = [p for share in plan.shares for p in (*share.sharded, *share.replicated)]
         per_layer, rest = layer_buckets(every, self._layers if self.overlap else [])
         buckets = []
@@ -962,8 +979,10 @@ class OrthogonalizedOptimizer(Optimizer):
             local = pending.verdicts.get(None)
             oks = [v.ok for v in verdicts]
             every = oks + ([local.ok] if local is not None and isinstance(local.ok, torch.Tensor) else [])
-            self._engine.decide(Verdict(torch.stack(every).all(), skips=skips))  # counts a skip once
-            local_ok = local.ok if local is not None and isinstance(local.ok, torch.Tensor) else None
+            whole = torch.stack(every).all()  # one step: every group's writes go or none do
+            self._engine.decide(Verdict(whole, skips=skips))  # counts a skip once
+            oks = [whole for _ in oks]
+            local_ok = whole if local is not None and isinstance(local.ok, torch.Tensor) else None
         else:
             name = type(self).__name__
             verdicts = [shared_verdict(pending.verdicts.get(share.key) or Verdict(True), f.tolist(), name)
@@ -973,8 +992,8 @@ class OrthogonalizedOptimizer(Optimizer):
                 (v for v in [local, *verdicts] if v.ok is False), None)
             if worst is not None:
                 self._engine.decide(worst)  # raises, or logs and counts the skip
-            oks = [None if v.ok is not False else False for v in verdicts]
-            local_ok = None if local.ok is not False else False
+            oks = [None if worst is None else False for _ in verdicts]  # one step: every group's writes or none
+            local_ok = None if worst is None else False
         for share, ok in zip(plan.shares, oks):
             if ok is not False:
                 pending.commit(ok, share.key)

@@ -54,6 +54,7 @@ class ParamLayouts:
     def __init__(self, tp_group: comm.ProcessGroup | None, expert_tp_group: comm.ProcessGroup | None,
                  dp_group: comm.ProcessGroup | None, is_qkv: Callable[[torch.Tensor], bool]) -> None:
         self.tp_group, self.expert_tp_group, self.dp_group = tp_group, expert_tp_group, dp_group
+        self.expert_dp_group: comm.ProcessGroup | None = None  # the experts' own DP group (see dp_of)
         self.is_qkv = is_qkv
         self.held: dict[torch.Tensor, Layout] = {}  # how this rank holds each parameter
         self.layouts: dict[torch.Tensor, Layout] = {}  # the block the step runs on
@@ -102,7 +103,7 @@ class ParamLayouts:
     def _read(self, p: torch.Tensor, group: dict[str, Any], name: str | None) -> Reading:
         expert = p in self.experts
         if is_dtensor(p):
-            return read_dtensor(p, self.tp_group, self.dp_group, self.expert_tp_group, expert, name, self.mesh_dims)
+            return read_dtensor(p, self.tp_group, self.dp_of(p), self.expert_tp_group, expert, name, self.mesh_dims)
         blockwise = group["tp_mode"] == "blockwise"
         if not expert:
             return read_attributes(p, matrix_view(p.detach(), group["conv_mode"]), self.tp_group, self.expert_tp_group,
@@ -118,7 +119,7 @@ class ParamLayouts:
     def _new_piece_groups(self, readings: Sequence[Reading]) -> list[comm.ProcessGroup]:
         """The groups over which ``readings`` hold matrices in pieces that no parameter did before, in the order
         first seen (the same on every rank)."""
-        known = {_ranks(g) for g in self.owner_groups.values()} | {_ranks(self.dp_group)}
+        known = {_ranks(g) for g in self.owner_groups.values()} | {_ranks(self.dp_group), _ranks(self.expert_dp_group)}
         out = []
         for reading in readings:
             for split in reading.splits:
@@ -155,15 +156,15 @@ class ParamLayouts:
             return [layout.shape for _, layout in self.parts.get(p, [])] or [self.layouts[p].shape]
 
         for p in new:
-            layout = self.held[p]
+            layout, dp = self.held[p], self.dp_of(p)
             experts = next((s for s in layout.splits if s.kind == "experts" and s.size > 1
-                            and _ranks(s.group) == _ranks(self.dp_group)), None)
+                            and _ranks(s.group) == _ranks(dp)), None)
             # replicas over a group other than the DP group (HSDP's outer dim beside a DP group of shards): every
             # replica steps its own, alike
-            replicated = comm.group_size(self.dp_group) > 1 and (
-                layout.replicas is None or _ranks(layout.replicas) in (None, _ranks(self.dp_group)))
+            replicated = comm.group_size(dp) > 1 and (
+                layout.replicas is None or _ranks(layout.replicas) in (None, _ranks(dp)))
             group = (layout.pieces.group if layout.pieces is not None else experts.group if experts is not None
-                     else self.dp_group if replicated else None)
+                     else dp if replicated else None)
             spread = self._spread(p)
             if spread is not None:
                 group, self.spreads[p] = spread
@@ -236,8 +237,13 @@ class ParamLayouts:
     def dp_local(self, p: torch.Tensor) -> bool:
         """Whether p is a stack of experts whose DP ranks each hold (and update) experts of their own."""
         layout = self.held.get(p)
-        return layout is not None and any(s.kind == "experts" and s.size > 1 and _ranks(s.group) == _ranks(self.dp_group)
+        return layout is not None and any(s.kind == "experts" and s.size > 1 and _ranks(s.group) == _ranks(self.dp_of(p))
                                           for s in layout.splits)
+
+    def dp_of(self, p: torch.Tensor) -> comm.ProcessGroup | None:
+        """p's DP group: the experts' own (``expert_dp_group``, where their DTensors shard over another DP dim than
+        the dense weights: torchtitan's efsdp beside fsdp) for a stack of experts, else the DP group."""
+        return self.expert_dp_group if self.expert_dp_group is not None and p in self.experts else self.dp_group
 
     def held_apart(self, p: torch.Tensor) -> bool:
         """Whether the step's tensors of p are not p itself: a DTensor's local tensor, or an owner's gathered block."""
