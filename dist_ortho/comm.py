@@ -438,7 +438,7 @@ SITES: tuple[Site, ...] = (
          bounded=False),
     Site("dist_ortho.dtensor._held_extents", "a DTensor's pieces' extents from the ranks' local shapes (an object "
          "all-gather per sharded mesh dim: the main job's checkpoint)", step=False),
-    Site("dist_ortho.train.model.parallelize_native", "the main job's torch-native model: parallelize_module "
+    Site("dist_ortho.train.model.tensor_parallel_native", "the main job's torch-native model: parallelize_module "
          "distributes the weights", step=False, bounded=False),
     Site("dist_ortho.grid.grid_group", "HSDP: the replicas x shards group of a TP rank, made by its members at the "
          "first step's layout reading, before the step's collectives (new_group with use_local_synchronization: a "

@@ -89,3 +89,21 @@ def counting_collectives() -> Iterator[Counter]:
     finally:
         for name, call in saved.items():
             setattr(dist, name, call)
+
+
+def counted_per_rank(steps: dict[str, Callable[[], Any]], world: int) -> dict[str, dict[str, list]]:
+    """Each configuration's step once on every rank, its FLOPs (torch.utils.flop_counter), collectives and bytes
+    sent counted there (:func:`counting_collectives`), gathered: by label, every rank's ``flops_per_rank``,
+    ``calls`` and ``bytes_sent``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    rows = {}
+    for label, step in steps.items():
+        flops = FlopCounterMode(display=False)
+        with counting_collectives() as counts, flops:
+            step()
+        every: list[Any] = [None] * world
+        dist.all_gather_object(every, (flops.get_total_flops(), counts["calls"], counts["bytes"]))
+        rows[label] = {"flops_per_rank": [f for f, _, _ in every], "calls": [c for _, c, _ in every],
+                       "bytes_sent": [b for _, _, b in every]}
+    return rows

@@ -33,8 +33,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from bench_common import counting_collectives, run_worlds, time_interleaved
-from torch.utils.flop_counter import FlopCounterMode
+from bench_common import counted_per_rank, run_worlds, time_interleaved
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -105,15 +104,7 @@ def _measure(rank: int, world: int, port: int, args, out) -> None:
     for q, p in zip(base_params, ours_params):  # the same gradients for both (FSDP2 reduced them over both dims)
         q.grad = p.grad.detach().clone()
     steps = {"ours (owners over replicas x shards)": ours.step, "before (every replica steps all)": base.step}
-    rows = {}
-    for label, step in steps.items():
-        flops = FlopCounterMode(display=False)
-        with counting_collectives() as counts, flops:
-            step()
-        every = [None] * world
-        dist.all_gather_object(every, (flops.get_total_flops(), counts["calls"], counts["bytes"]))
-        rows[label] = {"flops_per_rank": [f for f, _, _ in every], "calls": [c for _, c, _ in every],
-                       "bytes_sent": [b for _, _, b in every]}
+    rows = counted_per_rank(steps, world)
     back = [None] * world
     dist.all_gather_object(back, _back_bytes(ours, ours_params))
     times = time_interleaved(steps, args.repeats)

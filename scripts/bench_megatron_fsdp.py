@@ -30,8 +30,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from bench_common import counting_collectives, run_worlds, time_interleaved
-from torch.utils.flop_counter import FlopCounterMode
+from bench_common import counted_per_rank, run_worlds, time_interleaved
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -125,15 +124,7 @@ def _measure(rank: int, world: int, port: int, args, out) -> None:
         if p.grad is not None:
             q.grad = p.grad
     steps = {"ours home": ours.step, "baseline all-gather": base.step}
-    rows = {}
-    for label, step in steps.items():
-        flops = FlopCounterMode(display=False)
-        with counting_collectives() as counts, flops:
-            step()
-        every = [None] * world
-        dist.all_gather_object(every, (flops.get_total_flops(), counts["calls"], counts["bytes"]))
-        rows[label] = {"flops_per_rank": [f for f, _, _ in every], "calls": [c for _, c, _ in every],
-                       "bytes_sent": [b for _, _, b in every]}
+    rows = counted_per_rank(steps, world)
     times = time_interleaved(steps, args.repeats)
     differences = max((p.to_local() - q.to_local()).abs().max().item() if p.to_local().numel() else 0.0
                       for p, q in zip(ours_params, base_params))

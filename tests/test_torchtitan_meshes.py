@@ -229,6 +229,18 @@ def _like(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
                               shape=full.shape, stride=full.stride())
 
 
+def _steps(opt, params: dict[str, torch.Tensor], shapes: dict[str, torch.Size], steps: int) -> list[dict[str, torch.Tensor]]:
+    """``steps`` optimizer steps on this rank's pieces of the seeded whole-model gradients; those gradients, by step."""
+    grads = []
+    for step in range(steps):
+        grads.append(_global_grads(shapes, step))
+        for n, p in params.items():
+            p.grad = _like(grads[-1][n], p)
+        opt.step()
+        opt.zero_grad()
+    return grads
+
+
 def _whole(p: torch.Tensor) -> torch.Tensor:
     """The global tensor of a parameter (gathered when it is a DTensor; TP leaves LayerNorm's plain)."""
     return (p.full_tensor() if isinstance(p, DTensor) else p).detach()
@@ -323,13 +335,7 @@ def _experts(ctx, build: str) -> dict:
     held = {n: [next(k for k in range(EXPERTS) if torch.equal(m, fulls[n][k])) for m in p.to_local()]
             for n, p in params.items()}
     opt = MuonAdamW([(f"layers.0.moe.experts.{n}", p) for n, p in params.items()], "muon", **HP)
-    grads = []
-    for step in range(STEPS):
-        grads.append(_global_grads({n: f.shape for n, f in fulls.items()}, step))
-        for n, p in params.items():
-            p.grad = _like(grads[-1][n], p)
-        opt.step()
-        opt.zero_grad()
+    grads = _steps(opt, params, {n: f.shape for n, f in fulls.items()}, STEPS)
     errors = {}
     for n, p in params.items():
         full = p.detach().full_tensor()
@@ -464,13 +470,7 @@ def _moe(ctx, member: str, mode: str) -> dict:
     argument. 2 steps of seeded one-process gradients."""
     fulls, params = _moe_params()
     opt = MuonAdamW(list(params.items()), member, tp_mode=mode, **HP)  # no group argument
-    grads = []
-    for step in range(MOE_STEPS):
-        grads.append(_global_grads(MOE_SHAPES, step))
-        for n, p in params.items():
-            p.grad = _like(grads[-1][n], p)
-        opt.step()
-        opt.zero_grad()
+    grads = _steps(opt, params, MOE_SHAPES, MOE_STEPS)
     errors = {}
     for n, p in params.items():
         full = p.detach().full_tensor()

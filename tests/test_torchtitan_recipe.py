@@ -42,7 +42,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 from tests import optim_reference
 from tests.harness import RemoteError, started_world
-from tests.test_torchtitan_meshes import _global_grads, _like
+from tests.test_torchtitan_meshes import _steps
 
 DOC = pathlib.Path(__file__).resolve().parent.parent / "launch" / "torchtitan.md"
 HP = {"lr": 0.02, "momentum": 0.9, "weight_decay": 0.01, "nesterov": True, "fp32_matmul_prec": "highest"}
@@ -279,13 +279,7 @@ def _trained(ctx, layout: str, build: str, block: str, mode: str) -> dict:
         optimizers, opt = list(container), container
     routed = {n: (any(o.optimizer_of(p) is o.fallback_optimizer for o in optimizers if _holds(o, p)), _to_adamw(n, p))
               for n, p in params.items()}  # (to AdamW, the doc says AdamW)
-    grads = []
-    for step in range(STEPS):
-        grads.append(_global_grads({n: p.shape for n, p in params.items()}, step))
-        for n, p in params.items():
-            p.grad = _like(grads[-1][n], p)
-        opt.step()
-        opt.zero_grad()
+    grads = _steps(opt, params, {n: p.shape for n, p in params.items()}, STEPS)
     errors = {}
     for n, p in params.items():
         ref = _reference(n, initial[n], [g[n] for g in grads])

@@ -221,22 +221,32 @@ class GPT(nn.Module):
 def parallelize_native(model: GPT, mesh) -> GPT:
     """``model`` (built with group=None and tp_size = the mesh's "tp" size) as torch-native DTensors: linears
     over "tp" by ``parallelize_module``, every block and the whole model sharded over "dp" by ``fully_shard``."""
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
     names = mesh.mesh_dim_names
     if "tp" in names:
-        tp_mesh = mesh["tp"] if mesh.ndim > 1 else mesh
-        plan = {"linear_qkv": ColwiseParallel(), "linear_proj": RowwiseParallel(), "fc1": ColwiseParallel(),
-                "fc2": RowwiseParallel()}
-        for block in model.blocks:
-            parallelize_module(block, tp_mesh, plan)
-    if "dp" in names:
-        dp_mesh = mesh["dp"] if mesh.ndim > 1 else mesh
+        tensor_parallel_native(model, mesh["tp"] if mesh.ndim > 1 else mesh)
+    return shard_native(model, (mesh["dp"] if mesh.ndim > 1 else mesh) if "dp" in names else None)
+
+
+def tensor_parallel_native(model: GPT, tp_mesh) -> None:
+    """Every block's linears over ``tp_mesh`` by ``parallelize_module``: QKV and fc1 colwise, proj and fc2 rowwise."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    plan = {"linear_qkv": ColwiseParallel(), "linear_proj": RowwiseParallel(), "fc1": ColwiseParallel(),
+            "fc2": RowwiseParallel()}
+    for block in model.blocks:
+        parallelize_module(block, tp_mesh, plan)
+
+
+def shard_native(model: GPT, dp_mesh) -> GPT:
+    """Every block and the whole model sharded over ``dp_mesh`` by ``fully_shard`` (None: not sharded), then the
+    DTensor parameters marked again (QKV, embeddings): the new parameters carry no attributes."""
+    from torch.distributed.fsdp import fully_shard
+
+    if dp_mesh is not None:
         for block in model.blocks:
             fully_shard(block, mesh=dp_mesh)
         fully_shard(model, mesh=dp_mesh)
-    for block in model.blocks:  # the new DTensor parameters carry no attributes: mark them again
+    for block in model.blocks:
         block.mark_qkv()
     model.mark_embeddings()
     return model

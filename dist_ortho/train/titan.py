@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from dist_ortho import comm
-from dist_ortho.train.model import GPT
+from dist_ortho.train.model import GPT, shard_native, tensor_parallel_native
 
 
 def check_layout(world: int, hsdp: int, tp: int, experts: int, ep: int) -> int:
@@ -44,7 +44,6 @@ def parallelize_titan(model: GPT, ranks: int, hsdp: int, tp: int, ep: int, devic
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     experts = model.config.num_experts
     fsdp = check_layout(ranks, hsdp, tp, experts, ep)
@@ -55,10 +54,7 @@ def parallelize_titan(model: GPT, ranks: int, hsdp: int, tp: int, ep: int, devic
                          f"not over {ranks} of them")
     dense = init_device_mesh(device.type, (hsdp, fsdp, tp), mesh_dim_names=("dp_replicate", "fsdp", "tp"))
     if tp > 1:
-        plan = {"linear_qkv": ColwiseParallel(), "linear_proj": RowwiseParallel(), "fc1": ColwiseParallel(),
-                "fc2": RowwiseParallel()}
-        for block in model.blocks:
-            parallelize_module(block, dense["tp"], plan)
+        tensor_parallel_native(model, dense["tp"])
     if experts:
         efsdp = fsdp // ep
         emesh = init_device_mesh(device.type, (hsdp, efsdp, ep), mesh_dim_names=("dp_replicate", "efsdp", "ep"))
@@ -73,15 +69,7 @@ def parallelize_titan(model: GPT, ranks: int, hsdp: int, tp: int, ep: int, devic
             over = _dp_dims(emesh, hsdp, efsdp, "efsdp")
             if over is not None:
                 fully_shard(stacks, mesh=over, shard_placement_fn=lambda p: along)
-    over = _dp_dims(dense, hsdp, fsdp, "fsdp")
-    if over is not None:
-        for block in model.blocks:
-            fully_shard(block, mesh=over)
-        fully_shard(model, mesh=over)
-    for block in model.blocks:  # the new DTensor parameters carry no attributes: mark them again
-        block.mark_qkv()
-    model.mark_embeddings()
-    return model, dense
+    return shard_native(model, _dp_dims(dense, hsdp, fsdp, "fsdp")), dense
 
 
 def _dp_dims(mesh, hsdp: int, shards: int, name: str):
