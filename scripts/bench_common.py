@@ -92,13 +92,15 @@ def counting_collectives() -> Iterator[Counter]:
 
 
 def counted_per_rank(steps: dict[str, Callable[[], Any]], world: int) -> dict[str, dict[str, list]]:
-    """Each configuration's step once on every rank, its FLOPs (torch.utils.flop_counter), collectives and bytes
-    sent counted there (:func:`counting_collectives`), gathered: by label, every rank's ``flops_per_rank``,
-    ``calls`` and ``bytes_sent``."""
+    """Each configuration's step on every rank, its FLOPs (torch.utils.flop_counter), collectives and bytes sent
+    counted there (:func:`counting_collectives`), gathered: by label, every rank's ``flops_per_rank``, ``calls`` and
+    ``bytes_sent``. The counted step is each configuration's second: the first does one-time work (the plan's
+    agreement, the batching measurement of a new shape), which is not the step's cost."""
     from torch.utils.flop_counter import FlopCounterMode
 
     rows = {}
     for label, step in steps.items():
+        step()
         flops = FlopCounterMode(display=False)
         with counting_collectives() as counts, flops:
             step()
