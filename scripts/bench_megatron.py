@@ -19,7 +19,8 @@ iterations. Configurations:
   grid, its new value all-gathered over DP; what ``--optimizer dist_muon`` / layer-wise DP builds).
 Per configuration: median step seconds over ``--repeats`` interleaved steps (after 2 warm-up steps), its
 ratio to upstream blockwise, collectives and bytes sent per step on rank 0 (torch.distributed calls counted
-by wrapping them, the same way for upstream and ours: bench_common.counting_collectives), and the largest difference of any gathered weight from upstream
+by wrapping them, the same way for upstream and ours: bench_common.counting_collectives), FLOPs of the step on
+every rank (torch.utils.flop_counter, every dtype alike; the table shows the largest), and the largest difference of any gathered weight from upstream
 duplicated's after every step of the run (the exact reference; blockwise's own distance shows what inexact means).
 
 ``--wrappings`` adds the comparisons in Megatron's own optimizer wrapping, where upstream and ours are built by
@@ -208,11 +209,16 @@ def _table(args: argparse.Namespace, optimizers: dict, copies: dict, matrices: d
     for _ in range(2):
         for label in optimizers:
             step(label)
+    from torch.utils.flop_counter import FlopCounterMode
+
     counted = {}
     for label in optimizers:
-        with counting_collectives() as counts:
+        flops = FlopCounterMode(display=False)
+        with counting_collectives() as counts, flops:
             step(label)
-        counted[label] = counts
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, flops.get_total_flops())
+        counted[label] = {"calls": counts["calls"], "bytes": counts["bytes"], "flops_per_rank": every}
     times = time_interleaved({label: (lambda label=label: step(label)) for label in optimizers}, args.repeats)
     assert len(set(steps.values())) == 1
     tp = pgs.tp
@@ -224,7 +230,8 @@ def _table(args: argparse.Namespace, optimizers: dict, copies: dict, matrices: d
     for label in optimizers:
         diff = max((weights[label][n] - reference[n]).abs().max().item() for n in start)
         rows.append({"config": label, "seconds": statistics.median(times[label]), "calls": counted[label]["calls"],
-                     "bytes": counted[label]["bytes"], "max_weight_diff": diff})
+                     "bytes": counted[label]["bytes"], "flops_per_rank": counted[label]["flops_per_rank"],
+                     "max_weight_diff": diff})
     return {"rows": rows, "moved": max((reference[n] - start[n]).abs().max().item() for n in start),
             "steps": steps["upstream duplicated"], "shapes": sorted({tuple(p.shape) for p in matrices.values()})}
 
@@ -253,13 +260,13 @@ def main() -> None:
         base = next(r["seconds"] for r in rows if r["config"] == "upstream blockwise")
         print(f"\n{name}: local shards {result['shapes']}; weights after {result['steps']} steps (they moved up to "
               f"{result['moved']:.3g})")
-        print("| configuration | exact | collectives / step | bytes sent / step | median step s | speed vs upstream "
-              "blockwise | max weight diff vs upstream duplicated |")
-        print("|---|---|---|---|---|---|---|")
+        print("| configuration | exact | collectives / step | bytes sent / step | FLOPs / step (max over ranks) | "
+              "median step s | speed vs upstream blockwise | max weight diff vs upstream duplicated |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in rows:
             exact = "no" if "blockwise" in r["config"] else "yes"
-            print(f"| {r['config']} | {exact} | {r['calls']} | {r['bytes']:,} | {r['seconds']:.3f} | "
-                  f"{base / r['seconds']:.2f}x | {r['max_weight_diff']:.1e} |")
+            print(f"| {r['config']} | {exact} | {r['calls']} | {r['bytes']:,} | {max(r['flops_per_rank']) / 1e6:,.1f} M | "
+                  f"{r['seconds']:.3f} | {base / r['seconds']:.2f}x | {r['max_weight_diff']:.1e} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"tables": tables, "layers": args.layers, "hidden": args.hidden, "torch": torch.__version__,
