@@ -183,7 +183,10 @@ def _wrong_local_piece(ctx, tp_only: bool, verify_plan: str):
     piece = piece_of(full, mesh, placements)
     if ctx.rank == 1:
         piece = torch.randn(piece.shape[0] + 1, piece.shape[1])
-    made = lambda t: DTensor.from_local(t, mesh, placements, shape=full.shape, stride=full.stride())
+
+    def made(t: torch.Tensor) -> DTensor:
+        return DTensor.from_local(t, mesh, placements, shape=full.shape, stride=full.stride())
+
     p = torch.nn.Parameter(made(piece.clone()))
     opt = get_optimizer("muon")([("w", p)], lr=0.02, device_mesh=mesh, verify_plan=verify_plan)
     p.grad = made(torch.randn(piece.shape))

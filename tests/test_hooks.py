@@ -355,7 +355,6 @@ def _hooked(ctx, tp: int, dp: int, names: list[str], mode: str):
         params = [mine(f, pd) for f, (_, pd) in zip(fulls, DIST_SHAPES)]
         opt = Muon(params, weight_update_hook=make_hook(name), tp_group=tp_group, dp_group=dp_group, tp_mode=mode,
                    fp32_matmul_prec="highest", **HP)
-        calls = None
         for step in grads:
             for p, g, (_, pd) in zip(params, step, DIST_SHAPES):
                 p.grad = block(g, pd, tp_rank, tp) if pd is not None else g.clone()

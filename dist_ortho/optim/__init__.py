@@ -10,10 +10,11 @@ from dist_ortho.optim.polargrad import PolarGrad
 from dist_ortho.optim.qk_clip import QkLayer, QkWeight, qk_clip
 from dist_ortho.optim.registry import OPTIMIZERS, get_optimizer, register_optimizer
 
-OPTIMIZERS.setdefault("muon_adamw", MuonAdamW)
 from dist_ortho.optim.routing import route
 from dist_ortho.optim.scale import SCALE_MODES, muon_scale
 from dist_ortho.optim.scion import Scion
+
+OPTIMIZERS.setdefault("muon_adamw", MuonAdamW)
 
 __all__ = [
     "MOMENT2_METHODS", "MOP", "OPTIMIZERS", "SCALE_MODES", "AdaptiveMuon", "Muon", "MuonAdamW", "MuonHyperball",

@@ -120,11 +120,6 @@ def parser() -> argparse.ArgumentParser:
     return add_muon_args(p)
 
 
-def tp_groups(tp: int) -> dist.ProcessGroup:
-    """This rank's TP group of the DP x TP layout (see :func:`parallel_groups`)."""
-    return parallel_groups(tp)[0]
-
-
 def parallel_groups(tp: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup | None]:
     """DP x TP over the world: consecutive ranks form a TP group, ranks tp apart a DP group (DP = world / tp).
     This rank's TP group and DP group (None when DP = 1)."""
