@@ -10,10 +10,20 @@ plain iteration in float64 (long double for float64 inputs), FLOPs, and the rest
     python scripts/bench_local_gram.py --half --sets quintic,polar_express   # bf16 and fp16: error, FLOPs, time
     python scripts/bench_local_gram.py --half --search --ks 16,64,128        # 16-bit restart schedules
     python scripts/bench_local_gram.py --half --device cuda --half-k 1024    # on a GPU (scripts/gpu_check.sh)
+    python scripts/bench_local_gram.py --kspace --ks 16,32,64,128           # 16-bit with k-space restarts (below)
 
 The bound tested (tests/test_gram_accuracy.py): Gram error <= max(2 x the plain iteration's, 2e-5) per input
 (float64: 2e-5 x eps64 / eps32 = 3.7e-14 for the floor).
 "score" = Gram error / that bound (<= 1 passes).
+
+--kspace (issue 30, measured, not in the library): restarts in k-space. X_t = Q_t X, so R_t = X_t X_t^T =
+Q_t R_0 Q_t^T exactly, 4 k^3 FLOPs (as much as R <- P R P) instead of an X-space restart's 4 k^2 n. Variants
+(:data:`KSPACE_VARIANTS`), each with R_0 = X X^T of the bf16 X with float32 accumulation kept in float32:
+(a) R, Z and/or Q in bf16 or float32, R refreshed as Q R_0 Q^T in float32 every step or at chosen steps, the
+final Q X in bf16; (b) the whole k-space part in float32, only X X^T and Q X in bf16 (Q X also as two bf16
+products, hi + lo, Q = hi + lo). Per variant and set: worst error / the plain bf16 iteration's over the battery,
+FLOPs at aspect 4 (torch's flop counter, every dtype alike), time against the plain bf16 iteration (interleaved,
+medians).
 """
 
 from __future__ import annotations
@@ -231,6 +241,117 @@ def search(args: argparse.Namespace, dtype: torch.dtype) -> None:
             print(f"  {str(s):>14}  {worst[s][0]:6.2f}  at {worst[s][1]:<24} {flop_ratio(name, steps, 4, s):.2f}", flush=True)
 
 
+KspaceVariant = tuple[torch.dtype, torch.dtype, tuple[int, ...] | None, str]
+"""(dtype of R and Z, dtype of Q, steps before which R = Q R_0 Q^T in float32 (None: every step; (): never,
+R <- P R P in R's dtype), the final Q X: "bf16" (Q rounded to bf16) or "split" (hi X + lo X, both bf16))."""
+KSPACE_VARIANTS: dict[str, KspaceVariant] = {
+    "a: R,Z f32, Q bf16, refresh every step, QX bf16": (torch.float32, torch.bfloat16, None, "bf16"),
+    "a: R,Z,Q f32, refresh every step, QX bf16": (torch.float32, torch.float32, None, "bf16"),
+    "a: R,Z,Q bf16, refresh every step, QX bf16": (torch.bfloat16, torch.bfloat16, None, "bf16"),
+    "a: R,Z,Q bf16, refresh at 1,3, QX bf16": (torch.bfloat16, torch.bfloat16, (1, 3), "bf16"),
+    "b: k-space f32 (P R P), QX bf16": (torch.float32, torch.float32, (), "bf16"),
+    "b: k-space f32 (P R P), QX hi+lo": (torch.float32, torch.float32, (), "split"),
+    "b: k-space f32 (refresh every step), QX hi+lo": (torch.float32, torch.float32, None, "split"),
+    "R,Z bf16, Q f32, refresh every step, QX hi+lo": (torch.bfloat16, torch.float32, None, "split"),
+}
+
+
+def kspace_newton_schulz(x: torch.Tensor, coefficients, variant: KspaceVariant) -> torch.Tensor:
+    """Gram Newton-Schulz of x (k x n, k <= n, float32) with k-space restarts, as :data:`KspaceVariant` says."""
+    from dist_ortho.iteration import scale_to_unit, sum_of_squares
+
+    zdtype, qdtype, refresh, final = variant
+    X = scale_to_unit(x, sum_of_squares(x), 1e-300).to(torch.bfloat16)
+    wide = X.float()
+    R0 = wide @ wide.T  # bf16 products are exact in float32: only the accumulation rounds
+    R = R0.to(zdtype)
+    Q = None
+    steps = len(coefficients)
+    for step, (a, b, c) in enumerate(coefficients):
+        if step > 0 and (refresh is None or step in refresh):
+            Qw = Q.float()
+            R = (Qw @ R0 @ Qw.T).to(zdtype)
+        Z = torch.addmm(R, R, R, beta=b, alpha=c) if c != 0 else b * R
+        if Q is None:
+            Q = Z.to(qdtype, copy=True)  # Z is read again below
+            Q.diagonal().add_(a)
+        else:
+            Q = torch.addmm(Q, Z.to(qdtype), Q, beta=a)
+        if step + 1 < steps and not (refresh is None or step + 1 in refresh):
+            W = torch.addmm(R, Z, R, beta=a)
+            R = torch.addmm(W, W, Z, beta=a)
+    hi = Q.to(torch.bfloat16)
+    if final == "bf16":
+        return (hi @ X).float()
+    lo = (Q.float() - hi.float()).to(torch.bfloat16)
+    return (hi @ X).float() + (lo @ X).float()
+
+
+def kspace(args: argparse.Namespace, _dtype: torch.dtype) -> None:
+    """The k-space restart variants against the plain bf16 iteration (and the library's bf16 Gram)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    kinds = args.kinds or battery.KINDS_FLOAT32
+    labels = [*KSPACE_VARIANTS, "library Gram bf16 (X-space restarts)"]
+    print(f"torch {torch.__version__}; {torch.get_num_threads()} threads; bf16; k in {args.ks}, aspects {args.aspects}, "
+          f"inputs {kinds}; worst max |O - O_float64| / the plain bf16 iteration's; zero: exactly zero or not")
+    worst = {}
+    for name in args.sets:
+        steps = steps_of(name)
+        coefficients = NsSpec(steps, name).coefficients
+        plain_ns = NsSpec(steps, name, local_gram="never", ns_dtype="bf16")
+        library_ns = NsSpec(steps, name, local_gram="always", ns_dtype="bf16")
+        for label in labels:
+            worst[name, label] = (0.0, "")
+        for case in battery.cases(kinds, args.ks, args.aspects, args.seeds):
+            x = battery.make(case, torch.float32)
+            ref = battery.reference(x, name, steps)
+            e_plain = battery.max_error(local_newton_schulz(x, plain_ns), ref)
+            outs = {label: kspace_newton_schulz(x, coefficients, v) for label, v in KSPACE_VARIANTS.items()}
+            outs[labels[-1]] = local_newton_schulz(x, library_ns)
+            for label, out in outs.items():
+                if case.kind == "zero":
+                    ratio = 0.0 if torch.equal(out, torch.zeros_like(out)) else float("inf")
+                else:
+                    ratio = battery.max_error(out, ref) / e_plain
+                    ratio = ratio if ratio == ratio else float("inf")
+                if ratio > worst[name, label][0]:
+                    worst[name, label] = (ratio, f"{case} (plain {e_plain:.1e})")
+        print(f"{name}: " + "; ".join(f"{label} {worst[name, label][0]:.3g} at {worst[name, label][1]}" for label in labels),
+              flush=True)
+    print()
+    print("| variant | " + " | ".join(args.sets) + " |")
+    print("|---|" + "---|" * len(args.sets))
+    for label in labels:
+        print(f"| {label} | " + " | ".join(f"{worst[name, label][0]:.3g}" for name in args.sets) + " |")
+    k, name = args.half_k, "quintic"
+    coefficients = NsSpec(5, name).coefficients
+    x = battery.make(battery.Case("random", k, 4), torch.float32)
+    calls = {"plain bf16": lambda: local_newton_schulz(x, NsSpec(5, name, local_gram="never", ns_dtype="bf16")),
+             labels[-1]: lambda: local_newton_schulz(x, NsSpec(5, name, local_gram="always", ns_dtype="bf16"))}
+    calls.update({label: (lambda v=v: kspace_newton_schulz(x, coefficients, v)) for label, v in KSPACE_VARIANTS.items()})
+    flops = {}
+    for label, call in calls.items():
+        call()
+        with FlopCounterMode(display=False) as counter:
+            call()
+        flops[label] = counter.get_total_flops()
+    times = {label: [] for label in calls}
+    for _ in range(args.repeats):  # interleaved: the machine's load falls on every variant alike
+        for label, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[label].append(time.perf_counter() - start)
+    base = statistics.median(times["plain bf16"])
+    print()
+    print(f"quintic, {k} x {4 * k} (aspect 4), median of {args.repeats} interleaved runs")
+    print("| variant | FLOPs / plain bf16 | ms | time / plain bf16 |")
+    print("|---|---|---|---|")
+    for label in calls:
+        median = statistics.median(times[label])
+        print(f"| {label} | {flops[label] / flops['plain bf16']:.3f} | {median * 1e3:.2f} | {median / base:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ks", default="4,6,8,16,64,256", help="k values (rows of the k x aspect k inputs)")
@@ -241,6 +362,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--search", action="store_true", help="every restart schedule instead of the default rule")
     parser.add_argument("--half", action="store_true", help="bf16 and fp16 rows: plain against Gram, error and time")
+    parser.add_argument("--kspace", action="store_true", help="bf16 with k-space restarts: error, FLOPs, time")
     parser.add_argument("--half-k", type=int, default=256)
     parser.add_argument("--half-time", choices=["native", "all"], default="native",
                         help="time bf16 only where it has a native matmul (CPU), or every dtype")
@@ -253,7 +375,9 @@ def main() -> None:
     args.kinds = tuple(args.kinds.split(",")) if args.kinds else ()
     dtype = getattr(torch, args.dtype)
     with matmul_precision("highest"):
-        if args.half:
+        if args.kspace:
+            kspace(args, dtype)
+        elif args.half:
             (half_search if args.search else half)(args, dtype)
         else:
             (search if args.search else table)(args, dtype)
