@@ -25,8 +25,9 @@ duplicated's after every step of the run (the exact reference; blockwise's own d
 
 ``--wrappings`` adds the comparisons in Megatron's own optimizer wrapping, where upstream and ours are built by
 megatron-core's ``get_megatron_optimizer`` from the same ``OptimizerConfig`` (upstream's before dist_ortho's
-``install()``, ours after), on a bf16 ``GPTModel`` chunk (fp32 master copies in Megatron's Float16 wrapper; the
-whole chunk, so embeddings and norms go to Megatron's Adam alike):
+``install()``, ours after, in a world of their own per wrapping and precision: install() is for good), on a
+bf16 ``GPTModel`` chunk (fp32 master copies in Megatron's Float16 wrapper; the whole chunk, so embeddings and
+norms go to Megatron's Adam alike):
 - ``megatron``: without the layer-wise optimizer: every DP replica steps every matrix, upstream and ours;
 - ``layer-wise``: ``use_layer_wise_distributed_optimizer``: Megatron shards whole matrices over DP and
   all-gathers them after the step, around upstream's TensorParallelMuon or ours alike. The chunk carries the
@@ -134,9 +135,14 @@ def _wrapped(args: argparse.Namespace, precision: str, layer_wise: bool, pgs) ->
     labels += [(f"ours {mode}", mode) for mode in args.modes]
     optimizers, copies = {}, {}
     start = None
+    from megatron.core.optimizer import emerging_optimizers as registry
+
     for label, mode in labels:
         if label.startswith("ours"):
             install()
+        else:  # install() is for good: upstream's rows need a world where it has not run yet
+            cls = registry._EMERGING_OPTIMIZERS["muon"].optimizer_cls
+            assert not cls.__module__.startswith("dist_ortho"), f"{label} would be dist_ortho's {cls.__module__}"
         model, _ = _model_matrices(args, torch.bfloat16, whole=True)
         model.ddp_config = DistributedDataParallelConfig()  # what Megatron's DDP wrapper of a chunk carries
         config = OptimizerConfig(optimizer="muon", lr=HP["lr"], weight_decay=HP["weight_decay"], clip_grad=0.0, bf16=True,
@@ -251,7 +257,14 @@ def main() -> None:
         import megatron.core.optimizer.emerging_optimizers  # noqa: F401
     except ImportError as error:
         raise SystemExit(f"needs megatron-core >= 0.17 with emerging-optimizers (make setup-next; .venv-next): {error}")
-    tables = run_worlds(_measure, [TP * DP], args)[TP * DP]["tables"]
+    tables = {}
+    # one world for the bare wrapping (upstream's class is taken by name there), one per wrapped configuration:
+    # install() is for good, so a wrapped upstream row built in a world where ours was built is ours
+    runs = [(["bare"], args.precisions)] if "bare" in args.wrappings else []
+    runs += [([w], [p]) for w in args.wrappings if w != "bare" for p in args.precisions]
+    for wrappings, precisions in runs:
+        one = argparse.Namespace(**{**vars(args), "wrappings": wrappings, "precisions": precisions})
+        tables.update(run_worlds(_measure, [TP * DP], one)[TP * DP]["tables"])
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, megatron-core "
           f"{version('megatron-core')}, gloo, DP {DP} x TP {TP}, GPTModel {args.layers} layers hidden {args.hidden}; "
           f"median of {args.repeats} steps after 2 warm-up")
