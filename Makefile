@@ -14,7 +14,7 @@ TORCH_NEXT_SPEC ?= torch==2.14.1
 NEXT_TESTS := tests/test_megatron.py tests/test_megatron_stack.py tests/test_megatron_checkpoint.py tests/test_megatron_gpt.py \
 	tests/test_megatron_upstream.py tests/test_megatron_gtp.py tests/test_eo_hooks.py tests/test_megatron_qk_clip.py
 
-.PHONY: setup setup-next demo test test-next bench docs
+.PHONY: setup setup-next demo test test-next bench docs lint
 
 setup: $(VENV)/.installed
 
@@ -56,9 +56,10 @@ bench: setup
 
 # The documentation site (mkdocs.yml, pages in docs/) into site/: a broken link, a missing anchor, a page left out of
 # the nav or a missing included recipe fails the build. .ci/run runs it after the tests.
-$(VENV)/.docs-installed: $(VENV)/.installed pyproject.toml
-	$(BIN)/python -m pip install -q -e ".[docs]"
-	touch $@
-
-docs: $(VENV)/.docs-installed
+# The test extra includes the docs extra, so setup installs mkdocs.
+docs: setup
 	$(BIN)/python -m mkdocs build --strict
+
+# ruff with the project's config (pyproject.toml [tool.ruff]); CI runs it before the tests.
+lint: setup
+	$(BIN)/python -m ruff check .
