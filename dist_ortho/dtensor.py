@@ -274,8 +274,10 @@ def read_dtensor(p: DTensor, tp_group: comm.ProcessGroup | None, dp_group: comm.
         group = mesh.get_group(i)
         ranks, kind, dim = _ranks(group), _kind(placement), getattr(placement, "dim", None)
         where = f"{label} has placement {placement!r} on mesh dim {dim_names[i]!r}"
-        role = ("tp" if ranks in (tp, etp) else "dp" if ranks == dp else
-                mesh_role(dim_names[i], mesh_dims))
+        named = mesh_role(dim_names[i], mesh_dims)
+        # An expert stack's dim named as EP is EP, also where its ranks are the dense TP group's (torchtitan's EP
+        # borrows the TP ranks when ep == tp); elsewhere the groups the optimizer was given decide before names do.
+        role = ("ep" if expert and named == "ep" else "tp" if ranks in (tp, etp) else "dp" if ranks == dp else named)
         if expert and role == "ep":
             if kind != "shard" or dim != 0:
                 raise ValueError(f"{where}: over experts an expert weight [E, out, in] must be Shard(0), whole experts "

@@ -19,8 +19,9 @@ layouts (``LAYOUTS``): HSDP 2 x FSDP 2 with EP 2, and FSDP 2 x TP 2 with EP 2. B
   in the test extra).
 
 The placements of every build are asserted equal to what torchtitan 0.3.0 gives on torch 2.13 (``PLACEMENTS``, read
-from its run; the torchtitan builds check them live). FSDP 2 x TP 2 x EP 2 is a strict xfail: the experts' "ep" dim
-has the dense TP group's ranks there and dist_ortho reads it as TP (a ValueError before any step).
+from its run; the torchtitan builds check them live). At FSDP 2 x TP 2 x EP 2 the experts' "ep" dim has the
+dense TP group's ranks (torchtitan's EP borrows the TP ranks when ep == tp): an expert stack's dim named "ep" is read
+as EP by its name (it was read as TP, a ValueError before any step).
 
 Gradients: seeded global gradients given to every rank as its DTensor piece (no forward: what is tested is the
 optimizer's reading of the layout and its step); 2 steps. Reference: float64 in one process on the gathered weights,
@@ -41,7 +42,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from tests import optim_reference
-from tests.harness import RemoteError, started_world
+from tests.harness import started_world
 from tests.test_torchtitan_meshes import _steps
 
 DOC = pathlib.Path(__file__).resolve().parent.parent / "launch" / "torchtitan.md"
@@ -306,13 +307,10 @@ def _check(results: list[dict], layout: str, build: str) -> dict[str, float]:
     return {n: max(r["errors"][n][0] for r in results) for n in results[0]["errors"]}
 
 
-_EP_READ_AS_TP = pytest.mark.xfail(strict=True, raises=RemoteError, reason=(
-    "dist_ortho reads an expert stack's 'ep' mesh dim as TP where its ranks are the dense TP group's (torchtitan's "
-    "EP borrows the TP ranks when ep == tp): dtensor.read_dtensor compares ranks before the dim's name"))
-CASES = [pytest.param(layout, build, mode, marks=[_EP_READ_AS_TP] if layout == "fsdp_tp_ep" else [],
-                      id=f"{layout}-{build}-{mode}")
+CASES = [pytest.param(layout, build, mode, id=f"{layout}-{build}-{mode}")
          for layout, build, mode in [("hsdp_ep", "standin", "home"), ("hsdp_ep", "standin", "duplicated"),
                                      ("hsdp_ep", "standin_spmd", "home"), ("fsdp_tp_ep", "standin", "home"),
+                                     ("fsdp_tp_ep", "standin", "duplicated"), ("fsdp_tp_ep", "standin", "distributed"),
                                      ("fsdp_tp_ep", "standin_spmd", "home")]]
 
 
@@ -324,8 +322,7 @@ def test_recipe_on_torchtitans_layouts_with_torch_apis(world, layout, build, mod
     _check(world.run(_trained, layout, build, "build", mode), layout, build)
 
 
-@pytest.mark.parametrize("layout", [pytest.param(layout, marks=[_EP_READ_AS_TP] if layout == "fsdp_tp_ep" else [])
-                                    for layout in LAYOUTS])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("backend", ["partial", "full"])
 def test_recipe_through_torchtitans_own_parallelize_and_container(titan_world, backend, layout):
     """torchtitan's own ParallelDims, parallelize_qwen3 (spmd_backend partial_dtensor or full_dtensor) and, through
