@@ -36,6 +36,11 @@ def _disagreement(ctx, case: str) -> str:
         mode = "home"
     # gram mode's collectives in bf16 on one rank, float32 on the others: another byte count
     ns = {"tp_mode": "gram", "ns_dtype": "bf16" if ctx.rank == 1 else "fp32"} if case == "ns_dtype" else {"tp_mode": mode}
+    if case in ("hook", "hook_radius"):  # Hyperball's norms over TP on one rank, none (or another radius) on the others
+        from dist_ortho.optim import HyperballHook
+
+        radius = 2.0 if ctx.rank == 1 else 1.0
+        ns["weight_update_hook"] = HyperballHook(radius) if case == "hook_radius" or ctx.rank == 1 else None
     names = dict(zip(order or ["a.weight", "b.weight", "c.weight"], params))
     opt = get_optimizer("muon")(params, tp_group=ctx.group, param_names=names, **ns)
     try:
@@ -52,7 +57,7 @@ def _disagreement(ctx, case: str) -> str:
     return "no error"
 
 
-@pytest.mark.parametrize("case", ["reversed", "mode", "later", "ns_dtype"])
+@pytest.mark.parametrize("case", ["reversed", "mode", "later", "ns_dtype", "hook", "hook_radius"])
 def test_ranks_that_disagree_all_raise_the_same_error(world, case):
     if world.size == 1:
         pytest.skip("needs two ranks to disagree")

@@ -31,20 +31,21 @@ from dist_ortho.tp import batching
 VerifyPlan = Literal["on_change", "every_step"]
 VERIFY_PLAN: tuple[str, ...] = get_args(VerifyPlan)
 ENTRY = ("name, global shape, partition_dim, group, dtype, tp_mode, (steps, coefficients, eps, ns_dtype, use_syrk), "
-         "coalesce, fp32_matmul_prec, local_gram, batch_matrices, nonfinite, QKV or head parts")
+         "coalesce, fp32_matmul_prec, local_gram, batch_matrices, nonfinite, QKV or head parts, weight_update_hook")
 
 
 def plan_entry(name: str | None, layout: Layout, kind: str | None, dtype: Any, group: dict[str, Any],
-               parts: int, dp_local: bool = False) -> tuple:
+               parts: int, dp_local: bool = False, hook: tuple = ()) -> tuple:
     """What every rank must agree on about one parameter of the step (it decides the collectives). ``kind``:
     "dense" or "expert" (its TP group), None when not sharded; ``dp_local``: experts split over DP ranks,
-    whose count (the layout's leading dim) each DP rank has of its own."""
+    whose count (the layout's leading dim) each DP rank has of its own; ``hook``: the optimizer's weight-update hook
+    (dist_ortho.optim.hooks.hook_entry)."""
     ns = (group.get("num_ns_steps"), group.get("coefficient_type"), group.get("custom_coefficient_sets"),
           group.get("ns_eps"), group.get("ns_dtype"), group.get("use_syrk"))
     shape = layout.shape[1:] if dp_local else layout.shape
     return (
         name, tuple(shape), layout.partition_dim, kind, str(dtype), group["tp_mode"], ns, group["coalesce"],
-        group["fp32_matmul_prec"], group["local_gram"], group["batch_matrices"], group["nonfinite"], parts,
+        group["fp32_matmul_prec"], group["local_gram"], group["batch_matrices"], group["nonfinite"], parts, hook,
     )
 
 

@@ -48,7 +48,7 @@ from dist_ortho.optim.context import MatrixContext
 from dist_ortho.optim.gradients import decoupled_grads, dp_own, start_reduce_into_owners, sum_of_squares
 from dist_ortho.optim.groups import ParamStack, Part
 from dist_ortho.optim.holding import StackHeld, part_of
-from dist_ortho.optim.hooks import NoOpWeightUpdateHook, WeightUpdateHook, as_program_hook, check_whole
+from dist_ortho.optim.hooks import NoOpWeightUpdateHook, WeightUpdateHook, as_program_hook, check_whole, hook_entry
 from dist_ortho.optim.layouts import ParamLayouts
 from dist_ortho.optim.nonfinite import NONFINITE, Nonfinite
 from dist_ortho.optim.options import accepted_keywords, check_bool, check_choice, check_number, reject_unknown
@@ -583,12 +583,12 @@ class OrthogonalizedOptimizer(Optimizer):
 
     def _plan_entries(self, params: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[tuple], list[str]]:
         """What every rank must agree on about ``params`` (dist_ortho.optim.agreement.plan_entry), and their labels."""
-        entries = []
+        entries, hook = [], hook_entry(self._weight_update_hook)
         for p, group in params:
             layout = self.layout(p)
             kind = None if layout.group is None else ("expert" if layout.group is self.expert_tp_group else "dense")
             entries.append(plan_entry(self.names.get(p), layout, kind, p.dtype, group, len(self.layouts.parts.get(p, ())),
-                                      self.layouts.dp_local(p)))
+                                      self.layouts.dp_local(p), hook))
         return entries, [self.names.get(p) or f"param {i} {tuple(p.shape)}" for i, (p, _) in enumerate(params)]
 
     def _agree(self, params: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> None:

@@ -233,6 +233,16 @@ def as_program_hook(hook: Any) -> ProgramHook | ForeignHook:
     return ForeignHook(hook)
 
 
+def hook_entry(hook: ProgramHook | ForeignHook) -> tuple:
+    """What every rank must agree on about the optimizer's hook (its class and, for this module's, its arguments):
+    hooks take part in the step's collectives (a norm over TP shards), so ranks with different hooks would meet in
+    collectives of other sizes, or step replicas apart. A foreign hook by its class only (its repr may hold an
+    address)."""
+    if isinstance(hook, ForeignHook):
+        return ("foreign", f"{type(hook.hook).__module__}.{type(hook.hook).__qualname__}")
+    return (type(hook).__name__, tuple(sorted((k, repr(v)) for k, v in vars(hook).items())))
+
+
 def check_whole(hook: ProgramHook | ForeignHook, params: Sequence[tuple[str, Layout]]) -> None:
     """A ValueError naming ``weight_update_hook`` and the first TP-sharded matrix of ``params`` (name, layout) when
     ``hook`` is another class's, which would see that rank's shard. Layouts are agreed: alike on every rank."""
