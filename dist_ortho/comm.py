@@ -37,8 +37,15 @@ T = TypeVar("T")
 logger = logging.getLogger(__name__)
 # all_gather_single / reduce_scatter_single are the newer names (torch >= 2.10) of all_gather_into_tensor /
 # reduce_scatter_tensor.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+# Looked up at each call, so that a wrapper of torch.distributed's functions (a benchmark's count) sees ours too.
+
+
+def _all_gather_single(*args: Any, **kwargs: Any) -> Any:
+    return (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(*args, **kwargs)
+
+
+def _reduce_scatter_single(*args: Any, **kwargs: Any) -> Any:
+    return (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(*args, **kwargs)
 
 
 @dataclass

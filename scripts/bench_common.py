@@ -58,9 +58,9 @@ def _sent(name: str, args: tuple, kwargs: dict) -> int:
             return send.nbytes * (size - 1) // size
         return (send.numel() - splits[rank]) * send.element_size() if splits else 0
     tensor = kwargs.get("tensor", kwargs.get("input", args[1] if name != "all_reduce" and len(args) > 1 else args[0]))
-    if name in ("all_gather", "all_gather_into_tensor"):
+    if name in ("all_gather", "all_gather_into_tensor", "all_gather_single"):
         return (size - 1) * tensor.nbytes
-    if name in ("reduce_scatter", "reduce_scatter_tensor"):
+    if name in ("reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single"):
         total = sum(t.nbytes for t in tensor) if isinstance(tensor, list) else tensor.nbytes
         return total * (size - 1) // size
     return 2 * tensor.nbytes * (size - 1) // size  # all_reduce
@@ -70,16 +70,22 @@ def _sent(name: str, args: tuple, kwargs: dict) -> int:
 def counting_collectives() -> Iterator[Counter]:
     """Count torch.distributed's collective calls made inside and the bytes they send to other ranks, whoever
     makes them (a peer's code and ours alike): ``counts["calls"]``, ``counts["bytes"]``."""
-    names = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
-             "all_to_all", "all_to_all_single")
+    names = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter",
+             "reduce_scatter_tensor", "reduce_scatter_single", "all_to_all", "all_to_all_single")
     counts: Counter = Counter()
-    saved = {name: getattr(dist, name) for name in names}
+    saved = {name: getattr(dist, name) for name in names if hasattr(dist, name)}
+    depth = [0]  # a wrapped call made by another (torch's newer names calling the older ones) is counted once
 
     def wrap(name: str, call: Callable) -> Callable:
         def counted(*args, **kwargs):
-            counts["calls"] += 1
-            counts["bytes"] += _sent(name, args, kwargs)
-            return call(*args, **kwargs)
+            if depth[0] == 0:
+                counts["calls"] += 1
+                counts["bytes"] += _sent(name, args, kwargs)
+            depth[0] += 1
+            try:
+                return call(*args, **kwargs)
+            finally:
+                depth[0] -= 1
         return counted
 
     for name, call in saved.items():

@@ -1,6 +1,7 @@
 """Muon on HSDP (FSDP2, torchtitan's layout): owners spread over replicas x shards against every replica stepping all.
 
     .venv/bin/python scripts/bench_hsdp.py [--layers 4] [--hidden 128] [--repeats 3] [--json docs/bench_hsdp.json]
+    .venv/bin/python scripts/bench_hsdp.py --experts 4 --layers 2 --hidden 64 --json docs/bench_hsdp_experts.json
 
 World 4 on gloo: ``fully_shard(model, mesh=mesh)`` over ("dp_replicate", "fsdp") = 2 x 2, every weight
 (Replicate(), Shard(0)); ``--layers`` blocks of two bias-free weights (h x 4h and 4h x h, h = ``--hidden``). float32,
@@ -21,6 +22,10 @@ step (bench_common.counting_collectives: torch.distributed's calls, whoever make
 (both exact: float32 rounding). Also computed (not run), from the same owners and pieces: the bytes the other way to
 bring the result to every replica would send, one share per replica dim (an all-to-all over the owner's FSDP group,
 then an all-gather of each rank's updated pieces over "dp_replicate").
+
+``--experts E``: expert stacks instead (torchtitan's experts when efsdp x ep <= E, here EP 1): ours, each stack
+owned by one replica (it runs the E matrices of its efsdp rank's experts and sends them whole to the other replica);
+before, every replica steps its own experts alike.
 """
 
 from __future__ import annotations
@@ -61,6 +66,21 @@ def _model(args, mesh) -> torch.nn.Module:
     return fully_shard(net, mesh=mesh)
 
 
+def _expert_stacks(args, mesh) -> list[tuple[str, torch.nn.Parameter]]:
+    """``--experts E``: per layer, stacks w1 [E, 4h, h] and w2 [E, h, 4h], whole experts per rank over "efsdp"
+    (Shard(0), fully_shard's placement of experts when efsdp x ep <= E) and replicated over "dp_replicate"."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    torch.manual_seed(0)
+    out = []
+    for layer in range(args.layers):
+        for name, shape in (("w1", (4 * args.hidden, args.hidden)), ("w2", (args.hidden, 4 * args.hidden))):
+            full = torch.randn(args.experts, *shape) / shape[1] ** 0.5
+            out.append((f"layers.{layer}.moe.experts.{name}",
+                        torch.nn.Parameter(distribute_tensor(full, mesh, [Replicate(), Shard(0)]))))
+    return out
+
+
 def _back_bytes(opt, params: list[torch.Tensor]) -> tuple[int, int]:
     """Bytes this rank sends bringing the owners' updates to every rank (the step's way back; the way in, each
     owner's own replica's pieces, is the same either way): ours, one all-to-all over the 4 ranks (every other rank
@@ -91,22 +111,35 @@ def _measure(rank: int, world: int, port: int, args, out) -> None:
 
     from dist_ortho import get_optimizer
 
-    mesh = init_device_mesh("cpu", (REPLICAS, SHARDS), mesh_dim_names=("dp_replicate", "fsdp"))
-    ours_model, base_model = _model(args, mesh), _model(args, mesh)
-    ours_params = [p for _, p in ours_model.named_parameters()]
-    base_params = [p for _, p in base_model.named_parameters()]
-    ours = get_optimizer("muon")(list(ours_model.named_parameters()), scale_mode="shape_scaling", **HP)
-    base = get_optimizer("muon")(list(base_model.named_parameters()), scale_mode="shape_scaling", **HP)
+    shards = "efsdp" if args.experts else "fsdp"
+    mesh = init_device_mesh("cpu", (REPLICAS, SHARDS), mesh_dim_names=("dp_replicate", shards))
+    if args.experts:
+        ours_named, base_named = _expert_stacks(args, mesh), _expert_stacks(args, mesh)
+    else:
+        ours_model, base_model = _model(args, mesh), _model(args, mesh)
+        ours_named, base_named = list(ours_model.named_parameters()), list(base_model.named_parameters())
+    ours_params, base_params = [p for _, p in ours_named], [p for _, p in base_named]
+    ours = get_optimizer("muon")(ours_named, scale_mode="shape_scaling", **HP)
+    base = get_optimizer("muon")(base_named, scale_mode="shape_scaling", **HP)
     base.layouts.spread_replicas = False
-    dp_rank = mesh.get_local_rank("dp_replicate") * SHARDS + mesh.get_local_rank("fsdp")
-    x = torch.randn(8, args.hidden, generator=torch.Generator().manual_seed(dp_rank))
-    ours_model(x).square().mean().backward()
+    if args.experts:  # seeded gradients, the same on every replica (as FSDP2's all-reduce over "dp_replicate" leaves them)
+        from torch.distributed.tensor import DTensor
+
+        gen = torch.Generator().manual_seed(1)
+        for p in ours_params:
+            full = torch.randn(p.shape, generator=gen)
+            p.grad = DTensor.from_local(full.chunk(SHARDS)[mesh.get_local_rank(shards)].clone(), mesh, p.placements,
+                                        shape=p.shape, stride=p.stride())
+    else:
+        dp_rank = mesh.get_local_rank("dp_replicate") * SHARDS + mesh.get_local_rank("fsdp")
+        x = torch.randn(8, args.hidden, generator=torch.Generator().manual_seed(dp_rank))
+        ours_model(x).square().mean().backward()
     for q, p in zip(base_params, ours_params):  # the same gradients for both (FSDP2 reduced them over both dims)
         q.grad = p.grad.detach().clone()
     steps = {"ours (owners over replicas x shards)": ours.step, "before (every replica steps all)": base.step}
     rows = counted_per_rank(steps, world)
     back = [None] * world
-    dist.all_gather_object(back, _back_bytes(ours, ours_params))
+    dist.all_gather_object(back, (0, 0) if args.experts else _back_bytes(ours, ours_params))
     times = time_interleaved(steps, args.repeats)
     difference = torch.tensor(max((p.to_local() - q.to_local()).abs().max().item() for p, q in zip(ours_params, base_params)))
     dist.all_reduce(difference, op=dist.ReduceOp.MAX)
@@ -125,6 +158,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--experts", type=int, default=0,
+                        help="E > 0: expert stacks [E, 4h, h], [E, h, 4h] per layer, whole experts per rank over "
+                             "'efsdp' (Shard(0)), replicated over 'dp_replicate', instead of the dense blocks")
     parser.add_argument("--json")
     args = parser.parse_args()
     world = REPLICAS * SHARDS
@@ -133,8 +169,9 @@ def main() -> None:
     labels = list(rows)
     base_seconds = rows[labels[1]]["seconds"]
     total = sum(rows[labels[0]]["flops_per_rank"])  # every matrix's Newton-Schulz once: the work to share
-    print(f"FSDP2 HSDP {REPLICAS} x {SHARDS} (world {world}), {args.layers} blocks of h={args.hidden} (2 matrices "
-          "each), float32 highest, 5 quintic steps; per step")
+    what = (f"{args.layers} layers of 2 expert stacks [{args.experts}, 4h, h] / [{args.experts}, h, 4h], h={args.hidden}, "
+            "whole experts over 'efsdp'" if args.experts else f"{args.layers} blocks of h={args.hidden} (2 matrices each)")
+    print(f"FSDP2 HSDP {REPLICAS} x {SHARDS} (world {world}), {what}, float32 highest, 5 quintic steps; per step")
     print("| configuration | NS FLOPs max rank | FLOPs summed over the world | max rank / (once per matrix / world) | "
           "collectives (max rank) | MB sent (max rank) | seconds | vs before |")
     print("|---|---|---|---|---|---|---|---|")
@@ -143,7 +180,7 @@ def main() -> None:
         print(f"| {label} | {max(flops) / 1e6:.1f} M | {sum(flops) / 1e6:.1f} M | {max(flops) / (total / world):.2f} | "
               f"{max(row['calls'])} | {max(row['bytes_sent']) / 1e6:.2f} | {row['seconds']:.4f} | "
               f"{row['seconds'] / base_seconds:.2f}x |")
-    for label, sent in result["back_bytes_per_rank"].items():
+    for label, sent in result["back_bytes_per_rank"].items() if not args.experts else ():
         print(f"the way back, {label}: {max(sent) / 1e6:.2f} MB max rank, {sum(sent) / 1e6:.2f} MB all ranks (computed)")
     print(f"weights differ by {result['weight_difference']:.1e} after the run")
     if args.json:

@@ -41,7 +41,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from dist_ortho import MuonAdamW, comm
@@ -451,6 +451,74 @@ def test_expert_state_is_held_by_experts_and_gathers_whole(world):
             assert "not one entry per expert" in v["refused"], (rank, case, v["refused"])
         if "ep" in r:
             assert (r["ep"]["first"], r["ep"]["count"]) == (2 * e, 2), (rank, r["ep"])
+
+
+# -- experts under HSDP: replicated over "dp_replicate", whole experts per rank over ("efsdp", "ep") --
+
+HSDP_EXPERTS = {  # (dp_replicate, efsdp, ep) sizes and the stacks' placements torchtitan gives there
+    "whole": ((2, 2, 1), (Replicate(), Shard(0), Replicate())),  # ep 1: fully_shard's Shard(0) over efsdp
+    "rows": ((2, 2, 1), (Replicate(), Shard(1), Replicate())),  # efsdp x ep > E: rows of every expert
+    "strided": ((2, 2, 2), (Replicate(), _StridedShard(0, split_factor=2), Shard(0))),  # world 8
+}
+HSDP_STACKS = {"moe.experts.w1": (EXPERTS, 10, 6), "moe.experts.w2": (EXPERTS, 6, 10), "moe.experts.w3": (EXPERTS, 10, 6)}
+
+
+def _hsdp_experts(ctx, case: str, overlap: bool) -> dict:
+    """Three expert stacks on ("dp_replicate", "efsdp", "ep") as :data:`HSDP_EXPERTS` places them, MuonAdamW with no
+    group argument (``overlap``: the share left in flight until the next step or ``finish``), 2 steps of seeded
+    one-process gradients (FSDP2 all-reduces them over the replicas: every replica holds the same)."""
+    sizes, placements = HSDP_EXPERTS[case]
+    mesh = init_device_mesh("cpu", sizes, mesh_dim_names=("dp_replicate", "efsdp", "ep"))
+    gen = torch.Generator().manual_seed(13)
+    fulls = {n: torch.randn(shape, generator=gen) for n, shape in HSDP_STACKS.items()}
+    params = {n: torch.nn.Parameter(DTensor.from_local(piece_of(full, mesh, placements).clone(), mesh, placements,
+                                                       shape=full.shape, stride=full.stride()))
+              for n, full in fulls.items()}
+    opt = MuonAdamW(list(params.items()), "muon", tp_mode="home", overlap=overlap, **HP)
+    grads = _steps(opt, params, HSDP_STACKS, 2)
+    opt.finish()
+    errors = {}
+    for n, p in params.items():
+        full = p.detach().full_tensor()
+        for k in range(EXPERTS):
+            errors[f"{n}[{k}]"] = _error(full[k], fulls[n][k], [g[n][k] for g in grads])
+    inner = opt.matrix_optimizer
+    return {"errors": errors, "owns": [inner.owns(p) for p in params.values()],
+            "kept": [bool(inner.state[p]) for p in params.values()],
+            "groups": [tuple(dist.get_process_group_ranks(inner.layouts.owner_group(p))) for p in params.values()]}
+
+
+@pytest.mark.parametrize("case,overlap", [("whole", False), ("whole", True), ("rows", False)])
+def test_experts_under_hsdp_are_stepped_once_in_the_world(world, case, overlap):
+    """HSDP 2 x efsdp 2 over expert stacks (world 4). Whole experts per rank (Shard(0) over efsdp), replicated over
+    "dp_replicate": each stack is owned over its replicas group (the ranks holding the same experts): one replica
+    steps it and keeps its state, the other gets the result (it was every replica stepping its own, alike: twice
+    the Newton-Schulz in the world). Rows of every expert (Shard(1)): owned once over replicas x pieces as a dense
+    HSDP weight. Every expert of the gathered weights is one process's Muon step (weights_agree)."""
+    results = world.run(_hsdp_experts, case, overlap)
+    for rank, r in enumerate(results):
+        replica, f = divmod(rank, 2)
+        expected = (f, f + 2) if case == "whole" else (0, 1, 2, 3)
+        assert r["groups"] == [expected] * len(HSDP_STACKS), (rank, r["groups"])
+        assert r["kept"] == r["owns"], (rank, r)  # the owner keeps the state, nobody else
+        bad = {n: v for n, v in r["errors"].items() if not optim_reference.weights_agree(*v)}
+        assert not bad, f"rank {rank}: (err, moved) beyond tolerance: {bad}"
+    places = 2 if case == "whole" else 1  # efsdp ranks holding their own experts, or one grid over the pieces
+    assert sum(sum(r["owns"]) for r in results) == len(HSDP_STACKS) * places, [r["owns"] for r in results]
+
+
+def test_strided_experts_under_hsdp_are_stepped_once_in_the_world():
+    """torchtitan's experts at HSDP 2 x efsdp 2 x EP 2 (world 8): (Replicate(), _StridedShard(0, sf=2), Shard(0)) on
+    ("dp_replicate", "efsdp", "ep"), one whole expert per rank; each (efsdp, ep) place's stack owned by one of
+    its two replicas (12 owners of 3 stacks x 4 places, not 24), every expert one process's Muon step."""
+    with started_world(8) as world8:
+        results = world8.run(_hsdp_experts, "strided", False)
+    for rank, r in enumerate(results):
+        assert r["groups"] == [(rank % 4, rank % 4 + 4)] * len(HSDP_STACKS), (rank, r["groups"])
+        assert r["kept"] == r["owns"], (rank, r)
+        bad = {n: v for n, v in r["errors"].items() if not optim_reference.weights_agree(*v)}
+        assert not bad, f"rank {rank}: (err, moved) beyond tolerance: {bad}"
+    assert sum(sum(r["owns"]) for r in results) == len(HSDP_STACKS) * 4, [r["owns"] for r in results]
 
 
 # -- one MoE model: dense weights FSDP'd over "fsdp" (4 ranks), expert stacks over "efsdp" (2) x "ep" (2) --

@@ -692,7 +692,7 @@ class OrthogonalizedOptimizer(Optimizer):
             return
         covered = set().union(*self._layers)
         outside = [self.name_of(p) for group in self.param_groups for p in group["params"]
-                   if p.requires_grad and p not in covered and not self.layouts.dp_local(p)]
+                   if p.requires_grad and p not in covered and not self.layouts.steps_own(p)]
         if outside:
             shown = ", ".join(outside[:5]) + (f" and {len(outside) - 5} more" if len(outside) > 5 else "")
             raise ValueError(
@@ -839,7 +839,7 @@ class OrthogonalizedOptimizer(Optimizer):
             if self.layouts.in_pieces(p):
                 share.sharded.append(p)
                 share.sharded_owners.append(self.owner(p))
-            elif not self.layouts.dp_local(p):
+            elif not self.layouts.steps_own(p):
                 share.replicated.append(p)
                 share.replicated_owners.append(self.owner(p))
         return list(shares.values())

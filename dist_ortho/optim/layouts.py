@@ -13,7 +13,10 @@ group over both, made once: dist_ortho.grid.grid_group), so each matrix is stepp
 of one replica, from its own replica's gradient pieces (FSDP2 all-reduces them over the replicas in backward: every
 replica holds the same, nothing is reduced again), and every rank of every replica gets its piece of the result in
 the same all-to-all (dist_ortho.pieces.Spread). Owners are balanced over grid places (replica, piece rank), so the
-TP ranks of a matrix own it at the same place. ``spread_replicas = False`` gives the rule before it (each replica
+TP ranks of a matrix own it at the same place. A stack of experts whose DP ranks hold whole experts of their own
+(FSDP's Shard(0) / strided shard over efsdp) and that is replicated over another DP dim is owned over that replicas
+group: one replica steps it (balanced by cost over the stacks), the others receive it whole, as a weight replicated
+over DP does. ``spread_replicas = False`` gives the rule before it (each replica
 steps every matrix of its pieces, alike): what the benchmark compares against.
 """
 
@@ -68,6 +71,7 @@ class ParamLayouts:
         self.spread_replicas = True  # HSDP: owners over replicas x pieces (see the module doc)
         self.grids: dict[torch.Tensor, tuple[tuple[int, ...], ...]] = {}  # HSDP: replicas x pieces ranks (Reading.grid)
         self.spreads: dict[torch.Tensor, pieces.Spread] = {}  # HSDP: where each owner-group rank is
+        self.replica_stacks: set[torch.Tensor] = set()  # HSDP: stacks of each rank's own experts, owned over replicas
 
     def __contains__(self, p: object) -> bool:
         return p in self.layouts
@@ -165,6 +169,9 @@ class ParamLayouts:
                 layout.replicas is None or _ranks(layout.replicas) in (None, _ranks(dp)))
             group = (layout.pieces.group if layout.pieces is not None else experts.group if experts is not None
                      else dp if replicated else None)
+            if experts is not None and self.spread_replicas and _ranks(layout.replicas) not in (None, _ranks(dp)):
+                group = layout.replicas  # HSDP over experts of its own: one replica steps the stack, the others get it
+                self.replica_stacks.add(p)
             spread = self._spread(p)
             if spread is not None:
                 group, self.spreads[p] = spread
@@ -174,9 +181,9 @@ class ParamLayouts:
             by_group.setdefault(_ranks(self.owner_groups[p]), []).append(p)
         for key, members in by_group.items():
             group = self.owner_groups[members[0]]
-            own = [p for p in members if self.dp_local(p)]  # every rank its own experts
+            own = [p for p in members if self.steps_own(p)]  # every rank its own experts
             self.owners.update((p, comm.group_rank(group)) for p in own)
-            shared = [p for p in members if not self.dp_local(p)]
+            shared = [p for p in members if not self.steps_own(p)]
             new_ids = {id(p) for p in shared}
             spread = self.spreads.get(members[0])
             # grid places (replica, piece rank) in order, and the group rank at each (identity without a grid)
@@ -184,7 +191,7 @@ class ParamLayouts:
                   sorted(range(len(spread.piece)), key=lambda c: (spread.replica[c], spread.piece[c])))
             place_of = {c: k for k, c in enumerate(at)}
             taken = [(shapes(q), place_of[owner]) for q, owner in self.owners.items()
-                     if id(q) not in new_ids and not self.dp_local(q) and _ranks(self.owner_groups[q]) == key]
+                     if id(q) not in new_ids and not self.steps_own(q) and _ranks(self.owner_groups[q]) == key]
             places = assign_owners([shapes(p) for p in shared], comm.group_size(group), taken)
             self.owners.update((p, at[k]) for p, k in zip(shared, places))
 
@@ -239,6 +246,11 @@ class ParamLayouts:
         layout = self.held.get(p)
         return layout is not None and any(s.kind == "experts" and s.size > 1 and _ranks(s.group) == _ranks(self.dp_of(p))
                                           for s in layout.splits)
+
+    def steps_own(self, p: torch.Tensor) -> bool:
+        """Whether every rank steps its own experts of p (a stack split over its DP ranks and not replicated beside
+        them; under HSDP one replica steps them, :attr:`replica_stacks`, and shares them with the others)."""
+        return self.dp_local(p) and p not in self.replica_stacks
 
     def dp_of(self, p: torch.Tensor) -> comm.ProcessGroup | None:
         """p's DP group: the experts' own (``expert_dp_group``, where their DTensors shard over another DP dim than
