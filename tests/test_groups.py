@@ -19,7 +19,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from dist_ortho import get_optimizer
-from dist_ortho.optim.muon import Muon
+from dist_ortho.optim.members.muon import Muon
 from tests.data.make_pre_groups_state import HP, KINDS, grads, parameters
 from tests.test_optim import IDS, VARIANTS
 

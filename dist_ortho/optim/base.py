@@ -52,6 +52,7 @@ from dist_ortho.optim.hooks import NoOpWeightUpdateHook, WeightUpdateHook, as_pr
 from dist_ortho.optim.layouts import ParamLayouts
 from dist_ortho.optim.nonfinite import NONFINITE, Nonfinite
 from dist_ortho.optim.options import accepted_keywords, check_bool, check_choice, check_number, reject_unknown
+from dist_ortho.optim.settings import STRUCTURAL_OPTIONS
 from dist_ortho.optim.planning import Share, StepPlan, batching_keys, build_stacks, plan_table, refresh_states, resolve_modes
 from dist_ortho.optim.overlap import ShareInFlight, layer_buckets
 from dist_ortho.optim.step import GroupStep, Pending, Verdict, descend, run_phase, shared_verdict
@@ -69,14 +70,6 @@ WeightDecayMethod = Literal["decoupled", "independent", "l2", "palm"]
 WEIGHT_DECAY_METHODS: tuple[str, ...] = get_args(WeightDecayMethod)
 ConvMode = Literal["flatten", "batched"]
 CONV_MODES: tuple[str, ...] = get_args(ConvMode)
-# Group options that shape a step's plan (its stacks, modes and collectives); the others (lr, momentum, ...)
-# are read at every step.
-STRUCTURAL_OPTIONS = (
-    "tp_mode", "coalesce", "fp32_matmul_prec", "ns_dtype", "local_gram", "batch_matrices", "nonfinite", "conv_mode", "split_qkv",
-    "qkv_split_shapes", "qkv_per_head", "num_ns_steps", "coefficient_type", "custom_coefficient_sets", "use_syrk",
-    "ns_eps",
-    "per_head",
-)
 __all__ = ["MatmulPrecision", "OrthogonalizedOptimizer", "check_choice", "check_number"]
 
 

@@ -11,11 +11,11 @@ from collections.abc import Callable
 import torch
 from torch.optim.optimizer import Optimizer
 
-from dist_ortho.optim.adaptive import AdaptiveMuon
-from dist_ortho.optim.mop import MOP
-from dist_ortho.optim.muon import Muon, MuonHyperball
-from dist_ortho.optim.polargrad import PolarGrad
-from dist_ortho.optim.scion import Scion
+from dist_ortho.optim.members.adaptive import AdaptiveMuon
+from dist_ortho.optim.members.mop import MOP
+from dist_ortho.optim.members.muon import Muon, MuonHyperball
+from dist_ortho.optim.members.polargrad import PolarGrad
+from dist_ortho.optim.members.scion import Scion
 
 OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
     "muon": Muon,

@@ -120,7 +120,7 @@ def _cuda_seconds(fn, repeats: int = 10) -> float:
 
 def measure_cuda() -> dict[str, float]:
     """This GPU's figures (see the module doc)."""
-    from dist_ortho.optim.muon import Muon
+    from dist_ortho.optim.members.muon import Muon
 
     out: dict[str, float] = {}
     n = 8192

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from dist_ortho import comm
-from dist_ortho.optim.adaptive import AdaptiveMuon
+from dist_ortho.optim.members.adaptive import AdaptiveMuon
 from dist_ortho.optim.holding import owns
-from dist_ortho.optim.muon import Muon
+from dist_ortho.optim.members.muon import Muon
 from dist_ortho.tp import TP_MODES
 
 MEGATRON_BLOCKWISE = ("blockwise", "megatron_blockwise")

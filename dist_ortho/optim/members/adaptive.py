@@ -20,7 +20,7 @@ from torch.optim.optimizer import ParamsT
 
 from dist_ortho.coalesce import Program
 from dist_ortho.optim.context import MatrixContext
-from dist_ortho.optim.muon import Muon
+from dist_ortho.optim.members.muon import Muon
 from dist_ortho.optim.options import check_choice, check_number
 from dist_ortho.layout import REPLICATED_HELD, Held, Layout
 
