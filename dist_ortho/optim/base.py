@@ -276,7 +276,7 @@ class OrthogonalizedOptimizer(Optimizer):
         self._logged_plan: str | None = None
         self._agreement = PlanAgreement(type(self).__name__)
         self.verify_plan = check_choice("verify_plan", verify_plan, VERIFY_PLAN)
-        self._step_count = 0
+        self.step_count = 0
         self._skipped = 0  # steps skipped for a non-finite update (nonfinite="skip")
         self._skipped_on_device: torch.Tensor | None = None  # the same, counted on the device (capturable)
         self.capturable = capturable
@@ -321,7 +321,7 @@ class OrthogonalizedOptimizer(Optimizer):
         on_device = int(self._skipped_on_device) if self._skipped_on_device is not None else 0
         return self._skipped + on_device
 
-    def _count_skip(self, ok: torch.Tensor | None = None) -> None:
+    def count_skip(self, ok: torch.Tensor | None = None) -> None:
         """One more skipped step, or (capturable) one where the device bool ``ok`` is False."""
         if ok is None:
             self._skipped += 1
@@ -624,13 +624,13 @@ class OrthogonalizedOptimizer(Optimizer):
         update is known finite (``nonfinite``): momentum and weight decay are committed with the update."""
         loss = call_closure(closure)
         self.finish()
-        self._step_count += 1
+        self.step_count += 1
         self._last_comm = stats = comm.CommStats()
         try:
             with comm.count_collectives(stats), decoupled_grads([p for g in self.param_groups for p in g["params"]]):
                 self._step()
         except comm.CollectiveError as e:
-            prefix = f"{type(self).__name__} step {self._step_count}: "
+            prefix = f"{type(self).__name__} step {self.step_count}: "
             raise comm.CollectiveError(str(e) if str(e).startswith(prefix) else prefix + str(e)) from e
         return loss
 
@@ -777,7 +777,7 @@ class OrthogonalizedOptimizer(Optimizer):
         pieces_get_update = any(share.sharded for share in plan.shares) and self._pieces_get_update()
         self.grid.gather_pieces(plan, values=not pieces_get_update)
         if fresh:  # parameters may be at their first step
-            self._init_fresh([p for p, _ in plan.owned])
+            self.init_fresh([p for p, _ in plan.owned])
         if not plan.shares:
             self._engine.run(plan.stacks)
             return
@@ -806,7 +806,7 @@ class OrthogonalizedOptimizer(Optimizer):
                 and isinstance(self._weight_update_hook, NoOpWeightUpdateHook)
                 and not any(self._l2(group) for group in self.param_groups))
 
-    def _init_fresh(self, params: Sequence[torch.Tensor]) -> None:
+    def init_fresh(self, params: Sequence[torch.Tensor]) -> None:
         """Fill the state of those ``params`` that have none (their first step): init_state_program, one
         matrix per context, all together."""
         fresh = [p for p in params if not self.state[p]]

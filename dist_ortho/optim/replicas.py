@@ -184,7 +184,7 @@ class ReplicaGrid:
             programs = self._bucket_programs(plan, members, flags, values, updates, options, first=not buckets)
             buckets.append((members, start_many(programs, opt.bucket_bytes)))
         in_flight = ShareInFlight(buckets, lambda found: self.decide(plan, pending, found), opt._last_comm,
-                                  f"{type(opt).__name__} step {opt._step_count}: the share over DP")
+                                  f"{type(opt).__name__} step {opt.step_count}: the share over DP")
         if opt.overlap:
             self.in_flight = in_flight
         else:
