@@ -67,7 +67,7 @@ def _trajectory(ctx, kind: str, mode: str, tp: int, overlap: bool, late_rank: in
         if ctx.rank == late_rank:
             time.sleep(0.3)  # this rank issues its share late: the others' forwards must wait for it
         opt.step()
-        assert (opt._in_flight is not None) == (overlap and dp)  # the share is left in flight
+        assert (opt.grid.in_flight is not None) == (overlap and dp)  # the share is left in flight
         opt.zero_grad(set_to_none=False)  # in place, before the share is decided: it must not read gradients
     seen.append([t.clone() for t in torch.nn.ModuleList(layers).state_dict().values()])  # a checkpoint's read
     with torch.no_grad():  # an evaluation's forward
@@ -220,7 +220,7 @@ def _backward(ctx, overlap: bool, micro_batches: int, bucket_bytes: int, verify_
             context = opt.no_sync() if micro < micro_batches - 1 else torch.enable_grad()
             with context:
                 out.square().sum().backward()
-        issued = reducer._backward.issued if reducer._backward is not None else 0
+        issued = reducer.grid.backward.issued if reducer.grid.backward is not None else 0
         opt.step()
         opt.zero_grad()
     return [p.detach().clone() for p in params], issued

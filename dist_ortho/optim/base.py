@@ -38,24 +38,23 @@ import torch
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from dist_ortho import comm
-from dist_ortho.backward import DEFAULT_GRAD_BUCKET_BYTES, BackwardReducer, cut_by_bytes
-from dist_ortho.coalesce import DEFAULT_BUCKET_BYTES, Program, start_many
+from dist_ortho.backward import DEFAULT_GRAD_BUCKET_BYTES
+from dist_ortho.coalesce import DEFAULT_BUCKET_BYTES, Program
 from dist_ortho.coefficients import get_coefficients
 from dist_ortho.dtensor import MeshDims, check_mesh_dims, groups_from_meshes, is_expert_dtensor, local, mesh_groups
-from dist_ortho.grid import share_program, verdict_program
 from dist_ortho.optim.agreement import VERIFY_PLAN, PlanAgreement, VerifyPlan, agree_batching, plan_entry
 from dist_ortho.optim.context import MatrixContext
-from dist_ortho.optim.gradients import decoupled_grads, dp_own, start_reduce_into_owners, sum_of_squares
+from dist_ortho.optim.gradients import decoupled_grads, sum_of_squares
 from dist_ortho.optim.groups import ParamStack, Part
 from dist_ortho.optim.holding import StackHeld, part_of
 from dist_ortho.optim.hooks import NoOpWeightUpdateHook, WeightUpdateHook, as_program_hook, check_whole, hook_entry
 from dist_ortho.optim.layouts import ParamLayouts
 from dist_ortho.optim.nonfinite import NONFINITE, Nonfinite
 from dist_ortho.optim.options import accepted_keywords, check_bool, check_choice, check_number, reject_unknown
+from dist_ortho.optim.planning import StepPlan, batching_keys, build_stacks, plan_table, refresh_states, resolve_modes
+from dist_ortho.optim.replicas import ReplicaGrid
 from dist_ortho.optim.settings import STRUCTURAL_OPTIONS
-from dist_ortho.optim.planning import Share, StepPlan, batching_keys, build_stacks, plan_table, refresh_states, resolve_modes
-from dist_ortho.optim.overlap import ShareInFlight, layer_buckets
-from dist_ortho.optim.step import GroupStep, Pending, Verdict, descend, run_phase, shared_verdict
+from dist_ortho.optim.step import GroupStep, run_phase
 from dist_ortho.layout import Held, Layout
 from dist_ortho.params import GTP_ATTRIBUTES, is_expert_stack, unreadable
 from dist_ortho.precision import MATMUL_PRECISIONS, MatmulPrecision, NsDtype, check_ns_dtype, log_ns_dtype
@@ -270,9 +269,7 @@ class OrthogonalizedOptimizer(Optimizer):
         self._logged_plan: str | None = None
         self._agreement = PlanAgreement(type(self).__name__)
         self.verify_plan = check_choice("verify_plan", verify_plan, VERIFY_PLAN)
-        self._step_count = 0
-        self._grads_reduced = False  # reduce_gradients() ran since the last step
-        self._reduced_plan: tuple | None = None  # the parameters and options the reductions were last agreed for
+        self.step_count = 0
         self._skipped = 0  # steps skipped for a non-finite update (nonfinite="skip")
         self._skipped_on_device: torch.Tensor | None = None  # the same, counted on the device (capturable)
         self.capturable = capturable
@@ -286,15 +283,12 @@ class OrthogonalizedOptimizer(Optimizer):
         self._last_comm = comm.CommStats()
         check_bool("overlap", overlap)
         self.overlap = overlap
-        self._in_flight: ShareInFlight | None = None  # the last step's share, with overlap
-        self._layers: list[set[torch.Tensor]] = []  # overlap_by_layer's modules' parameters, in forward order
         check_bool("overlap_with_backward", overlap_with_backward)
         if overlap_with_backward and not reduce_grads:
             raise ValueError("overlap_with_backward=True needs reduce_grads=True (the step then reduces the gradients; "
                              "without it they arrive averaged, e.g. by DDP, which overlaps its own reduction)")
         self.overlap_with_backward = overlap_with_backward
         self.backward_bucket_bytes = int(check_number("backward_bucket_bytes", backward_bucket_bytes, 1))
-        self._backward: BackwardReducer | None = None
         if param_names is not None:  # before the groups are checked, so that checks can name parameters
             named = param_names.items() if isinstance(param_names, dict) else param_names
             self.names.update((p, name) for name, p in named)
@@ -306,6 +300,7 @@ class OrthogonalizedOptimizer(Optimizer):
         self._groups_from_params = device_mesh is None and tp_group is None and dp_group is None and expert_tp_group is None
         if self._groups_from_params:
             self._groups_from_meshes()
+        self.grid = ReplicaGrid(self)  # owners, gradients into them, the share and its finite decision
 
     def _groups(self) -> tuple[comm.ProcessGroup | None, ...]:
         """Every group whose ranks must agree on the plan: TP, expert TP, DP and the owner groups found so far."""
@@ -319,7 +314,7 @@ class OrthogonalizedOptimizer(Optimizer):
         on_device = int(self._skipped_on_device) if self._skipped_on_device is not None else 0
         return self._skipped + on_device
 
-    def _count_skip(self, ok: torch.Tensor | None = None) -> None:
+    def count_skip(self, ok: torch.Tensor | None = None) -> None:
         """One more skipped step, or (capturable) one where the device bool ``ok`` is False."""
         if ok is None:
             self._skipped += 1
@@ -622,13 +617,13 @@ class OrthogonalizedOptimizer(Optimizer):
         update is known finite (``nonfinite``): momentum and weight decay are committed with the update."""
         loss = call_closure(closure)
         self.finish()
-        self._step_count += 1
+        self.step_count += 1
         self._last_comm = stats = comm.CommStats()
         try:
             with comm.count_collectives(stats), decoupled_grads([p for g in self.param_groups for p in g["params"]]):
                 self._step()
         except comm.CollectiveError as e:
-            prefix = f"{type(self).__name__} step {self._step_count}: "
+            prefix = f"{type(self).__name__} step {self.step_count}: "
             raise comm.CollectiveError(str(e) if str(e).startswith(prefix) else prefix + str(e)) from e
         return loss
 
@@ -636,16 +631,11 @@ class OrthogonalizedOptimizer(Optimizer):
     def finish(self) -> None:
         """Complete the last step's share (``overlap=True``): every replica's weights and the owners' state are
         then the step's (or it raises, as the step would have, on every rank alike). A no-op otherwise."""
-        if self._in_flight is not None:
-            in_flight, self._in_flight = self._in_flight, None
-            in_flight.wait_for(None, " by finish()")
+        self.grid.finish()
 
     def wait_for(self, module: torch.nn.Module) -> None:
         """Complete the share of ``module``'s parameters (and of those shared before them)."""
-        if self._in_flight is not None:
-            self._in_flight.wait_for(set(module.parameters()), f" before {type(module).__name__}'s forward")
-            if self._in_flight.done():
-                self._in_flight = None
+        self.grid.wait_for(module)
 
     def qk_clip(self, max_logits: Any, tau: float, groups: Sequence[Any] = ()) -> Any:
         """QK-clip (MuonClip) after the step, with maxima agreed over TP, DP and ``groups`` (dist_ortho.optim.qk_clip)."""
@@ -667,10 +657,9 @@ class OrthogonalizedOptimizer(Optimizer):
         for i, module in enumerate(layers):
             if not isinstance(module, torch.nn.Module):
                 raise TypeError(f"overlap_by_layer: layers[{i}] must be a torch.nn.Module, got {type(module).__name__}")
-        self._layers = [set(module.parameters()) for module in layers]
+        self.grid.set_layers(layers)
         if not self.overlap:
             return []
-        self._check_layers_cover()
 
         def wait(module: torch.nn.Module, *_: Any) -> None:
             self.wait_for(module)
@@ -678,34 +667,17 @@ class OrthogonalizedOptimizer(Optimizer):
             module.register_forward_pre_hook(wait, prepend=True), module.register_state_dict_pre_hook(wait),
             module.register_load_state_dict_pre_hook(wait))]
 
-    def _check_layers_cover(self) -> None:
-        """Every parameter the share over DP may bring (each that requires a gradient, but experts whose DP ranks
-        update their own) is in one of ``overlap_by_layer``'s layers. Local: every rank holds the same layers."""
-        if not any(self.layouts.owner_keys()) and comm.group_size(self.dp_group) == 1:
-            return
-        covered = set().union(*self._layers)
-        outside = [self.name_of(p) for group in self.param_groups for p in group["params"]
-                   if p.requires_grad and p not in covered and not self.layouts.steps_own(p)]
-        if outside:
-            shown = ", ".join(outside[:5]) + (f" and {len(outside) - 5} more" if len(outside) > 5 else "")
-            raise ValueError(
-                f"overlap_by_layer: in none of the layers: {shown}. With overlap=True nothing would wait for their "
-                "share before a forward reads them. Pass the modules that hold them among the layers, in forward "
-                "order (e.g. [model.embedding, *model.layers, model.head]), or leave them to another optimizer")
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch.optim's, after forgetting that these gradients were reduced (a step skipped after reading their
         norm must not leave the next backward's gradients unreduced) and completing the reductions a backward
         issued for them (``overlap_with_backward``: none is left in flight, the next backward starts afresh)."""
-        if self._backward is not None:
-            self._backward.drain()
-        self._grads_reduced = False
+        self.grid.forget_reduction()
         super().zero_grad(set_to_none)
 
     def no_sync(self) -> contextlib.AbstractContextManager[None]:
         """Gradient accumulation with ``overlap_with_backward``: a backward inside this block reduces nothing (its
         gradients are not final); the last micro-batch's backward, outside it, starts the reductions."""
-        return self._backward.no_sync() if self._backward is not None else contextlib.nullcontext()
+        return self.grid.no_sync()
 
     def state_dict(self) -> dict[str, Any]:
         self.finish()
@@ -723,58 +695,18 @@ class OrthogonalizedOptimizer(Optimizer):
 
     def owner(self, p: torch.Tensor) -> int:
         """The rank of the grid group (dist_ortho.optim.layouts) that updates ``p`` and keeps its state (0 without one)."""
-        self.layout(p)
-        return self.layouts.owners[p]
+        return self.grid.owner(p)
 
     def owns(self, p: torch.Tensor) -> bool:
         """Whether this rank updates ``p`` and keeps its state (the checkpoint contract's owner, with the holding of
         :meth:`state_holding`): its owner replica's ranks; held in pieces its owner rank only, under HSDP one rank of
         the replicas x shards grid (the other replicas keep none)."""
-        return self.owner(p) == comm.group_rank(self.layouts.owner_group(p))
+        return self.grid.owns(p)
 
     def reduce_gradients(self) -> None:
         """With ``reduce_grads``: average the gradients into their owners now (the step does it otherwise;
         call it before reading gradients across the grid, e.g. :meth:`grad_sum_of_squares`)."""
-        if not self.reduce_grads or comm.group_size(self.dp_group) == 1 or self._grads_reduced:
-            return
-        with decoupled_grads([p for group in self.param_groups for p in group["params"]]):
-            self._reduce_gradients()
-
-    def _reduce_gradients(self) -> None:
-        if self._backward is not None:  # overlap_with_backward: issued during backward, bucket by bucket
-            self._backward.finish()
-            self._grads_reduced = True
-            return
-        every = [(p, group) for group in self.param_groups for p in group["params"] if p.requires_grad]
-        for p, _ in every:
-            self.layout(p)  # holdings known: DTensors whose DP ranks hold pieces of their own are left as they are
-        every = [(p, group) for p, group in every if not dp_own(self.layouts, p)]
-        key = self._plan_key(p for p, _ in every)
-        if key != self._reduced_plan:  # the reduce-scatter's buffers follow the plan: agree first (as _step_plan)
-            self._agree(every)
-            self._reduced_plan = key
-        self._start_reduce([p for p, _ in every])()
-        self._grads_reduced = True
-        if self.overlap_with_backward:  # the layout is known now: later steps reduce during backward
-            params = [p for p, _ in every]
-            per_layer, rest = layer_buckets(params, self._layers)
-            buckets = [*([params[i] for i in layer] for layer in reversed(per_layer)),
-                       *cut_by_bytes([params[i] for i in reversed(rest)], self.backward_bucket_bytes)]
-            self._backward = BackwardReducer(buckets, self._start_reduce, self.name_of)
-
-    def _start_reduce(self, params: Sequence[torch.Tensor]) -> Callable[[], None]:
-        """Start averaging ``params``' gradients into their owners over each one's DP group (the experts' own apart:
-        ParamLayouts.dp_of); the callable returned writes them."""
-        by_dp: dict[Any, list[torch.Tensor]] = {}
-        for p in params:
-            by_dp.setdefault(self.layouts.dp_of(p), []).append(p)
-        writes = [start_reduce_into_owners(members, [self.owner(p) for p in members], dp_group)
-                  for dp_group, members in by_dp.items()]
-
-        def write() -> None:
-            for each in writes:
-                each()
-        return write
+        self.grid.reduce_gradients()
 
     def grad_sum_of_squares(self) -> torch.Tensor:
         """This rank's share of sum(g^2) over every gradient of the optimizer, float64, each element counted on
@@ -806,8 +738,8 @@ class OrthogonalizedOptimizer(Optimizer):
                 raise TypeError(f"{type(self).__name__} does not support sparse gradients")
         self._agree(taking_part)
         check_whole(self._weight_update_hook, [(self.name_of(p), self.layout(p)) for p in params])
-        if self.overlap and self._layers:  # parameter groups added after overlap_by_layer
-            self._check_layers_cover()
+        if self.overlap and self.grid.layers:  # parameter groups added after overlap_by_layer
+            self.grid.check_layers_cover()
         owned = [(p, group) for p, group in taking_part if self.owns(p)]
         stacks = build_stacks(owned, self.layouts, lambda: self.state, self.name_of, type(self).batched)
         rows = resolve_modes(stacks, self.ns_spec, self._local)
@@ -817,116 +749,46 @@ class OrthogonalizedOptimizer(Optimizer):
                 logger.info("%s: tp_mode='auto' plan (predicted ms per mode):\n%s", type(self).__name__, printed)
                 self._logged_plan = printed
         agree_batching(batching_keys(stacks, self._local), (self.tp_group, self.expert_tp_group))
-        plan = StepPlan(owned, stacks, self._shares(params))
+        plan = StepPlan(owned, stacks, self.grid.shares(params))
         self._plan = (key, plan)
         return plan
-
-    def _shares(self, params: Sequence[torch.Tensor]) -> list[Share]:
-        """What each owner group moves after a step of ``params`` (dist_ortho.optim.planning.Share)."""
-        shares: dict[tuple[int, ...], Share] = {}
-        for p in params:
-            key = self.layouts.owner_key(p)
-            if key is None:
-                continue
-            share = shares.setdefault(key, Share(self.layouts.owner_group(p), key, [], [], [], []))
-            if self.layouts.in_pieces(p):
-                share.sharded.append(p)
-                share.sharded_owners.append(self.owner(p))
-            elif not self.layouts.steps_own(p):
-                share.replicated.append(p)
-                share.replicated_owners.append(self.owner(p))
-        return list(shares.values())
 
     def _local(self, stack: ParamStack) -> torch.Tensor:
         """A member's local tensor (shape, dtype and device of the stack's members)."""
         return self.layouts.value(stack.params[0])
 
     def _step(self) -> None:
+        """The step as a pipeline: plan (agreed on by every rank) -> gradients into their owners -> pieces to their
+        owners -> the members' step (momentum, direction, orthogonalization, update, finite check) -> the share of
+        the new weights (or of the pieces' updates) and its finite decision, the same on every rank."""
         if self.verify_plan == "every_step":
             self._verify_plan()
-        self.reduce_gradients()
-        self._grads_reduced = False
+        self.grid.reduce_gradients()
+        self.grid.grads_reduced = False
         plan = self._step_plan(self._taking_part())
-        fresh = False
-        if self.state is not self._state_seen or plan is not self._plan_seen:  # new state dicts, or a new plan
-            refresh_states(plan.stacks)
-            self._state_seen, self._plan_seen = self.state, plan
-            fresh = True
-        travel = any(share.sharded for share in plan.shares) and self._updates_travel()
-        for share in plan.shares:  # pieces of the parameters held in pieces to their owners, each as one TP block
-            if share.sharded:
-                self.layouts.gather(share.sharded, share.sharded_owners, share.group, values=not travel)
+        fresh = self._refresh_states(plan)
+        pieces_get_update = any(share.sharded for share in plan.shares) and self._pieces_get_update()
+        self.grid.gather_pieces(plan, values=not pieces_get_update)
         if fresh:  # parameters may be at their first step
-            self._init_fresh([p for p, _ in plan.owned])
+            self.init_fresh([p for p, _ in plan.owned])
         if not plan.shares:
             self._engine.run(plan.stacks)
             return
-        self._share(plan, self._engine.run(plan.stacks, defer=True), travel)
+        self.grid.share(plan, self._engine.run(plan.stacks, defer=True), pieces_get_update)
 
-    def _share(self, plan: StepPlan, pending: Pending, travel: bool) -> None:
-        """On the grid: the owners' new values (or updates of the pieces) to every rank of each owner group, each
-        rank's finite verdict in the group's first call (the pieces' all-to-all, the all-gather, or a flag alone);
-        then every rank commits, or raises or skips with the same message (nothing written), as one process would.
-        With ``overlap`` the calls are left in flight, bucket by bucket (dist_ortho.optim.overlap). ``travel``: the
-        pieces get the update (:meth:`_updates_travel`)."""
-        values, layouts = pending.new_values(), self.layouts
-        updates, landing = (pending.updates(), self._landing_options()) if travel else (None, {})
-        device = local(next(p for p, _ in plan.owned) if plan.owned else self._any_param()).device
-        # each rank's verdict about its whole step, so that a group whose ranks found nothing learns of another
-        # group's non-finite update (dense weights over "fsdp", experts over "efsdp": the dense share spans both)
-        whole = torch.stack([pending.flag(share.key, device) for share in plan.shares]).min() if plan.shares else None
-        flags: list[torch.Tensor | None] = [whole for _ in plan.shares]
-        every = [p for share in plan.shares for p in (*share.sharded, *share.replicated)]
-        per_layer, rest = layer_buckets(every, self._layers if self.overlap else [])
-        buckets = []
-        for indices in [b for b in (*per_layer, rest) if b] or [[]]:
-            members = {every[i] for i in indices}
-            programs = []
-            for k, share in enumerate(plan.shares):
-                sharded = [(p, o) for p, o in zip(share.sharded, share.sharded_owners) if p in members]
-                replicated = [(p, o) for p, o in zip(share.replicated, share.replicated_owners) if p in members]
-                flag = flags[k]
-                if sharded:
-                    params = [p for p, _ in sharded]
-                    land = self._land_updates(params, landing) if travel else None
-                    programs.append(self._for_share(k, layouts.scatter(params, [o for _, o in sharded], share.group,
-                                                                       updates if travel else values, flag, land)))
-                    flag = None
-                if replicated:
-                    programs.append(self._for_share(k, share_program(
-                        [layouts.value(p) for p, _ in replicated], [o for _, o in replicated], share.group,
-                        [values.get(p) for p, _ in replicated], flag)))
-                    flag = None
-                if flag is not None and not buckets:  # the group's verdict rides in the first bucket: alone here
-                    programs.append(self._for_share(k, verdict_program(flag, share.group)))
-                    flag = None
-                flags[k] = flag
-            buckets.append((members, start_many(programs, self.bucket_bytes)))
-        in_flight = ShareInFlight(buckets, lambda found: self._decide_shared(plan, pending, found), self._last_comm,
-                                  f"{type(self).__name__} step {self._step_count}: the share over DP")
-        if self.overlap:
-            self._in_flight = in_flight
-        else:
-            in_flight.wait_for()
-
-    def _any_param(self) -> torch.Tensor:
-        return next(p for group in self.param_groups for p in group["params"])
-
-    @staticmethod
-    def _for_share(k: int, program: Program[Any]) -> Program[Any]:
-        """``program`` (yielding (flags, write)) with its write taking share ``k``'s decision from the list of them
-        (write nothing where it is False)."""
-        flags, write = yield from program
-
-        def write_k(decisions: Any) -> None:
-            if decisions[k] is not False:
-                write(decisions[k])
-        return flags, write_k
+    def _refresh_states(self, plan: StepPlan) -> bool:
+        """Re-read the stacks' states where the state dicts or the plan are new (a load_state_dict, a new plan);
+        whether they were (then parameters may be at their first step)."""
+        if self.state is self._state_seen and plan is self._plan_seen:
+            return False
+        refresh_states(plan.stacks)
+        self._state_seen, self._plan_seen = self.state, plan
+        return True
 
     _WEIGHT_HOOKS = ("apply_weight_decay", "pre_weight_update", "post_weight_update", "pre_weight_update_fn_inplace",
                      "post_weight_update_fn_inplace", "init_state_program", "init_state")
 
-    def _updates_travel(self) -> bool:
+    def _pieces_get_update(self) -> bool:
         """DP pieces of DTensor parameters (FSDP2): the owner receives the gradients' pieces only and sends each
         rank its piece of the update U, which that rank applies to its own piece (weight decay, then W - lr U:
         elementwise, as the owner would to the whole block): 2 pieces moved per weight instead of 3 (values and
@@ -937,64 +799,7 @@ class OrthogonalizedOptimizer(Optimizer):
                 and isinstance(self._weight_update_hook, NoOpWeightUpdateHook)
                 and not any(self._l2(group) for group in self.param_groups))
 
-    def _landing_options(self) -> dict[int, dict[str, Any]]:
-        """Per parameter (by id), what applying its update reads: the step's lr and decay, taken now (with
-        ``overlap`` the update lands after the LR scheduler's next step)."""
-        out: dict[int, dict[str, Any]] = {}
-        for g in self.param_groups:
-            lr = g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"]
-            options = {"lr": lr, "weight_decay": g["weight_decay"], "weight_decay_method": g["weight_decay_method"]}
-            out.update((id(p), options) for p in g["params"])
-        return out
-
-    def _land_updates(self, params: Sequence[torch.Tensor], landing: dict[int, dict[str, Any]]
-                      ) -> Callable[[int, torch.Tensor, torch.Tensor, Any], None]:
-        """``land(i, mine, update, ok)``: apply a received piece of ``params[i]``'s update to its local piece, as the
-        step applies an update to a whole weight (weight decay, then W - lr U; only where the device bool ``ok``),
-        with the options of :meth:`_landing_options`."""
-        groups = [landing[id(p)] for p in params]
-
-        def land(i: int, mine: torch.Tensor, update: torch.Tensor, ok: torch.Tensor | None) -> None:
-            new = mine if ok is None else mine.clone()
-            self.apply_weight_decay(new, groups[i])
-            descend(new, update, groups[i]["lr"])
-            if ok is not None:
-                mine.copy_(torch.where(ok, new, mine))
-        return land
-
-    def _decide_shared(self, plan: StepPlan, pending: Pending, found: Sequence[torch.Tensor]) -> list[Any]:
-        """Every owner group's flags (``found[k]``: share k's, by rank) to its decision, the same on every rank of
-        the group; the owners' own step committed. Returns each share's decision for its writes (None: write,
-        False: nothing, a device bool: where true). A non-finite update raises or is logged and counted once."""
-        if self.capturable:
-            skips = any(v.skips for v in pending.verdicts.values())
-            verdicts = [Verdict(f.min() > 0, skips=skips) for f in found]
-            local = pending.verdicts.get(None)
-            oks = [v.ok for v in verdicts]
-            every = oks + ([local.ok] if local is not None and isinstance(local.ok, torch.Tensor) else [])
-            whole = torch.stack(every).all()  # one step: every group's writes go or none do
-            self._engine.decide(Verdict(whole, skips=skips))  # counts a skip once
-            oks = [whole for _ in oks]
-            local_ok = whole if local is not None and isinstance(local.ok, torch.Tensor) else None
-        else:
-            name = type(self).__name__
-            verdicts = [shared_verdict(pending.verdicts.get(share.key) or Verdict(True), f.tolist(), name)
-                        for share, f in zip(plan.shares, found)]
-            local = pending.verdicts.get(None) or Verdict(True)
-            worst = next((v for v in [local, *verdicts] if v.ok is False and v.policy == "raise"), None) or next(
-                (v for v in [local, *verdicts] if v.ok is False), None)
-            if worst is not None:
-                self._engine.decide(worst)  # raises, or logs and counts the skip
-            oks = [None if worst is None else False for _ in verdicts]  # one step: every group's writes or none
-            local_ok = None if worst is None else False
-        for share, ok in zip(plan.shares, oks):
-            if ok is not False:
-                pending.commit(ok, share.key)
-        if None in pending.verdicts and local_ok is not False:
-            pending.commit(local_ok, None)
-        return oks
-
-    def _init_fresh(self, params: Sequence[torch.Tensor]) -> None:
+    def init_fresh(self, params: Sequence[torch.Tensor]) -> None:
         """Fill the state of those ``params`` that have none (their first step): init_state_program, one
         matrix per context, all together."""
         fresh = [p for p in params if not self.state[p]]

@@ -21,7 +21,7 @@ import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -32,6 +32,9 @@ from dist_ortho.optim.holding import part_key
 from dist_ortho.optim.nonfinite import all_finite, commit, first_nonfinite
 from dist_ortho.precision import matmul_precision
 from dist_ortho.tp import PIPELINE_BUCKETS, MatrixJob, orthogonalize_many
+
+if TYPE_CHECKING:
+    from dist_ortho.optim.layouts import ParamLayouts
 
 logger = logging.getLogger(__name__)
 
@@ -84,10 +87,35 @@ class _Work:
     update: torch.Tensor | None = None
 
 
+def adds_l2(options: dict[str, Any]) -> bool:
+    """Whether a group's weight decay is "l2": lambda W added to the gradient (which then reads the weight)."""
+    return options["weight_decay_method"] == "l2" and options["weight_decay"] != 0
+
+
+class StepHost(Protocol):
+    """What :class:`GroupStep` reads of its optimizer (an OrthogonalizedOptimizer): the layouts and state, the
+    step's settings, the member contract's programs, and the step's count, skips and fresh states."""
+
+    layouts: ParamLayouts
+    state: Any
+    capturable: bool
+    bucket_bytes: int
+    overlap: bool
+    uses_newton_schulz: bool
+    step_count: int
+
+    def update(self, ctx: MatrixContext) -> Program[torch.Tensor]: ...
+    def pre_weight_update(self, ctx: MatrixContext, update: torch.Tensor) -> Program[None]: ...
+    def post_weight_update(self, ctx: MatrixContext) -> Program[None]: ...
+    def apply_weight_decay(self, p: torch.Tensor, group: dict[str, Any]) -> None: ...
+    def init_fresh(self, params: Sequence[torch.Tensor]) -> None: ...
+    def count_skip(self, ok: torch.Tensor | None = None) -> None: ...
+
+
 class GroupStep:
     """Runs a step of ``optimizer`` (an OrthogonalizedOptimizer) over its stacks; see the module doc."""
 
-    def __init__(self, optimizer: Any) -> None:
+    def __init__(self, optimizer: StepHost) -> None:
         self.opt = optimizer
 
     # -- per step: the members' tensors --
@@ -112,12 +140,12 @@ class GroupStep:
         else:
             weights, views = stack.weights.stack(values)
         grad = self._grad(stack, values)
-        if opt._l2(options):
+        if adds_l2(options):
             grad.add_(weights, alpha=options["weight_decay"])
         try:
             momentum = stack.state["momentum_buffer"]
         except KeyError:  # state cleared since the last step: the members start afresh
-            opt._init_fresh(stack.params)
+            opt.init_fresh(stack.params)
             momentum = stack.state["momentum_buffer"]
         buffer = functools.partial(stack.buffers.get, shape=momentum.shape, dtype=momentum.dtype, device=momentum.device)
         out = (buffer("momentum"), buffer("direction") if options["nesterov"] else None)
@@ -225,11 +253,11 @@ class GroupStep:
         None (write), False (write nothing), or a device bool (capturable: write where true)."""
         if isinstance(verdict.ok, torch.Tensor):
             if verdict.skips:
-                self.opt._count_skip(verdict.ok)
+                self.opt.count_skip(verdict.ok)
             return verdict.ok
         if verdict.ok is not False:
             return None
-        name, step = verdict.name or "a matrix", self.opt._step_count
+        name, step = verdict.name or "a matrix", self.opt.step_count
         if verdict.policy == "raise":
             raise FloatingPointError(
                 f"{type(self.opt).__name__} step {step}: the update of {name}{where} is not finite (a NaN or Inf in "
@@ -238,7 +266,7 @@ class GroupStep:
             )
         logger.warning("%s step %d: skipped (the update of %s%s is not finite); weights and state untouched",
                        type(self.opt).__name__, step, name, where)
-        self.opt._count_skip()
+        self.opt.count_skip()
         return False
 
     def _apply(self, work: _Work, ctx: MatrixContext, update: torch.Tensor) -> Program[None]:
