@@ -1,4 +1,4 @@
-"""Run megatron-core's optimizer wrappers on CPU tensors (test fixture; listed in README.md).
+"""Run megatron-core's optimizer wrappers on CPU tensors (test fixture; listed in docs/megatron.md).
 
 megatron-core 0.16's FP32Optimizer / Float16OptimizerWithFloat16Params and its grad clipping allocate
 small tensors with ``device='cuda'`` unconditionally (the loss scale of one, the multi-tensor-apply

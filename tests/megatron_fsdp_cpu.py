@@ -1,5 +1,5 @@
 """Run Megatron-FSDP (the ``megatron-fsdp`` package, v1 ``fully_shard`` and v2 ``experimental.fully_shard``) on CPU
-tensors over gloo (test fixture; listed in README.md).
+tensors over gloo (test fixture; listed in docs/megatron.md).
 
 Megatron-FSDP calls a few CUDA functions unconditionally: side streams and their events (``torch.cuda.Stream``,
 ``current_stream``, ``stream``, ``Event``), ``current_device``, ``device``, ``synchronize``, ``empty_cache``,

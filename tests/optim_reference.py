@@ -1,5 +1,5 @@
 """Reference optimizer steps written from the published formulas (Muon: Jordan et al. 2024; Scion: Pethick
-et al. 2025; PolarGrad, MOP, AdaMuon, NorMuon, NAMO, MuonHyperball as README's optimizer table states
+et al. 2025; PolarGrad, MOP, AdaMuon, NorMuon, NAMO, MuonHyperball as docs/optimizers.md's table states
 them), in float64, on whole matrices. Nothing here calls dist_ortho's optimizers."""
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Float16OptimizerWithFloat16Params), real grad clipping and ChainedOptimizer, bui
 them once ``install()`` ran: on 0.16 through ``megatron.core.optimizer.muon.get_megatron_muon_optimizer``
 (dist_ortho's after install), on >= 0.17 through megatron-core's own ``get_megatron_optimizer`` and its
 registry (and its LayerWiseDistributedOptimizer for layer-wise DP). megatron-core allocates a few
-tensors on CUDA unconditionally: tests/megatron_cpu.py redirects them (listed in README.md).
+tensors on CUDA unconditionally: tests/megatron_cpu.py redirects them (listed in docs/megatron.md).
 
 - Layer-wise DP (``--optimizer dist_muon``) at TP 2 x DP 2: each matrix's momentum lives on one DP
   replica (both ranks of its TP group), the weights equal float64 Muon of the gathered clipped gradients

@@ -190,8 +190,8 @@ _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_sc
 @contextlib.contextmanager
 def _groups_used() -> Iterator[list[tuple[int, ...]]]:
     """The ranks of the group of every torch.distributed collective called inside (the world's for group=None),
-    whoever calls it: torch.distributed's functions wrapped (as scripts/bench_common.py counting_collectives does),
-    and dist_ortho.comm's aliases of them bound at import."""
+    whoever calls it: torch.distributed's functions wrapped (as scripts/bench_common.py counting_collectives does;
+    dist_ortho.comm looks them up at each call)."""
     used: list[tuple[int, ...]] = []
 
     def wrap(call):
@@ -204,7 +204,6 @@ def _groups_used() -> Iterator[list[tuple[int, ...]]]:
         return recorded
 
     targets = [(dist, name) for name in _COLLECTIVES if hasattr(dist, name)]
-    targets += [(comm, name) for name in ("_all_gather_single", "_reduce_scatter_single")]
     saved = [(module, name, getattr(module, name)) for module, name in targets]
     for module, name, call in saved:
         setattr(module, name, wrap(call))
