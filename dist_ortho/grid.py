@@ -76,6 +76,30 @@ def check_grid(tp_group: comm.ProcessGroup | None, dp_group: comm.ProcessGroup |
         raise ValueError(f"tp_group and dp_group do not form a DP x TP grid: {problem or 'on another rank of this dp_group'}")
 
 
+def grid_sum_problem(named: Sequence[tuple[str, torch.Tensor]], tp_group: comm.ProcessGroup | None,
+                     dp_group: comm.ProcessGroup | None) -> str | None:
+    """Why :func:`grid_sum` over ``tp_group`` and ``dp_group`` cannot give a norm over these parameters, or None: a
+    DTensor on a mesh dim whose ranks are in neither group (HSDP's replica dim beside the FSDP group, experts on a
+    DP dim other than the DP group) is held over ranks the sum does not reach, so each rank would count a
+    different part of it. Local, from the meshes: alike on every rank."""
+    spans = [set(dist.get_process_group_ranks(g)) for g in (tp_group, dp_group) if comm.group_size(g) > 1]
+    for name, p in named:
+        mesh = getattr(p, "device_mesh", None)
+        if mesh is None or not hasattr(p, "placements"):
+            continue
+        names = mesh.mesh_dim_names or tuple(str(i) for i in range(mesh.ndim))
+        for i in range(mesh.ndim):
+            if mesh.size(i) == 1:
+                continue
+            ranks = set(dist.get_process_group_ranks(mesh.get_group(i)))
+            if not any(ranks <= span for span in spans):
+                return (f"{name} is on mesh dim {names[i]!r} (ranks {sorted(ranks)}), which is within neither the TP "
+                        "nor the DP group the gradient norm is summed over (e.g. HSDP's replica dim): its norm is not "
+                        "computed here; clip with torch.nn.utils.clip_grad_norm_ on the DTensor gradients (torchtitan's "
+                        "dist_utils.clip_grad_norm_ does)")
+    return None
+
+
 def grid_sum(value: torch.Tensor, tp_group: comm.ProcessGroup | None, dp_group: comm.ProcessGroup | None) -> torch.Tensor:
     """The sum of a scalar over the DP x TP grid: one all-reduce over TP and one over DP (tiny)."""
     value = value.reshape(1).clone()

@@ -631,3 +631,40 @@ def test_hsdp_and_tp_at_world_8_needs_no_group_argument():
     with started_world(8) as world8:
         for mode in ("home", "duplicated"):
             _check(world8.run(_trained, "hsdp_tp", "fsdp", mode), "hsdp_tp")
+
+
+def _clip_norms(ctx, case: str) -> dict:
+    """MuonAdamW.clip_grad_norm_ (max_norm large: nothing scaled) on seeded one-process gradients given as each
+    rank's pieces: "hsdp" dense (Replicate(), Shard(0)) on ("dp_replicate", "fsdp") with a 1D weight for AdamW;
+    "moe" :func:`_moe_params`' model (dense over "fsdp" 4, experts over "efsdp" x "ep"). The norm returned, or the
+    error's message, and the one-process norm."""
+    if case == "hsdp":
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_replicate", "fsdp"))
+        shapes = {"a.weight": (8, 6), "b.weight": (6, 8), "norm.weight": (6,)}
+        gen = torch.Generator().manual_seed(3)
+        params = {n: torch.nn.Parameter(DTensor.from_local(piece_of(full, mesh, (Replicate(), Shard(0))).clone(), mesh,
+                                                           (Replicate(), Shard(0)), shape=full.shape, stride=full.stride()))
+                  for n, full in ((n, torch.randn(s, generator=gen)) for n, s in shapes.items())}
+    else:
+        shapes, (_, params) = MOE_SHAPES, _moe_params()
+    grads = _global_grads(shapes, 0)
+    for n, p in params.items():
+        p.grad = _like(grads[n], p)
+    opt = MuonAdamW(list(params.items()), "muon", **HP)
+    true = torch.sqrt(sum(g.double().square().sum() for g in grads.values())).item()
+    try:
+        return {"norm": opt.clip_grad_norm_(1e9).item(), "true": true}
+    except ValueError as e:
+        return {"error": str(e), "true": true}
+
+
+def test_clip_grad_norm_is_refused_where_its_sum_cannot_reach_the_holders(world):
+    """HSDP: the norm's sum runs over the TP and DP (FSDP) groups, but the weights are also replicated over
+    "dp_replicate": each replica counted a different part (the 1D weight on replica 0 only: 8.96 against the
+    one-process 9.24 on replica 1, a different clip per replica). Now a ValueError naming the parameter and the mesh
+    dim, on every rank, before any collective. On the MoE model (dense over "fsdp" 4, experts over "efsdp" x "ep",
+    every dim within the 4-rank DP group) the norm is the one-process one on every rank (float64 sums: 1e-9)."""
+    for rank, r in enumerate(world.run(_clip_norms, "hsdp")):
+        assert "error" in r and "'dp_replicate'" in r["error"] and "a.weight" in r["error"], (rank, r)
+    for rank, r in enumerate(world.run(_clip_norms, "moe")):
+        assert "norm" in r and abs(r["norm"] - r["true"]) <= 1e-9 * r["true"], (rank, r)

@@ -41,6 +41,7 @@ from dist_ortho import comm
 from dist_ortho.backward import DEFAULT_GRAD_BUCKET_BYTES
 from dist_ortho.coalesce import DEFAULT_BUCKET_BYTES, Program
 from dist_ortho.coefficients import get_coefficients
+from dist_ortho.grid import grid_sum_problem
 from dist_ortho.dtensor import MeshDims, check_mesh_dims, groups_from_meshes, is_expert_dtensor, local, mesh_groups
 from dist_ortho.optim.agreement import VERIFY_PLAN, PlanAgreement, VerifyPlan, agree_batching, plan_entry
 from dist_ortho.optim.context import MatrixContext
@@ -712,8 +713,11 @@ class OrthogonalizedOptimizer(Optimizer):
         """This rank's share of sum(g^2) over every gradient of the optimizer, float64, each element counted on
         one rank of the DP x TP grid (dist_ortho.optim.gradients), so that the sum over the grid is the
         single-process value (gradients averaged over DP, or reduced)."""
-        self.reduce_gradients()
         params = [p for group in self.param_groups for p in group["params"]]
+        problem = grid_sum_problem([(self.name_of(p), p) for p in params], self.tp_group, self.dp_group)
+        if problem is not None:  # before any collective, alike on every rank
+            raise ValueError(f"{type(self).__name__}.grad_sum_of_squares: {problem}")
+        self.reduce_gradients()
         for p in params:
             self.layout(p)
         with decoupled_grads(params):

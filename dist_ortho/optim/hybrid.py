@@ -20,7 +20,7 @@ from torch.optim.optimizer import Optimizer
 
 from dist_ortho import comm
 from dist_ortho.dtensor import is_dtensor, local
-from dist_ortho.grid import grid_sum
+from dist_ortho.grid import grid_sum, grid_sum_problem
 from dist_ortho.dtensor import mesh_groups
 from dist_ortho.optim.base import OrthogonalizedOptimizer, call_closure
 from dist_ortho.optim.gradients import decoupled_grads
@@ -196,6 +196,11 @@ class MuonAdamW(Optimizer):
             return self._clip_grad_norm(max_norm, eps)
 
     def _clip_grad_norm(self, max_norm: float, eps: float) -> torch.Tensor:
+        every = [p for group in self.param_groups for p in group["params"]]
+        names = self.matrix_optimizer.name_of if self.matrix_optimizer is not None else (lambda p: f"{tuple(p.shape)}")
+        problem = grid_sum_problem([(names(p), p) for p in every], self.tp_group, self.dp_group)
+        if problem is not None:  # before any collective, alike on every rank
+            raise ValueError(f"MuonAdamW.clip_grad_norm_: {problem}")
         total = torch.zeros((), dtype=torch.float64)
         if self.matrix_optimizer is not None:
             total += self.matrix_optimizer.grad_sum_of_squares()
