@@ -83,10 +83,12 @@ def grid_sum_problem(named: Sequence[tuple[str, torch.Tensor]], tp_group: comm.P
     DP dim other than the DP group) is held over ranks the sum does not reach, so each rank would count a
     different part of it. Local, from the meshes: alike on every rank."""
     spans = [set(dist.get_process_group_ranks(g)) for g in (tp_group, dp_group) if comm.group_size(g) > 1]
+    seen: set[int] = set()  # many parameters share a mesh: each is read once
     for name, p in named:
         mesh = getattr(p, "device_mesh", None)
-        if mesh is None or not hasattr(p, "placements"):
+        if mesh is None or not hasattr(p, "placements") or id(mesh) in seen:
             continue
+        seen.add(id(mesh))
         names = mesh.mesh_dim_names or tuple(str(i) for i in range(mesh.ndim))
         for i in range(mesh.ndim):
             if mesh.size(i) == 1:

@@ -165,11 +165,11 @@ class ParamLayouts:
                             and _ranks(s.group) == _ranks(dp)), None)
             # replicas over a group other than the DP group (HSDP's outer dim beside a DP group of shards): every
             # replica steps its own, alike
-            replicated = comm.group_size(dp) > 1 and (
-                layout.replicas is None or _ranks(layout.replicas) in (None, _ranks(dp)))
+            replicas_apart = _ranks(layout.replicas) not in (None, _ranks(dp))
+            replicated = comm.group_size(dp) > 1 and not replicas_apart
             group = (layout.pieces.group if layout.pieces is not None else experts.group if experts is not None
                      else dp if replicated else None)
-            if experts is not None and self.spread_replicas and _ranks(layout.replicas) not in (None, _ranks(dp)):
+            if experts is not None and self.spread_replicas and replicas_apart:
                 group = layout.replicas  # HSDP over experts of its own: one replica steps the stack, the others get it
                 self.replica_stacks.add(p)
             spread = self._spread(p)
