@@ -109,8 +109,8 @@ def _trained(ctx, layout: str, kind: str, mode: str, spread: bool = True, overla
         ref = optim_reference.run(kind, initial[n].double(), [g[n] for g in grads], HP)
         errors[n] = ((w.double() - ref).abs().max().item(), (ref - initial[n].double()).abs().max().item())
     params = dict(model.named_parameters())
-    return {"errors": errors, "weights": weights, "flops": flops, "calls": dict(opt._last_comm.calls),
-            "bytes": opt._last_comm.bytes_sent,
+    return {"errors": errors, "weights": weights, "flops": flops, "calls": dict(opt.comm_stats().calls),
+            "bytes": opt.comm_stats().bytes_sent,
             "owns": {n: opt.owns(p) for n, p in params.items()},
             "state": {n: sorted(opt.state[p]) for n, p in params.items()},
             "group": {n: dist.get_process_group_ranks(opt.layouts.owner_group(p)) for n, p in params.items()},

@@ -238,7 +238,7 @@ def _plan_logs(ctx) -> list[str]:
         def emit(self, record: logging.LogRecord) -> None:
             records.append(record.getMessage())
 
-    logger = logging.getLogger("dist_ortho.optim.base")
+    logger = logging.getLogger("dist_ortho.optim.planner")
     handler, level = Keep(), logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)

@@ -8,7 +8,7 @@ parameters (a DTensor's local tensor that is not its piece) rides the same check
 raise too instead of meeting it in collectives of another size. :func:`agree_batching` makes ranks that
 compute the same whole matrices batch them alike.
 
-``verify_plan`` (:data:`VerifyPlan`): "on_change" (the default) checks a plan when it is new to this rank. A rank
+``verify_plan`` (dist_ortho.optim.settings.VerifyPlan): "on_change" (the default) checks a plan when it is new to this rank. A rank
 that changes its plan alone after the first step then meets the others in different collectives, which the
 collective timeout ends (a CollectiveError, not the named ValueError): a changed plan changes the size of the
 step's collectives, so no fingerprint can ride in them. "every_step" makes the check the first call of every step
@@ -20,17 +20,16 @@ did not meet in the same all-gather and all raise the ValueError naming the firs
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 
 from dist_ortho import comm
 from dist_ortho.layout import Layout
+from dist_ortho.optim.settings import NEWTON_SCHULZ_OPTIONS
 from dist_ortho.tp import batching
 
-VerifyPlan = Literal["on_change", "every_step"]
-VERIFY_PLAN: tuple[str, ...] = get_args(VerifyPlan)
-ENTRY = ("name, global shape, partition_dim, group, dtype, tp_mode, (steps, coefficients, eps, ns_dtype, use_syrk), "
+ENTRY = (f"name, global shape, partition_dim, group, dtype, tp_mode, ({', '.join(NEWTON_SCHULZ_OPTIONS)}), "
          "coalesce, fp32_matmul_prec, local_gram, batch_matrices, nonfinite, QKV or head parts, weight_update_hook")
 
 
@@ -40,8 +39,7 @@ def plan_entry(name: str | None, layout: Layout, kind: str | None, dtype: Any, g
     "dense" or "expert" (its TP group), None when not sharded; ``dp_local``: experts split over DP ranks,
     whose count (the layout's leading dim) each DP rank has of its own; ``hook``: the optimizer's weight-update hook
     (dist_ortho.optim.hooks.hook_entry)."""
-    ns = (group.get("num_ns_steps"), group.get("coefficient_type"), group.get("custom_coefficient_sets"),
-          group.get("ns_eps"), group.get("ns_dtype"), group.get("use_syrk"))
+    ns = tuple(group.get(key) for key in NEWTON_SCHULZ_OPTIONS)
     shape = layout.shape[1:] if dp_local else layout.shape
     return (
         name, tuple(shape), layout.partition_dim, kind, str(dtype), group["tp_mode"], ns, group["coalesce"],

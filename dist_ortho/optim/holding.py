@@ -115,3 +115,18 @@ def declares(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> bool:
     of = getattr(optimizer, "optimizer_of", None)
     inner = of(p) if of is not None else optimizer
     return hasattr(inner, "held_state")
+
+
+def declared_holding(optimizer: Any, p: torch.Tensor, path: Sequence[str]) -> Held | StackHeld:
+    """How the ranks hold a dist_ortho optimizer's state tensor ``state[p][path[0]]...``: the member's ``held_state``
+    for the matrix (or the split component ``part<i>``) it belongs to; for a stack whose experts are split over ranks
+    (EP, FSDP over experts) a StackHeld of it. An undeclared key is a KeyError."""
+    layout = optimizer.layout(p)
+    experts = tuple(s for s in optimizer.layouts.held[p].splits if s.kind == "experts" and s.size > 1)
+    part = part_of(path)
+    if part is not None:
+        layout = optimizer.part_layouts(p)[part]
+    held = optimizer.held_state(path[-1], layout, optimizer.group_of(p))
+    if held is None:
+        raise KeyError(f"{type(optimizer).__name__} does not declare how its state {'/'.join(path)!r} is held")
+    return StackHeld(held, experts) if experts else held

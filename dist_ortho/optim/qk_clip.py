@@ -109,7 +109,7 @@ class QkClipResult:
 
 def fused_qkv_layer(optimizer: Any, p: torch.Tensor) -> QkLayer:
     """The layer of a fused QKV weight of ``optimizer``, from its ``qkv_split_shapes`` (attribute, else the group's)."""
-    split = getattr(p, "qkv_split_shapes", None) or optimizer._group_of(p).get("qkv_split_shapes")
+    split = getattr(p, "qkv_split_shapes", None) or optimizer.group_of(p).get("qkv_split_shapes")
     if not split or len(split) not in (3, 4):
         raise ValueError(f"qk_clip: {optimizer.name_of(p)} is a fused QKV weight without qkv_split_shapes "
                          f"([q, k, v] or gated [q, gate, k, v] rows per query group), got {split!r}")

@@ -61,11 +61,27 @@ class ReplicaGrid:
             if self.in_flight.done():
                 self.in_flight = None
 
-    def set_layers(self, layers: Sequence[torch.nn.Module]) -> None:
-        """The units of overlap: each layer's parameters, in forward order (checked to cover the share)."""
+    def overlap_by_layer(self, layers: Sequence[torch.nn.Module]) -> list[Any]:
+        """The units of overlap: each layer's parameters, in forward order (checked to cover the share); with
+        ``overlap`` a forward pre-hook (first of all), a state-dict and a load-state-dict pre-hook per layer that wait
+        for its bucket of the share. Returns the hooks' handles."""
+        opt = self.opt
+        if not (opt.overlap or opt.overlap_with_backward):
+            raise ValueError("overlap_by_layer needs overlap=True or overlap_with_backward=True")
+        layers = list(layers)
+        for i, module in enumerate(layers):
+            if not isinstance(module, torch.nn.Module):
+                raise TypeError(f"overlap_by_layer: layers[{i}] must be a torch.nn.Module, got {type(module).__name__}")
         self.layers = [set(module.parameters()) for module in layers]
-        if self.opt.overlap:
-            self.check_layers_cover()
+        if not opt.overlap:
+            return []
+        self.check_layers_cover()
+
+        def wait(module: torch.nn.Module, *_: Any) -> None:
+            self.wait_for(module)
+        return [handle for module in layers for handle in (
+            module.register_forward_pre_hook(wait, prepend=True), module.register_state_dict_pre_hook(wait),
+            module.register_load_state_dict_pre_hook(wait))]
 
     def check_layers_cover(self) -> None:
         """Every parameter the share over DP may bring (each that requires a gradient, but experts whose DP ranks
@@ -110,9 +126,9 @@ class ReplicaGrid:
         for p, _ in every:
             opt.layout(p)  # holdings known: DTensors whose DP ranks hold pieces of their own are left as they are
         every = [(p, group) for p, group in every if not dp_own(opt.layouts, p)]
-        key = opt._plan_key(p for p, _ in every)
+        key = opt.planner.key(p for p, _ in every)
         if key != self.reduced_plan:  # the reduce-scatter's buffers follow the plan: agree first (as _step_plan)
-            opt._agree(every)
+            opt.planner.agree(every)
             self.reduced_plan = key
         params = [p for p, _ in every]
         self.start_reduce(params)()
@@ -183,7 +199,7 @@ class ReplicaGrid:
             members = {every[i] for i in indices}
             programs = self._bucket_programs(plan, members, flags, values, updates, options, first=not buckets)
             buckets.append((members, start_many(programs, opt.bucket_bytes)))
-        in_flight = ShareInFlight(buckets, lambda found: self.decide(plan, pending, found), opt._last_comm,
+        in_flight = ShareInFlight(buckets, lambda found: self.decide(plan, pending, found), opt.comm_stats(),
                                   f"{type(opt).__name__} step {opt.step_count}: the share over DP")
         if opt.overlap:
             self.in_flight = in_flight
@@ -268,7 +284,7 @@ class ReplicaGrid:
         local = pending.verdicts.get(None)
         on_device = local is not None and isinstance(local.ok, torch.Tensor)
         whole = torch.stack(oks + ([local.ok] if on_device else [])).all()
-        self.opt._engine.decide(Verdict(whole, skips=skips))  # counts a skip once
+        self.opt.engine.decide(Verdict(whole, skips=skips))  # counts a skip once
         return [whole for _ in oks], whole if on_device else None
 
     def _decide_on_host(self, plan: StepPlan, pending: Pending, found: Sequence[torch.Tensor]) -> tuple[list[Any], Any]:
@@ -280,7 +296,7 @@ class ReplicaGrid:
         worst = next((v for v in [local, *verdicts] if v.ok is False and v.policy == "raise"), None) or next(
             (v for v in [local, *verdicts] if v.ok is False), None)
         if worst is not None:
-            self.opt._engine.decide(worst)  # raises, or logs and counts the skip
+            self.opt.engine.decide(worst)  # raises, or logs and counts the skip
         ok = None if worst is None else False  # one step: every group's writes or none
         return [ok for _ in verdicts], ok
 

@@ -13,15 +13,15 @@ size; ``"megatron_blockwise"`` is the same mode under a name that says whose it 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from dist_ortho import comm
-from dist_ortho.optim.members.adaptive import AdaptiveMuon
 from dist_ortho.optim.holding import owns
-from dist_ortho.optim.members.muon import Muon
+from dist_ortho.optim.members.adaptive import AdaptiveMuon, AdaptiveMuonSettings
+from dist_ortho.optim.members.muon import Muon, MuonSettings
+from dist_ortho.optim.settings import option, settings
 from dist_ortho.tp import TP_MODES
 
 MEGATRON_BLOCKWISE = ("blockwise", "megatron_blockwise")
@@ -53,17 +53,39 @@ def _groups(pg_collection: Any, tp_group: Any, expert_tp_group: Any, tp_mode: st
     }
 
 
-def _muon_options(
-    momentum: Any, momentum_beta: float | None, nesterov: Any, use_nesterov: bool | None, tp_mode: Any, mode: str | None,
-    use_decoupled_weight_decay: bool, pg_collection: Any, tp_group: Any, expert_tp_group: Any,
-) -> dict[str, Any]:
-    resolved_mode = _one_of("tp_mode", tp_mode, "mode", mode, "duplicated")
-    return {
-        "momentum": _one_of("momentum", momentum, "momentum_beta", momentum_beta, 0.95),
-        "nesterov": _one_of("nesterov", nesterov, "use_nesterov", use_nesterov, True),
-        "weight_decay_method": "decoupled" if use_decoupled_weight_decay else "l2",
-        **_groups(pg_collection, tp_group, expert_tp_group, resolved_mode),
-    }
+@settings(momentum=0.95, nesterov=True, split_qkv=False, fixed=dict(weight_decay_method="decoupled"))
+class MegatronMuonSettings(MuonSettings):
+    """megatron-core's keywords of its TensorParallelMuon (both generations): Muon's, with its defaults, and
+    0.16's names as aliases."""
+
+    use_decoupled_weight_decay: bool = option(True, scope="alias", doc="decoupled weight decay, else l2")
+    pg_collection: Any = option(None, scope="optimizer", doc="megatron-core's process groups (tp, expt_tp)")
+    momentum_beta: float | None = option(None, scope="alias", doc="megatron-core 0.16's name of momentum")
+    use_nesterov: bool | None = option(None, scope="alias", doc="megatron-core 0.16's name of nesterov")
+    mode: str | None = option(None, scope="alias", doc="megatron-core 0.16's name of tp_mode")
+
+
+@settings(momentum=0.95, nesterov=True, split_qkv=False, fixed=dict(weight_decay_method="decoupled"))
+class MegatronAdaptiveMuonSettings(AdaptiveMuonSettings, MegatronMuonSettings):
+    """megatron-core >= 0.17's TensorParallelAdaptiveMuon: Megatron's Muon keywords and the second moment's."""
+
+
+MEGATRON_POSITIONAL = ("lr", "momentum", "nesterov", "weight_decay", "use_decoupled_weight_decay", "split_qkv",
+                       "is_qkv_fn", "qkv_split_shapes", "fp32_matmul_prec", "coefficient_type", "num_ns_steps",
+                       "scale_mode", "extra_scale_factor", "pg_collection", "tp_mode")
+
+
+def megatron_names(options: dict[str, Any], given: frozenset[str]) -> dict[str, Any]:
+    """megatron-core's keywords as Muon's: 0.16's names (momentum_beta, use_nesterov, mode), the weight decay
+    method, and the TP groups from pg_collection (or none at all for Megatron's blockwise)."""
+    def one_of(name: str, old_name: str) -> Any:
+        return _one_of(name, options[name] if name in given else _UNSET, old_name, options.pop(old_name), options[name])
+    options["momentum"] = one_of("momentum", "momentum_beta")
+    options["nesterov"] = one_of("nesterov", "use_nesterov")
+    tp_mode = one_of("tp_mode", "mode")
+    options["weight_decay_method"] = "decoupled" if options.pop("use_decoupled_weight_decay") else "l2"
+    options.update(_groups(options["pg_collection"], options["tp_group"], options["expert_tp_group"], tp_mode))
+    return options
 
 
 class MegatronResume:
@@ -109,87 +131,24 @@ class TensorParallelMuon(MegatronResume, Muon):
     TP > num_query_groups; expert weights on ``pg_collection.expt_tp``; ``"blockwise"`` as Megatron's.
     """
 
-    def __init__(
-        self,
-        params: Any,
-        lr: float = 3e-4,
-        momentum: float = _UNSET,
-        nesterov: bool = _UNSET,
-        weight_decay: float = 0.01,
-        use_decoupled_weight_decay: bool = True,
-        split_qkv: bool = False,
-        is_qkv_fn: Callable[[torch.Tensor], bool] | None = None,
-        qkv_split_shapes: Sequence[int] | None = None,
-        fp32_matmul_prec: str = "medium",
-        coefficient_type: str = "quintic",
-        num_ns_steps: int = 5,
-        scale_mode: str = "spectral",
-        extra_scale_factor: float = 1.0,
-        pg_collection: Any = None,
-        tp_mode: str = _UNSET,
-        use_syrk: bool = False,
-        *,
-        momentum_beta: float | None = None,
-        use_nesterov: bool | None = None,
-        mode: str | None = None,
-        tp_group: Any = None,
-        expert_tp_group: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        self.pg_collection = pg_collection
-        options = _muon_options(momentum, momentum_beta, nesterov, use_nesterov, tp_mode, mode,
-                                use_decoupled_weight_decay, pg_collection, tp_group, expert_tp_group)
-        super().__init__(
-            params, lr, options.pop("momentum"), weight_decay, fp32_matmul_prec=fp32_matmul_prec,
-            coefficient_type=coefficient_type, num_ns_steps=num_ns_steps, scale_mode=scale_mode,
-            extra_scale_factor=extra_scale_factor, use_syrk=use_syrk, split_qkv=split_qkv,
-            qkv_split_shapes=qkv_split_shapes, is_qkv_fn=is_qkv_fn, **options, **kwargs,
-        )
+    settings = MegatronMuonSettings
+    positional = (*MEGATRON_POSITIONAL, "use_syrk")
+
+    @classmethod
+    def translate(cls, options: dict[str, Any], given: frozenset[str]) -> dict[str, Any]:
+        return super().translate(megatron_names(options, given), given)
 
 
 class TensorParallelAdaptiveMuon(MegatronResume, AdaptiveMuon):
     """megatron-core >= 0.17's ``TensorParallelAdaptiveMuon``: Muon's keywords plus ``moment2_method``
     ("adamuon" or "normuon"; dist_ortho also has "namo"), ``beta2`` and ``eps``."""
 
-    def __init__(
-        self,
-        params: Any,
-        lr: float = 3e-4,
-        momentum: float = _UNSET,
-        nesterov: bool = _UNSET,
-        weight_decay: float = 0.01,
-        use_decoupled_weight_decay: bool = True,
-        split_qkv: bool = False,
-        is_qkv_fn: Callable[[torch.Tensor], bool] | None = None,
-        qkv_split_shapes: Sequence[int] | None = None,
-        fp32_matmul_prec: str = "medium",
-        coefficient_type: str = "quintic",
-        num_ns_steps: int = 5,
-        scale_mode: str = "spectral",
-        extra_scale_factor: float = 1.0,
-        pg_collection: Any = None,
-        tp_mode: str = _UNSET,
-        moment2_method: str = "adamuon",
-        beta2: float = 0.95,
-        eps: float = 1e-8,
-        use_syrk: bool = False,
-        *,
-        momentum_beta: float | None = None,
-        use_nesterov: bool | None = None,
-        mode: str | None = None,
-        tp_group: Any = None,
-        expert_tp_group: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        self.pg_collection = pg_collection
-        options = _muon_options(momentum, momentum_beta, nesterov, use_nesterov, tp_mode, mode,
-                                use_decoupled_weight_decay, pg_collection, tp_group, expert_tp_group)
-        super().__init__(
-            params, lr, options.pop("momentum"), weight_decay, moment2_method=moment2_method, beta2=beta2, eps=eps,
-            fp32_matmul_prec=fp32_matmul_prec, coefficient_type=coefficient_type, num_ns_steps=num_ns_steps,
-            scale_mode=scale_mode, extra_scale_factor=extra_scale_factor, use_syrk=use_syrk, split_qkv=split_qkv,
-            qkv_split_shapes=qkv_split_shapes, is_qkv_fn=is_qkv_fn, **options, **kwargs,
-        )
+    settings = MegatronAdaptiveMuonSettings
+    positional = (*MEGATRON_POSITIONAL, "moment2_method", "beta2", "eps", "use_syrk")
+
+    @classmethod
+    def translate(cls, options: dict[str, Any], given: frozenset[str]) -> dict[str, Any]:
+        return super().translate(megatron_names(options, given), given)
 
 
 def init_state(opt: Any, config: Any = None) -> None:

@@ -16,40 +16,33 @@ from __future__ import annotations
 from typing import Any, Literal, get_args
 
 import torch
-from torch.optim.optimizer import ParamsT
-
 from dist_ortho.coalesce import Program
 from dist_ortho.optim.context import MatrixContext
-from dist_ortho.optim.members.muon import Muon
-from dist_ortho.optim.options import check_choice, check_number
+from dist_ortho.optim.members.muon import Muon, MuonSettings
+from dist_ortho.optim.settings import choice, number, option, settings
 from dist_ortho.layout import REPLICATED_HELD, Held, Layout
 
 Moment2Method = Literal["adamuon", "normuon", "namo"]
 MOMENT2_METHODS: tuple[str, ...] = get_args(Moment2Method)
 
 
+@settings
+class AdaptiveMuonSettings(MuonSettings):
+    """Muon's options and the second moment's."""
+
+    moment2_method: Moment2Method = option("adamuon", doc="one of MOMENT2_METHODS (see the module doc)",
+                                           check=choice(*MOMENT2_METHODS))
+    beta2: float = option(0.95, doc="the second moment's decay, in [0, 1)", check=number(0.0, 1.0, high_open=True))
+    eps: float = option(1e-8, doc="the second moment's epsilon", check=number())
+
+
 class AdaptiveMuon(Muon):
     """Muon with a second-moment normalization of the orthogonalized update (see the module doc); 2D only."""
 
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float = 3e-4,
-        momentum: float = 0.95,
-        weight_decay: float = 0.01,
-        *,
-        moment2_method: Moment2Method = "adamuon",
-        beta2: float = 0.95,
-        eps: float = 1e-8,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(params, lr, momentum, weight_decay, moment2_method=moment2_method, beta2=beta2, eps=eps, **kwargs)
+    settings = AdaptiveMuonSettings
 
     def check_group(self, group: dict[str, Any]) -> None:
         super().check_group(group)
-        check_choice("moment2_method", group["moment2_method"], MOMENT2_METHODS)
-        check_number("beta2", group["beta2"], 0.0, 1.0, high_open=True)
-        check_number("eps", group["eps"])
         if group["moment2_method"] == "namo" and group["weight_decay_method"] == "l2" and group["weight_decay"] != 0:
             raise ValueError(
                 'moment2_method="namo" needs the raw gradient, which weight_decay_method="l2" changes: '

@@ -5,58 +5,32 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
-from torch.optim.optimizer import ParamsT
 
-from dist_ortho import comm
 from dist_ortho.coalesce import Program
-from dist_ortho.optim.base import MatmulPrecision, OrthogonalizedOptimizer, WeightDecayMethod
+from dist_ortho.optim.base import OrthogonalizedOptimizer
 from dist_ortho.optim.context import MatrixContext
 from dist_ortho.optim.scale import SCALE_MODES, check_scale_mode, muon_scale
+from dist_ortho.optim.settings import CommonSettings, OptimizerSettings, ScaleSettings, option, settings
 
 MOP_SCALE_MODES = ("nuclear_norm", *SCALE_MODES)
+
+
+@settings(lr=3e-4, momentum=0.95, weight_decay=0.01, nesterov=False, weight_decay_method="decoupled",
+          fp32_matmul_prec="highest")
+class MOPSettings(CommonSettings, ScaleSettings, OptimizerSettings):
+    """MOP's options: no Newton-Schulz; the nuclear norm as a scale besides Muon's."""
+
+    scale_mode: str = option("nuclear_norm", doc="nuclear_norm (sum of the singular values) or a Muon shape scale",
+                             check=lambda name, value: check_scale_mode(value, MOP_SCALE_MODES))
 
 
 class MOP(OrthogonalizedOptimizer):
     batched = True
     syncs_host = True  # torch.linalg.svd checks for convergence on the host
 
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float = 3e-4,
-        momentum: float = 0.95,
-        weight_decay: float = 0.01,
-        *,
-        nesterov: bool = False,
-        weight_decay_method: WeightDecayMethod = "decoupled",
-        fp32_matmul_prec: MatmulPrecision = "highest",
-        scale_mode: str = "nuclear_norm",
-        extra_scale_factor: float = 1.0,
-        tp_group: comm.ProcessGroup | None = None,
-        tp_mode: str = "duplicated",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            params,
-            lr,
-            momentum,
-            weight_decay,
-            nesterov=nesterov,
-            weight_decay_method=weight_decay_method,
-            fp32_matmul_prec=fp32_matmul_prec,
-            scale_mode=scale_mode,
-            extra_scale_factor=extra_scale_factor,
-            tp_group=tp_group,
-            tp_mode=tp_mode,
-            **kwargs,
-        )
-
-    def check_group(self, group: dict[str, Any]) -> None:
-        super().check_group(group)
-        check_scale_mode(group["scale_mode"], MOP_SCALE_MODES)
+    settings = MOPSettings
 
     def update(self, ctx: MatrixContext) -> Program[torch.Tensor]:
         full = (yield from ctx.gather(ctx.direction)).float()

@@ -24,22 +24,35 @@ that hook (:class:`SphereHook`), whose radius is each weight's own, kept in the 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any
 
 import torch
-from torch.optim.optimizer import ParamsT
 
-from dist_ortho import comm
 from dist_ortho.coalesce import Program
-from dist_ortho.optim.base import MatmulPrecision, OrthogonalizedOptimizer, WeightDecayMethod
+from dist_ortho.optim.base import OrthogonalizedOptimizer
 from dist_ortho.optim.context import MatrixContext
-from dist_ortho.optim.hooks import HookView, ProgramHook, WeightUpdateHook
+from dist_ortho.optim.hooks import HookView, ProgramHook
 from dist_ortho.optim.options import check_number
-from dist_ortho.optim.scale import TORCH_ADJUST_LR, ScaleMode, TorchAdjustLr, check_scale_mode
+from dist_ortho.optim.scale import TORCH_ADJUST_LR, TorchAdjustLr
+from dist_ortho.optim.settings import (CommonSettings, HookSettings, NewtonSchulzSettings, OptimizerSettings,
+                                       ScaleSettings, SyrkSettings, number, option, settings)
 from dist_ortho.layout import REPLICATED_HELD, Held, Layout
 from dist_ortho.tp import NsSpec
 
+@settings(lr=3e-4, momentum=0.95, weight_decay=0.01, nesterov=False, weight_decay_method="decoupled",
+          fp32_matmul_prec="medium")
+class MuonSettings(CommonSettings, NewtonSchulzSettings, ScaleSettings, SyrkSettings, HookSettings, OptimizerSettings):
+    """Muon's options: Emerging-Optimizers' names and defaults, torch.optim.Muon's names as aliases."""
+
+    ns_coefficients: tuple[float, float, float] | None = option(None, scope="alias", doc=(
+        "torch.optim.Muon's: that (a, b, c) at every step (coefficient_type 'custom')"))
+    ns_steps: int | None = option(None, scope="alias", doc="torch.optim.Muon's name of num_ns_steps")
+    eps: float | None = option(None, scope="alias", doc="torch.optim.Muon's: X_0 = G / (||G||_F + eps)")
+    adjust_lr_fn: TorchAdjustLr | None = option(None, scope="alias", doc=(
+        "torch.optim.Muon's: scale_mode by dist_ortho.optim.scale.TORCH_ADJUST_LR"))
+
+
+# Emerging-Optimizers' read-only structural properties of its Muon.
 STRUCTURAL_PROPERTIES = ("num_ns_steps", "coefficient_type", "scale_mode", "extra_scale_factor", "use_syrk")
 
 
@@ -52,111 +65,56 @@ def _read_only(name: str) -> property:
     return property(get, refuse, doc=f"The constructor's {name} (read-only, as in Emerging-Optimizers' Muon).")
 
 
-def _declares(cls: type, name: str, below: type) -> bool:
-    """Whether a class of ``cls``'s MRO before ``below`` names ``name`` in its own ``__init__``."""
-    for klass in cls.__mro__:
-        if klass is below:
-            return False
-        init = klass.__dict__.get("__init__")
-        if init is not None and name in inspect.signature(init).parameters:
-            return True
-    return False
-
-
-def _torch_names(ns_coefficients: Any, ns_steps: int | None, eps: float | None, adjust_lr_fn: str | None,
-                 coefficient_type: str, num_ns_steps: int, scale_mode: str) -> tuple[str, int, str, dict[str, Any]]:
-    """(coefficient_type, num_ns_steps, scale_mode, further member options) with torch.optim.Muon's names read;
-    a torch name beside its EO name set away from the default is a ValueError naming both."""
-    options: dict[str, Any] = {}
+def torch_names(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with torch.optim.Muon's names read into EO's; a torch name beside its EO name set away from the
+    default is a ValueError naming both."""
+    ns_coefficients, ns_steps = options.pop("ns_coefficients"), options.pop("ns_steps")
+    eps, adjust_lr_fn = options.pop("eps"), options.pop("adjust_lr_fn")
     if ns_coefficients is not None:
-        if coefficient_type != "quintic":
-            raise ValueError(f"pass ns_coefficients or coefficient_type, not both (got {coefficient_type!r})")
+        if options["coefficient_type"] != "quintic":
+            raise ValueError(f"pass ns_coefficients or coefficient_type, not both (got {options['coefficient_type']!r})")
         triple = tuple(ns_coefficients)
         if len(triple) != 3:
             raise ValueError(f"ns_coefficients must be three numbers (a, b, c), got {ns_coefficients!r}")
-        coefficient_type = "custom"
+        options["coefficient_type"] = "custom"
         options["custom_coefficient_sets"] = [tuple(check_number("ns_coefficients", c, -float("inf")) for c in triple)]
     if ns_steps is not None:
-        if num_ns_steps != 5:
-            raise ValueError(f"pass ns_steps or num_ns_steps, not both (got ns_steps={ns_steps}, num_ns_steps={num_ns_steps})")
-        num_ns_steps = ns_steps
+        if options["num_ns_steps"] != 5:
+            raise ValueError(f"pass ns_steps or num_ns_steps, not both (got ns_steps={ns_steps}, "
+                             f"num_ns_steps={options['num_ns_steps']})")
+        options["num_ns_steps"] = ns_steps
     if adjust_lr_fn is not None:
-        if scale_mode != "spectral":
-            raise ValueError(f"pass adjust_lr_fn or scale_mode, not both (got scale_mode={scale_mode!r})")
+        if options["scale_mode"] != "spectral":
+            raise ValueError(f"pass adjust_lr_fn or scale_mode, not both (got scale_mode={options['scale_mode']!r})")
         if adjust_lr_fn not in TORCH_ADJUST_LR:
             raise ValueError(f"adjust_lr_fn must be one of {tuple(TORCH_ADJUST_LR)} or None, got {adjust_lr_fn!r}")
-        scale_mode = TORCH_ADJUST_LR[adjust_lr_fn]
+        options["scale_mode"] = TORCH_ADJUST_LR[adjust_lr_fn]
     if eps is not None:
         options["ns_eps"] = check_number("eps", eps)
-    return coefficient_type, num_ns_steps, scale_mode, options
+    return options
 
 
 class Muon(OrthogonalizedOptimizer):
     """Muon: momentum, Newton-Schulz, shape scale. Arguments as emerging_optimizers' Muon, torch.optim.Muon's names
     as keywords (see the module doc), plus TP ones."""
 
+    settings = MuonSettings
     uses_newton_schulz = True
     batched = True
 
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float = 3e-4,
-        momentum: float = 0.95,
-        weight_decay: float = 0.01,
-        *,
-        nesterov: bool = False,
-        weight_decay_method: WeightDecayMethod = "decoupled",
-        fp32_matmul_prec: MatmulPrecision = "medium",
-        coefficient_type: str = "quintic",
-        num_ns_steps: int = 5,
-        scale_mode: ScaleMode = "spectral",
-        extra_scale_factor: float = 1.0,
-        use_syrk: bool = False,
-        weight_update_hook: WeightUpdateHook[Any] | None = None,
-        ns_coefficients: tuple[float, float, float] | None = None,
-        ns_steps: int | None = None,
-        eps: float | None = None,
-        adjust_lr_fn: TorchAdjustLr | None = None,
-        tp_group: comm.ProcessGroup | None = None,
-        tp_mode: str = "duplicated",
-        **kwargs: Any,
-    ) -> None:
-        if eps is not None and _declares(type(self), "eps", Muon):  # a member's own eps (AdaptiveMuon's)
-            kwargs["eps"], eps = eps, None
-        coefficient_type, num_ns_steps, scale_mode, torch_options = _torch_names(
-            ns_coefficients, ns_steps, eps, adjust_lr_fn, coefficient_type, num_ns_steps, scale_mode)
-        super().__init__(
-            params,
-            lr,
-            momentum,
-            weight_decay,
-            nesterov=nesterov,
-            weight_decay_method=weight_decay_method,
-            fp32_matmul_prec=fp32_matmul_prec,
-            weight_update_hook=weight_update_hook,
-            coefficient_type=coefficient_type,
-            num_ns_steps=num_ns_steps,
-            scale_mode=scale_mode,
-            extra_scale_factor=extra_scale_factor,
-            use_syrk=use_syrk,
-            tp_group=tp_group,
-            tp_mode=tp_mode,
-            **torch_options,
-            **kwargs,
-        )
+    @classmethod
+    def translate(cls, options: dict[str, Any], given: frozenset[str]) -> dict[str, Any]:
+        if fields_of_scope(cls.settings, "eps") == "alias":  # not a member's own eps (AdaptiveMuon's)
+            options = torch_names(options)
+        else:
+            options = torch_names({**options, "eps": None}) | {"eps": options["eps"]}
+        return super().translate(options, given)
 
     num_ns_steps = _read_only("num_ns_steps")
     coefficient_type = _read_only("coefficient_type")
     scale_mode = _read_only("scale_mode")
     extra_scale_factor = _read_only("extra_scale_factor")
     use_syrk = _read_only("use_syrk")
-
-    def check_group(self, group: dict[str, Any]) -> None:
-        super().check_group(group)
-        check_scale_mode(group["scale_mode"])
-        if "ns_eps" in group:
-            check_number("eps", group["ns_eps"])
 
     def ns_spec(self, group: dict[str, Any]) -> NsSpec | None:
         spec = super().ns_spec(group)
@@ -167,6 +125,18 @@ class Muon(OrthogonalizedOptimizer):
     def update(self, ctx: MatrixContext) -> Program[torch.Tensor]:
         yield from ()
         return ctx.orthogonalized.mul_(ctx.shape_scale())  # the step's own tensor: scaled in place
+
+
+def fields_of_scope(settings_cls: type, name: str) -> str | None:
+    """The scope of ``settings_cls``'s field ``name`` (None without one)."""
+    return next((f.metadata["scope"] for f in dataclasses.fields(settings_cls) if f.name == name), None)
+
+
+def _radius(name: str, value: Any) -> None:
+    if value is not None:
+        check_number(name, value)
+        if value == 0:
+            raise ValueError("hyperball_radius must be > 0 (or None for each weight's initial norm), got 0")
 
 
 class SphereHook(ProgramHook):
@@ -188,6 +158,15 @@ class SphereHook(ProgramHook):
         yield from self._to_sphere(view, p)
 
 
+@settings
+class MuonHyperballSettings(MuonSettings):
+    """Muon's options and the sphere's (not weight_update_hook: the sphere is the hook)."""
+
+    hyperball_eps: float = option(1e-8, scope="optimizer", check=number(), doc="the sphere's epsilon")
+    hyperball_radius: float | None = option(None, scope="optimizer", check=_radius, doc=(
+        "R for every weight (None: each weight's initial norm)"))
+
+
 class MuonHyperball(Muon):
     """Muon on the Frobenius sphere of each weight (Muon with a :class:`SphereHook`). Arguments as Muon, plus
     hyperball_eps, hyperball_radius; not weight_update_hook (it is the sphere's).
@@ -196,17 +175,17 @@ class MuonHyperball(Muon):
     parameter is rescaled) and kept in the optimizer state, so a restored optimizer keeps it.
     """
 
-    def __init__(self, *args: Any, hyperball_eps: float = 1e-8, hyperball_radius: float | None = None, **kwargs: Any):
-        if "weight_update_hook" in kwargs:
+    settings = MuonHyperballSettings
+
+    @classmethod
+    def translate(cls, options: dict[str, Any], given: frozenset[str]) -> dict[str, Any]:
+        if "weight_update_hook" in given:
             raise TypeError("MuonHyperball does not take weight_update_hook: its hook is the sphere's (pass "
                             "weight_update_hook=HyperballHook(radius) to Muon for Emerging-Optimizers' fixed radius)")
-        self.hyperball_eps = check_number("hyperball_eps", hyperball_eps)
-        if hyperball_radius is not None:
-            check_number("hyperball_radius", hyperball_radius)
-            if hyperball_radius == 0:
-                raise ValueError("hyperball_radius must be > 0 (or None for each weight's initial norm), got 0")
-        self.hyperball_radius = hyperball_radius
-        super().__init__(*args, weight_update_hook=SphereHook(self.hyperball_eps), **kwargs)
+        return super().translate(options, given)
+
+    def make_weight_update_hook(self, settings: Any) -> Any:
+        return SphereHook(settings.hyperball_eps)
 
     def init_state_program(self, ctx: MatrixContext) -> Program[None]:
         yield from super().init_state_program(ctx)

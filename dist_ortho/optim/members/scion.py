@@ -7,56 +7,30 @@ i.e. decoupled weight decay fixed at 1 and no Nesterov.
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
-from torch.optim.optimizer import ParamsT
 
-from dist_ortho import comm
 from dist_ortho.coalesce import Program
-from dist_ortho.optim.base import MatmulPrecision, OrthogonalizedOptimizer
+from dist_ortho.optim.base import OrthogonalizedOptimizer
 from dist_ortho.optim.context import MatrixContext
-from dist_ortho.optim.options import check_number
+from dist_ortho.optim.settings import CommonSettings, NewtonSchulzSettings, OptimizerSettings, number, option, settings
 from dist_ortho.optim.scale import muon_scale
+
+
+@settings(lr=3e-4, momentum=0.95, fp32_matmul_prec="medium",
+          fixed=dict(weight_decay=1.0, nesterov=False, weight_decay_method="decoupled"))
+class ScionSettings(CommonSettings, NewtonSchulzSettings, OptimizerSettings):
+    """Scion's options: the Frank-Wolfe form fixes weight decay at 1 (decoupled) and no Nesterov."""
+
+    spectral_radius: float = option(1.0, doc="rho, the radius of the spectral-norm ball", check=number())
 
 
 class Scion(OrthogonalizedOptimizer):
     uses_newton_schulz = True
     batched = True
 
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float = 3e-4,
-        momentum: float = 0.95,
-        *,
-        fp32_matmul_prec: MatmulPrecision = "medium",
-        coefficient_type: str = "quintic",
-        num_ns_steps: int = 5,
-        spectral_radius: float = 1.0,
-        tp_group: comm.ProcessGroup | None = None,
-        tp_mode: str = "duplicated",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            params,
-            lr,
-            momentum,
-            1.0,
-            nesterov=False,
-            weight_decay_method="decoupled",
-            fp32_matmul_prec=fp32_matmul_prec,
-            coefficient_type=coefficient_type,
-            num_ns_steps=num_ns_steps,
-            spectral_radius=spectral_radius,
-            tp_group=tp_group,
-            tp_mode=tp_mode,
-            **kwargs,
-        )
-
-    def check_group(self, group: dict[str, Any]) -> None:
-        super().check_group(group)
-        check_number("spectral_radius", group["spectral_radius"])
+    settings = ScionSettings
+    positional = ("lr", "momentum")
 
     def update(self, ctx: MatrixContext) -> Program[torch.Tensor]:
         yield from ()
