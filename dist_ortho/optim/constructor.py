@@ -64,7 +64,7 @@ def _generated_init(cls: type) -> Any:
         bound.apply_defaults()
         options = {k: v for k, v in bound.arguments.items() if k not in ("self", "params")}
         options = cls.translate(options, given)
-        type(self)._construct(self, params, cls.settings(**options))
+        self._construct(params, cls.settings(**options))
 
     __init__.__signature__ = signature  # type: ignore[attr-defined]
     __init__.__qualname__ = f"{cls.__qualname__}.__init__"
@@ -74,11 +74,9 @@ def _generated_init(cls: type) -> Any:
 
 def install(cls: type) -> None:
     """Give ``cls`` the constructor and argument docs of its settings, unless it writes its own ``__init__``."""
-    if "__init__" in cls.__dict__ and not getattr(cls.__dict__["__init__"], "generated", False):
+    if "__init__" in cls.__dict__:
         return
-    init = _generated_init(cls)
-    init.generated = True  # type: ignore[attr-defined]
-    cls.__init__ = init  # type: ignore[misc]
+    cls.__init__ = _generated_init(cls)  # type: ignore[misc]
     doc = inspect.cleandoc(cls.__dict__.get("__doc__") or f"{cls.__name__} (see the module {cls.__module__}).")
     if "\nArgs:" not in doc:
         cls.__doc__ = f"{doc}\n\n{args_doc(cls)}"

@@ -75,7 +75,8 @@ def settings(cls: type | None = None, *, fixed: dict[str, Any] | None = None, **
     """A frozen, keyword-only dataclass of ``cls``'s fields and its bases', with ``defaults`` (new defaults of inherited
     fields) and ``fixed`` (inherited fields set to a value the constructor does not take) applied."""
     def make(cls: type) -> type:
-        inherited = {f.name: f for base in cls.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
+        inherited = {f.name: f for base in reversed(cls.__mro__[1:]) if dataclasses.is_dataclass(base)
+                     for f in dataclasses.fields(base)}  # the nearest base's field last, so it wins
         annotations = cls.__dict__.get("__annotations__", {})
         for name, value, keyword in [*((n, v, True) for n, v in defaults.items()),
                                      *((n, v, False) for n, v in (fixed or {}).items())]:

@@ -67,7 +67,8 @@ class MegatronMuonSettings(MuonSettings):
 
 @settings(momentum=0.95, nesterov=True, split_qkv=False, fixed=dict(weight_decay_method="decoupled"))
 class MegatronAdaptiveMuonSettings(AdaptiveMuonSettings, MegatronMuonSettings):
-    """megatron-core >= 0.17's TensorParallelAdaptiveMuon: Megatron's Muon keywords and the second moment's."""
+    """megatron-core >= 0.17's TensorParallelAdaptiveMuon: Megatron's Muon keywords and the second moment's (the
+    defaults again: AdaptiveMuonSettings, first so that its own eps wins over the torch alias, carries Muon's)."""
 
 
 MEGATRON_POSITIONAL = ("lr", "momentum", "nesterov", "weight_decay", "use_decoupled_weight_decay", "split_qkv",

@@ -35,7 +35,7 @@ from dist_ortho.optim.hooks import HookView, ProgramHook
 from dist_ortho.optim.options import check_number
 from dist_ortho.optim.scale import TORCH_ADJUST_LR, TorchAdjustLr
 from dist_ortho.optim.settings import (CommonSettings, HookSettings, NewtonSchulzSettings, OptimizerSettings,
-                                       ScaleSettings, SyrkSettings, number, option, settings)
+                                       ScaleSettings, SyrkSettings, fields_of, number, option, settings)
 from dist_ortho.layout import REPLICATED_HELD, Held, Layout
 from dist_ortho.tp import NsSpec
 
@@ -65,11 +65,11 @@ def _read_only(name: str) -> property:
     return property(get, refuse, doc=f"The constructor's {name} (read-only, as in Emerging-Optimizers' Muon).")
 
 
-def torch_names(options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` with torch.optim.Muon's names read into EO's; a torch name beside its EO name set away from the
-    default is a ValueError naming both."""
+def torch_names(options: dict[str, Any], eps_is_torch: bool = True) -> dict[str, Any]:
+    """``options`` with torch.optim.Muon's names read into EO's (``eps`` too where it is torch's, not a member's own);
+    a torch name beside its EO name set away from the default is a ValueError naming both."""
     ns_coefficients, ns_steps = options.pop("ns_coefficients"), options.pop("ns_steps")
-    eps, adjust_lr_fn = options.pop("eps"), options.pop("adjust_lr_fn")
+    eps, adjust_lr_fn = options.pop("eps") if eps_is_torch else None, options.pop("adjust_lr_fn")
     if ns_coefficients is not None:
         if options["coefficient_type"] != "quintic":
             raise ValueError(f"pass ns_coefficients or coefficient_type, not both (got {options['coefficient_type']!r})")
@@ -104,11 +104,8 @@ class Muon(OrthogonalizedOptimizer):
 
     @classmethod
     def translate(cls, options: dict[str, Any], given: frozenset[str]) -> dict[str, Any]:
-        if fields_of_scope(cls.settings, "eps") == "alias":  # not a member's own eps (AdaptiveMuon's)
-            options = torch_names(options)
-        else:
-            options = torch_names({**options, "eps": None}) | {"eps": options["eps"]}
-        return super().translate(options, given)
+        aliases = {f.name for f in fields_of(cls.settings, "alias")}  # eps is not one where a member has its own
+        return super().translate(torch_names(options, "eps" in aliases), given)
 
     num_ns_steps = _read_only("num_ns_steps")
     coefficient_type = _read_only("coefficient_type")
@@ -125,11 +122,6 @@ class Muon(OrthogonalizedOptimizer):
     def update(self, ctx: MatrixContext) -> Program[torch.Tensor]:
         yield from ()
         return ctx.orthogonalized.mul_(ctx.shape_scale())  # the step's own tensor: scaled in place
-
-
-def fields_of_scope(settings_cls: type, name: str) -> str | None:
-    """The scope of ``settings_cls``'s field ``name`` (None without one)."""
-    return next((f.metadata["scope"] for f in dataclasses.fields(settings_cls) if f.name == name), None)
 
 
 def _radius(name: str, value: Any) -> None:
