@@ -10,13 +10,16 @@ reaches every rank through Newton-Schulz's collectives), so every rank decides a
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
 
 Nonfinite = Literal["raise", "skip", "ignore"]
 NONFINITE: tuple[str, ...] = get_args(Nonfinite)
+logger = logging.getLogger(__name__)
 
 
 def _finite(t: torch.Tensor) -> torch.Tensor:
@@ -46,3 +49,32 @@ def first_nonfinite(batch: torch.Tensor) -> int | None:
 def commit(target: torch.Tensor, value: torch.Tensor, ok: torch.Tensor | None) -> None:
     """target <- value, or (``ok`` a device bool, capturable "skip") only where the step is finite."""
     target.copy_(value if ok is None else torch.where(ok, value, target))
+
+
+@dataclass
+class Verdict:
+    """A step's finite check here: ``ok`` True / False (host), a device bool (capturable), None (not checked);
+    the first non-finite matrix's name and policy; whether a group skips (capturable)."""
+
+    ok: torch.Tensor | bool | None
+    name: str | None = None
+    policy: str | None = None
+    skips: bool = False
+
+    def flag(self, device: torch.device) -> torch.Tensor:
+        """What replicas exchange: 1 finite (or unchecked), 0 not ("skip"), -1 not ("raise"); capturable: the
+        device bool as 1 / 0."""
+        if isinstance(self.ok, torch.Tensor):
+            return self.ok.to(torch.float32)
+        return torch.tensor(1.0 if self.ok is not False else -1.0 if self.policy == "raise" else 0.0, device=device)
+
+
+def shared_verdict(mine: Verdict, flags: Sequence[float], owner: str) -> Verdict:
+    """The replicas' common verdict from every DP rank's flag (:meth:`Verdict.flag`): the same on every rank,
+    naming the DP ranks that found a non-finite update (each logs its own matrix's name)."""
+    failing = [r for r, f in enumerate(flags) if f < 1]
+    if not failing:
+        return Verdict(True)
+    if mine.ok is False:
+        logger.error("%s: the update of %s is not finite on this rank", owner, mine.name)
+    return Verdict(False, f"a parameter owned by DP rank(s) {failing}", "raise" if min(flags) < 0 else "skip")

@@ -227,17 +227,9 @@ def qk_clip(optimizer: Any, max_logits: Mapping[Any, torch.Tensor], tau: float,
     if every:
         opt.layout(every[0])  # layouts of every parameter known (collectives only the first time, on every rank)
     pairs = list(max_logits.items()) if isinstance(max_logits, Mapping) else None
-    problem = None if pairs is not None else f"max_logits must be a mapping of layer -> tensor, got {type(max_logits).__name__}"
-    layers: list[QkLayer] = []
-    for key, logits in pairs or []:
-        layer = key
-        if isinstance(key, torch.Tensor) and key in opt.layouts.held and opt.is_qkv(key):
-            try:
-                layer = fused_qkv_layer(opt, key)
-            except ValueError as e:
-                problem = problem or str(e)
-        problem = problem or _problem(opt, layer, logits)
-        layers.append(layer)
+    layers, problem = _read_layers(opt, pairs)
+    if pairs is None:
+        problem = f"max_logits must be a mapping of layer -> tensor, got {type(max_logits).__name__}"
     good_tau = isinstance(tau, (int, float)) and not isinstance(tau, bool) and math.isfinite(tau) and tau > 0
     if not good_tau:
         problem = problem or f"qk_clip: tau must be a finite number > 0, got {tau!r}"
@@ -261,6 +253,22 @@ def qk_clip(optimizer: Any, max_logits: Mapping[Any, torch.Tensor], tau: float,
             for w in layer.weights:
                 _scale_rows(opt, w.weight, row_factors(w, layer, gamma, q, k))
     return result
+
+
+def _read_layers(opt: Any, pairs: list[tuple[Any, torch.Tensor]] | None) -> tuple[list[QkLayer], str | None]:
+    """max_logits' layers (a fused QKV weight read as its layer) and the first problem found in them, if any."""
+    layers: list[QkLayer] = []
+    problem = None
+    for key, logits in pairs or []:
+        layer = key
+        if isinstance(key, torch.Tensor) and key in opt.layouts.held and opt.is_qkv(key):
+            try:
+                layer = fused_qkv_layer(opt, key)
+            except ValueError as e:
+                problem = problem or str(e)
+        problem = problem or _problem(opt, layer, logits)
+        layers.append(layer)
+    return layers, problem
 
 
 def _scale_rows(opt: Any, p: torch.Tensor, factors: torch.Tensor) -> None:

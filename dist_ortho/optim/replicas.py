@@ -25,7 +25,8 @@ from dist_ortho.grid import share_program, verdict_program
 from dist_ortho.optim.gradients import decoupled_grads, dp_own, start_reduce_into_owners
 from dist_ortho.optim.overlap import ShareInFlight, layer_buckets
 from dist_ortho.optim.planning import Share, StepPlan
-from dist_ortho.optim.step import Pending, Verdict, descend, shared_verdict
+from dist_ortho.optim.nonfinite import Verdict, shared_verdict
+from dist_ortho.optim.step import Pending, descend
 
 
 class ReplicaGrid:

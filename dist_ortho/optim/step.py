@@ -29,7 +29,7 @@ from dist_ortho.coalesce import Program, run, run_many, under_precision
 from dist_ortho.optim.context import MatrixContext
 from dist_ortho.optim.groups import ParamStack
 from dist_ortho.optim.holding import part_key
-from dist_ortho.optim.nonfinite import all_finite, commit, first_nonfinite
+from dist_ortho.optim.nonfinite import Verdict, all_finite, commit, first_nonfinite
 from dist_ortho.precision import matmul_precision
 from dist_ortho.tp import PIPELINE_BUCKETS, MatrixJob, orthogonalize_many
 
@@ -323,35 +323,6 @@ class GroupStep:
         # a TP group decides alike: all its ranks skip these together
         self._new_weights([w for key, members in by_key.items() if verdicts[key].ok is not False for w in members])
         return Pending(works, verdicts)
-
-
-@dataclass
-class Verdict:
-    """A step's finite check here: ``ok`` True / False (host), a device bool (capturable), None (not checked);
-    the first non-finite matrix's name and policy; whether a group skips (capturable)."""
-
-    ok: torch.Tensor | bool | None
-    name: str | None = None
-    policy: str | None = None
-    skips: bool = False
-
-    def flag(self, device: torch.device) -> torch.Tensor:
-        """What replicas exchange: 1 finite (or unchecked), 0 not ("skip"), -1 not ("raise"); capturable: the
-        device bool as 1 / 0."""
-        if isinstance(self.ok, torch.Tensor):
-            return self.ok.to(torch.float32)
-        return torch.tensor(1.0 if self.ok is not False else -1.0 if self.policy == "raise" else 0.0, device=device)
-
-
-def shared_verdict(mine: Verdict, flags: Sequence[float], owner: str) -> Verdict:
-    """The replicas' common verdict from every DP rank's flag (:meth:`Verdict.flag`): the same on every rank,
-    naming the DP ranks that found a non-finite update (each logs its own matrix's name)."""
-    failing = [r for r, f in enumerate(flags) if f < 1]
-    if not failing:
-        return Verdict(True)
-    if mine.ok is False:
-        logger.error("%s: the update of %s is not finite on this rank", owner, mine.name)
-    return Verdict(False, f"a parameter owned by DP rank(s) {failing}", "raise" if min(flags) < 0 else "skip")
 
 
 @dataclass
