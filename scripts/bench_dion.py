@@ -12,7 +12,7 @@ Both run float32 Newton-Schulz with "highest" matmul precision, 5 steps of the s
   every Dion row: its momentum update casts the direction to bfloat16 before communicating, which the
   benchmark replaces (``dion.muon.muon_update_pre_orthogonalize``) by the same arithmetic without the cast,
   so its all-to-all carries float32 as ours does; and torch.compile is off (TORCHDYNAMO_DISABLE=1) for both,
-  as dist_ortho's step is eager. Newton-Schulz: "dion" gets ``dist_ortho.newton_schulz`` (the plain
+  as dist_ortho's step is eager. Newton-Schulz: "dion" gets ``dist_ortho.tp.newton_schulz`` (the plain
   iteration, float32); "dion + our local NS" gets ``dist_ortho.tp.local.local_newton_schulz``, the one-device
   function dist_ortho's own step uses (its Gram-space recursion where that pays), to separate the schedule
   from the FLOPs.

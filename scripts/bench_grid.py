@@ -31,8 +31,8 @@ from torch.distributed.tensor.placement_types import _StridedShard
 from torch.utils.flop_counter import FlopCounterMode
 
 from dist_ortho import Muon, count_collectives
-from dist_ortho.dtensor import piece_of
-from dist_ortho.qkv import qkv_split_shapes
+from dist_ortho.parameters.dtensor import piece_of
+from dist_ortho.parameters.qkv import qkv_split_shapes
 from dist_ortho.tp import NsSpec
 from dist_ortho.tp.local import gram_flops, plain_flops, use_gram
 

@@ -40,8 +40,8 @@ import torch.distributed as dist
 
 from bench_common import run_worlds, time_interleaved
 from dist_ortho import Muon, newton_schulz_tp
-from dist_ortho.coefficients import get_coefficients
-from dist_ortho.iteration import orthogonalize
+from dist_ortho.math.coefficients import get_coefficients
+from dist_ortho.math.iteration import orthogonalize
 from dist_ortho.tp.jobs import gather_shards
 
 try:

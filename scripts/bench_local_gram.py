@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.gram_battery, tests.reference
 
-from dist_ortho.precision import matmul_precision  # noqa: E402
+from dist_ortho.math.precision import matmul_precision  # noqa: E402
 from dist_ortho.tp import NsSpec  # noqa: E402
 from dist_ortho.tp.gram import restarts_for  # noqa: E402
 from dist_ortho.tp.local import gram_recursion_flops, local_newton_schulz, plain_flops, use_gram  # noqa: E402
@@ -258,7 +258,7 @@ KSPACE_VARIANTS: dict[str, KspaceVariant] = {
 
 def kspace_newton_schulz(x: torch.Tensor, coefficients, variant: KspaceVariant) -> torch.Tensor:
     """Gram Newton-Schulz of x (k x n, k <= n, float32) with k-space restarts, as :data:`KspaceVariant` says."""
-    from dist_ortho.iteration import scale_to_unit, sum_of_squares
+    from dist_ortho.math.iteration import scale_to_unit, sum_of_squares
 
     zdtype, qdtype, refresh, final = variant
     X = scale_to_unit(x, sum_of_squares(x), 1e-300).to(torch.bfloat16)

@@ -75,7 +75,7 @@ class _AllGatherMuon:
     @torch.no_grad()
     def step(self) -> None:
         from dist_ortho import newton_schulz
-        from dist_ortho.precision import matmul_precision
+        from dist_ortho.math.precision import matmul_precision
 
         for p, m, views in zip(self.params, self.momenta, self.layout):
             g = p.grad.to_local() if p.grad is not None else torch.zeros_like(m)

@@ -24,8 +24,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench_common import run_worlds, time_interleaved
 from dist_ortho import Muon, count_collectives
-from dist_ortho.coefficients import get_coefficients
-from dist_ortho.qkv import qkv_split_shapes
+from dist_ortho.math.coefficients import get_coefficients
+from dist_ortho.parameters.qkv import qkv_split_shapes
 from dist_ortho.tp import NsSpec
 from dist_ortho.tp.home import home_extra_bytes
 from dist_ortho.tp.local import plain_flops

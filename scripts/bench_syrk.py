@@ -1,4 +1,4 @@
-"""The Triton symmetric Gram kernel (dist_ortho.kernels.syrk) against torch on CUDA: correctness and speed.
+"""The Triton symmetric Gram kernel (dist_ortho.math.kernels.syrk) against torch on CUDA: correctness and speed.
 
     python scripts/bench_syrk.py [--json out.json]
 
@@ -39,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_syrk.py needs CUDA (torch.cuda.is_available() is False)")
-    from dist_ortho.kernels.syrk import symmetric_polynomial, syrk
+    from dist_ortho.math.kernels.syrk import symmetric_polynomial, syrk
 
     torch.manual_seed(0)
     rows = []

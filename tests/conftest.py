@@ -1,6 +1,6 @@
 import pytest
 
-from dist_ortho.newton_schulz import matmul_precision
+from dist_ortho.tp.newton_schulz import matmul_precision
 from tests.harness import started_world
 
 WORLD_SIZES = (1, 2, 4)

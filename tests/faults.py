@@ -41,7 +41,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dist_ortho import coalesce, comm, get_optimizer
+from dist_ortho import comm, get_optimizer
+from dist_ortho.comm import coalesce
 from dist_ortho.tp import batching
 
 TIMEOUT_S = 4.0
@@ -83,10 +84,10 @@ LAYOUT_VARIANTS = {
     "tp2": tuple(VARIANTS), "dp2xtp2": tuple(VARIANTS), "dp2": ("muon/home", "muon_adamw/home"),
     "fsdp2": ("muon/home",), "fsdp2xtp2": ("muon/home",), "experts2": ("muon/home",),
 }
-TRANSPORT = ("dist_ortho.comm", "dist_ortho.coalesce")
+TRANSPORT = ("dist_ortho.comm", "dist_ortho.comm.coalesce")
 """Modules that carry collectives for others: a collective's site is the first function outside them."""
 AGREE_BATCHING = "dist_ortho.optim.agreement.agree_batching"
-FIRST_AND_LAST = ("dist_ortho.grid.share_program", "dist_ortho.pieces.scatter_program", "dist_ortho.tp.home.program")
+FIRST_AND_LAST = ("dist_ortho.parameters.grid.share_program", "dist_ortho.parameters.pieces.scatter_program", "dist_ortho.tp.home.program")
 """Sites whose first and last collective of a step differ in kind: the share's first bucket carries the finite
 verdicts and its last lands after the step was decided; home's all-to-all in, and back."""
 _SCOPE_NOISE = {"<locals>", "<listcomp>", "<genexpr>", "<dictcomp>", "<setcomp>", "<lambda>"}
@@ -166,7 +167,7 @@ class _CallSites(ast.NodeVisitor):
                 return f"comm.{last}"
             if dotted.startswith("torch.distributed.") and not TORCH_NOT_COLLECTIVES & set(dotted.split(".")[2:]):
                 return dotted
-            if dotted.startswith("dist_ortho.coalesce.") and last in REQUESTS:
+            if dotted.startswith("dist_ortho.comm.coalesce.") and last in REQUESTS:
                 return last
         if isinstance(node.func, ast.Attribute) and node.func.attr in DTENSOR_COLLECTIVES:
             return f"torch.distributed.tensor.DTensor.{node.func.attr}"
@@ -181,7 +182,7 @@ class _CallSites(ast.NodeVisitor):
 
 def call_sites(root: Path) -> dict[str, set[str]]:
     """Every function of the package under ``root`` (outside the transport modules) that issues collectives, with
-    how: ``comm.<collective>``, ``torch.distributed.<...>`` or a request class of dist_ortho.coalesce. Imports are
+    how: ``comm.<collective>``, ``torch.distributed.<...>`` or a request class of dist_ortho.comm.coalesce. Imports are
     read before the calls (a module's imports at its top, or a function's before its use)."""
     found: dict[str, set[str]] = {}
     for path in sorted(root.rglob("*.py")):
@@ -353,7 +354,7 @@ def _sites_of(frame: Any) -> list[str]:
     modules, or, for a coalesced bucket, the functions that made its requests."""
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
-        if module == "dist_ortho.coalesce" and frame.f_code.co_name == "_issue":
+        if module == "dist_ortho.comm.coalesce" and frame.f_code.co_name == "_issue":
             return sorted({getattr(request, "_site", "?") for _, request in frame.f_locals["bucket"]})
         if module not in TRANSPORT:
             return [site_name(module, frame.f_code.co_qualname)]
@@ -409,7 +410,7 @@ class Run:
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         """Every weight's local tensor and every optimizer state tensor, copied."""
-        from dist_ortho.dtensor import local
+        from dist_ortho.parameters.dtensor import local
 
         out = {name: local(p).detach().clone() for name, p in zip(self.names, self.params)}
         for name, p in zip(self.names, self.params):
@@ -470,7 +471,7 @@ class Run:
         """Each DTensor's gradient as FSDP2 leaves it: this rank's piece of the DP-reduced gradient."""
         from torch.distributed.tensor import DTensor
 
-        from dist_ortho.dtensor import piece_of
+        from dist_ortho.parameters.dtensor import piece_of
 
         gen = torch.Generator().manual_seed(1000 + k)
         for p in self.params:
@@ -480,7 +481,7 @@ class Run:
 
     def weights(self) -> list[torch.Tensor]:
         """The final weights (the last step's share completed first)."""
-        from dist_ortho.dtensor import local
+        from dist_ortho.parameters.dtensor import local
 
         self.opt.finish()
         return [local(p).detach().clone() for p in self.params]
@@ -525,7 +526,7 @@ def _dtensor_params(mesh: Any, fulls: list[torch.Tensor]) -> list[torch.nn.Param
     from torch.distributed.tensor import DTensor, Shard
     from torch.distributed.tensor.placement_types import _StridedShard
 
-    from dist_ortho.dtensor import piece_of
+    from dist_ortho.parameters.dtensor import piece_of
 
     out = []
     for full, (_, _, pd) in zip(fulls, SHAPES * (len(fulls) // 2)):

@@ -104,7 +104,7 @@ def _free_port() -> int:
     raise RuntimeError("no free port left in this pytest worker's range")
 
 
-PRELOAD = ("torch", "torch.distributed", "numpy", "dist_ortho", "dist_ortho.optim", "dist_ortho.tp", "dist_ortho.dtensor",
+PRELOAD = ("torch", "torch.distributed", "numpy", "dist_ortho", "dist_ortho.optim", "dist_ortho.tp", "dist_ortho.parameters.dtensor",
            "torch.distributed.tensor", "torch.distributed.fsdp", "tests.harness")
 """What a pytest process's forkserver imports once, so that a world's workers start without importing torch and
 the library again (each spawned worker took 4-6 s of CPU for it, ~140 of them per suite on 2 cores). Megatron is

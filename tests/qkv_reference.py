@@ -1,4 +1,4 @@
-"""Fused-QKV reference helpers written from the layout (rows = [ng, q | (gate) | k | v]), independent of dist_ortho.qkv."""
+"""Fused-QKV reference helpers written from the layout (rows = [ng, q | (gate) | k | v]), independent of dist_ortho.parameters.qkv."""
 
 from __future__ import annotations
 

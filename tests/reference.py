@@ -1,5 +1,5 @@
 """Independent references for the tests, written from the published formulas (Newton-Schulz as in Jordan
-et al., "Muon", 2024; coefficient sets from the papers cited in dist_ortho/coefficients.py).
+et al., "Muon", 2024; coefficient sets from the papers cited in dist_ortho/math/coefficients.py).
 
 Nothing here calls dist_ortho: the coefficient table is typed in again from the papers so that a
 wrong entry in the library shows up as a mismatch.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -18,11 +19,10 @@ PACKAGE = Path(dist_ortho.__file__).parent
 
 # Lowest first; a module may import its own layer and those below it, never one above.
 LAYERS = [
-    ("math", ["dist_ortho.coefficients", "dist_ortho.precision", "dist_ortho.iteration", "dist_ortho.kernels"]),
-    ("communication", ["dist_ortho.comm", "dist_ortho.coalesce", "dist_ortho.reductions"]),
-    ("tensor parallel", ["dist_ortho.tp", "dist_ortho.newton_schulz"]),
-    ("parameters", ["dist_ortho.layout", "dist_ortho.params", "dist_ortho.qkv", "dist_ortho.grid", "dist_ortho.backward",
-                    "dist_ortho.dtensor", "dist_ortho.pieces"]),
+    ("math", ["dist_ortho.math"]),
+    ("communication", ["dist_ortho.comm"]),
+    ("tensor parallel", ["dist_ortho.tp"]),
+    ("parameters", ["dist_ortho.parameters"]),
     ("optimizer policy", ["dist_ortho.optim"]),
     ("integrations", ["dist_ortho.integrations", "dist_ortho.train", "dist_ortho.demo", "dist_ortho.plan", "dist_ortho"]),
 ]
@@ -90,6 +90,51 @@ def test_no_import_cycles():
         if module not in state:
             visit(module, [module])
     assert not cycles, "\n".join(cycles)
+
+
+ROOT = PACKAGE.parent
+
+
+def _code_block(path: Path, after: str) -> list[str]:
+    """The lines of the first fenced block after the heading ``after`` in ``path``."""
+    text = path.read_text()
+    return text[text.index(after):].split("```\n", 2)[1].splitlines()
+
+
+def _layer_rows(lines: list[str]) -> list[str]:
+    """The block's layer names: its rows that start at column 0 (up to two spaces)."""
+    return [re.split(r"\s{2,}", line)[0] for line in lines if line[:1].strip() and not line.startswith("launch/")]
+
+
+def test_readme_layout_names_every_top_level_package_in_its_layer():
+    lines = _code_block(ROOT / "README.md", "## Layout of the code")
+    assert _layer_rows(lines) == [name for name, _ in LAYERS]
+    rows = dict(zip(_layer_rows(lines), lines))
+    entries = [p.stem for p in PACKAGE.iterdir() if p.suffix == ".py" and p.name != "__init__.py"]
+    entries += [p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()]
+    assert len(entries) >= 8, entries
+    for entry in entries:
+        layer = LAYERS[_layer(f"dist_ortho.{entry}")][0]
+        assert re.search(rf"(?<![\w.]){entry}\b", rows[layer]), f"README's layout: {entry} not in the {layer} row"
+
+
+def test_architecture_page_names_every_module_and_no_other():
+    """docs/architecture.md's block: a line ``dist_ortho/<package>/`` opens a package; every ``*.py`` after it
+    is a module of that package. Every module is named (a package's __init__.py may be), and each named one exists."""
+    lines = _code_block(ROOT / "docs" / "architecture.md", "# Layout of the code")
+    assert _layer_rows(lines) == [name for name, _ in LAYERS]
+    base, named = None, set()
+    for line in lines:
+        opened = re.match(r"^(?:\S.*?\s{2,})?\s*(dist_ortho/(?:\w+/)*)(?:\s|$)", line)
+        if opened:
+            base = opened.group(1)
+            continue
+        named |= {base + token for token in re.findall(r"(?<![\w/.])((?:\w+/)*\w+\.py)\b", line)}
+    tree = {str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py")}
+    assert len(tree) > 50, len(tree)
+    assert not sorted(named - tree), f"docs/architecture.md names modules that do not exist: {sorted(named - tree)}"
+    missing = sorted(p for p in tree - named if not p.endswith("__init__.py"))
+    assert not missing, f"docs/architecture.md does not name: {missing}"
 
 
 def test_each_mode_has_its_own_module():

@@ -14,8 +14,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_ortho import MOP, Muon, get_optimizer
-from dist_ortho.coefficients import get_coefficients
-from dist_ortho.iteration import orthogonalize
+from dist_ortho.math.coefficients import get_coefficients
+from dist_ortho.math.iteration import orthogonalize
 from dist_ortho.optim.step import descend, momentum_direction
 
 SYNCS = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "unique", "_unique2", "equal"}
@@ -153,7 +153,7 @@ def test_torch_compile_takes_the_iteration_and_the_group_update():
     gen = torch.Generator().manual_seed(0)
     x, grad, momentum, weights = (torch.randn(6, 8, 24, generator=gen) for _ in range(4))
     coefficients = get_coefficients("quintic", 5)
-    from dist_ortho.precision import matmul_precision
+    from dist_ortho.math.precision import matmul_precision
 
     with matmul_precision("highest"):
         compiled = torch.compile(lambda t: orthogonalize(t, coefficients), fullgraph=True)(x)

@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from dist_ortho import MuonAdamW, get_optimizer
-from dist_ortho.dtensor import piece_of
+from dist_ortho.parameters.dtensor import piece_of
 from tests import optim_reference
 from tests.harness import started_world
 from tests.test_grid import step_pair
@@ -271,7 +271,7 @@ def test_parallelize_module_and_fully_shard_model_trains_as_one_process(world, k
 def _uneven_pieces(ctx) -> list[bool]:
     """DTensors whose local pieces are uneven and empty (as Megatron-FSDP builds them, DTensor.from_local with
     shape=): gathered whole and cut again from the ranks' own shapes (the main job's checkpoint reads them so)."""
-    from dist_ortho.dtensor import gather_pieces, piece_like
+    from dist_ortho.parameters.dtensor import gather_pieces, piece_like
 
     gen = torch.Generator().manual_seed(3)
     out = []

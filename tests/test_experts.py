@@ -17,7 +17,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from dist_ortho import MuonAdamW, get_optimizer
-from dist_ortho.dtensor import piece_of
+from dist_ortho.parameters.dtensor import piece_of
 from tests import optim_reference
 from tests.harness import started_world
 

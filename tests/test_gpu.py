@@ -54,7 +54,7 @@ def test_batched_bf16_newton_schulz_agrees_with_one_matrix_at_a_time():
 
 def test_syrk_kernel_on_cuda():
     pytest.importorskip("triton", reason="triton is not installed")
-    from dist_ortho.kernels.syrk import symmetric_polynomial, syrk
+    from dist_ortho.math.kernels.syrk import symmetric_polynomial, syrk
 
     gen = torch.Generator().manual_seed(0)
     for shape in [(40, 24), (300, 1000), (3, 33, 70), (1024, 256)]:

@@ -23,7 +23,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dist_ortho.coalesce import run
+from dist_ortho.comm.coalesce import run
 from dist_ortho.tp import MatrixJob, NsSpec
 from dist_ortho.tp import gram as gram_mode
 from dist_ortho.tp.cost import rank_flops
@@ -251,7 +251,7 @@ def test_gram_mode_at_two_ranks(world2, name, steps):
 
 
 def _under_highest(ctx, fn, *args):
-    from dist_ortho.precision import matmul_precision
+    from dist_ortho.math.precision import matmul_precision
 
     with matmul_precision("highest"):
         return fn(ctx, *args)

@@ -26,8 +26,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dist_ortho.coalesce import run
-from dist_ortho.precision import NS_DTYPES, check_ns_dtype, compute_dtype
+from dist_ortho.comm.coalesce import run
+from dist_ortho.math.precision import NS_DTYPES, check_ns_dtype, compute_dtype
 from dist_ortho.tp import MatrixJob, NsSpec
 from dist_ortho.tp import gram as gram_mode
 from dist_ortho.tp.local import gram_flops, local_newton_schulz, plain_flops, use_gram
@@ -232,7 +232,7 @@ def test_bf16_tp_size_invariance(world4):
 
 
 def _under_highest(ctx, fn, *args):
-    from dist_ortho.precision import matmul_precision
+    from dist_ortho.math.precision import matmul_precision
 
     with matmul_precision("highest"):
         return fn(ctx, *args)

@@ -1,4 +1,4 @@
-"""The DP x TP grid (dist_ortho.grid, ``dp_group=``): every matrix updated by one owner replica.
+"""The DP x TP grid (dist_ortho.parameters.grid, ``dp_group=``): every matrix updated by one owner replica.
 
 World 4 as DP 2 x TP 2 (TP groups {0, 1}, {2, 3}; DP groups {0, 2}, {1, 3}); gradients as DDP leaves them
 (averaged over DP: the same on every replica). After 3 steps every rank's shards equal a single-process
@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.utils.flop_counter import FlopCounterMode
 
 from dist_ortho import count_collectives, get_optimizer
-from dist_ortho.qkv import qkv_split_shapes
+from dist_ortho.parameters.qkv import qkv_split_shapes
 from tests import optim_reference
 from tests.harness import started_world
 from tests.test_optim_tp import block, sharded

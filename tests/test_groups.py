@@ -42,6 +42,14 @@ def _factory(kind: str):
     return get_optimizer(kind)
 
 
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max|a - b| in float32 ulps of max|b|. The grouped and per-matrix paths (and the recorded file, written on
+    an AVX2 machine) do the same operations on stacked or single tensors, where the CPU's BLAS may pick other
+    kernels (AVX-512 or AVX2) and sum in another order: MOP's differ by 0.2 ulp on an AVX-512 machine, the
+    recorded continuation by up to 0.96; a wrong update would be off by lr = 0.02."""
+    return ((a.detach() - b.detach()).abs().max() / (torch.finfo(torch.float32).eps * b.detach().abs().max())).item()
+
 @pytest.mark.parametrize("kind,hp", VARIANTS, ids=IDS)
 def test_grouped_equals_per_matrix(kind, hp):
     factory = _factory(kind)
@@ -56,7 +64,7 @@ def test_grouped_equals_per_matrix(kind, hp):
         results[label] = params
     start = parameters()
     for a, b, c, w0 in zip(results["grouped"], results["per-matrix"], results["batched"], start):
-        assert torch.equal(a.detach(), b.detach()), (kind, hp, (a - b).abs().max().item())
+        assert _ulps(a, b) <= 2, (kind, hp, _ulps(a, b))
         moved = (b.detach() - w0.detach()).abs().max().item()
         assert (c.detach() - b.detach()).abs().max().item() <= 1e-6 * max(moved, 1.0)
 
@@ -98,7 +106,7 @@ def _structure(state_dict: dict) -> dict:
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_state_written_before_groups_loads_and_continues(kind):
     """tests/data/pre_groups_state.pt was written by the per-matrix code (tests/data/make_pre_groups_state.py):
-    loading its state dict and stepping on gives the weights that code computed, bit for bit; the state
+    loading its state dict and stepping on gives the weights that code computed (to _ulps' 2); the state
     dict written now has the same structure (keys, shapes, dtypes: the old code loads it)."""
     saved = torch.load("tests/data/pre_groups_state.pt", weights_only=False)[kind]
     params = parameters()
@@ -109,7 +117,7 @@ def test_state_written_before_groups_loads_and_continues(kind):
     opt.load_state_dict(copy.deepcopy(saved["state"]))
     _run(opt, params, steps=2, start=2)
     for p, expected in zip(params, saved["final"]):
-        assert torch.equal(p.detach(), expected)
+        assert _ulps(p, expected) <= 2, (kind, _ulps(p, expected))
     fresh = parameters()
     now = get_optimizer(kind)(fresh, **HP, **KINDS[kind])
     _run(now, fresh, steps=2)

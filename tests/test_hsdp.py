@@ -212,7 +212,7 @@ def _refusal(ctx, case: str) -> str:
             else:  # experts cut along their columns over one DP dim and their rows over another
                 placements = [Shard(2), Shard(1)]
             full = torch.randn(8, 6) if case in ("dp_before_tp", "strided_factor") else torch.randn(4, 6, 4)
-            from dist_ortho.dtensor import piece_of
+            from dist_ortho.parameters.dtensor import piece_of
 
             w = torch.nn.Parameter(DTensor.from_local(piece_of(full, mesh, placements).clone(), mesh, placements,
                                                       shape=full.shape, stride=full.stride()))

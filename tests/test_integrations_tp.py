@@ -11,7 +11,7 @@ from torch import nn
 
 from dist_ortho import MuonAdamW
 from dist_ortho.integrations.transformer_engine import tag_transformer_engine_model
-from dist_ortho.qkv import qkv_split_shapes
+from dist_ortho.parameters.qkv import qkv_split_shapes
 from tests import optim_reference, te_standins
 from tests.qkv_reference import muon_on_components
 

@@ -1,4 +1,4 @@
-"""Layouts beyond one split per matrix (dist_ortho.layout), against one process on the gathered matrices.
+"""Layouts beyond one split per matrix (dist_ortho.parameters.layout), against one process on the gathered matrices.
 
 Megatron GTP weight remat, with the attributes megatron-core 0.19 sets (``is_gtp_weight_remat``, ``group``,
 ``pad_length``; tests/test_megatron_gtp.py runs megatron-core's own stack in .venv-next): world 4 as TP 2 x GTP 2
@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from dist_ortho import get_optimizer
-from dist_ortho.qkv import qkv_split_shapes
+from dist_ortho.parameters.qkv import qkv_split_shapes
 from tests import optim_reference
 from tests.harness import started_world
 from tests.qkv_reference import join_components, split_components

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dist_ortho import newton_schulz, newton_schulz_step
-from dist_ortho.precision import MEDIUM_DTYPE_ENV, compute_dtype, medium_dtype, set_medium_dtype
+from dist_ortho.math.precision import MEDIUM_DTYPE_ENV, compute_dtype, medium_dtype, set_medium_dtype
 from tests.reference import CUSTOM, NAMED_TYPES, fp32_tolerance, newton_schulz_ref, polar_factor
 
 SHAPES = [(96, 40), (40, 96), (64, 64), (7, 13), (13, 7), (4, 24, 16), (2, 16, 24)]
@@ -121,11 +121,11 @@ def test_step_matches_formula():
 
 
 def test_use_syrk_without_cuda_logs_once_and_matches(caplog):
-    from dist_ortho.kernels import _log_syrk_fallback
+    from dist_ortho.math.kernels import _log_syrk_fallback
 
     _log_syrk_fallback.cache_clear()  # an earlier test may have logged it already
     g = torch.randn(24, 16)
-    with caplog.at_level(logging.INFO, logger="dist_ortho.kernels"):
+    with caplog.at_level(logging.INFO, logger="dist_ortho.math.kernels"):
         out = newton_schulz(g, 5, use_syrk=True)
         newton_schulz(g, 5, use_syrk=True)
     assert torch.equal(out, newton_schulz(g, 5))

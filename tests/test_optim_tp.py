@@ -162,7 +162,7 @@ def test_bucket_size_limit_splits_the_flat_buffers(world):
 
 
 def _plan(ctx) -> str:
-    from dist_ortho.qkv import qkv_split_shapes
+    from dist_ortho.parameters.qkv import qkv_split_shapes
 
     qkv = sharded(block(torch.randn(2 * 192, 256), 0, ctx.rank, ctx.world_size), 0)
     qkv.is_qkv, qkv.qkv_split_shapes = True, qkv_split_shapes(8, 2, 32)

@@ -1,4 +1,4 @@
-"""Overlap on the DP x TP grid (dist_ortho.optim.overlap, dist_ortho.backward), world 4.
+"""Overlap on the DP x TP grid (dist_ortho.optim.overlap, dist_ortho.parameters.backward), world 4.
 
 ``overlap=True`` leaves a step's share over DP in flight; each layer's forward pre-hook (``overlap_by_layer``)
 waits for its own bucket (and its state-dict and load-state-dict pre-hooks). The weights every forward reads, a

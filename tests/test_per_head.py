@@ -91,7 +91,7 @@ def _run_dtensor(ctx, tp, kind, mode, fulls, grads):
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    from dist_ortho.dtensor import piece_of
+    from dist_ortho.parameters.dtensor import piece_of
 
     mesh = init_device_mesh("cpu", (4 // tp, tp), mesh_dim_names=("dp", "tp"))["tp"]
     model = nn.Module()
@@ -201,7 +201,7 @@ def _fsdp_cuts_a_head(ctx):
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    from dist_ortho.dtensor import piece_of
+    from dist_ortho.parameters.dtensor import piece_of
 
     hd = 8
     fulls, grads = _fulls(hd=hd, heads=2, kv=2)

@@ -164,7 +164,7 @@ def test_published_setting_runs_one_call_pair_per_domain_for_home():
 def test_calibrate_writes_a_profile_the_planner_loads(tmp_path, capsys):
     """``--calibrate`` at worlds 1 and 2 (the CLI default adds 4 and 8): the written profile loads, keeps each
     world's figures, measures bf16 against float32 and records what "medium" runs in on this CPU."""
-    from dist_ortho.precision import medium_dtype
+    from dist_ortho.math.precision import medium_dtype
 
     out = tmp_path / "cpu.json"
     assert main(["--calibrate", "--worlds", "1", "2", "--out", str(out)]) == 0

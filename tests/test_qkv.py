@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dist_ortho.qkv import qkv_parts, qkv_split_shapes
+from dist_ortho.parameters.qkv import qkv_parts, qkv_split_shapes
 from tests.qkv_reference import split_components
 
 

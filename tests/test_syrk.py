@@ -14,7 +14,7 @@ pytest.importorskip("triton", reason="triton is not installed (pip install 'dist
 
 CHECK = r"""
 import json, torch
-from dist_ortho.kernels.syrk import symmetric_polynomial, syrk
+from dist_ortho.math.kernels.syrk import symmetric_polynomial, syrk
 torch.set_float32_matmul_precision("highest")
 out = {}
 gen = torch.Generator().manual_seed(0)
@@ -42,7 +42,7 @@ for shape in [(40, 24), (3, 33, 9), (64, 100)]:
         "symmetric": bool(torch.equal(p, p.mT)),
     }
 # the whole iteration through both kernels (the CUDA check bypassed: the interpreter runs them on CPU)
-import dist_ortho.kernels as kernels
+import dist_ortho.math.kernels as kernels
 from dist_ortho import newton_schulz
 kernels.syrk_unavailable_reason = lambda x: None
 g = torch.randn(24, 40, generator=gen)

@@ -45,7 +45,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from dist_ortho import MuonAdamW, comm
-from dist_ortho.dtensor import piece_of
+from dist_ortho.parameters.dtensor import piece_of
 from tests import optim_reference
 from tests.harness import started_world
 from tests.test_dtensor import _Mlp

@@ -192,7 +192,7 @@ def _build_standin(layout: str, spmd: bool) -> torch.nn.Module:
 
 
 def _piece(p: torch.Tensor, mesh, placements) -> torch.Tensor:
-    from dist_ortho.dtensor import piece_of
+    from dist_ortho.parameters.dtensor import piece_of
 
     return piece_of(p.detach(), mesh, placements).clone()
 

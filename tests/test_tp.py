@@ -74,7 +74,7 @@ def _sigma_error(o: torch.Tensor) -> float:
 
 
 def _bf16_against_one_device(ctx) -> dict:
-    from dist_ortho.precision import set_medium_dtype
+    from dist_ortho.math.precision import set_medium_dtype
 
     torch.set_float32_matmul_precision("medium")
     set_medium_dtype(torch.bfloat16)  # bf16 on any CPU (the device policy would pick float32 without native bf16)

@@ -1,5 +1,5 @@
 """The main job at world 4 as DP 2 x TP 2 (and DP 4 x TP 1): each DP rank takes its share of the batch,
-gradients are averaged over DP, every matrix is updated by one owner replica (dist_ortho.grid). The loss
+gradients are averaged over DP, every matrix is updated by one owner replica (dist_ortho.parameters.grid). The loss
 curve equals DP 1 x TP 2 on the whole batch, and checkpoints written at DP 2 x TP 2 resume at DP 1 x TP 2
 and DP 4 x TP 1. Tolerance 1e-4 on the loss (float32 "highest"; DP averages chunk gradients in another
 order than the whole batch's mean, measured differences ~1e-6)."""

@@ -24,7 +24,7 @@ import re
 
 import torch
 
-from dist_ortho.qkv import qkv_split_shapes
+from dist_ortho.parameters.qkv import qkv_split_shapes
 
 _QKV_NAMES = ("layernorm_qkv", "qkv")
 _EXPERT_WEIGHT = re.compile(r"weight\d+$")

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from dist_ortho import comm
-from dist_ortho.layout import Layout
+from dist_ortho.parameters.layout import Layout
 from dist_ortho.optim.settings import NEWTON_SCHULZ_OPTIONS
 from dist_ortho.tp import batching
 

@@ -1,6 +1,6 @@
 """OrthogonalizedOptimizer: the step every member of the Muon family shares, exact under tensor parallelism.
 
-For each matrix parameter W with gradient G (this rank may hold one block of W, see dist_ortho.params):
+For each matrix parameter W with gradient G (this rank may hold one block of W, see dist_ortho.parameters.protocol):
 
     weight decay   decoupled   W <- W - lr * wd * W
                    independent W <- W - wd * W
@@ -16,7 +16,7 @@ known finite (``nonfinite``). A tensor-parallel parameter whose ``.grad`` is Non
 (on every rank alike); any other parameter without a gradient is left alone, as torch.optim does.
 
 A member declares its options (``settings``, dist_ortho.optim.settings: its constructor, signature, defaults,
-checks and argument docs are made from them) and defines :meth:`update`: a program (dist_ortho.coalesce) that
+checks and argument docs are made from them) and defines :meth:`update`: a program (dist_ortho.comm.coalesce) that
 reads one :class:`~dist_ortho.optim.context.MatrixContext` (a batch of same-shape matrices with ``batched = True``)
 and returns their update; every cross-rank quantity it needs is a ``yield from`` of the context's helpers.
 
@@ -37,9 +37,9 @@ import torch
 from torch.optim.optimizer import Optimizer
 
 from dist_ortho import comm
-from dist_ortho.coalesce import Program
-from dist_ortho.dtensor import check_mesh_dims, groups_from_meshes, is_expert_dtensor, mesh_groups
-from dist_ortho.layout import Held, Layout
+from dist_ortho.comm.coalesce import Program
+from dist_ortho.parameters.dtensor import check_mesh_dims, groups_from_meshes, is_expert_dtensor, mesh_groups
+from dist_ortho.parameters.layout import Held, Layout
 from dist_ortho.optim import constructor
 from dist_ortho.optim.checks import check_matrix_param, check_optimizer_options, check_options
 from dist_ortho.optim.context import MatrixContext
@@ -54,8 +54,8 @@ from dist_ortho.optim.replicas import ReplicaGrid
 from dist_ortho.optim.settings import (ABSENT, STRUCTURAL_OPTIONS, BaseSettings, MatmulPrecision, WeightDecayMethod,
                                        fields_of, structural_options)
 from dist_ortho.optim.step import GroupStep, adds_l2, run_phase
-from dist_ortho.params import is_expert_stack
-from dist_ortho.qkv import per_head_option
+from dist_ortho.parameters.protocol import is_expert_stack
+from dist_ortho.parameters.qkv import per_head_option
 from dist_ortho.tp import NsSpec
 
 logger = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ class OrthogonalizedOptimizer(GridMethods, Optimizer):
         check_matrix_param(self, p, group)
 
     def is_expert_stack(self, p: torch.Tensor) -> bool:
-        """A 3D weight [E, out, in] of E expert matrices (dist_ortho.params.is_expert_stack, or a DTensor on a mesh
+        """A 3D weight [E, out, in] of E expert matrices (dist_ortho.parameters.protocol.is_expert_stack, or a DTensor on a mesh
         with an "ep" dim)."""
         return is_expert_stack(p, self.names.get(p)) or is_expert_dtensor(p, self.mesh_dims)
 

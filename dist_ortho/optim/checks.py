@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 
-from dist_ortho.coefficients import get_coefficients
-from dist_ortho.dtensor import local
+from dist_ortho.math.coefficients import get_coefficients
+from dist_ortho.parameters.dtensor import local
 from dist_ortho.optim.settings import fields_of
-from dist_ortho.params import unreadable
-from dist_ortho.precision import check_ns_dtype, log_ns_dtype
-from dist_ortho.qkv import check_per_head, head_dim_of, per_head_option
+from dist_ortho.parameters.protocol import unreadable
+from dist_ortho.math.precision import check_ns_dtype, log_ns_dtype
+from dist_ortho.parameters.qkv import check_per_head, head_dim_of, per_head_option
 
 
 def check_options(opt: Any, group: dict[str, Any]) -> None:
@@ -58,7 +58,7 @@ def check_capturable(opt: Any, group: dict[str, Any]) -> None:
 
 
 def check_matrix_param(opt: Any, p: torch.Tensor, group: dict[str, Any]) -> None:
-    """``p`` is readable (dist_ortho.params.unreadable), splits into its heads where asked, and is a matrix, a
+    """``p`` is readable (dist_ortho.parameters.protocol.unreadable), splits into its heads where asked, and is a matrix, a
     convolution weight with conv_mode, or an expert stack."""
     name = opt.names.get(p)
     problem = unreadable(p, name)

@@ -68,6 +68,7 @@ def _generated_init(cls: type) -> Any:
 
     __init__.__signature__ = signature  # type: ignore[attr-defined]
     __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    __init__.__module__ = cls.__module__
     __init__.__doc__ = f"Build a {cls.__name__} (see the class doc's Args)."
     return __init__
 

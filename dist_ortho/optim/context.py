@@ -5,7 +5,7 @@ matrix per member of a group, see dist_ortho.optim.groups), or a single matrix f
 (``batched`` False: no batch dim; a convolution weight's matrices per spatial position count as one
 member). It carries the matrices' global layout, their state, this rank's blocks of the gradient and the
 momentum direction and, for members that use it, the Newton-Schulz result of the direction, computed for
-all matrices of the step together. Global quantities are programs (dist_ortho.coalesce) that the step runs
+all matrices of the step together. Global quantities are programs (dist_ortho.comm.coalesce) that the step runs
 for all batches in lockstep, one flat collective per round: a member writes ``norm = yield from
 ctx.norm(x)``, and gets one value per member (shape: the batch dims; index with ``[..., None, None]``).
 
@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 
-from dist_ortho import comm, reductions
-from dist_ortho.coalesce import Program
+from dist_ortho import comm
+from dist_ortho.comm import reductions
+from dist_ortho.comm.coalesce import Program
 from dist_ortho.optim.scale import muon_scale
-from dist_ortho.layout import Layout
+from dist_ortho.parameters.layout import Layout
 from dist_ortho.tp.jobs import gather_program, own_block, tensor_dim
 
 

@@ -1,4 +1,4 @@
-"""Gradients on the DP x TP grid (dist_ortho.grid): averaged into their owners (``reduce_grads=True``), and each
+"""Gradients on the DP x TP grid (dist_ortho.parameters.grid): averaged into their owners (``reduce_grads=True``), and each
 element counted once in a grid-wide sum of squares (clipping), whatever the layout.
 
 A parameter's DP ranks either replicate it (one owner replica updates it; its gradient is averaged into the
@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from dist_ortho import comm
-from dist_ortho.dtensor import local
-from dist_ortho.grid import start_reduce_to_owners
+from dist_ortho.parameters.dtensor import local
+from dist_ortho.parameters.grid import start_reduce_to_owners
 from dist_ortho.optim.layouts import ParamLayouts
 
 

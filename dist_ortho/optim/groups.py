@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 
 from dist_ortho.optim.layouts import matrix_view
-from dist_ortho.layout import Layout
+from dist_ortho.parameters.layout import Layout
 from dist_ortho.tp import NsSpec
 
 SCRATCH_MAX_NUMEL = 2**16

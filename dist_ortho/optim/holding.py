@@ -4,7 +4,7 @@ A checkpoint is written with global tensors keyed by parameter name (never by ra
 and DP size. For that it asks, per state tensor ``state[p][path...]`` (a split fused weight's component keeps
 its own under ``part<i>``, see :func:`state_tensors`):
 
-- :func:`holding`: a :class:`~dist_ortho.layout.Held` saying how to gather it (like its matrix, along a reduced
+- :func:`holding`: a :class:`~dist_ortho.parameters.layout.Held` saying how to gather it (like its matrix, along a reduced
   dim, or replicated), or for a stack whose experts are split over ranks a :class:`StackHeld` (which experts this
   rank holds, each held as a Held says). dist_ortho's optimizers declare it (``state_holding``, from each member's
   ``held_state``); a torch optimizer's state is held like its parameter, its ``step`` replicated.
@@ -24,9 +24,9 @@ from typing import Any, Union
 import torch
 
 from dist_ortho import comm
-from dist_ortho.coalesce import run
-from dist_ortho.layout import REPLICATED_HELD, Held, Split
-from dist_ortho.params import held_like_param
+from dist_ortho.comm.coalesce import run
+from dist_ortho.parameters.layout import REPLICATED_HELD, Held, Split
+from dist_ortho.parameters.protocol import held_like_param
 from dist_ortho.tp.jobs import block, gather_program
 
 

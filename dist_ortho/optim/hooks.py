@@ -5,10 +5,10 @@ A hook runs around the step's final update of each matrix W with its update U (w
     state = hook.pre_weight_update_inplace(W, U);   W <- W - lr U;   hook.post_weight_update_inplace(W, state)
 
 EO calls these on whole tensors. Here a matrix may be held in TP shards (on the DP x TP grid: by its owner
-replica's TP group), so each hook of this module writes its math once, as programs (dist_ortho.coalesce) over a
+replica's TP group), so each hook of this module writes its math once, as programs (dist_ortho.comm.coalesce) over a
 :class:`HookView`: ``view.norm(x)`` is ||x||_F of each whole matrix, float64 (the step's
 :class:`~dist_ortho.optim.context.MatrixContext`: one coalesced all-reduce per round over the TP group for every
-matrix of the step, dist_ortho.reductions), ``view.state`` the matrices' optimizer state. EO's two methods run
+matrix of the step, dist_ortho.comm.reductions), ``view.state`` the matrices' optimizer state. EO's two methods run
 the same programs on one whole tensor, so these hooks also work in EO's own optimizers.
 
 With N(x) = ||x||_F, a norm below eps a numerical zero, and every scale a ``torch.where`` (no host sync):
@@ -37,9 +37,10 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
-from dist_ortho import comm, reductions
-from dist_ortho.coalesce import Program, run
-from dist_ortho.layout import Layout
+from dist_ortho import comm
+from dist_ortho.comm import reductions
+from dist_ortho.comm.coalesce import Program, run
+from dist_ortho.parameters.layout import Layout
 
 StateT = TypeVar("StateT")
 __all__ = [

@@ -19,17 +19,17 @@ import torch.distributed as dist
 from torch.optim.optimizer import Optimizer
 
 from dist_ortho import comm
-from dist_ortho.dtensor import is_dtensor, local
-from dist_ortho.grid import grid_sum, grid_sum_problem
-from dist_ortho.dtensor import mesh_groups
+from dist_ortho.parameters.dtensor import is_dtensor, local
+from dist_ortho.parameters.grid import grid_sum, grid_sum_problem
+from dist_ortho.parameters.dtensor import mesh_groups
 from dist_ortho.optim.base import OrthogonalizedOptimizer, call_closure
 from dist_ortho.optim.gradients import decoupled_grads
 from dist_ortho.optim.options import accepted_keywords, check_number, reject_unknown
 from dist_ortho.optim.registry import get_optimizer
 from dist_ortho.optim.routing import log_routing, needs_shape, route
 from dist_ortho.optim.holding import fallback_holding
-from dist_ortho.layout import Held
-from dist_ortho.params import find_layouts, is_expert_stack, is_sharded
+from dist_ortho.parameters.layout import Held
+from dist_ortho.parameters.protocol import find_layouts, is_expert_stack, is_sharded
 
 _ROUTING_KEYS = ("use_muon", "use_fallback")
 _ADAMW_KEYS = {"adamw_lr": "lr", "adamw_betas": "betas", "adamw_eps": "eps", "adamw_weight_decay": "weight_decay"}

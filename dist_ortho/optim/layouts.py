@@ -1,18 +1,18 @@
 """How each parameter of an optimizer is held, found once for all of them at its first step.
 
-For every parameter: how this rank holds it (a dist_ortho.layout.Layout read from its TE/Megatron attributes or its
+For every parameter: how this rank holds it (a dist_ortho.parameters.layout.Layout read from its TE/Megatron attributes or its
 DTensor placements), the block the step runs on (its TP block: :meth:`Layout.compute`), its fused-QKV components
-(dist_ortho.qkv), and its owner: the rank of its owner group (the group whose ranks hold it in pieces, e.g. FSDP's or
-Megatron GTP's, or the DP group that replicates it) that steps it (dist_ortho.grid). Reading is local; finding the extents
+(dist_ortho.parameters.qkv), and its owner: the rank of its owner group (the group whose ranks hold it in pieces, e.g. FSDP's or
+Megatron GTP's, or the DP group that replicates it) that steps it (dist_ortho.parameters.grid). Reading is local; finding the extents
 takes one shape exchange per process group and level, and checking the grid one more, so every rank then holds the
 same layouts and an error found after it is raised alike on every rank.
 
 HSDP (a DTensor replicated over one DP mesh dim and in pieces over another, e.g. (Replicate(), Shard(0)) on
 ("dp_replicate", "fsdp"), with or without TP): the owner group is the replicas x pieces grid of this TP rank (one
-group over both, made once: dist_ortho.grid.grid_group), so each matrix is stepped once in the world, by one rank
+group over both, made once: dist_ortho.parameters.grid.grid_group), so each matrix is stepped once in the world, by one rank
 of one replica, from its own replica's gradient pieces (FSDP2 all-reduces them over the replicas in backward: every
 replica holds the same, nothing is reduced again), and every rank of every replica gets its piece of the result in
-the same all-to-all (dist_ortho.pieces.Spread). Owners are balanced over grid places (replica, piece rank), so the
+the same all-to-all (dist_ortho.parameters.pieces.Spread). Owners are balanced over grid places (replica, piece rank), so the
 TP ranks of a matrix own it at the same place. A stack of experts whose DP ranks hold whole experts of their own
 (FSDP's Shard(0) / strided shard over efsdp) and that is replicated over another DP dim is owned over that replicas
 group: one replica steps it (balanced by cost over the stacks), the others receive it whole, as a weight replicated
@@ -28,13 +28,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dist_ortho import comm, pieces
-from dist_ortho.coalesce import Program
-from dist_ortho.dtensor import is_dtensor, local, offset_problem, read_dtensor
-from dist_ortho.grid import assign_owners, check_grid, grid_group
-from dist_ortho.layout import Layout, Reading, exchange_extents
-from dist_ortho.params import is_expert_stack, read_attributes, unreadable
-from dist_ortho.qkv import head_dim_of, head_split, split_layout
+from dist_ortho import comm
+from dist_ortho.parameters import pieces
+from dist_ortho.comm.coalesce import Program
+from dist_ortho.parameters.dtensor import is_dtensor, local, offset_problem, read_dtensor
+from dist_ortho.parameters.grid import assign_owners, check_grid, grid_group
+from dist_ortho.parameters.layout import Layout, Reading, exchange_extents
+from dist_ortho.parameters.protocol import is_expert_stack, read_attributes, unreadable
+from dist_ortho.parameters.qkv import head_dim_of, head_split, split_layout
 
 
 def matrix_view(t: torch.Tensor, conv_mode: str | None) -> torch.Tensor:
@@ -67,7 +68,7 @@ class ParamLayouts:
         self.problems: dict[torch.Tensor, str] = {}  # why this rank cannot step a parameter (raised on every rank)
         self.blocks: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}  # the owner's (values, grad) blocks
         self.owner_groups: dict[torch.Tensor, comm.ProcessGroup | None] = {}  # whose ranks own each parameter
-        self.mesh_dims: dict[str, str] = {}  # the optimizer's mesh_dims= (dist_ortho.dtensor.mesh_role)
+        self.mesh_dims: dict[str, str] = {}  # the optimizer's mesh_dims= (dist_ortho.parameters.dtensor.mesh_role)
         self.spread_replicas = True  # HSDP: owners over replicas x pieces (see the module doc)
         self.grids: dict[torch.Tensor, tuple[tuple[int, ...], ...]] = {}  # HSDP: replicas x pieces ranks (Reading.grid)
         self.spreads: dict[torch.Tensor, pieces.Spread] = {}  # HSDP: where each owner-group rank is
@@ -215,7 +216,7 @@ class ParamLayouts:
         return out
 
     def _split(self, p: torch.Tensor, group: dict[str, Any], name: str | None) -> None:
-        """The parts of p orthogonalized apart (dist_ortho.qkv): a fused QKV weight's components (``split_qkv``),
+        """The parts of p orthogonalized apart (dist_ortho.parameters.qkv): a fused QKV weight's components (``split_qkv``),
         or the heads of a weight given a head_dim (``per_head`` / its ``head_dim`` attribute); else none."""
         fused = group["split_qkv"] and self.is_qkv(p)
         head_dim = None if fused else head_dim_of(p, name, group.get("per_head"))
@@ -277,13 +278,13 @@ class ParamLayouts:
 
     def gather(self, params: Sequence[torch.Tensor], owners: Sequence[int], group: comm.ProcessGroup | None,
                values: bool = True) -> None:
-        """Every piece of ``params`` (held in pieces over ``group``) to its owner, as one TP block (dist_ortho.pieces)."""
+        """Every piece of ``params`` (held in pieces over ``group``) to its owner, as one TP block (dist_ortho.parameters.pieces)."""
         pieces.gather_blocks(params, [self.held[p] for p in params], owners, group, self.blocks, values,
                              spreads=[self.spreads.get(p) for p in params])
 
     def scatter(self, params: Sequence[torch.Tensor], owners: Sequence[int], group: comm.ProcessGroup | None,
                 sources: dict[torch.Tensor, torch.Tensor], flag: torch.Tensor | None = None, land: pieces.Land | None = None
                 ) -> Program[tuple[torch.Tensor | None, Callable[[torch.Tensor | None], None]]]:
-        """Program: the owners' blocks ``sources`` back to every rank's piece (dist_ortho.pieces.scatter_program)."""
+        """Program: the owners' blocks ``sources`` back to every rank's piece (dist_ortho.parameters.pieces.scatter_program)."""
         return pieces.scatter_program(params, [self.held[p] for p in params], owners, group, sources, flag, land,
                                       [self.spreads.get(p) for p in params])

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from dist_ortho.params import GTP_ATTRIBUTES
+from dist_ortho.parameters.protocol import GTP_ATTRIBUTES
 
 
 def replaced(given: Sequence[torch.Tensor], current: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:

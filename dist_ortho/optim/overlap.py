@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from dist_ortho import comm
-from dist_ortho.coalesce import InFlight
+from dist_ortho.comm.coalesce import InFlight
 
 class ShareInFlight:
     """One step's share, bucket by bucket in flight.

@@ -16,7 +16,7 @@ its own and for MLA, and no weight ever grows (Megatron-LM clips a GQA group by 
 
 Heads are found through how the optimizer holds each weight (dist_ortho.optim.layouts): a weight's rows are its query
 groups one after another, each group's rows given as a list of (role, rows) (:class:`QkWeight`); fused QKV weights
-read theirs from ``qkv_split_shapes`` ([q, k, v] or gated [q, gate, k, v], dist_ortho.qkv), separate q/k weights and
+read theirs from ``qkv_split_shapes`` ([q, k, v] or gated [q, gate, k, v], dist_ortho.parameters.qkv), separate q/k weights and
 MLA's from :class:`QkLayer`. A rank scales the global rows it holds (its TP block, a piece of it, padding left), so any
 TP size works, TP > query groups (a rank holding part of a group) included.
 
@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from dist_ortho import comm
-from dist_ortho.dtensor import local
+from dist_ortho.parameters.dtensor import local
 
 Role = Literal["q", "k", "q_rope", "other"]
 ROLES: tuple[str, ...] = get_args(Role)

@@ -1,8 +1,8 @@
-"""The DP x TP replica grid of one optimizer as one object (dist_ortho.grid, dist_ortho.optim.layouts).
+"""The DP x TP replica grid of one optimizer as one object (dist_ortho.parameters.grid, dist_ortho.optim.layouts).
 
 Each matrix has one owner replica (``owner``/``owns``) that steps it and keeps its state. Around the members'
 step the grid does: the gradients averaged into their owners (blocking, or issued during backward by a
-:class:`~dist_ortho.backward.BackwardReducer` with ``overlap_with_backward``, ``no_sync`` for accumulation);
+:class:`~dist_ortho.parameters.backward.BackwardReducer` with ``overlap_with_backward``, ``no_sync`` for accumulation);
 after it, the share of each owner group's new values (or, for weights held in pieces, of the update U, which each
 rank applies to its own piece: W <- W - lr U after weight decay), carrying each rank's finite verdict so that every
 rank of the group makes one decision (commit, skip or raise alike); with ``overlap`` the share is left in flight,
@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from dist_ortho import comm
-from dist_ortho.backward import BackwardReducer, cut_by_bytes
-from dist_ortho.coalesce import Program, start_many
-from dist_ortho.dtensor import local
-from dist_ortho.grid import share_program, verdict_program
+from dist_ortho.parameters.backward import BackwardReducer, cut_by_bytes
+from dist_ortho.comm.coalesce import Program, start_many
+from dist_ortho.parameters.dtensor import local
+from dist_ortho.parameters.grid import share_program, verdict_program
 from dist_ortho.optim.gradients import decoupled_grads, dp_own, start_reduce_into_owners
 from dist_ortho.optim.overlap import ShareInFlight, layer_buckets
 from dist_ortho.optim.planning import Share, StepPlan

@@ -54,7 +54,7 @@ def route(
     max_aspect_ratio: float = 128.0,
 ) -> Routing:
     """Where p goes; ``dims`` are the rows and columns (in * prod(spatial)) of its GLOBAL matrix
-    (dist_ortho.params.find_layouts), this rank's shape when None."""
+    (dist_ortho.parameters.protocol.find_layouts), this rank's shape when None."""
     decided = _by_flags_and_form(p, use_muon, use_fallback)
     if decided is not None:
         return decided

@@ -5,7 +5,7 @@
 - unit_rms_norm:   sqrt(out/in)               Scion (Pethick et al.), Bernstein & Newhouse
 - rms_to_rms:      alias of unit_rms_norm     (sqrt(out/in) NS(D) has RMS -> RMS norm ~1)
 - match_rms_adamw: 0.2 sqrt(max(out, in))     Moonlight (Liu et al.): matches AdamW's update RMS
-Under tensor parallelism the shape is the gathered one (see :func:`dist_ortho.params.global_shape`).
+Under tensor parallelism the shape is the gathered one (see :func:`dist_ortho.parameters.protocol.global_shape`).
 
 torch.optim.Muon names these by ``adjust_lr_fn`` (:data:`TORCH_ADJUST_LR`): "original" (its default, also None) is
 shape_scaling, "match_rms_adamw" is match_rms_adamw, and "spectral_unclamped" (torch >= 2.14) is unit_rms_norm;

@@ -25,12 +25,12 @@ import functools
 from collections.abc import Callable
 from typing import Any, Literal, get_args
 
-from dist_ortho.backward import DEFAULT_GRAD_BUCKET_BYTES
-from dist_ortho.coalesce import DEFAULT_BUCKET_BYTES
+from dist_ortho.parameters.backward import DEFAULT_GRAD_BUCKET_BYTES
+from dist_ortho.comm.coalesce import DEFAULT_BUCKET_BYTES
 from dist_ortho.optim.nonfinite import NONFINITE
 from dist_ortho.optim.options import check_bool, check_choice, check_number
 from dist_ortho.optim.scale import SCALE_MODES, check_scale_mode
-from dist_ortho.precision import MATMUL_PRECISIONS, MatmulPrecision  # noqa: F401 (re-exported)
+from dist_ortho.math.precision import MATMUL_PRECISIONS, MatmulPrecision  # noqa: F401 (re-exported)
 from dist_ortho.tp import TP_MODES
 from dist_ortho.tp.local import LOCAL_GRAM
 
@@ -113,7 +113,7 @@ class CommonSettings:
         'None (matrices only), "flatten" (out, in*k*k) or "batched" (one (out, in) matrix per spatial position, '
         "update scaled by spatial_size^-0.5) for 3D+ weights"))
     split_qkv: bool = option(True, structural=True, doc=(
-        "orthogonalize the Q, K, V (and gate) rows of a fused QKV weight as separate matrices (dist_ortho.qkv). A "
+        "orthogonalize the Q, K, V (and gate) rows of a fused QKV weight as separate matrices (dist_ortho.parameters.qkv). A "
         "weight is fused QKV when is_qkv_fn(p) is true, or without is_qkv_fn when it carries is_qkv=True; its split "
         "comes from its qkv_split_shapes attribute, else from qkv_split_shapes here"))
     qkv_split_shapes: tuple[int, ...] | None = option(None, doc="the split of a fused QKV weight's rows",
@@ -155,16 +155,16 @@ class OptimizerSettings:
     bucket_bytes: int = option(DEFAULT_BUCKET_BYTES, scope="optimizer", doc="the coalesced collectives' bucket size")
     dp_group: Any = option(None, scope="optimizer", doc=(
         "the data-parallel group that replicates the TP groups (gradients already averaged over it, e.g. by DDP); "
-        "each parameter is then updated by one owner replica only (dist_ortho.grid), which alone keeps its state, and "
+        "each parameter is then updated by one owner replica only (dist_ortho.parameters.grid), which alone keeps its state, and "
         "shared with the others after the step"))
     reduce_grads: bool = option(False, scope="optimizer", doc=(
         "with dp_group, the gradients are this rank's own: the step averages them into each parameter's owner, one "
         "reduce-scatter per dtype (FSDP2's DTensor gradients, already reduce-scattered, are left as they are)"))
     device_mesh: Any = option(None, scope="optimizer", doc=(
         'a 2D DeviceMesh with dims "dp" and "tp": dp_group=mesh["dp"].get_group(), tp_group=mesh["tp"].get_group(); '
-        "DTensor parameters on its dims are orthogonalized exactly (dist_ortho.dtensor)"))
+        "DTensor parameters on its dims are orthogonalized exactly (dist_ortho.parameters.dtensor)"))
     mesh_dims: Any = option(None, scope="optimizer", doc=(
-        'the DTensor meshes\' own dim names mapped to dist_ortho.dtensor.MESH_DIM_ROLES, e.g. {"replica": '
+        'the DTensor meshes\' own dim names mapped to dist_ortho.parameters.dtensor.MESH_DIM_ROLES, e.g. {"replica": '
         '"dp_replicate", "shard": "fsdp", "model": "tp"}; under HSDP each matrix is stepped once in the world'))
     capturable: bool = option(False, scope="optimizer", doc=(
         "keep the steady-state step free of host syncs (a CUDA graph can capture it): lr becomes a device tensor, "
@@ -177,7 +177,7 @@ class OptimizerSettings:
         "(overlap_by_layer's hooks, wait_for, finish); Newton-Schulz runs as a pipeline of buckets. Bit-identical "
         "to overlap=False (dist_ortho.optim.overlap)"))
     overlap_with_backward: bool = option(False, scope="optimizer", check=check_bool, doc=(
-        "with reduce_grads, average each gradient into its owner while backward runs (dist_ortho.backward), from "
+        "with reduce_grads, average each gradient into its owner while backward runs (dist_ortho.parameters.backward), from "
         "the second step on; accumulate micro-batches inside no_sync()"))
     backward_bucket_bytes: int = option(DEFAULT_GRAD_BUCKET_BYTES, scope="optimizer", check=number(1),
                                         doc="the backward reductions' bucket size (without overlap_by_layer)")
@@ -191,7 +191,7 @@ class NewtonSchulzSettings:
     """The per-group options of the members that orthogonalize by Newton-Schulz."""
 
     num_ns_steps: int = option(5, doc="Newton-Schulz iterations", structural=True, newton_schulz=True)
-    coefficient_type: str = option("quintic", doc="the coefficient set (dist_ortho.coefficients)", structural=True,
+    coefficient_type: str = option("quintic", doc="the coefficient set (dist_ortho.math.coefficients)", structural=True,
                                    newton_schulz=True)
     custom_coefficient_sets: Any = option(ABSENT, keyword=False, structural=True, newton_schulz=True,
                                           doc="(a, b, c) triples (from torch's ns_coefficients)")
@@ -201,7 +201,7 @@ class NewtonSchulzSettings:
 
 @settings
 class SyrkSettings:
-    """Symmetric products by SYRK (dist_ortho.kernels)."""
+    """Symmetric products by SYRK (dist_ortho.math.kernels)."""
 
     use_syrk: bool = option(False, doc="compute the symmetric products X X^T by SYRK", structural=True, newton_schulz=True)
 

@@ -7,7 +7,7 @@ latency of a 64-byte all-reduce, and the bus bandwidth of a 4 MiB all-reduce (2 
 The profile keeps each world size's figures (``per_ranks``: the node's FLOP/s as w x a rank's rate, latency,
 bandwidth); the planner uses the entry of the largest measured world size not above the job's. At world 1
 also the bfloat16 matmul rate (256 x 256), and ``medium_compute`` is what ``fp32_matmul_prec="medium"``
-runs in on this CPU (:func:`dist_ortho.precision.medium_dtype`).
+runs in on this CPU (:func:`dist_ortho.math.precision.medium_dtype`).
 
 On a GPU (:func:`measure_cuda`, one device): the dense matmul rate in float32, tf32 and bfloat16 (8192^3 products;
 ``matmul_efficiency`` 1, the rates being what the device reaches), the memory bandwidth of a 2 GiB copy, an eager
@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dist_ortho.plan.devices import PROFILES, DeviceProfile
-from dist_ortho.precision import matmul_precision, medium_dtype
+from dist_ortho.math.precision import matmul_precision, medium_dtype
 
 
 def _port() -> int:

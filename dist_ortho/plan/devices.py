@@ -36,7 +36,7 @@ class DeviceProfile:
     per rank), so a rank gets flops_per_s / ranks on the node; per_ranks: field values measured with that
     many ranks on one node (keys are rank counts as strings; a CPU host's gloo latency grows with them);
     medium_compute: the dtype ``fp32_matmul_prec="medium"`` runs Newton-Schulz in on this device (bfloat16 on
-    GPUs and on CPUs with a native bf16 matmul, float32 on AVX2-only CPUs: ``dist_ortho.precision``);
+    GPUs and on CPUs with a native bf16 matmul, float32 on AVX2-only CPUs: ``dist_ortho.math.precision``);
     host_step_s, host_group_s, host_matrix_s: the optimizer's own host time per step, per group of same-shape
     matrices and per matrix (Python, outside the kernels: scripts/bench_host.py's fit); replay_s: the host time
     of a step captured in a CUDA graph (one replay; ``capturable=True``)."""

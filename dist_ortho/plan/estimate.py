@@ -3,7 +3,7 @@
 Built on the table of modes that ``tp_mode="auto"`` reads (:func:`dist_ortho.tp.cost.mode_rounds`: each mode's
 collectives round by round; :func:`~dist_ortho.tp.cost.rank_flops`: exactly the modes' matmuls), the real home assignment of tp_mode="home"
 (:func:`dist_ortho.tp.home.assign_homes`), the real owner assignment of the DP x TP grid
-(:func:`dist_ortho.grid.assign_owners`) and the real QKV split (:func:`dist_ortho.qkv.qkv_parts`). What it
+(:func:`dist_ortho.parameters.grid.assign_owners`) and the real QKV split (:func:`dist_ortho.parameters.qkv.qkv_parts`). What it
 adds is the step's shape: which collectives run in the same coalesced round (one call per round and kind,
 more past ``bucket_bytes``), which matrices share a batched iteration, and a time per rank:
 
@@ -26,11 +26,11 @@ from typing import Literal
 
 import torch
 
-from dist_ortho.coalesce import DEFAULT_BUCKET_BYTES
-from dist_ortho.grid import assign_owners
+from dist_ortho.comm.coalesce import DEFAULT_BUCKET_BYTES
+from dist_ortho.parameters.grid import assign_owners
 from dist_ortho.plan.devices import DeviceProfile
 from dist_ortho.plan.models import ModelSpec, Weight
-from dist_ortho.qkv import qkv_parts
+from dist_ortho.parameters.qkv import qkv_parts
 from dist_ortho.tp import PIPELINE_BUCKETS
 from dist_ortho.tp.cost import AUTO_CANDIDATES, cheapest, gram_offered, matrix_counts, mode_costs, mode_rounds, rank_flops
 from dist_ortho.tp.gram import restarts_for
@@ -251,7 +251,7 @@ def _domain(
 ) -> tuple[RankLoad, dict[str, int]]:
     """The slowest rank of one domain (dense TP x DP, or expert TP x expert DP). With ``pieces`` > 1 (GTP) the
     owners are the ranks of a pieces group in either arrangement: the gradients' pieces go to them and the new
-    weights' pieces come back (an all-to-all each way, dist_ortho.pieces), no share over DP."""
+    weights' pieces come back (an all-to-all each way, dist_ortho.parameters.pieces), no share over DP."""
     if not weights:
         return RankLoad(), {}
     mats = _matrices(weights, t)

@@ -10,7 +10,7 @@ Modes (global matrix m x n over t ranks, k = the unsharded dim), one module each
 - ``blockwise``: orthogonalize the local shard alone. NOT exact: the update changes with TP size.
   Offered only as an explicit opt-in (Megatron's old behaviour).
 
-Every mode is a program of collectives (dist_ortho.coalesce), so the matrices of an optimizer step
+Every mode is a program of collectives (dist_ortho.comm.coalesce), so the matrices of an optimizer step
 share their calls: :func:`orthogonalize_many` runs them in lockstep, one flat buffer per round, group
 and dtype. All exact modes equal the one-device iteration on the gathered matrix up to rounding;
 shards may be of unequal size along ``partition_dim``.
@@ -24,9 +24,9 @@ from collections.abc import Sequence
 import torch
 
 from dist_ortho import comm
-from dist_ortho.coalesce import DEFAULT_BUCKET_BYTES, Program, run_many, run_pipelined
-from dist_ortho.coefficients import COEFFICIENT_TYPES
-from dist_ortho.iteration import DEFAULT_EPS, check_matrix
+from dist_ortho.comm.coalesce import DEFAULT_BUCKET_BYTES, Program, run_many, run_pipelined
+from dist_ortho.math.coefficients import COEFFICIENT_TYPES
+from dist_ortho.math.iteration import DEFAULT_EPS, check_matrix
 from dist_ortho.tp import distributed, duplicated, gram, home
 from dist_ortho.tp.cost import resolve
 from dist_ortho.tp.local import LOCAL_GRAM, local_many, local_newton_schulz
@@ -63,7 +63,7 @@ def _local(jobs: Sequence[MatrixJob]) -> Program[list[torch.Tensor]]:
 
 def _held_whole(job: MatrixJob) -> bool | None:
     """For a sharded job that one rank holds all of (the others hold nothing of it: a head of a per-head split
-    inside one TP rank's rows, dist_ortho.qkv): whether this rank is that one; None for any other job. Such a job
+    inside one TP rank's rows, dist_ortho.parameters.qkv): whether this rank is that one; None for any other job. Such a job
     runs on its holder alone as a whole matrix, with no collective, in every mode (the same result as "home" with
     the holder as home); the other ranks' blocks are empty."""
     if not job.sharded or job.sizes is None or sum(1 for n in job.sizes if n) != 1:
@@ -92,7 +92,7 @@ def orthogonalize_many(jobs: Sequence[MatrixJob], bucket_bytes: int = DEFAULT_BU
     ``pipeline`` > 1: the jobs are cut into up to that many buckets by matrix shape (every job of one shape,
     dtype and spec in one bucket, so that each matrix is batched with the same others; homes assigned over
     all jobs), plus one bucket of every "distributed" and "gram" job (their all-reduces coalesced as without
-    buckets), run as a pipeline (:func:`dist_ortho.coalesce.run_pipelined`): one bucket's collectives in
+    buckets), run as a pipeline (:func:`dist_ortho.comm.coalesce.run_pipelined`): one bucket's collectives in
     flight while another computes. Bit-identical to ``pipeline=1``.
     """
     jobs = [resolve(job) for job in jobs]

@@ -31,9 +31,9 @@ from typing import Literal
 
 import torch
 
-from dist_ortho.iteration import polynomial_step
-from dist_ortho.kernels import gram
-from dist_ortho.precision import compute_dtype
+from dist_ortho.math.iteration import polynomial_step
+from dist_ortho.math.kernels import gram
+from dist_ortho.math.precision import compute_dtype
 
 logger = logging.getLogger(__name__)
 

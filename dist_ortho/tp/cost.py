@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_ortho.precision import compute_dtype
+from dist_ortho.math.precision import compute_dtype
 from dist_ortho.tp.gram import HALF_MIN_ASPECT, restarts_of
 from dist_ortho.tp.jobs import MatrixJob, NsSpec
 from dist_ortho.tp.local import gram_recursion_flops, local_flops
@@ -94,7 +94,7 @@ class Rounds:
     nbytes: float
 
 
-SENT_PER_BUFFER_BYTE = {  # bytes a rank sends per byte of its buffer under the usual ring algorithms (comm.py)
+SENT_PER_BUFFER_BYTE = {  # bytes a rank sends per byte of its buffer under the usual ring algorithms (dist_ortho.comm)
     "all_gather": lambda t: t - 1,
     "all_reduce": lambda t: 2 * (t - 1) / t,
     "all_to_all": lambda t: (t - 1) / t,

@@ -9,12 +9,13 @@ from collections.abc import Sequence
 
 import torch
 
-from dist_ortho import comm, reductions
-from dist_ortho.coalesce import AllReduce, Program
-from dist_ortho.coefficients import Triple
-from dist_ortho.iteration import polynomial_step, scale_to_unit
-from dist_ortho.kernels import gram
-from dist_ortho.precision import NsDtype, compute_dtype
+from dist_ortho import comm
+from dist_ortho.comm import reductions
+from dist_ortho.comm.coalesce import AllReduce, Program
+from dist_ortho.math.coefficients import Triple
+from dist_ortho.math.iteration import polynomial_step, scale_to_unit
+from dist_ortho.math.kernels import gram
+from dist_ortho.math.precision import NsDtype, compute_dtype
 from dist_ortho.tp.jobs import MatrixJob
 
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from dist_ortho import comm
-from dist_ortho.coalesce import AllGather, Program
+from dist_ortho.comm.coalesce import AllGather, Program
 from dist_ortho.tp.jobs import MatrixJob, joined_blocks, own_block, padded_block, tensor_dim
 from dist_ortho.tp.local import local_many
 

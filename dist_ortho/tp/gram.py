@@ -31,12 +31,13 @@ from collections.abc import Sequence
 
 import torch
 
-from dist_ortho import comm, reductions
-from dist_ortho.coalesce import AllReduce, Program
-from dist_ortho.coefficients import Triple
-from dist_ortho.iteration import add_product, scale_to_unit
-from dist_ortho.kernels import gram, symmetric_polynomial
-from dist_ortho.precision import NsDtype, compute_dtype, matmul_precision
+from dist_ortho import comm
+from dist_ortho.comm import reductions
+from dist_ortho.comm.coalesce import AllReduce, Program
+from dist_ortho.math.coefficients import Triple
+from dist_ortho.math.iteration import add_product, scale_to_unit
+from dist_ortho.math.kernels import gram, symmetric_polynomial
+from dist_ortho.math.precision import NsDtype, compute_dtype, matmul_precision
 from dist_ortho.tp.jobs import MatrixJob, NsSpec
 
 GRAM_MILD_GROWTH = 700.0
@@ -113,7 +114,7 @@ def gram_newton_schulz(
     ``global_cols`` is n, the sum of the shards' columns (x's own when None). X is first normalized with its
     float64 norm (one scalar all-reduce; zero stays zero, entries of 1e-30 whose squares underflow are still
     scaled to unit norm: ||X||_F = 1 keeps every later iterate's entries and R's eigenvalues below ~1.5, in
-    range for float16 too), then cast to the compute dtype (:func:`dist_ortho.precision.compute_dtype` with
+    range for float16 too), then cast to the compute dtype (:func:`dist_ortho.math.precision.compute_dtype` with
     ``ns_dtype``). float32 / float64: R and the k x k recursion at "highest" precision. bfloat16 / float16:
     every product, R = X X^T and the k x k recursion included, in that dtype (:func:`default_gram_restarts`
     gives the restarts that keep it at the plain 16-bit iteration's error). When k > n, R is singular and the

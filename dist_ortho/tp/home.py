@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from dist_ortho import comm
-from dist_ortho.coalesce import AllToAll, Program
+from dist_ortho.comm.coalesce import AllToAll, Program
 from dist_ortho.tp.jobs import MatrixJob, own_block
 from dist_ortho.tp.local import local_many
 

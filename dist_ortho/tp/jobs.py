@@ -13,10 +13,10 @@ from typing import Literal, get_args
 import torch
 
 from dist_ortho import comm
-from dist_ortho.coalesce import AllGather, Program, run
-from dist_ortho.coefficients import Triple, get_coefficients
-from dist_ortho.iteration import DEFAULT_EPS
-from dist_ortho.precision import check_ns_dtype
+from dist_ortho.comm.coalesce import AllGather, Program, run
+from dist_ortho.math.coefficients import Triple, get_coefficients
+from dist_ortho.math.iteration import DEFAULT_EPS
+from dist_ortho.math.precision import check_ns_dtype
 from dist_ortho.tp.batching import BatchMatrices
 
 TpMode = Literal["duplicated", "distributed", "gram", "home", "auto", "blockwise"]
@@ -37,7 +37,7 @@ class NsSpec:
     local_gram: str = "auto"  # whole matrices on one rank: "auto" (dist_ortho.tp.local.use_gram), "always", "never"
     batch: BatchMatrices = "auto"  # same-shape whole matrices on one rank as one batched iteration (tp.batching)
     sync_free: bool = False  # no host sync (capturable steps): gram mode normalizes with a float64 norm first
-    ns_dtype: str | None = None  # "bf16" | "fp16" | "fp32": the compute dtype (dist_ortho.precision.compute_dtype)
+    ns_dtype: str | None = None  # "bf16" | "fp16" | "fp32": the compute dtype (dist_ortho.math.precision.compute_dtype)
     coefficients: list[Triple] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:

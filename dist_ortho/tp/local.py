@@ -36,9 +36,9 @@ from typing import Literal, get_args
 
 import torch
 
-from dist_ortho.coalesce import run
-from dist_ortho.iteration import orthogonalize
-from dist_ortho.precision import compute_dtype
+from dist_ortho.comm.coalesce import run
+from dist_ortho.math.iteration import orthogonalize
+from dist_ortho.math.precision import compute_dtype
 from dist_ortho.tp import batching
 from dist_ortho.tp.gram import gram_newton_schulz, restarts_for
 from dist_ortho.tp.jobs import NsSpec

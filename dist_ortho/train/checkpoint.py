@@ -23,9 +23,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from dist_ortho import comm
-from dist_ortho.dtensor import gather_pieces, is_dtensor, local, piece_like
+from dist_ortho.parameters.dtensor import gather_pieces, is_dtensor, local, piece_like
 from dist_ortho.optim.holding import declares, holding, owns, state_tensors
-from dist_ortho.params import held_like_param
+from dist_ortho.parameters.protocol import held_like_param
 
 
 def sharded(model: torch.nn.Module) -> None:

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from dist_ortho import MuonAdamW, comm
-from dist_ortho.backward import BackwardReducer
+from dist_ortho.parameters.backward import BackwardReducer
 from dist_ortho.integrations.megatron import add_muon_args
 from dist_ortho.optim.options import accepted_keywords
 from dist_ortho.optim.registry import OPTIMIZERS, get_optimizer

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_ortho import comm
-from dist_ortho.qkv import qkv_split_shapes
+from dist_ortho.parameters.qkv import qkv_split_shapes
 from dist_ortho.train.moe import MoE
 from dist_ortho.tp import shard
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_ortho import comm
-from dist_ortho.dtensor import local
+from dist_ortho.parameters.dtensor import local
 
 
 class _ScaleGrad(torch.autograd.Function):

@@ -13,8 +13,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from dist_ortho.coefficients import COEFFICIENT_TYPES
-from dist_ortho.precision import MATMUL_PRECISIONS
+from dist_ortho.math.coefficients import COEFFICIENT_TYPES
+from dist_ortho.math.precision import MATMUL_PRECISIONS
 from dist_ortho.integrations.megatron.optimizers import MEGATRON_TP_MODES
 from dist_ortho.integrations.megatron.params import chunks_qkv_split_shapes, megatron_param_names
 from dist_ortho.optim.scale import SCALE_MODES
@@ -81,7 +81,7 @@ def matmul_precision_of(value: str) -> str:
     """dist_ortho's fp32_matmul_prec for Megatron's ``--muon-fp32-matmul-prec``. Megatron-LM's parser also offers
     "low", which torch's set_float32_matmul_precision ignores (a warning; the process's precision stays as it was,
     so upstream's Newton-Schulz precision then depends on what ran before): dist_ortho runs it as "medium", the
-    lowest precision torch has (the device's fast reduced precision, dist_ortho.precision), and says so once."""
+    lowest precision torch has (the device's fast reduced precision, dist_ortho.math.precision), and says so once."""
     if value != "low":
         return value
     if not _said_low:

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from dist_ortho.params import GTP_ATTRIBUTES
-from dist_ortho.qkv import qkv_split_shapes
+from dist_ortho.parameters.protocol import GTP_ATTRIBUTES
+from dist_ortho.parameters.qkv import qkv_split_shapes
 
 # What tag_megatron_params sets. megatron-core's fp32 master copies (Float16OptimizerWithFloat16Params)
 # copy only its own tensor-parallel attributes, so copy_tags_to_main_params copies these onto them.

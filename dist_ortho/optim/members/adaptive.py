@@ -16,11 +16,11 @@ from __future__ import annotations
 from typing import Any, Literal, get_args
 
 import torch
-from dist_ortho.coalesce import Program
+from dist_ortho.comm.coalesce import Program
 from dist_ortho.optim.context import MatrixContext
 from dist_ortho.optim.members.muon import Muon, MuonSettings
 from dist_ortho.optim.settings import choice, number, option, settings
-from dist_ortho.layout import REPLICATED_HELD, Held, Layout
+from dist_ortho.parameters.layout import REPLICATED_HELD, Held, Layout
 
 Moment2Method = Literal["adamuon", "normuon", "namo"]
 MOMENT2_METHODS: tuple[str, ...] = get_args(Moment2Method)

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from dist_ortho.coalesce import Program
+from dist_ortho.comm.coalesce import Program
 from dist_ortho.optim.base import OrthogonalizedOptimizer
 from dist_ortho.optim.context import MatrixContext
 from dist_ortho.optim.hooks import HookView, ProgramHook
@@ -36,7 +36,7 @@ from dist_ortho.optim.options import check_number
 from dist_ortho.optim.scale import TORCH_ADJUST_LR, TorchAdjustLr
 from dist_ortho.optim.settings import (CommonSettings, HookSettings, NewtonSchulzSettings, OptimizerSettings,
                                        ScaleSettings, SyrkSettings, fields_of, number, option, settings)
-from dist_ortho.layout import REPLICATED_HELD, Held, Layout
+from dist_ortho.parameters.layout import REPLICATED_HELD, Held, Layout
 from dist_ortho.tp import NsSpec
 
 @settings(lr=3e-4, momentum=0.95, weight_decay=0.01, nesterov=False, weight_decay_method="decoupled",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from dist_ortho.coalesce import Program
+from dist_ortho.comm.coalesce import Program
 from dist_ortho.optim.base import OrthogonalizedOptimizer
 from dist_ortho.optim.context import MatrixContext
 from dist_ortho.optim.settings import CommonSettings, NewtonSchulzSettings, OptimizerSettings, number, option, settings

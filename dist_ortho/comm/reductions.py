@@ -1,6 +1,6 @@
 """Global scalars of a tensor-parallel matrix: the one place where shard-local sums become global.
 
-Each function is a program (dist_ortho.coalesce) over this rank's shard and the TP group that holds the
+Each function is a program (dist_ortho.comm.coalesce) over this rank's shard and the TP group that holds the
 other shards (``None`` for an unsharded tensor); it returns the value for the whole matrix, on every
 rank. Many matrices' reductions run together as one flat all-reduce. Sums run in float64 so that
 matrices of tiny or huge norm neither underflow nor overflow.
@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from dist_ortho import comm
-from dist_ortho.coalesce import AllReduce, Program
-from dist_ortho.iteration import sum_of_squares as local_sum_of_squares
+from dist_ortho.comm.coalesce import AllReduce, Program
+from dist_ortho.math.iteration import sum_of_squares as local_sum_of_squares
 
 MatrixDims = tuple[int, ...]
 

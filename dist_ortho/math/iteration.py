@@ -18,9 +18,9 @@ from collections.abc import Sequence
 
 import torch
 
-from dist_ortho.coefficients import Triple
-from dist_ortho.kernels import gram, symmetric_polynomial
-from dist_ortho.precision import NsDtype, compute_dtype
+from dist_ortho.math.coefficients import Triple
+from dist_ortho.math.kernels import gram, symmetric_polynomial
+from dist_ortho.math.precision import NsDtype, compute_dtype
 
 DEFAULT_EPS = 1e-300
 """Guards the normalization against a zero matrix only. The norm is a float64 sum and the scale 1 / (norm +
@@ -76,7 +76,7 @@ def orthogonalize(
     """Newton-Schulz of the whole matrix (or batch) ``x`` on this device, returned contiguous in x's dtype.
 
     ``transpose=None`` runs on the side with the smaller Gram matrix (rows > cols transposes). The compute
-    dtype: :func:`dist_ortho.precision.compute_dtype` of x's dtype and ``ns_dtype``.
+    dtype: :func:`dist_ortho.math.precision.compute_dtype` of x's dtype and ``ns_dtype``.
     """
     if transpose is None:
         transpose = x.size(-2) > x.size(-1)

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import torch
 
 from dist_ortho import comm
-from dist_ortho.precision import MatmulPrecision, matmul_precision
+from dist_ortho.math.precision import MatmulPrecision, matmul_precision
 
 T = TypeVar("T")
 DEFAULT_BUCKET_BYTES = 256 * 2**20

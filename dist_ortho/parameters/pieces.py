@@ -22,10 +22,10 @@ from typing import Optional
 import torch
 
 from dist_ortho import comm
-from dist_ortho.coalesce import AllToAll, Program
-from dist_ortho.dtensor import local
-from dist_ortho.grid import _by_dtype
-from dist_ortho.layout import Layout
+from dist_ortho.comm.coalesce import AllToAll, Program
+from dist_ortho.parameters.dtensor import local
+from dist_ortho.parameters.grid import _by_dtype
+from dist_ortho.parameters.layout import Layout
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,13 @@ the same number of rows). What the optimizer does with a split is its ``kind``:
 - ``"tp"``: the tensor-parallel split the Newton-Schulz modes run over (dist_ortho.tp): a matrix dim, at most one;
 - ``"pieces"``: ranges of that block held by the ranks of another group (FSDP's shards, Megatron GTP's weight remat,
   Megatron-FSDP's row-aligned buckets): one owner rank gathers them into its block, steps it and sends every rank
-  its piece back (dist_ortho.pieces);
+  its piece back (dist_ortho.parameters.pieces);
 - ``"experts"``: whole matrices of a stack (expert parallelism, or data parallelism by experts): each rank steps
   its own.
 
 The ranks of ``replicas`` hold the same block (data parallelism): one of them steps it and shares it
-(dist_ortho.grid). Readers turn what frameworks set into a Layout (TE/Megatron attributes: dist_ortho.params;
-DTensor placements: dist_ortho.dtensor), leaving ``extents`` to :func:`exchange_extents`, which asks the ranks of
+(dist_ortho.parameters.grid). Readers turn what frameworks set into a Layout (TE/Megatron attributes: dist_ortho.parameters.protocol;
+DTensor placements: dist_ortho.parameters.dtensor), leaving ``extents`` to :func:`exchange_extents`, which asks the ranks of
 each split's group; what a reader cannot describe it refuses by name (a ValueError), never guesses.
 """
 

@@ -1,6 +1,6 @@
 """``newton_schulz`` and ``newton_schulz_step`` with emerging_optimizers' signatures.
 
-Without ``tp_group`` they are the one-device iteration of :mod:`dist_ortho.iteration` (a plain loop);
+Without ``tp_group`` they are the one-device iteration of :mod:`dist_ortho.math.iteration` (a plain loop);
 with it, x is this rank's block of columns of a sharded matrix and every Gram matrix and the norm are
 all-reduced over the group (the ``distributed`` mode of :mod:`dist_ortho.tp.distributed`).
 """
@@ -12,11 +12,11 @@ from collections.abc import Sequence
 import torch
 
 from dist_ortho import comm
-from dist_ortho.coalesce import run
-from dist_ortho.coefficients import get_coefficients
-from dist_ortho.iteration import DEFAULT_EPS, check_matrix, orthogonalize, polynomial_step
-from dist_ortho.kernels import gram
-from dist_ortho.precision import MatmulPrecision, compute_dtype, matmul_precision
+from dist_ortho.comm.coalesce import run
+from dist_ortho.math.coefficients import get_coefficients
+from dist_ortho.math.iteration import DEFAULT_EPS, check_matrix, orthogonalize, polynomial_step
+from dist_ortho.math.kernels import gram
+from dist_ortho.math.precision import MatmulPrecision, compute_dtype, matmul_precision
 from dist_ortho.tp.distributed import column_sharded_newton_schulz
 
 __all__ = ["DEFAULT_EPS", "MatmulPrecision", "compute_dtype", "matmul_precision", "newton_schulz", "newton_schulz_step"]
@@ -54,7 +54,7 @@ def newton_schulz(
     Args:
         x: the matrix. Its dtype decides the compute dtype (see :func:`compute_dtype`); the result has x's dtype.
         steps: number of iterations, >= 1.
-        coefficient_type: a name from :data:`dist_ortho.coefficients.COEFFICIENT_TYPES`.
+        coefficient_type: a name from :data:`dist_ortho.math.coefficients.COEFFICIENT_TYPES`.
         custom_coefficient_sets: the (a, b, c) triples when ``coefficient_type == "custom"``.
         eps: added to the Frobenius norm; only guards a zero input (which gives a zero output).
         transpose: run on x^T. None picks the side with the smaller Gram matrix (rows > cols

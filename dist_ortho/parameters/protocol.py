@@ -1,4 +1,4 @@
-"""How a parameter is held, read from the attributes TransformerEngine and Megatron-LM set on it (dist_ortho.layout).
+"""How a parameter is held, read from the attributes TransformerEngine and Megatron-LM set on it (dist_ortho.parameters.layout).
 
 Both set ``tensor_model_parallel`` (bool), ``partition_dim`` (0 rows, 1 columns, -1 none) and
 ``partition_stride`` on their weights. A weight is split over TP only when ``tensor_model_parallel is True`` and
@@ -16,7 +16,7 @@ Megatron's GTP weight remat (megatron-core >= 0.19, ``is_gtp_weight_remat=True``
 along dim 0 over the parameter's ``group`` (its ``gtp_remat`` / ``expt_gtp_remat`` process group): the block is
 padded at the tail by ``pad_length`` zero rows and cut into equal pieces, so rank g of G holds rows
 [g L, (g + 1) L) of the padded block (L its local rows), the real ones first. That is a "pieces" split whose owner
-gathers the real rows (dist_ortho.pieces).
+gathers the real rows (dist_ortho.parameters.pieces).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from dist_ortho import comm
-from dist_ortho.layout import REPLICATED_HELD, Held, Layout, Reading, Split, exchange_extents
+from dist_ortho.parameters.layout import REPLICATED_HELD, Held, Layout, Reading, Split, exchange_extents
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def find_layouts(
     names: Sequence[str | None] | None = None,
 ) -> list[Layout]:
     """The layout of each (parameter, matrix view of it) read from its attributes: one shape exchange per process
-    group and level (dist_ortho.layout.exchange_extents).
+    group and level (dist_ortho.parameters.layout.exchange_extents).
 
     ``shard_local[i]``: view i may be treated as a whole matrix when its group is missing (blockwise).
     ``names[i]``: the parameter's name, for messages. Raises the same ValueError on every rank when the ranks'

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from dist_ortho import comm
-from dist_ortho.layout import Layout, tp_layout
+from dist_ortho.parameters.layout import Layout, tp_layout
 
 
 @dataclass(frozen=True)

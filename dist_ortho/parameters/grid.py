@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from dist_ortho import comm
-from dist_ortho.coalesce import AllGather, Program
+from dist_ortho.comm.coalesce import AllGather, Program
 from dist_ortho.tp.home import assign_homes, ns_cost
 
 

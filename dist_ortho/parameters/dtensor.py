@@ -1,5 +1,5 @@
 """DTensor parameters (FSDP2 ``fully_shard``, torch tensor parallel ``parallelize_module``, experts over EP): their
-placements read into dist_ortho.layout's description.
+placements read into dist_ortho.parameters.layout's description.
 
 A DTensor parameter lives on a device mesh whose dims (of size > 1) are tensor parallel, data parallel or (for a stack
 of experts) expert parallel: a dim whose ranks are the optimizer's ``tp_group`` / ``dp_group`` is that, any other is
@@ -9,7 +9,7 @@ attributes ``tensor_model_parallel, partition_dim=k`` say) and ``Replicate`` a w
 ``Replicate`` is plain data parallelism (DDP, HSDP's replicas) and ``Shard(d)`` / FSDP2's ``_StridedShard(d)`` cuts
 this rank's TP block into consecutive pieces along matrix dim d, one per DP rank in rank order: a "pieces" split,
 its extents read from the ranks' real local shapes (torch.chunk's for FSDP2; Megatron-FSDP's row-aligned bucket
-views are uneven and may be empty), moved to and from the matrix's owner by dist_ortho.pieces. The order the shards cut
+views are uneven and may be empty), moved to and from the matrix's owner by dist_ortho.parameters.pieces. The order the shards cut
 the tensor in is the mesh's, a strided shard cutting after the later dims' (:func:`read_dtensor`); that the reading
 is right is checked against DTensor's own offsets (:func:`offset_problem`).
 """
@@ -26,8 +26,8 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import Placement
 
 from dist_ortho import comm
-from dist_ortho.coalesce import run
-from dist_ortho.layout import Layout, Reading, Split
+from dist_ortho.comm.coalesce import run
+from dist_ortho.parameters.layout import Layout, Reading, Split
 from dist_ortho.tp.jobs import gather_program
 
 

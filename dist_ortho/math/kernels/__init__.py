@@ -43,7 +43,7 @@ def _kernel_runs(x: torch.Tensor, use_syrk: bool) -> bool:
 def gram(x: torch.Tensor, use_syrk: bool = False) -> torch.Tensor:
     """``x @ x.mT`` for a matrix or a batch of matrices."""
     if _kernel_runs(x, use_syrk):
-        from dist_ortho.kernels.syrk import syrk
+        from dist_ortho.math.kernels.syrk import syrk
 
         return syrk(x)
     return x @ x.mT
@@ -54,7 +54,7 @@ def symmetric_polynomial(a: torch.Tensor, b: float, c: float, use_syrk: bool = F
     if c == 0:  # cubic steps; also avoids baddbmm(alpha=0), which is wrong for bf16 on CPU
         return b * a
     if _kernel_runs(a, use_syrk):
-        from dist_ortho.kernels.syrk import symmetric_polynomial as fused
+        from dist_ortho.math.kernels.syrk import symmetric_polynomial as fused
 
         return fused(a, b, c)
     if a.ndim == 2:

@@ -387,7 +387,7 @@ COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "all_
 @dataclass(frozen=True)
 class Site:
     """A function of the library that issues collectives, through one of :data:`COLLECTIVES` or as a request of
-    a coalesced program (dist_ortho.coalesce): ``where`` is its module and qualified name (nested functions,
+    a coalesced program (dist_ortho.comm.coalesce): ``where`` is its module and qualified name (nested functions,
     lambdas and comprehensions count as the function around them), ``what`` what it exchanges. ``step``: reached
     by an optimizer's step or by what it waits for (backward's hooks, the layers' forward and state-dict
     pre-hooks, ``zero_grad``, ``state_dict``, ``clip_grad_norm_``); the others are the main job's, the planner's
@@ -407,14 +407,14 @@ SITES: tuple[Site, ...] = (
     Site("dist_ortho.optim.agreement.agree_batching", "batched or one at a time, agreed per new shape (an all-reduce "
          "of votes per group)"),
     Site("dist_ortho.tp.jobs.exchange_shard_sizes", "each shard's and each DTensor piece's extents, and the call's "
-         "arguments (all-gathers over a split's group, per level: dist_ortho.layout.exchange_extents, when layouts "
+         "arguments (all-gathers over a split's group, per level: dist_ortho.parameters.layout.exchange_extents, when layouts "
          "are found; newton_schulz_tp(validate=True))"),
-    Site("dist_ortho.grid.check_grid", "the DP x TP grid's groups (an object all-gather over TP, a flag all-reduce "
+    Site("dist_ortho.parameters.grid.check_grid", "the DP x TP grid's groups (an object all-gather over TP, a flag all-reduce "
          "over DP, at the first step)"),
-    Site("dist_ortho.grid.start_reduce_to_owners", "gradients averaged into their owners (a reduce-scatter per "
+    Site("dist_ortho.parameters.grid.start_reduce_to_owners", "gradients averaged into their owners (a reduce-scatter per "
          "dtype: in the step, in reduce_gradients / clipping, or one per bucket during backward)"),
-    Site("dist_ortho.grid.grid_sum", "a scalar summed over the grid (the gradient norm of clip_grad_norm_)"),
-    Site("dist_ortho.pieces.gather_blocks", "pieces (DTensor, FSDP2) to their owners (an all-to-all per dtype)"),
+    Site("dist_ortho.parameters.grid.grid_sum", "a scalar summed over the grid (the gradient norm of clip_grad_norm_)"),
+    Site("dist_ortho.parameters.pieces.gather_blocks", "pieces (DTensor, FSDP2) to their owners (an all-to-all per dtype)"),
     Site("dist_ortho.tp.duplicated.program", "duplicated: the shards all-gathered"),
     Site("dist_ortho.tp.distributed.column_sharded_newton_schulz", "distributed: the partial Gram all-reduced every "
          "iteration"),
@@ -422,16 +422,16 @@ SITES: tuple[Site, ...] = (
     Site("dist_ortho.tp.home.program", "home: the shards to their home rank and the results back (two all-to-alls)"),
     Site("dist_ortho.tp.jobs.gather_program", "a member's gather of a whole matrix (ctx.gather: MOP, "
          "scaled_orthogonalize_fn)"),
-    Site("dist_ortho.reductions.sum_of_squares", "a member's global norms (ctx.norm)"),
-    Site("dist_ortho.reductions.inner_product", "a member's global inner products (ctx.inner)"),
-    Site("dist_ortho.reductions.mean_over", "a member's means along a sharded dim (ctx.mean_over: NorMuon)"),
-    Site("dist_ortho.grid.share_program", "the share over DP: the owners' new weights to every replica, every "
+    Site("dist_ortho.comm.reductions.sum_of_squares", "a member's global norms (ctx.norm)"),
+    Site("dist_ortho.comm.reductions.inner_product", "a member's global inner products (ctx.inner)"),
+    Site("dist_ortho.comm.reductions.mean_over", "a member's means along a sharded dim (ctx.mean_over: NorMuon)"),
+    Site("dist_ortho.parameters.grid.share_program", "the share over DP: the owners' new weights to every replica, every "
          "replica's finite verdict in the first bucket (an all-gather per dtype and bucket)"),
-    Site("dist_ortho.pieces.scatter_program", "the share of pieces: updates or values back from their owners, with "
+    Site("dist_ortho.parameters.pieces.scatter_program", "the share of pieces: updates or values back from their owners, with "
          "every rank's finite verdict (an all-to-all per dtype and bucket)"),
-    Site("dist_ortho.grid.verdict_program", "an owner group's finite verdict alone (one all-gather of a flag), where "
+    Site("dist_ortho.parameters.grid.verdict_program", "an owner group's finite verdict alone (one all-gather of a flag), where "
          "its share has nothing else in the first bucket"),
-    Site("dist_ortho.newton_schulz.newton_schulz_step", "newton_schulz_step(tp_group=): one iteration's Gram "
+    Site("dist_ortho.tp.newton_schulz.newton_schulz_step", "newton_schulz_step(tp_group=): one iteration's Gram "
          "all-reduce (a public function; the step runs the modes' programs)", step=False),
     Site("dist_ortho.train.model._CopyToTP.backward", "the main job's model: the TP input gradient all-reduced",
          step=False),
@@ -443,11 +443,11 @@ SITES: tuple[Site, ...] = (
          "barriers", step=False, bounded=False),
     Site("dist_ortho.train.checkpoint.load", "the main job's resume: torch.distributed.checkpoint's load", step=False,
          bounded=False),
-    Site("dist_ortho.dtensor._held_extents", "a DTensor's pieces' extents from the ranks' local shapes (an object "
+    Site("dist_ortho.parameters.dtensor._held_extents", "a DTensor's pieces' extents from the ranks' local shapes (an object "
          "all-gather per sharded mesh dim: the main job's checkpoint)", step=False),
     Site("dist_ortho.train.model.tensor_parallel_native", "the main job's torch-native model: parallelize_module "
          "distributes the weights", step=False, bounded=False),
-    Site("dist_ortho.grid.grid_group", "HSDP: the replicas x shards group of a TP rank, made by its members at the "
+    Site("dist_ortho.parameters.grid.grid_group", "HSDP: the replicas x shards group of a TP rank, made by its members at the "
          "first step's layout reading, before the step's collectives (new_group with use_local_synchronization: a "
          "store barrier, once per world, under the library's timeout)", step=False, bounded=False),
     Site("dist_ortho.optim.qk_clip._max_over", "QK-clip: the max logits agreed (all-reduce MAX over the groups that "
