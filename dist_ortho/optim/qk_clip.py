@@ -29,7 +29,7 @@ owner's clipped weight bit for bit: the same weights as clipping on the owner be
 not touched (MuonClip clips weights only).
 
 Bad input (a key that is no attention layer, maxima of the wrong shape or non-finite, tau <= 0 or unlike on some rank)
-raises the same ValueError on every rank, before anything is written: each rank's verdict travels in one small MAX
+raises the same ValueError on every rank, before anything is written: each rank's verdict goes in one small MAX
 all-reduce ahead of the maxima.
 """
 

@@ -167,7 +167,7 @@ class GroupStep:
 
     def _newton_schulz(self, works: Sequence[_Work]) -> None:
         """ctx.orthogonalized of every context: one coalesced run per fp32 matmul precision. A batch is cut into
-        jobs of at most ``bucket_bytes``, or of one matrix each without ``coalesce`` (the anchors' way) and with
+        jobs of at most ``bucket_bytes``, or of one matrix each without ``coalesce`` (as emerging_optimizers and Megatron do) and with
         ``batch_matrices=False`` (every matrix's iteration alone, as the per-matrix path runs it)."""
         pairs = [(ctx, part) for work in works for ctx, part in zip(work.contexts, work.stack.parts)]
         batches: dict[tuple[str, bool], list[int]] = {}
