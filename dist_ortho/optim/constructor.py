@@ -19,6 +19,8 @@ import inspect
 import textwrap
 from typing import Any
 
+from torch.optim.optimizer import ParamsT
+
 from dist_ortho.optim.options import accepted_keywords, reject_unknown
 
 _POSITIONAL = inspect.Parameter.POSITIONAL_OR_KEYWORD
@@ -35,7 +37,7 @@ def signature_of(cls: type) -> inspect.Signature:
     missing = [name for name in cls.positional if name not in fields]
     if missing:
         raise TypeError(f"{cls.__name__}.positional names {missing}, which {cls.settings.__name__} does not take")
-    parameters = [inspect.Parameter("self", _POSITIONAL), inspect.Parameter("params", _POSITIONAL)]
+    parameters = [inspect.Parameter("self", _POSITIONAL), inspect.Parameter("params", _POSITIONAL, annotation=ParamsT)]
     parameters += [inspect.Parameter(name, _POSITIONAL, default=_default(fields[name]), annotation=fields[name].type)
                    for name in cls.positional]
     parameters += [inspect.Parameter(f.name, _KEYWORD, default=_default(f), annotation=f.type)

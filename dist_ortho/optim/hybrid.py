@@ -46,10 +46,14 @@ class MuonAdamW(Optimizer):
     Args:
         params: tensors, (name, tensor) pairs (e.g. ``model.named_parameters()``), or groups of either.
         optimizer: the matrix optimizer, by registry name ("muon", "scion", ...) or class.
-        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: the AdamW side (per group: same keys).
+        adamw_lr: the AdamW side's learning rate (per group: the same key).
+        adamw_betas: its betas.
+        adamw_eps: its eps.
+        adamw_weight_decay: its (decoupled) weight decay.
         conv_mode: how the matrix optimizer treats 3D+ weights ("flatten" or "batched").
         verbose: log every routing decision at INFO.
-        min_dim, max_aspect_ratio: routing thresholds.
+        min_dim: a weight with a dim below this goes to AdamW (routing.py).
+        max_aspect_ratio: a weight more elongated than this goes to AdamW.
         **kwargs: the matrix optimizer's arguments (lr, momentum, tp_group, tp_mode, ...).
     """
 

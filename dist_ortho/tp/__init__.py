@@ -187,7 +187,11 @@ def newton_schulz_tp(
 
     Args:
         x: this rank's shard (2D, or 3D for a batch of matrices sharded alike).
-        steps, coefficient_type, custom_coefficient_sets, eps, use_syrk: as in ``newton_schulz``.
+        steps: Newton-Schulz steps, as in ``newton_schulz``.
+        coefficient_type: the coefficient set, as in ``newton_schulz``.
+        custom_coefficient_sets: as in ``newton_schulz``.
+        eps: as in ``newton_schulz``.
+        use_syrk: as in ``newton_schulz``.
         tp_group: the group whose ranks hold the other shards; required when partition_dim is set.
         partition_dim: 0 (rows sharded), 1 (columns sharded), or None / -1 (not sharded: one-device path).
         tp_mode: one of :data:`TP_MODES` (see the module doc).
