@@ -124,7 +124,8 @@ def main() -> None:
               f"{r['flops'] / (total / world):.2f} | {r['state'] / 2**20:.2f} | {r['ms']:.0f} | {base / r['ms']:.2f}x |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows}, f, indent=1)
+            json.dump({"rows": rows, "flops_once": total, "torch": torch.__version__, "cores": os.cpu_count(),
+                       "repeats": args.repeats}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -263,6 +263,53 @@ def plot_hsdp_experts(data: dict[str, Any]) -> Figure:
                        f"hidden {args['hidden']}")
 
 
+def plot_grid(data: dict[str, Any]) -> Figure:
+    """bench_grid: per DP x TP layout, each configuration's Newton-Schulz FLOPs per rank (max) against every matrix
+    once over the world (left) and its speed against "replicated" (right)."""
+    rows = data["rows"]
+    layouts = list(dict.fromkeys(r["layout"] for r in rows))
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    at = {(r["layout"], r["config"]): r for r in rows}
+    fig, axes = _figure(2)
+    share = {c: [at[(lay, c)]["flops"] / (data["flops_once"] / at[(lay, c)]["world"]) for lay in layouts]
+             for c in configs}
+    speed = {c: [at[(lay, "replicated")]["ms"] / at[(lay, c)]["ms"] for lay in layouts] for c in configs}
+    for ax, series, unit in ((axes[0], share, "NS FLOPs per rank (max) / (all matrices once / world)"),
+                             (axes[1], speed, "speed vs replicated (x)")):
+        _bars(ax, layouts, series, values="%.2f")
+        _baseline(ax, "")
+        ax.set_ylabel(unit, fontsize=7)
+    _legend(axes[1], loc="upper left")
+    _title(fig, f"bench_grid: one Muon step on the GPT-like set, float32 highest, median of {data['repeats']} steps: "
+                "each matrix once in the grid against every replica stepping all",
+           [f"torch {data['torch']}", f"{data['cores']} cores"])
+    return fig
+
+
+def plot_megatron_fsdp(data: dict[str, Any]) -> Figure:
+    """bench_megatron_fsdp: ours against the all-gather baseline in exact counts: Newton-Schulz FLOPs, collectives
+    and MB sent by the busiest rank (the time on 2 shared cores is noise at this size: not plotted)."""
+    rows = data["rows"]
+    names = list(rows)
+    measures = (("NS MFLOP (busiest rank)", lambda r: max(r["flops_per_rank"]) / 1e6),
+                ("collectives per step", lambda r: max(r["calls"])),
+                ("MB sent (busiest rank)", lambda r: max(r["bytes_sent"]) / 1e6))
+    fig, axes = _figure(3)
+    for ax, (unit, measure) in zip(axes, measures):
+        values = [measure(rows[n]) for n in names]
+        ax.bar(range(len(names)), values, 0.6, color=["tab:blue", "tab:gray"][: len(names)])
+        ax.set_xticks(range(len(names)), ["\n".join(textwrap.wrap(n, 12)) for n in names], fontsize=7)
+        for i, value in enumerate(values):
+            ax.annotate(f"{value:.3g}", (i, value), ha="center", va="bottom", fontsize=7)
+        ax.set_ylim(0, 1.2 * max(values))
+        ax.set_title(unit, fontsize=7)
+        ax.tick_params(labelsize=7)
+    args = data["args"]
+    _title(fig, f"bench_megatron_fsdp: Megatron-FSDP v1, FSDP {args['world']}, {args['layers']} blocks of hidden "
+                f"{args['hidden']}: exact counts per step, ours (home) against all-gather-and-duplicate")
+    return fig
+
+
 PLOTTERS: dict[str, Callable[[dict[str, Any]], Figure]] = {
     "bench_ns": plot_ns,
     "bench_optimizer_step": plot_optimizer_step,
@@ -272,6 +319,8 @@ PLOTTERS: dict[str, Callable[[dict[str, Any]], Figure]] = {
     "bench_dion": plot_dion,
     "bench_hsdp": plot_hsdp,
     "bench_hsdp_experts": plot_hsdp_experts,
+    "bench_grid": plot_grid,
+    "bench_megatron_fsdp": plot_megatron_fsdp,
 }
 
 
