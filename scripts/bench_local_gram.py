@@ -29,6 +29,7 @@ medians).
 from __future__ import annotations
 
 import argparse
+import json
 import itertools
 import statistics
 import sys
@@ -83,6 +84,7 @@ def table(args: argparse.Namespace, dtype: torch.dtype) -> None:
           "| score | max Gram / plain |")
     print("|---|---|---|---|---|---|---|---|")
     total = bare_misses = 0
+    rows: list[dict[str, object]] = []
     overall = {"score": (0.0, ""), "ratio": (0.0, ""), "ratio_above_floor": (0.0, ""), "bare": (0.0, "")}
 
     def note(key: str, value: float, where: str) -> None:
@@ -114,6 +116,9 @@ def table(args: argparse.Namespace, dtype: torch.dtype) -> None:
             if worst is None:
                 continue
             value, case, plain, none, default = worst
+            rows.append({"coefficients": name, "restarts": list(restarts), "input": kind, "shape": list(case.shape),
+                         "plain": plain, "gram_no_restarts": none, "gram": default, "score": value,
+                         "max_gram_over_plain": max_ratio})
             print(f"| {name} {restarts} | {kind} | {'x'.join(map(str, case.shape))} | {plain:.1e} | {none:.1e} | "
                   f"{default:.1e} | {value:.2f} | {max_ratio:.2f} |", flush=True)
     print()
@@ -123,6 +128,10 @@ def table(args: argparse.Namespace, dtype: torch.dtype) -> None:
           f"({overall['ratio_above_floor'][1]}). No restarts: {bare_misses} inputs miss the bound, worst score "
           f"{overall['bare'][0]:.3g} ({overall['bare'][1]}).")
     print()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "floor": floor, "dtype": str(dtype)[6:], "torch": torch.__version__,
+                       "ks": list(args.ks), "aspects": list(args.aspects)}, f, indent=1)
     print("| coefficients | restarts | Gram / plain FLOPs at aspect 2 | 4 | 8 | `use_gram` at aspect 2 |")
     print("|---|---|---|---|---|---|")
     for name in args.sets:
@@ -368,6 +377,7 @@ def main() -> None:
                         help="time bf16 only where it has a native matmul (CPU), or every dtype")
     parser.add_argument("--device", default="cpu", help="--half: the device (cpu, cuda)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", default=None, help="the default table's rows (worst input per set and kind) here")
     args = parser.parse_args()
     args.ks = tuple(int(v) for v in args.ks.split(","))
     args.aspects = tuple(int(v) for v in args.aspects.split(","))

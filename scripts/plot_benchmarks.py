@@ -20,6 +20,7 @@ A JSON with no plotter here is an error naming it, so that a new benchmark gets 
 from __future__ import annotations
 
 import argparse
+import math
 import json
 import pathlib
 import textwrap
@@ -310,6 +311,33 @@ def plot_megatron_fsdp(data: dict[str, Any]) -> Figure:
     return fig
 
 
+def plot_local_gram(data: dict[str, Any]) -> Figure:
+    """bench_local_gram: per coefficient set, the worst score over the battery with the default restarts, and
+    without restarts on the same inputs (the JSON keeps each kind's worst input for the default; score = Gram error
+    / max(2 x plain error, floor), <= 1 is issue 30's bound); non-finite drawn at the top."""
+    rows, floor = data["rows"], data["floor"]
+    sets = list(dict.fromkeys(r["coefficients"] for r in rows))
+
+    def worst(name: str, key: str) -> float:
+        scores = [r[key] / max(2 * r["plain"], floor) for r in rows if r["coefficients"] == name]
+        return max(scores) if all(math.isfinite(v) for v in scores) else math.inf
+
+    bare, default = [worst(n, "gram_no_restarts") for n in sets], [worst(n, "gram") for n in sets]
+    top = 10 * max([v for v in bare + default if math.isfinite(v)] + [10.0])
+    fig, (ax,) = _figure()
+    restarts = {r["coefficients"]: tuple(r["restarts"]) for r in rows}
+    labels = [f"{n if len(n) < 14 else n.replace('_', chr(10), 1)}\n{restarts[n]}" for n in sets]
+    _bars(ax, labels, {"no restarts": [min(v, top) for v in bare], "default restarts": default}, values="%.2g")
+    _baseline(ax, "the bound (score 1)")
+    ax.set_yscale("log")
+    ax.set_ylim(1e-2, top * 3)
+    ax.set_ylabel("worst score over the battery (log)", fontsize=7)
+    _legend(ax, loc="upper right")
+    _title(fig, f"bench_local_gram: the one-device Gram recursion against the plain iteration, {data['dtype']}, "
+                f"k in {data['ks']}, aspects {data['aspects']}", [f"torch {data['torch']}"])
+    return fig
+
+
 PLOTTERS: dict[str, Callable[[dict[str, Any]], Figure]] = {
     "bench_ns": plot_ns,
     "bench_optimizer_step": plot_optimizer_step,
@@ -321,6 +349,7 @@ PLOTTERS: dict[str, Callable[[dict[str, Any]], Figure]] = {
     "bench_hsdp_experts": plot_hsdp_experts,
     "bench_grid": plot_grid,
     "bench_megatron_fsdp": plot_megatron_fsdp,
+    "bench_local_gram": plot_local_gram,
 }
 
 
