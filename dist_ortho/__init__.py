@@ -1,8 +1,7 @@
 """dist_ortho: Muon-family optimizers, exact and fast under tensor parallelism."""
 
-from dist_ortho.math.coefficients import COEFFICIENT_SETS, COEFFICIENT_TYPES, get_coefficients
 from dist_ortho.comm import count_collectives
-from dist_ortho.tp.newton_schulz import newton_schulz, newton_schulz_step
+from dist_ortho.math.coefficients import COEFFICIENT_SETS, COEFFICIENT_TYPES, get_coefficients
 from dist_ortho.optim import (
     MOP,
     OPTIMIZERS,
@@ -17,6 +16,7 @@ from dist_ortho.optim import (
     register_optimizer,
 )
 from dist_ortho.tp import TP_MODES, newton_schulz_tp
+from dist_ortho.tp.newton_schulz import newton_schulz, newton_schulz_step
 
 __all__ = [
     "MOP",

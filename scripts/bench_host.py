@@ -37,8 +37,8 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-
 from bench_common import run_worlds, time_interleaved
+
 from dist_ortho import Muon, newton_schulz_tp
 from dist_ortho.math.coefficients import get_coefficients
 from dist_ortho.math.iteration import orthogonalize

@@ -29,8 +29,8 @@ medians).
 from __future__ import annotations
 
 import argparse
-import json
 import itertools
+import json
 import statistics
 import sys
 import time

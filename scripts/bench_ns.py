@@ -19,9 +19,9 @@ import time
 
 import torch
 import torch.distributed as dist
+from bench_common import run_worlds
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench_common import run_worlds
 from dist_ortho import TP_MODES, count_collectives, newton_schulz_tp
 from dist_ortho.tp import shard
 

@@ -20,9 +20,9 @@ import statistics
 
 import torch
 import torch.distributed as dist
+from bench_common import run_worlds, time_interleaved
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench_common import run_worlds, time_interleaved
 from dist_ortho import Muon, count_collectives
 from dist_ortho.math.coefficients import get_coefficients
 from dist_ortho.parameters.qkv import qkv_split_shapes

@@ -20,8 +20,8 @@ A JSON with no plotter here is an error naming it, so that a new benchmark gets 
 from __future__ import annotations
 
 import argparse
-import math
 import json
+import math
 import pathlib
 import textwrap
 from collections.abc import Callable, Sequence

@@ -26,7 +26,10 @@ import torch.distributed as dist
 
 from dist_ortho import Muon, count_collectives
 from dist_ortho.optim.hooks import (
-    HyperballHook, NoOpWeightUpdateHook, RadialBrakeHook, RelativeUpdateHook,
+    HyperballHook,
+    NoOpWeightUpdateHook,
+    RadialBrakeHook,
+    RelativeUpdateHook,
 )
 from tests import optim_reference
 from tests.harness import started_world

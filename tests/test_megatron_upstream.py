@@ -271,8 +271,9 @@ def test_megatron_mains_precision_and_scale_flags():
     import argparse
     import importlib.util
 
-    from dist_ortho.integrations.megatron import install, muon_settings
     from megatron.core.optimizer import OptimizerConfig
+
+    from dist_ortho.integrations.megatron import install, muon_settings
 
     install()
     assert muon_settings(OptimizerConfig(optimizer="muon", muon_fp32_matmul_prec="low"))["fp32_matmul_prec"] == "medium"

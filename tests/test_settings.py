@@ -62,7 +62,8 @@ def test_an_option_declared_in_settings_reaches_groups_checks_and_plan_key() -> 
 
     from dist_ortho import Muon
     from dist_ortho.optim.members.muon import MuonSettings
-    from dist_ortho.optim.settings import number, option, settings as make_settings
+    from dist_ortho.optim.settings import number, option
+    from dist_ortho.optim.settings import settings as make_settings
 
     @make_settings
     class DampedSettings(MuonSettings):

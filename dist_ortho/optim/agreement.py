@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from dist_ortho import comm
-from dist_ortho.parameters.layout import Layout
 from dist_ortho.optim.settings import NEWTON_SCHULZ_OPTIONS
+from dist_ortho.parameters.layout import Layout
 from dist_ortho.tp import batching
 
 ENTRY = (f"name, global shape, partition_dim, group, dtype, tp_mode, ({', '.join(NEWTON_SCHULZ_OPTIONS)}), "

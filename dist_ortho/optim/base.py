@@ -38,22 +38,29 @@ from torch.optim.optimizer import Optimizer
 
 from dist_ortho import comm
 from dist_ortho.comm.coalesce import Program
-from dist_ortho.parameters.dtensor import check_mesh_dims, groups_from_meshes, is_expert_dtensor, mesh_groups
-from dist_ortho.parameters.layout import Held, Layout
 from dist_ortho.optim import constructor
 from dist_ortho.optim.checks import check_matrix_param, check_optimizer_options, check_options
 from dist_ortho.optim.context import MatrixContext
-from dist_ortho.optim.grid_methods import GridMethods
 from dist_ortho.optim.gradients import decoupled_grads
+from dist_ortho.optim.grid_methods import GridMethods
 from dist_ortho.optim.holding import StackHeld, declared_holding
 from dist_ortho.optim.hooks import NoOpWeightUpdateHook, as_program_hook
 from dist_ortho.optim.layouts import ParamLayouts
 from dist_ortho.optim.names import carry_names
 from dist_ortho.optim.planner import Planner
 from dist_ortho.optim.replicas import ReplicaGrid
-from dist_ortho.optim.settings import (ABSENT, STRUCTURAL_OPTIONS, BaseSettings, MatmulPrecision, WeightDecayMethod,
-                                       fields_of, structural_options)
+from dist_ortho.optim.settings import (
+    ABSENT,
+    STRUCTURAL_OPTIONS,
+    BaseSettings,
+    MatmulPrecision,
+    WeightDecayMethod,
+    fields_of,
+    structural_options,
+)
 from dist_ortho.optim.step import GroupStep, adds_l2, run_phase
+from dist_ortho.parameters.dtensor import check_mesh_dims, groups_from_meshes, is_expert_dtensor, mesh_groups
+from dist_ortho.parameters.layout import Held, Layout
 from dist_ortho.parameters.protocol import is_expert_stack
 from dist_ortho.parameters.qkv import per_head_option
 from dist_ortho.tp import NsSpec

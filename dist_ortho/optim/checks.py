@@ -9,10 +9,10 @@ from typing import Any
 import torch
 
 from dist_ortho.math.coefficients import get_coefficients
-from dist_ortho.parameters.dtensor import local
-from dist_ortho.optim.settings import fields_of
-from dist_ortho.parameters.protocol import unreadable
 from dist_ortho.math.precision import check_ns_dtype, log_ns_dtype
+from dist_ortho.optim.settings import fields_of
+from dist_ortho.parameters.dtensor import local
+from dist_ortho.parameters.protocol import unreadable
 from dist_ortho.parameters.qkv import check_per_head, head_dim_of, per_head_option
 
 

@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from dist_ortho import comm
+from dist_ortho.optim.layouts import ParamLayouts
 from dist_ortho.parameters.dtensor import local
 from dist_ortho.parameters.grid import start_reduce_to_owners
-from dist_ortho.optim.layouts import ParamLayouts
 
 
 def dp_own(layouts: ParamLayouts, p: torch.Tensor) -> bool:

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dist_ortho import comm
-from dist_ortho.parameters.grid import grid_sum_problem
 from dist_ortho.optim.gradients import decoupled_grads, sum_of_squares
+from dist_ortho.parameters.grid import grid_sum_problem
 
 if TYPE_CHECKING:
     from dist_ortho.optim.layouts import ParamLayouts

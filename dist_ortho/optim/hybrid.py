@@ -15,19 +15,17 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.optim.optimizer import Optimizer
 
 from dist_ortho import comm
-from dist_ortho.parameters.dtensor import is_dtensor, local
-from dist_ortho.parameters.grid import grid_sum, grid_sum_problem
-from dist_ortho.parameters.dtensor import mesh_groups
 from dist_ortho.optim.base import OrthogonalizedOptimizer, call_closure
 from dist_ortho.optim.gradients import decoupled_grads
+from dist_ortho.optim.holding import fallback_holding
 from dist_ortho.optim.options import accepted_keywords, check_number, reject_unknown
 from dist_ortho.optim.registry import get_optimizer
 from dist_ortho.optim.routing import log_routing, needs_shape, route
-from dist_ortho.optim.holding import fallback_holding
+from dist_ortho.parameters.dtensor import is_dtensor, local, mesh_groups
+from dist_ortho.parameters.grid import counts_in_grid_sum, grid_sum, grid_sum_problem
 from dist_ortho.parameters.layout import Held
 from dist_ortho.parameters.protocol import find_layouts, is_expert_stack, is_sharded
 
@@ -210,7 +208,7 @@ class MuonAdamW(Optimizer):
             total += self.matrix_optimizer.grad_sum_of_squares()
         for group in self.fallback_optimizer.param_groups if self.fallback_optimizer else []:
             for p in group["params"]:
-                if p.grad is not None and counted_here(p, self.tp_group, self.dp_group):
+                if p.grad is not None and counts_in_grid_sum(p, self.tp_group, self.dp_group):
                     total += local(p.grad).double().square().sum().cpu()
         norm = grid_sum(total, self.tp_group, self.dp_group).sqrt()
         coef = min(1.0, max_norm / (norm.item() + eps))
@@ -294,20 +292,6 @@ class _StateView(Mapping):
         """Every inner optimizer's state dropped (a wrapper replacing the parameters: MuonAdamW.add_param_group)."""
         for state in self._states():
             state.clear()
-
-
-def counted_here(p: torch.Tensor, tp_group: comm.ProcessGroup | None, dp_group: comm.ProcessGroup | None) -> bool:
-    """Whether this rank counts a torch optimizer's parameter in a grid-wide sum: a TP shard (TE attributes)
-    on DP rank 0, a DTensor's local piece where it is at coordinate 0 of every mesh dim that replicates it
-    (and at rank 0 of the TP or DP group when its mesh has no such dim), anything else on TP and DP rank 0."""
-    if not is_dtensor(p):
-        return comm.group_rank(dp_group) == 0 and (comm.group_rank(tp_group) == 0 or is_sharded(p))
-    mesh, coordinate = p.device_mesh, p.device_mesh.get_coordinate() or []
-    spans = {tuple(dist.get_process_group_ranks(mesh.get_group(i))) for i in range(mesh.ndim)}
-    for group in (tp_group, dp_group):
-        if comm.group_size(group) > 1 and tuple(dist.get_process_group_ranks(group)) not in spans and comm.group_rank(group):
-            return False
-    return all(c == 0 for c, placement in zip(coordinate, p.placements) if placement.is_replicate())
 
 
 def _global_dims(

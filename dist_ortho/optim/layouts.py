@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 
 from dist_ortho import comm
-from dist_ortho.parameters import pieces
 from dist_ortho.comm.coalesce import Program
+from dist_ortho.parameters import pieces
 from dist_ortho.parameters.dtensor import is_dtensor, local, offset_problem, read_dtensor
 from dist_ortho.parameters.grid import assign_owners, check_grid, grid_group
 from dist_ortho.parameters.layout import Layout, Reading, exchange_extents

@@ -23,6 +23,7 @@ import torch
 from dist_ortho import comm
 from dist_ortho.comm.coalesce import InFlight
 
+
 class ShareInFlight:
     """One step's share, bucket by bucket in flight.
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
+from dist_ortho.math.precision import matmul_precision
 from dist_ortho.optim.groups import GroupState, ParamStack, Part
 from dist_ortho.optim.holding import part_key
 from dist_ortho.optim.layouts import ParamLayouts
-from dist_ortho.math.precision import matmul_precision
 from dist_ortho.tp import MatrixJob, NsSpec, batching
 from dist_ortho.tp.cost import format_plan, plan_row, resolve
 

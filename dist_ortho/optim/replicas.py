@@ -18,15 +18,15 @@ from typing import Any
 import torch
 
 from dist_ortho import comm
-from dist_ortho.parameters.backward import BackwardReducer, cut_by_bytes
 from dist_ortho.comm.coalesce import Program, start_many
-from dist_ortho.parameters.dtensor import local
-from dist_ortho.parameters.grid import share_program, verdict_program
 from dist_ortho.optim.gradients import decoupled_grads, dp_own, start_reduce_into_owners
+from dist_ortho.optim.nonfinite import Verdict, shared_verdict
 from dist_ortho.optim.overlap import ShareInFlight, layer_buckets
 from dist_ortho.optim.planning import Share, StepPlan
-from dist_ortho.optim.nonfinite import Verdict, shared_verdict
 from dist_ortho.optim.step import Pending, descend
+from dist_ortho.parameters.backward import BackwardReducer, cut_by_bytes
+from dist_ortho.parameters.dtensor import local
+from dist_ortho.parameters.grid import share_program, verdict_program
 
 
 class ReplicaGrid:

@@ -25,12 +25,12 @@ import functools
 from collections.abc import Callable
 from typing import Any, Literal, get_args
 
-from dist_ortho.parameters.backward import DEFAULT_GRAD_BUCKET_BYTES
 from dist_ortho.comm.coalesce import DEFAULT_BUCKET_BYTES
+from dist_ortho.math.precision import MATMUL_PRECISIONS, MatmulPrecision  # noqa: F401 (re-exported)
 from dist_ortho.optim.nonfinite import NONFINITE
 from dist_ortho.optim.options import check_bool, check_choice, check_number
 from dist_ortho.optim.scale import SCALE_MODES, check_scale_mode
-from dist_ortho.math.precision import MATMUL_PRECISIONS, MatmulPrecision  # noqa: F401 (re-exported)
+from dist_ortho.parameters.backward import DEFAULT_GRAD_BUCKET_BYTES
 from dist_ortho.tp import TP_MODES
 from dist_ortho.tp.local import LOCAL_GRAM
 

@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from dist_ortho.comm.coalesce import Program, run, run_many, under_precision
+from dist_ortho.math.precision import matmul_precision
 from dist_ortho.optim.context import MatrixContext
 from dist_ortho.optim.groups import ParamStack
 from dist_ortho.optim.holding import part_key
 from dist_ortho.optim.nonfinite import Verdict, all_finite, commit, first_nonfinite
-from dist_ortho.math.precision import matmul_precision
 from dist_ortho.tp import PIPELINE_BUCKETS, MatrixJob, orthogonalize_many
 
 if TYPE_CHECKING:

@@ -21,6 +21,8 @@ import torch.distributed as dist
 
 from dist_ortho import comm
 from dist_ortho.comm.coalesce import AllGather, Program
+from dist_ortho.parameters.dtensor import is_dtensor
+from dist_ortho.parameters.protocol import is_sharded
 from dist_ortho.tp.home import assign_homes, ns_cost
 
 
@@ -212,3 +214,17 @@ def start_reduce_to_owners(
         return out
 
     return averages
+
+
+def counts_in_grid_sum(p: torch.Tensor, tp_group: comm.ProcessGroup | None, dp_group: comm.ProcessGroup | None) -> bool:
+    """Whether this rank counts a torch optimizer's parameter in a grid-wide sum: a TP shard (TE attributes)
+    on DP rank 0, a DTensor's local piece where it is at coordinate 0 of every mesh dim that replicates it
+    (and at rank 0 of the TP or DP group when its mesh has no such dim), anything else on TP and DP rank 0."""
+    if not is_dtensor(p):
+        return comm.group_rank(dp_group) == 0 and (comm.group_rank(tp_group) == 0 or is_sharded(p))
+    mesh, coordinate = p.device_mesh, p.device_mesh.get_coordinate() or []
+    spans = {tuple(dist.get_process_group_ranks(mesh.get_group(i))) for i in range(mesh.ndim)}
+    for group in (tp_group, dp_group):
+        if comm.group_size(group) > 1 and tuple(dist.get_process_group_ranks(group)) not in spans and comm.group_rank(group):
+            return False
+    return all(c == 0 for c, placement in zip(coordinate, p.placements) if placement.is_replicate())

@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dist_ortho.plan.devices import PROFILES, DeviceProfile
 from dist_ortho.math.precision import matmul_precision, medium_dtype
+from dist_ortho.plan.devices import PROFILES, DeviceProfile
 
 
 def _port() -> int:

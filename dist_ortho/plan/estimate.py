@@ -28,11 +28,19 @@ import torch
 
 from dist_ortho.comm.coalesce import DEFAULT_BUCKET_BYTES
 from dist_ortho.parameters.grid import assign_owners
+from dist_ortho.parameters.qkv import qkv_parts
 from dist_ortho.plan.devices import DeviceProfile
 from dist_ortho.plan.models import ModelSpec, Weight
-from dist_ortho.parameters.qkv import qkv_parts
 from dist_ortho.tp import PIPELINE_BUCKETS
-from dist_ortho.tp.cost import AUTO_CANDIDATES, cheapest, gram_offered, matrix_counts, mode_costs, mode_rounds, rank_flops
+from dist_ortho.tp.cost import (
+    AUTO_CANDIDATES,
+    cheapest,
+    gram_offered,
+    matrix_counts,
+    mode_costs,
+    mode_rounds,
+    rank_flops,
+)
 from dist_ortho.tp.gram import restarts_for
 from dist_ortho.tp.home import assign_homes, ns_cost
 from dist_ortho.tp.jobs import NsSpec, even_sizes
@@ -188,7 +196,7 @@ def _tp_step(
     ranks = [RankLoad() for _ in range(t)]
     launches = [0] * t
     rounds = _Rounds()
-    anchors_calls = 0
+    per_matrix_calls = 0
     by_mode: dict[str, list[_Matrix]] = {}
     whole = {}
     sharing = max(1, sum(1 for m in mats if m.sizes is not None))
@@ -205,7 +213,7 @@ def _tp_step(
         by_mode.setdefault(chosen, []).append(m)
     e = s.param_bytes
 
-    def batched(group: Sequence[_Matrix]) -> int:  # batched iterations: one per shape (per matrix: anchors)
+    def batched(group: Sequence[_Matrix]) -> int:  # batched iterations: one per shape (per matrix: emerging_optimizers' and Megatron's loop)
         return len({m.shape for m in group}) if ns.batch is not False else len(group)
 
     for chosen, group in by_mode.items():
@@ -217,7 +225,7 @@ def _tp_step(
         for m in group:  # the table of modes (tp.cost): the collectives each matrix adds, coalesced per round
             for r in mode_rounds(chosen, m.shape, m.partition_dim, m.sizes, ns, dtype, compute, restarts):
                 if per_matrix:
-                    anchors_calls += r.count
+                    per_matrix_calls += r.count
                 else:
                     rounds.add(r.first, r.kind, r.count, r.nbytes)
         if chosen == "home":  # the real home assignment: each home's matrices, each rank's bytes
@@ -231,14 +239,14 @@ def _tp_step(
                     shard = m.sizes[r] * u
                     ranks[r].bytes += e * ((m.shape[0] * m.shape[1] - shard) if h == r else shard)
             continue
-        for r in range(t):  # one batched program per group of a shape (per matrix: anchors)
+        for r in range(t):  # one batched program per group of a shape (per matrix: emerging_optimizers' and Megatron's loop)
             launches[r] += (batched(group) if s.grouped or chosen == "duplicated" else len(group)) * NS_KERNELS_PER_STEP * s.steps
         for m in group:
             counts = matrix_counts(m.shape, m.partition_dim, m.sizes, ns, dtype, compute, restarts, whole[m])[chosen]
             for r in range(t):  # counts hold the largest shard's; uneven shards differ by rank
                 ranks[r].flops += rank_flops(chosen, m.shape, m.partition_dim, m.sizes[r], t, ns, restarts, whole[m])
                 ranks[r].bytes += counts.bytes
-    calls = anchors_calls + rounds.calls(s.bucket_bytes)
+    calls = per_matrix_calls + rounds.calls(s.bucket_bytes)
     for load in ranks:
         load.calls = calls
     chosen_counts = {k: len(v) for k, v in by_mode.items() if k != "local"}

@@ -29,7 +29,6 @@ from dist_ortho.math.coefficients import COEFFICIENT_TYPES
 from dist_ortho.math.iteration import DEFAULT_EPS, check_matrix
 from dist_ortho.tp import distributed, duplicated, gram, home
 from dist_ortho.tp.cost import resolve
-from dist_ortho.tp.local import LOCAL_GRAM, local_many, local_newton_schulz
 from dist_ortho.tp.jobs import (
     DTYPES,
     TP_MODES,
@@ -45,6 +44,7 @@ from dist_ortho.tp.jobs import (
     shard,
     tensor_dim,
 )
+from dist_ortho.tp.local import LOCAL_GRAM, local_many, local_newton_schulz
 
 __all__ = [
     "PIPELINE_BUCKETS", "TP_MODES", "MatrixJob", "NsSpec", "TpMode", "block", "check_partition_dim", "check_tp_mode",

@@ -23,8 +23,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from dist_ortho import comm
-from dist_ortho.parameters.dtensor import gather_pieces, is_dtensor, local, piece_like
 from dist_ortho.optim.holding import declares, holding, owns, state_tensors
+from dist_ortho.parameters.dtensor import gather_pieces, is_dtensor, local, piece_like
 from dist_ortho.parameters.protocol import held_like_param
 
 

@@ -21,18 +21,18 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from dist_ortho import MuonAdamW, comm
-from dist_ortho.parameters.backward import BackwardReducer
 from dist_ortho.integrations.megatron import add_muon_args
 from dist_ortho.optim.options import accepted_keywords
 from dist_ortho.optim.registry import OPTIMIZERS, get_optimizer
+from dist_ortho.parameters.backward import BackwardReducer
 from dist_ortho.train import checkpoint
 from dist_ortho.train.data import ByteData, load_corpus
 from dist_ortho.train.model import GPT, GPTConfig, parallelize_native

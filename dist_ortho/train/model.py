@@ -23,8 +23,8 @@ from torch import nn
 
 from dist_ortho import comm
 from dist_ortho.parameters.qkv import qkv_split_shapes
-from dist_ortho.train.moe import MoE
 from dist_ortho.tp import shard
+from dist_ortho.train.moe import MoE
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from dist_ortho.math.coefficients import COEFFICIENT_TYPES
-from dist_ortho.math.precision import MATMUL_PRECISIONS
 from dist_ortho.integrations.megatron.optimizers import MEGATRON_TP_MODES
 from dist_ortho.integrations.megatron.params import chunks_qkv_split_shapes, megatron_param_names
+from dist_ortho.math.coefficients import COEFFICIENT_TYPES
+from dist_ortho.math.precision import MATMUL_PRECISIONS
 from dist_ortho.optim.scale import SCALE_MODES
 from dist_ortho.tp import TP_MODES
 

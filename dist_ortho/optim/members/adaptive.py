@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Literal, get_args
 
 import torch
+
 from dist_ortho.comm.coalesce import Program
 from dist_ortho.optim.context import MatrixContext
 from dist_ortho.optim.members.muon import Muon, MuonSettings

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-
 import torch
 
 from dist_ortho.comm.coalesce import Program

@@ -34,10 +34,21 @@ from dist_ortho.optim.context import MatrixContext
 from dist_ortho.optim.hooks import HookView, ProgramHook
 from dist_ortho.optim.options import check_number
 from dist_ortho.optim.scale import TORCH_ADJUST_LR, TorchAdjustLr
-from dist_ortho.optim.settings import (CommonSettings, HookSettings, NewtonSchulzSettings, OptimizerSettings,
-                                       ScaleSettings, SyrkSettings, fields_of, number, option, settings)
+from dist_ortho.optim.settings import (
+    CommonSettings,
+    HookSettings,
+    NewtonSchulzSettings,
+    OptimizerSettings,
+    ScaleSettings,
+    SyrkSettings,
+    fields_of,
+    number,
+    option,
+    settings,
+)
 from dist_ortho.parameters.layout import REPLICATED_HELD, Held, Layout
 from dist_ortho.tp import NsSpec
+
 
 @settings(lr=3e-4, momentum=0.95, weight_decay=0.01, nesterov=False, weight_decay_method="decoupled",
           fp32_matmul_prec="medium")

@@ -5,7 +5,6 @@ is summed over the shards.
 
 from __future__ import annotations
 
-
 import torch
 
 from dist_ortho.comm.coalesce import Program

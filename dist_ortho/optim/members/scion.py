@@ -7,14 +7,13 @@ i.e. decoupled weight decay fixed at 1 and no Nesterov.
 
 from __future__ import annotations
 
-
 import torch
 
 from dist_ortho.comm.coalesce import Program
 from dist_ortho.optim.base import OrthogonalizedOptimizer
 from dist_ortho.optim.context import MatrixContext
-from dist_ortho.optim.settings import CommonSettings, NewtonSchulzSettings, OptimizerSettings, number, option, settings
 from dist_ortho.optim.scale import muon_scale
+from dist_ortho.optim.settings import CommonSettings, NewtonSchulzSettings, OptimizerSettings, number, option, settings
 
 
 @settings(lr=3e-4, momentum=0.95, fp32_matmul_prec="medium",
