@@ -231,6 +231,16 @@ def plot_dion(data: dict[str, Any]) -> Figure:
     return fig
 
 
+def _ours_and_baseline(ax: Axes, labels: Sequence[str], values: Sequence[float], notes: Sequence[str] = ()) -> None:
+    """One bar per configuration (ours blue, the baseline last, gray), each with its value (and its note)."""
+    ax.bar(range(len(values)), values, 0.6, color=["tab:blue", "tab:gray"][: len(values)])
+    ax.set_xticks(range(len(values)), labels, fontsize=7)
+    for i, (value, note) in enumerate(zip(values, notes or [""] * len(values))):
+        ax.annotate(f"{value:.3g}{note}", (i, value), ha="center", va="bottom", fontsize=7)
+    ax.set_ylim(0, 1.2 * max(values))
+    ax.tick_params(labelsize=7)
+
+
 def _hsdp(data: dict[str, Any], what: str) -> Figure:
     rows = data["rows"]
     labels = ["\n".join(textwrap.wrap(k, 22)) for k in rows]
@@ -239,14 +249,9 @@ def _hsdp(data: dict[str, Any], what: str) -> Figure:
     baseline = list(rows)[-1].split(" (")[0]
     fig, axes = _figure(2)
     for ax, values, unit in zip(axes, (flops, seconds), ("Newton-Schulz MFLOP per rank (max)", "median step ms")):
-        ax.bar(range(len(values)), values, 0.6, color=["tab:blue", "tab:gray"][: len(values)])
-        ax.set_xticks(range(len(values)), labels, fontsize=7)
-        for i, value in enumerate(values):
-            vs = f" ({value / values[-1]:.2f}x {baseline})" if i < len(values) - 1 else ""
-            ax.annotate(f"{value:.3g}{vs}", (i, value), ha="center", va="bottom", fontsize=7)
+        notes = [f" ({value / values[-1]:.2f}x {baseline})" for value in values[:-1]] + [""]
+        _ours_and_baseline(ax, labels, values, notes)
         ax.set_ylabel(unit, fontsize=7)
-        ax.set_ylim(0, 1.2 * max(values))
-        ax.tick_params(labelsize=7)
     _title(fig, f"{what}, median of {data['args']['repeats']} steps; weights differ by {data['weight_difference']}")
     return fig
 
@@ -297,14 +302,8 @@ def plot_megatron_fsdp(data: dict[str, Any]) -> Figure:
                 ("MB sent (busiest rank)", lambda r: max(r["bytes_sent"]) / 1e6))
     fig, axes = _figure(3)
     for ax, (unit, measure) in zip(axes, measures):
-        values = [measure(rows[n]) for n in names]
-        ax.bar(range(len(names)), values, 0.6, color=["tab:blue", "tab:gray"][: len(names)])
-        ax.set_xticks(range(len(names)), ["\n".join(textwrap.wrap(n, 12)) for n in names], fontsize=7)
-        for i, value in enumerate(values):
-            ax.annotate(f"{value:.3g}", (i, value), ha="center", va="bottom", fontsize=7)
-        ax.set_ylim(0, 1.2 * max(values))
+        _ours_and_baseline(ax, ["\n".join(textwrap.wrap(n, 12)) for n in names], [measure(rows[n]) for n in names])
         ax.set_title(unit, fontsize=7)
-        ax.tick_params(labelsize=7)
     args = data["args"]
     _title(fig, f"bench_megatron_fsdp: Megatron-FSDP v1, FSDP {args['world']}, {args['layers']} blocks of hidden "
                 f"{args['hidden']}: exact counts per step, ours (home) against all-gather-and-duplicate")
